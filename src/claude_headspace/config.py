@@ -1,0 +1,297 @@
+"""Typed settings, read once from config.yaml and the environment.
+
+Precedence, lowest first: built-in defaults < the YAML file < ``HEADSPACE__SECTION__KEY``
+variables < ``OPENROUTER_API_KEY`` / ``DATABASE_URL`` / ``REDIS_URL`` < ``overrides`` passed
+to :func:`load_settings` by code. Nothing inward of this module reads a dict of settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+log = logging.getLogger(__name__)
+
+LEVELS: tuple[str, ...] = ("turn", "task", "project", "objective")
+Level = Literal["turn", "task", "project", "objective"]
+
+ENV_PREFIX = "HEADSPACE__"
+_SECRET_KEYS = frozenset({"api_key", "token"})
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each bad key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DatabaseSettings(_Section):
+    """Where the call log and the domain tables live."""
+
+    url: str = "sqlite:///instance/headspace.db"
+    auto_migrate: bool = False
+    pool_size: PositiveInt = 10
+    echo: bool = False
+
+
+class RedisSettings(_Section):
+    """Optional Redis: when set, rate limits and the cache are shared by every process."""
+
+    url: str | None = None
+    key_prefix: str = "headspace"
+    socket_timeout_seconds: PositiveFloat = 0.5
+    retry_interval_seconds: PositiveFloat = 5.0
+
+
+class ModelsSettings(_Section):
+    """The model used for each inference level."""
+
+    turn: str = "anthropic/claude-haiku-4.5"
+    task: str = "anthropic/claude-haiku-4.5"
+    project: str = "anthropic/claude-sonnet-4.5"
+    objective: str = "anthropic/claude-sonnet-4.5"
+
+    def for_level(self, level: str) -> str:
+        """The model configured for ``level``."""
+        model: str = getattr(self, level)
+        return model
+
+    def as_dict(self) -> dict[str, str]:
+        """Level -> model, in level order."""
+        return {level: self.for_level(level) for level in LEVELS}
+
+
+class RateLimitSettings(_Section):
+    """Calls and tokens per window (a minute unless tests shorten it)."""
+
+    calls_per_minute: PositiveInt = 30
+    tokens_per_minute: PositiveInt = 10000
+    max_wait_seconds: NonNegativeFloat = 30.0
+    window_seconds: PositiveFloat = 60.0
+
+
+class CacheSettings(_Section):
+    """The response cache keyed by request content."""
+
+    enabled: bool = True
+    ttl_seconds: PositiveFloat = 300.0
+    max_entries: PositiveInt = 10000
+
+
+class RetrySettings(_Section):
+    """How retryable upstream failures are retried."""
+
+    max_attempts: PositiveInt = 3
+    base_delay_seconds: NonNegativeFloat = 1.0
+    max_delay_seconds: NonNegativeFloat = 30.0
+
+
+class HealthSettings(_Section):
+    """The connectivity probe behind /api/inference/status."""
+
+    timeout_seconds: PositiveFloat = 5.0
+    cache_seconds: NonNegativeFloat = 60.0
+
+
+class PriceSettings(_Section):
+    """USD per million tokens for one model."""
+
+    input_per_million: NonNegativeFloat
+    output_per_million: NonNegativeFloat
+
+
+def _default_pricing() -> dict[str, PriceSettings]:
+    return {
+        "anthropic/claude-haiku-4.5": PriceSettings(input_per_million=1.0, output_per_million=5.0),
+        "anthropic/claude-sonnet-4.5": PriceSettings(
+            input_per_million=3.0, output_per_million=15.0
+        ),
+    }
+
+
+class OpenRouterSettings(_Section):
+    """How to reach OpenRouter and what to ask of it."""
+
+    enabled: bool = True
+    base_url: str = "https://openrouter.ai/api/v1"
+    api_key: SecretStr | None = None
+    timeout_seconds: PositiveFloat = 30.0
+    connect_timeout_seconds: PositiveFloat = 5.0
+    max_connections: PositiveInt = 64
+    site_url: str = "https://github.com/claude-headspace"
+    app_name: str = "Claude Headspace"
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    pricing: dict[str, PriceSettings] = Field(default_factory=_default_pricing)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class InferenceSettings(_Section):
+    """The service's own limits: input size, workers, queue, shutdown."""
+
+    max_input_chars: PositiveInt = 200_000
+    workers: PositiveInt = 8
+    queue_size: PositiveInt = 1000
+    default_max_tokens: PositiveInt = 1024
+    shutdown_timeout_seconds: NonNegativeFloat = 10.0
+    log_batch_size: PositiveInt = 200
+    spool_path: str | None = None
+
+
+class ApiSettings(_Section):
+    """Access to the operator endpoints."""
+
+    token: SecretStr | None = None
+
+
+class Settings(_Section):
+    """Everything the app needs, validated."""
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    openrouter: OpenRouterSettings = Field(default_factory=OpenRouterSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @property
+    def api_key(self) -> str | None:
+        """The OpenRouter key in clear, for the client's Authorization header only."""
+        key = self.openrouter.api_key
+        return key.get_secret_value() if key is not None else None
+
+    def models_without_pricing(self) -> list[str]:
+        """Configured models that have no price, so no estimated cost."""
+        models = set(self.openrouter.models.as_dict().values())
+        return sorted(m for m in models if m not in self.openrouter.pricing)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: Any, name: str) -> None:
+    node = target
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{name}: {'.'.join(path)} cannot be set, {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The nested settings that ``HEADSPACE__SECTION__KEY`` variables and the named ones set."""
+    out: dict[str, Any] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: an empty section or key in the variable name")
+        raw = environ[name]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(out, path, value, name)
+    for var, path in (
+        ("OPENROUTER_API_KEY", ["openrouter", "api_key"]),
+        ("DATABASE_URL", ["database", "url"]),
+        ("REDIS_URL", ["redis", "url"]),
+    ):
+        if environ.get(var):
+            _set_path(out, path, environ[var], var)
+    return out
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    message = f"{loc}: {error.get('msg', 'invalid')}"
+    if not _SECRET_KEYS.intersection(str(p) for p in error.get("loc", ())):
+        shown = repr(error.get("input"))
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        message += f" (got {shown})"
+    return message
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; a missing file is an empty mapping."""
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The configuration file: the explicit path, else $HEADSPACE_CONFIG, else ./config.yaml."""
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get("HEADSPACE_CONFIG") or "config.yaml")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError naming every bad key."""
+    source = config_path(path)
+    data = read_yaml(source)
+    data = _merge(data, environment_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+    for model in settings.models_without_pricing():
+        log.warning(
+            "openrouter.pricing has no entry for model %s: its calls will have no estimated cost",
+            model,
+        )
+    return settings

@@ -1,0 +1,236 @@
+"""domain tables, inference call log and usage rollup
+
+Revision ID: 0001
+Revises: (none)
+Create Date: 2026-11-28 18:40:45.337563
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "inference_usage_hourly",
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.Column("hour", sa.DateTime(), nullable=False),
+        sa.Column("level", sa.String(length=16), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("project_key", sa.Integer(), nullable=False),
+        sa.Column("calls", sa.BigInteger(), nullable=False),
+        sa.Column("cached_calls", sa.BigInteger(), nullable=False),
+        sa.Column("error_calls", sa.BigInteger(), nullable=False),
+        sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("cost_usd", sa.Numeric(precision=20, scale=12), nullable=False),
+        sa.Column("saved_cost_usd", sa.Numeric(precision=20, scale=12), nullable=False),
+        sa.Column("upstream_cost_usd", sa.Numeric(precision=20, scale=12), nullable=False),
+        sa.Column("latency_ms_sum", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_inference_usage_hourly")),
+        sa.UniqueConstraint(
+            "hour",
+            "level",
+            "model",
+            "project_key",
+            name=op.f("uq_inference_usage_hourly_hour_level_model_project_key"),
+        ),
+    )
+    with op.batch_alter_table("inference_usage_hourly", schema=None) as batch_op:
+        batch_op.create_index("ix_inference_usage_hourly_hour", ["hour"], unique=False)
+
+    op.create_table(
+        "objectives",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_objectives")),
+    )
+    op.create_table(
+        "projects",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("path", sa.String(length=1000), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_projects")),
+        sa.UniqueConstraint("name", name=op.f("uq_projects_name")),
+    )
+    op.create_table(
+        "agents",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("project_id", sa.Integer(), nullable=False),
+        sa.Column("session_uuid", sa.String(length=64), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name=op.f("fk_agents_project_id_projects"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_agents")),
+        sa.UniqueConstraint("session_uuid", name=op.f("uq_agents_session_uuid")),
+    )
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_agents_project_id"), ["project_id"], unique=False)
+
+    op.create_table(
+        "commands",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("agent_id", sa.Integer(), nullable=False),
+        sa.Column("text", sa.Text(), nullable=True),
+        sa.Column("state", sa.String(length=32), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["agent_id"],
+            ["agents.id"],
+            name=op.f("fk_commands_agent_id_agents"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_commands")),
+    )
+    with op.batch_alter_table("commands", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_commands_agent_id"), ["agent_id"], unique=False)
+
+    op.create_table(
+        "turns",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("command_id", sa.Integer(), nullable=False),
+        sa.Column("actor", sa.String(length=16), nullable=False),
+        sa.Column("text", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["command_id"],
+            ["commands.id"],
+            name=op.f("fk_turns_command_id_commands"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_turns")),
+    )
+    with op.batch_alter_table("turns", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_turns_command_id"), ["command_id"], unique=False)
+
+    op.create_table(
+        "inference_calls",
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
+        sa.Column("request_id", sa.String(length=32), nullable=False),
+        sa.Column("timestamp", sa.DateTime(), nullable=False),
+        sa.Column("level", sa.String(length=16), nullable=False),
+        sa.Column("purpose", sa.String(length=200), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("input_tokens", sa.Integer(), nullable=False),
+        sa.Column("output_tokens", sa.Integer(), nullable=False),
+        sa.Column("input_hash", sa.String(length=64), nullable=False),
+        sa.Column("result_text", sa.Text(), nullable=True),
+        sa.Column("latency_ms", sa.Integer(), nullable=False),
+        sa.Column("cost_usd", sa.Numeric(precision=20, scale=12), nullable=True),
+        sa.Column("upstream_cost_usd", sa.Numeric(precision=20, scale=12), nullable=True),
+        sa.Column("error_type", sa.String(length=64), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("cached", sa.Boolean(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("generation_id", sa.String(length=100), nullable=True),
+        sa.Column("provider", sa.String(length=100), nullable=True),
+        sa.Column("finish_reason", sa.String(length=32), nullable=True),
+        sa.Column("project_id", sa.Integer(), nullable=True),
+        sa.Column("agent_id", sa.Integer(), nullable=True),
+        sa.Column("command_id", sa.Integer(), nullable=True),
+        sa.Column("turn_id", sa.Integer(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["agent_id"],
+            ["agents.id"],
+            name=op.f("fk_inference_calls_agent_id_agents"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["command_id"],
+            ["commands.id"],
+            name=op.f("fk_inference_calls_command_id_commands"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name=op.f("fk_inference_calls_project_id_projects"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["turn_id"],
+            ["turns.id"],
+            name=op.f("fk_inference_calls_turn_id_turns"),
+            ondelete="SET NULL",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_inference_calls")),
+        sa.UniqueConstraint("request_id", name=op.f("uq_inference_calls_request_id")),
+    )
+    with op.batch_alter_table("inference_calls", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_inference_calls_agent_id"), ["agent_id"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_inference_calls_command_id"), ["command_id"], unique=False
+        )
+        batch_op.create_index(
+            batch_op.f("ix_inference_calls_input_hash"), ["input_hash"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_inference_calls_level"), ["level"], unique=False)
+        batch_op.create_index(
+            "ix_inference_calls_level_timestamp", ["level", "timestamp"], unique=False
+        )
+        batch_op.create_index(
+            batch_op.f("ix_inference_calls_project_id"), ["project_id"], unique=False
+        )
+        batch_op.create_index(
+            "ix_inference_calls_project_id_timestamp", ["project_id", "timestamp"], unique=False
+        )
+        batch_op.create_index(
+            batch_op.f("ix_inference_calls_timestamp"), ["timestamp"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_inference_calls_turn_id"), ["turn_id"], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("inference_calls", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_inference_calls_turn_id"))
+        batch_op.drop_index(batch_op.f("ix_inference_calls_timestamp"))
+        batch_op.drop_index("ix_inference_calls_project_id_timestamp")
+        batch_op.drop_index(batch_op.f("ix_inference_calls_project_id"))
+        batch_op.drop_index("ix_inference_calls_level_timestamp")
+        batch_op.drop_index(batch_op.f("ix_inference_calls_level"))
+        batch_op.drop_index(batch_op.f("ix_inference_calls_input_hash"))
+        batch_op.drop_index(batch_op.f("ix_inference_calls_command_id"))
+        batch_op.drop_index(batch_op.f("ix_inference_calls_agent_id"))
+
+    op.drop_table("inference_calls")
+    with op.batch_alter_table("turns", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_turns_command_id"))
+
+    op.drop_table("turns")
+    with op.batch_alter_table("commands", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_commands_agent_id"))
+
+    op.drop_table("commands")
+    with op.batch_alter_table("agents", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_agents_project_id"))
+
+    op.drop_table("agents")
+    op.drop_table("projects")
+    op.drop_table("objectives")
+    with op.batch_alter_table("inference_usage_hourly", schema=None) as batch_op:
+        batch_op.drop_index("ix_inference_usage_hourly_hour")
+
+    op.drop_table("inference_usage_hourly")

@@ -1,0 +1,16 @@
+"""Database tables: the domain the call log points at, and the call log itself."""
+
+from .base import Base
+from .domain import Agent, Command, Objective, Project, Turn
+from .inference_call import InferenceCall, UsageRollup
+
+__all__ = [
+    "Agent",
+    "Base",
+    "Command",
+    "InferenceCall",
+    "Objective",
+    "Project",
+    "Turn",
+    "UsageRollup",
+]

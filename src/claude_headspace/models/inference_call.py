@@ -1,0 +1,99 @@
+"""The call log: one row per inference outcome, and its hourly rollup for usage queries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .base import Base, UTCDateTime
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+# USD with twelve decimals: exact sums on PostgreSQL, enough for fractions of a token's price.
+Money = Numeric(20, 12, asdecimal=True)
+
+
+class InferenceCall(Base):
+    """One inference call's outcome: success, cache hit, failure, refusal or cancellation."""
+
+    __tablename__ = "inference_calls"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(32), unique=True)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    level: Mapped[str] = mapped_column(String(16), index=True)
+    purpose: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    input_hash: Mapped[str] = mapped_column(String(64), index=True)
+    result_text: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    upstream_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    generation_id: Mapped[str | None] = mapped_column(String(100))
+    provider: Mapped[str | None] = mapped_column(String(100))
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    project_id: Mapped[int | None] = mapped_column(
+        ForeignKey("projects.id", ondelete="SET NULL"), index=True
+    )
+    agent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("agents.id", ondelete="SET NULL"), index=True
+    )
+    command_id: Mapped[int | None] = mapped_column(
+        ForeignKey("commands.id", ondelete="SET NULL"), index=True
+    )
+    turn_id: Mapped[int | None] = mapped_column(
+        ForeignKey("turns.id", ondelete="SET NULL"), index=True
+    )
+
+    __table_args__ = (
+        Index("ix_inference_calls_level_timestamp", "level", "timestamp"),
+        Index("ix_inference_calls_project_id_timestamp", "project_id", "timestamp"),
+    )
+
+
+class UsageRollup(Base):
+    """Hourly sums of inference_calls per level, model and project, kept in the same
+    transaction as the rows they sum, so usage over any window reads a few rows."""
+
+    __tablename__ = "inference_usage_hourly"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime())
+    level: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(200))
+    # 0 stands for "no project": a unique key cannot rely on NULL equality.
+    project_key: Mapped[int] = mapped_column(Integer, default=0)
+    calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    error_calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    saved_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    upstream_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    latency_ms_sum: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        UniqueConstraint("hour", "level", "model", "project_key"),
+        Index("ix_inference_usage_hourly_hour", "hour"),
+    )

@@ -1,0 +1,190 @@
+"""Configuration: file, environment and code overrides, and every validation error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from claude_headspace.config import ConfigError, Settings, environment_overrides, load_settings
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_missing_file_means_defaults(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path / "nope.yaml", environ={})
+    assert settings == Settings()
+    assert settings.openrouter.models.as_dict() == {
+        "turn": "anthropic/claude-haiku-4.5",
+        "task": "anthropic/claude-haiku-4.5",
+        "project": "anthropic/claude-sonnet-4.5",
+        "objective": "anthropic/claude-sonnet-4.5",
+    }
+    assert settings.openrouter.rate_limits.calls_per_minute == 30
+    assert settings.openrouter.retry.max_attempts == 3
+    assert settings.openrouter.cache.ttl_seconds == 300
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    example = Path(__file__).parents[2] / "config.example.yaml"
+    settings = load_settings(example, environ={})
+    text = example.read_text()
+
+    def keys(model: object, prefix: str = "") -> list[str]:
+        out = []
+        for name in type(model).model_fields:  # type: ignore[attr-defined]
+            value = getattr(model, name)
+            out.append(name)
+            if hasattr(type(value), "model_fields"):
+                out += keys(value)
+        return out
+
+    for key in keys(settings):
+        assert f"{key}:" in text, f"config.example.yaml does not document {key}"
+
+
+def test_file_then_environment_then_named_variables_then_code(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+database: {url: "sqlite:///from-file.db"}
+redis: {url: "redis://file:6379/0"}
+openrouter:
+  api_key: from-file-key
+  rate_limits: {calls_per_minute: 5, tokens_per_minute: 500}
+""",
+    )
+    settings = load_settings(path, environ={})
+    assert settings.openrouter.rate_limits.calls_per_minute == 5
+    assert settings.api_key == "from-file-key"
+
+    env = {
+        "HEADSPACE__OPENROUTER__RATE_LIMITS__CALLS_PER_MINUTE": "60",
+        "HEADSPACE__OPENROUTER__API_KEY": "from-headspace-var",
+        "HEADSPACE__DATABASE__URL": "sqlite:///from-headspace-var.db",
+        "HEADSPACE__OPENROUTER__CACHE__ENABLED": "false",
+    }
+    settings = load_settings(path, environ=env)
+    assert settings.openrouter.rate_limits.calls_per_minute == 60
+    assert settings.openrouter.rate_limits.tokens_per_minute == 500
+    assert settings.openrouter.cache.enabled is False
+    assert settings.api_key == "from-headspace-var"
+    assert settings.database.url == "sqlite:///from-headspace-var.db"
+
+    env |= {
+        "OPENROUTER_API_KEY": "from-openrouter-var",
+        "DATABASE_URL": "postgresql://db/x",
+        "REDIS_URL": "redis://env:6379/1",
+    }
+    settings = load_settings(path, environ=env)
+    assert settings.api_key == "from-openrouter-var"
+    assert settings.database.url == "postgresql://db/x"
+    assert settings.redis.url == "redis://env:6379/1"
+
+    settings = load_settings(
+        path, overrides={"openrouter": {"rate_limits": {"calls_per_minute": 7}}}, environ=env
+    )
+    assert settings.openrouter.rate_limits.calls_per_minute == 7
+    assert settings.openrouter.rate_limits.tokens_per_minute == 500
+
+
+def test_headspace_config_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "openrouter: {timeout_seconds: 12}\n")
+    monkeypatch.setenv("HEADSPACE_CONFIG", str(path))
+    assert load_settings(environ={}).openrouter.timeout_seconds == 12
+
+
+@pytest.mark.parametrize(
+    ("body", "env", "expected"),
+    [
+        (
+            "openrouter: {rate_limits: {calls_per_minute: -1}}",
+            {},
+            "openrouter.rate_limits.calls_per_minute: Input should be greater than 0 (got -1)",
+        ),
+        (
+            "openrouter: {rate_limits: {calls_per_minute: lots}}",
+            {},
+            "openrouter.rate_limits.calls_per_minute: Input should be a valid integer",
+        ),
+        ("openrouter: {timeout_seconds: 0}", {}, "openrouter.timeout_seconds"),
+        ("openrouter: {retry: {max_attempts: 0}}", {}, "openrouter.retry.max_attempts"),
+        ("openrouter: {cache: {ttl_seconds: -5}}", {}, "openrouter.cache.ttl_seconds"),
+        ("openrouter: {colour: blue}", {}, "openrouter.colour: unknown key"),
+        ("openrouter: {models: {epic: some/model}}", {}, "openrouter.models.epic: unknown key"),
+        ("databse: {url: x}", {}, "databse: unknown key"),
+        ("openrouter: {base_url: ftp://x}", {}, "openrouter.base_url: Value error, must start"),
+        ("openrouter: {enabled: perhaps}", {}, "openrouter.enabled: Input should be a valid bool"),
+        (
+            "",
+            {"HEADSPACE__OPENROUTER__RATE_LIMITS__TOKENS_PER_MINUTE": "-3"},
+            "openrouter.rate_limits.tokens_per_minute",
+        ),
+        ("", {"HEADSPACE__OPENROUTER__NOPE": "1"}, "openrouter.nope: unknown key"),
+        (
+            "openrouter: {pricing: {m: {input_per_million: -1, output_per_million: 1}}}",
+            {},
+            "openrouter.pricing.m.input_per_million",
+        ),
+    ],
+)
+def test_validation_errors_name_the_key_and_value(
+    tmp_path: Path, body: str, env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, body), environ=env)
+    assert expected in str(info.value)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "openrouter: [unclosed"), environ={})
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_settings(write(tmp_path, "- a\n- b\n"), environ={})
+
+
+def test_api_key_never_shown(tmp_path: Path) -> None:
+    secret = "sk-or-v1-CANARY-0123456789"
+    settings = load_settings(tmp_path / "none.yaml", environ={"OPENROUTER_API_KEY": secret})
+    assert settings.api_key == secret
+    assert secret not in repr(settings)
+    assert secret not in str(settings)
+    assert secret not in settings.model_dump_json()
+    # A bad value next to the key: the error names the key but never echoes it.
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f"openrouter: {{api_key: [{secret}]}}"), environ={})
+    assert "openrouter.api_key" in str(info.value)
+    assert secret not in str(info.value)
+
+
+def test_model_without_pricing_warns_once_per_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "openrouter: {models: {turn: acme/tiny, task: acme/tiny}}")
+    with caplog.at_level(logging.WARNING):
+        settings = load_settings(path, environ={})
+    assert settings.models_without_pricing() == ["acme/tiny"]
+    warnings = [r.getMessage() for r in caplog.records if "acme/tiny" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no estimated cost" in warnings[0]
+
+
+def test_environment_override_parsing() -> None:
+    env = {
+        "HEADSPACE__REDIS__URL": "null",
+        "HEADSPACE__OPENROUTER__RETRY__BASE_DELAY_SECONDS": "0.25",
+        "UNRELATED": "x",
+    }
+    assert environment_overrides(env) == {
+        "redis": {"url": None},
+        "openrouter": {"retry": {"base_delay_seconds": 0.25}},
+    }
+    with pytest.raises(ConfigError, match="empty section"):
+        environment_overrides({"HEADSPACE__OPENROUTER____X": "1"})

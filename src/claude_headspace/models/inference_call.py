@@ -45,6 +45,8 @@ class InferenceCall(Base):
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[Decimal | None] = mapped_column(Money)
     upstream_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # On a cache hit: what the answer cost when it was fetched, i.e. what the hit saved.
+    saved_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
     error_type: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     cached: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -141,6 +141,7 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Integer(), nullable=False),
         sa.Column("cost_usd", sa.Numeric(precision=20, scale=12), nullable=True),
         sa.Column("upstream_cost_usd", sa.Numeric(precision=20, scale=12), nullable=True),
+        sa.Column("saved_cost_usd", sa.Numeric(precision=20, scale=12), nullable=True),
         sa.Column("error_type", sa.String(length=64), nullable=True),
         sa.Column("error_message", sa.Text(), nullable=True),
         sa.Column("cached", sa.Boolean(), nullable=False),

@@ -45,6 +45,10 @@ def create_app(
 
     _register_error_handlers(app)
 
+    from .api import register_blueprints
+
+    register_blueprints(app)
+
     from .cli import register_commands
 
     register_commands(app)

@@ -89,6 +89,8 @@ class InferenceError(Exception):
         self.status_code = status_code
         self.code = code
         self.metadata: dict[str, Any] = dict(metadata or {})
+        # Upstream attempts made before this error was raised (set by the retry loop).
+        self.attempts = 0
 
     def __str__(self) -> str:
         return self.message

@@ -1,0 +1,9 @@
+"""HTTP endpoints."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def register_blueprints(app: Flask) -> None:
+    """Attach every blueprint to ``app``."""

@@ -1,0 +1,7 @@
+"""The inference layer: client, retry, limiter, cache, recorder and the service."""
+
+from .errors import *  # noqa: F403
+from .errors import __all__ as _errors_all
+from .types import CallLinks, Completion, GenerationParams, InferenceResult
+
+__all__ = [*_errors_all, "CallLinks", "Completion", "GenerationParams", "InferenceResult"]

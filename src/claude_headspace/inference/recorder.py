@@ -1,0 +1,457 @@
+"""Writes every call's InferenceCall row without putting a database commit on the caller's path,
+and without losing a row when the database or the process fails.
+
+A record is first appended to a journal file (one ``write`` to the kernel: it survives the
+process being killed) and queued in memory; a writer thread commits queued records in batches,
+each batch's rows and their usage rollup in one transaction. While the database is down the
+journal is the spool: records wait there and in memory, and are written in order when it comes
+back. A journal left by a dead process is replayed at the next start; replay skips request ids
+already in the table, so no row is ever written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..models import Agent, Command, InferenceCall, Project, Turn
+
+log = logging.getLogger(__name__)
+
+RollupFn = Callable[[Session, Sequence[InferenceCall]], None]
+
+_SEGMENT_RECORDS = 2000  # journal records per file before a new file is started
+_BACKOFF_START = 0.2
+_BACKOFF_MAX = 5.0
+_LINK_TABLES = {"project_id": Project, "agent_id": Agent, "command_id": Command, "turn_id": Turn}
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One inference_calls row, as an immutable value that can travel through a journal."""
+
+    request_id: str
+    timestamp: datetime
+    level: str
+    purpose: str
+    model: str
+    status: str
+    input_hash: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    result_text: str | None = None
+    latency_ms: int = 0
+    cost_usd: Decimal | None = None
+    upstream_cost_usd: Decimal | None = None
+    saved_cost_usd: Decimal | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    cached: bool = False
+    attempts: int = 0
+    generation_id: str | None = None
+    provider: str | None = None
+    finish_reason: str | None = None
+    project_id: int | None = None
+    agent_id: int | None = None
+    command_id: int | None = None
+    turn_id: int | None = None
+
+    def to_json(self) -> str:
+        """One journal line (no newline)."""
+        data = asdict(self)
+        data["timestamp"] = self.timestamp.isoformat()
+        for name in ("cost_usd", "upstream_cost_usd", "saved_cost_usd"):
+            if data[name] is not None:
+                data[name] = str(data[name])
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> CallRecord:
+        """The record a journal line holds."""
+        data = json.loads(line)
+        data["timestamp"] = datetime.fromisoformat(data["timestamp"])
+        for name in ("cost_usd", "upstream_cost_usd", "saved_cost_usd"):
+            if data.get(name) is not None:
+                data[name] = Decimal(data[name])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_row(self) -> InferenceCall:
+        """A new ORM row with these values."""
+        return InferenceCall(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def new_request_id() -> str:
+    """A unique id for one call; its row carries it (and replay uses it to skip duplicates)."""
+    return uuid.uuid4().hex
+
+
+class _Segment:
+    """One journal file, locked by this process so no other process replays it while we live."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.records = 0
+        self.last_seq = 0
+
+    @classmethod
+    def create(cls, directory: Path) -> _Segment:
+        path = directory / f"calls-{os.getpid()}-{uuid.uuid4().hex[:10]}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return cls(path, fd)
+
+    def close(self, *, delete: bool) -> None:
+        if delete:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+@dataclass
+class _Pending:
+    seq: int
+    record: CallRecord
+    replayed: bool = False
+
+
+def _claim_orphans(directory: Path) -> list[tuple[Path, int]]:
+    """Journal files whose writer is gone (their lock is free), locked now by us, oldest first."""
+    claimed: list[tuple[Path, int]] = []
+    for path in sorted(directory.glob("calls-*.jsonl"), key=lambda p: p.stat().st_mtime):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live process owns it
+            os.close(fd)
+            continue
+        claimed.append((path, fd))
+    return claimed
+
+
+def _read_journal(path: Path) -> list[CallRecord]:
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(CallRecord.from_json(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                # A torn last line from a crash mid-write: report it, keep the rest.
+                log.error("call log: unreadable journal line %s:%d skipped: %s", path, number, exc)
+    return records
+
+
+class CallRecorder:
+    """Takes call records on any thread and gets each into inference_calls exactly once."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spool_dir: Path,
+        *,
+        rollup: RollupFn,
+        batch_size: int = 200,
+    ) -> None:
+        self._sessions = sessions
+        self._dir = spool_dir
+        self._rollup = rollup
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Condition(threading.Lock())
+        self._pending: deque[_Pending] = deque()
+        self._seq = 0
+        self._committed_seq = 0
+        self._closed_segments: list[_Segment] = []
+        self._orphans: list[tuple[Path, int, int]] = []  # path, fd, last seq
+        self._segment: _Segment | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy = False
+        self.written = 0
+        self.write_failures = 0
+        self.rejected = 0
+        self.replayed = 0
+        self.last_error: str | None = None
+        self.last_error_at: datetime | None = None
+        self.spooling = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> CallRecorder:
+        """Open this process's journal, queue what dead processes left, start the writer."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        orphans = _claim_orphans(self._dir)
+        with self._lock:
+            for path, fd in orphans:
+                records = _read_journal(path)
+                for record in records:
+                    self._seq += 1
+                    self._pending.append(_Pending(self._seq, record, replayed=True))
+                self._orphans.append((path, fd, self._seq))
+                if records:
+                    log.info("call log: replaying %d records left in %s", len(records), path)
+            self._segment = _Segment.create(self._dir)
+        self._thread = threading.Thread(target=self._run, name="call-log-writer", daemon=True)
+        self._thread.start()
+        if self._pending:
+            self._wake.set()
+        return self
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what is queued (up to ``timeout``), stop the writer; True if nothing is left.
+
+        Records the database did not take stay in the journal and are replayed at next start.
+        """
+        drained = self.flush(timeout)
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(timeout, 1.0))
+        with self._lock:
+            everything_written = not self._pending
+            for segment in self._closed_segments:
+                segment.close(delete=everything_written)
+            self._closed_segments.clear()
+            if self._segment is not None:
+                self._segment.close(delete=everything_written)
+                self._segment = None
+            for path, fd, _ in self._orphans:
+                if everything_written:
+                    path.unlink(missing_ok=True)
+                os.close(fd)
+            self._orphans.clear()
+        return drained and everything_written
+
+    # ------------------------------------------------------------------ the caller's side
+
+    def record(self, record: CallRecord) -> None:
+        """Journal the record and queue it for the database; returns in microseconds."""
+        line = (record.to_json() + "\n").encode("utf-8")
+        with self._lock:
+            segment = self._segment
+            if segment is None:
+                raise RuntimeError("call recorder is not running")
+            os.write(segment.fd, line)
+            self._seq += 1
+            segment.records += 1
+            segment.last_seq = self._seq
+            self._pending.append(_Pending(self._seq, record))
+            if segment.records >= _SEGMENT_RECORDS:
+                self._closed_segments.append(segment)
+                self._segment = _Segment.create(self._dir)
+        self._wake.set()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record is in the database; False on timeout."""
+        self._wake.set()
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Call-log health for /api/inference/status."""
+        with self._lock:
+            pending = len(self._pending)
+            oldest = self._pending[0].record.timestamp if pending else None
+            files = [s.path for s in self._closed_segments] + [p for p, _, _ in self._orphans]
+            if self._segment is not None:
+                files.append(self._segment.path)
+        spool_bytes = 0
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                spool_bytes += path.stat().st_size
+        return {
+            "state": "spooling" if self.spooling else "ok",
+            "pending": pending,
+            "oldest_pending": oldest.isoformat() if oldest else None,
+            "written": self.written,
+            "replayed": self.replayed,
+            "write_failures": self.write_failures,
+            "rejected": self.rejected,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at.isoformat() if self.last_error_at else None,
+            "spool_dir": str(self._dir),
+            "spool_bytes": spool_bytes,
+        }
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _run(self) -> None:
+        backoff = _BACKOFF_START
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    batch = [
+                        self._pending[i] for i in range(min(self._batch_size, len(self._pending)))
+                    ]
+                    stopping = self._stopping
+                if not batch:
+                    break
+                self._busy = True
+                try:
+                    self._fsync()
+                    self._write(batch)
+                except (DBAPIError, SQLAlchemyError, OSError) as exc:
+                    self._busy = False
+                    self._failed(exc)
+                    if stopping:
+                        return
+                    # Wait before the next try, but wake at once for close().
+                    self._wake.wait(timeout=backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    continue
+                backoff = _BACKOFF_START
+                self._committed(batch)
+            with self._idle:
+                self._busy = False
+                self._idle.notify_all()
+            with self._lock:
+                if self._stopping:
+                    return
+
+    def _fsync(self) -> None:
+        with self._lock:
+            fds = [s.fd for s in self._closed_segments]
+            if self._segment is not None:
+                fds.append(self._segment.fd)
+        for fd in fds:
+            os.fsync(fd)
+
+    def _write(self, batch: list[_Pending]) -> None:
+        records = [p.record for p in batch]
+        if any(p.replayed for p in batch):
+            records = self._skip_existing(records)
+        if not records:
+            return
+        try:
+            self._insert(records)
+        except IntegrityError:
+            # One bad row (a duplicate, or a link deleted since validation) must not block
+            # the batch: write them one by one, repairing what can be repaired.
+            for record in records:
+                self._insert_one(record)
+
+    def _insert(self, records: Sequence[CallRecord]) -> None:
+        with self._sessions() as session:
+            rows = [r.to_row() for r in records]
+            session.add_all(rows)
+            session.flush()
+            self._rollup(session, rows)
+            session.commit()
+
+    def _insert_one(self, record: CallRecord) -> None:
+        if not self._skip_existing([record]):
+            return
+        try:
+            self._insert([record])
+            return
+        except IntegrityError:
+            pass
+        repaired = self._drop_missing_links(record)
+        try:
+            self._insert([repaired])
+        except IntegrityError as exc:
+            self.rejected += 1
+            self._reject(record, exc)
+
+    def _skip_existing(self, records: list[CallRecord]) -> list[CallRecord]:
+        ids = [r.request_id for r in records]
+        with self._sessions() as session:
+            existing = set(
+                session.scalars(
+                    select(InferenceCall.request_id).where(InferenceCall.request_id.in_(ids))
+                )
+            )
+        return [r for r in records if r.request_id not in existing]
+
+    def _drop_missing_links(self, record: CallRecord) -> CallRecord:
+        changes: dict[str, Any] = {}
+        with self._sessions() as session:
+            for name, model in _LINK_TABLES.items():
+                value = getattr(record, name)
+                if value is not None and session.get(model, value) is None:
+                    changes[name] = None
+        if changes:
+            log.warning(
+                "call log: %s of call %s no longer exist; recorded without them",
+                ", ".join(sorted(changes)),
+                record.request_id,
+            )
+        return replace(record, **changes)
+
+    def _reject(self, record: CallRecord, exc: Exception) -> None:
+        path = self._dir / "rejected.jsonl"
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(record.to_json() + "\n")
+        log.error(
+            "call log: the database refused call %s (%s); kept in %s",
+            record.request_id,
+            type(exc).__name__,
+            path,
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        self.write_failures += 1
+        detail = getattr(exc, "orig", None) or exc
+        self.last_error = f"{type(exc).__name__}: {str(detail).strip().splitlines()[0][:300]}"
+        self.last_error_at = datetime.now(UTC)
+        if not self.spooling:
+            self.spooling = True
+            log.error(
+                "call log: database write failed (%s); spooling calls to %s until it is back",
+                self.last_error,
+                self._dir,
+            )
+
+    def _committed(self, batch: Iterable[_Pending]) -> None:
+        count = 0
+        last = 0
+        replayed = 0
+        for item in batch:
+            count += 1
+            last = item.seq
+            replayed += item.replayed
+        with self._lock:
+            for _ in range(count):
+                self._pending.popleft()
+            self._committed_seq = last
+            self.written += count
+            self.replayed += replayed
+            done = [s for s in self._closed_segments if s.last_seq <= last]
+            self._closed_segments = [s for s in self._closed_segments if s.last_seq > last]
+            orphans_done = [o for o in self._orphans if o[2] <= last]
+            self._orphans = [o for o in self._orphans if o[2] > last]
+            caught_up = not self._pending
+        for segment in done:
+            segment.close(delete=True)
+        for path, fd, _ in orphans_done:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+        if self.spooling and caught_up:
+            self.spooling = False
+            log.info("call log: database is back; every spooled call is written")

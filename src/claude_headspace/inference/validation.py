@@ -1,0 +1,148 @@
+"""Checks an inference request's arguments before anything is spent on it."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..config import LEVELS
+from ..models import Agent, Command, Project, Turn
+from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
+from .types import CallLinks, GenerationParams
+
+MAX_PURPOSE_CHARS = 200
+MAX_TOKENS_LIMIT = 1_000_000
+_TABLES: dict[str, Any] = {
+    "project_id": Project,
+    "agent_id": Agent,
+    "command_id": Command,
+    "turn_id": Turn,
+}
+
+
+def _check_text(name: str, value: object, *, allow_control: bool) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidRequestError(f"{name} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{name} is not valid Unicode (a lone surrogate at position {exc.start})"
+        ) from None
+    if "\x00" in value:
+        raise InvalidRequestError(f"{name} contains a NUL character")
+    if not allow_control and any(ord(c) < 32 and c not in "\t" for c in value):
+        raise InvalidRequestError(f"{name} contains control characters")
+    return value
+
+
+def check_level(level: object) -> str:
+    """The level, if it is one of turn, task, project, objective."""
+    if not isinstance(level, str) or level not in LEVELS:
+        raise UnknownLevelError(f"level must be one of {', '.join(LEVELS)}; got {level!r:.60}")
+    return level
+
+
+def check_purpose(purpose: object) -> str:
+    """A short free-text purpose, stored with the call."""
+    text = _check_text("purpose", purpose, allow_control=False)
+    if len(text) > MAX_PURPOSE_CHARS:
+        raise InvalidRequestError(
+            f"purpose is {len(text)} characters; at most {MAX_PURPOSE_CHARS} are allowed"
+        )
+    return text
+
+
+def check_input(input_text: object, max_chars: int) -> str:
+    """The input text, if it is a non-empty string within the size limit."""
+    text = _check_text("input_text", input_text, allow_control=True)
+    if len(text) > max_chars:
+        raise InputTooLargeError(
+            f"input_text is {len(text)} characters; the limit is {max_chars} "
+            "(inference.max_input_chars)"
+        )
+    return text
+
+
+def check_system_prompt(system_prompt: object, max_chars: int) -> str | None:
+    """The system prompt, if any."""
+    if system_prompt is None:
+        return None
+    text = _check_text("system_prompt", system_prompt, allow_control=True)
+    if len(text) > max_chars:
+        raise InputTooLargeError(
+            f"system_prompt is {len(text)} characters; the limit is {max_chars}"
+        )
+    return text
+
+
+def check_params(max_tokens: object, temperature: object) -> GenerationParams:
+    """Generation parameters within their ranges."""
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or not 1 <= max_tokens <= MAX_TOKENS_LIMIT
+    ):
+        raise InvalidRequestError(
+            f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}; got {max_tokens!r:.40}"
+        )
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+        or not 0 <= temperature <= 2
+    ):
+        raise InvalidRequestError(
+            f"temperature must be a number from 0 to 2; got {temperature!r:.40}"
+        )
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature) if temperature is not None else None,
+    )
+
+
+class LinkChecker:
+    """Checks that linked project/agent/command/turn ids exist, remembering the ones that do.
+
+    Ids are rarely deleted; when one is deleted after being remembered, the call log's
+    writer records the call without that link instead of failing.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, capacity: int = 100_000) -> None:
+        self._sessions = sessions
+        self._known: set[tuple[str, int]] = set()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def check(self, links: CallLinks) -> None:
+        """Raise InvalidRequestError / UnknownEntityError for a bad or missing id."""
+        missing: list[tuple[str, int]] = []
+        for name, value in links.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequestError(
+                    f"{name} must be a positive integer or None; got {type(value).__name__}"
+                )
+            if value <= 0:
+                raise InvalidRequestError(f"{name} must be a positive integer; got {value}")
+            if (name, value) not in self._known:
+                missing.append((name, value))
+        if not missing:
+            return
+        with self._sessions() as session:
+            for name, value in missing:
+                table = _TABLES[name]
+                found = session.scalar(select(table.id).where(table.id == value))
+                if found is None:
+                    raise UnknownEntityError(f"{name} {value} does not exist")
+        with self._lock:
+            if len(self._known) + len(missing) > self._capacity:
+                self._known.clear()
+            self._known.update(missing)

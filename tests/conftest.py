@@ -163,3 +163,22 @@ def redis_prefix(redis_server_url: str) -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+# --------------------------------------------------------------------------- OpenRouter emulator
+
+
+@pytest.fixture(scope="session")
+def _emulator_server() -> Iterator[object]:
+    from claude_headspace.emulator import EmulatorServer
+
+    server = EmulatorServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def emulator(_emulator_server: object) -> object:
+    """The local OpenRouter emulator on a loopback port, reset for this test."""
+    _emulator_server.reset()  # type: ignore[attr-defined]
+    return _emulator_server

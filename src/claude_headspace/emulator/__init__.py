@@ -1,0 +1,5 @@
+"""The local OpenRouter stand-in (``headspace openrouter-emulator``)."""
+
+from .server import DEFAULT_CHAOS_MIX, EmulatorServer, Fault, ReceivedRequest
+
+__all__ = ["DEFAULT_CHAOS_MIX", "EmulatorServer", "Fault", "ReceivedRequest"]

@@ -1,0 +1,466 @@
+"""A local OpenRouter stand-in: the chat, models, key and generation endpoints, with latency,
+scripted faults and seeded chaos, for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+CONTROL = "/_emulator"
+
+# USD per million tokens (input, output): the same defaults as config.yaml.
+PRICES: dict[str, tuple[float, float]] = {
+    "anthropic/claude-haiku-4.5": (1.0, 5.0),
+    "anthropic/claude-sonnet-4.5": (3.0, 15.0),
+}
+_UNKNOWN_PRICE = (1.0, 5.0)
+
+# The outcomes chaos draws from, and their default weights.
+DEFAULT_CHAOS_MIX: dict[str, float] = {
+    "ok": 0.55,
+    "429": 0.08,
+    "500": 0.06,
+    "502": 0.06,
+    "503": 0.06,
+    "timeout": 0.05,
+    "drop": 0.07,
+    "error_in_200": 0.07,
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted answer to a chat request, in place of a normal completion."""
+
+    status: int = 200
+    retry_after: float | str | None = None  # seconds, or an HTTP date
+    delay_ms: int = 0
+    drop: bool = False  # close the connection without answering
+    error_in_200: bool = False  # 200 with an error object in the body
+    no_choices: bool = False  # 200 with an empty choices list
+    body: str | None = None  # a raw body (e.g. not JSON)
+    metadata: dict[str, Any] | None = None  # the error's metadata (e.g. moderation reasons)
+    message: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fault:
+        """A fault from its JSON form."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """What the emulator saw of one request."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    received_at: float = field(default_factory=time.time)
+
+
+def count_tokens(text: str) -> int:
+    """A deterministic stand-in for a tokenizer: about four characters a token."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def answer_text(model: str, prompt: str) -> str:
+    """A deterministic answer derived from the prompt."""
+    words = prompt.split()
+    head = " ".join(words[:12])
+    return f"Summary by {model.split('/')[-1]}: {head}{' ...' if len(words) > 12 else ''}"
+
+
+_ERROR_MESSAGES = {
+    400: "Invalid request",
+    401: "User not found.",
+    402: "Insufficient credits. Add more using https://openrouter.ai/credits",
+    403: "Your input was flagged by moderation",
+    404: "No endpoints found for this model",
+    408: "Request timed out",
+    429: "Rate limit exceeded",
+    500: "Internal Server Error",
+    502: "Provider returned error",
+    503: "No available providers",
+}
+
+
+class _State:
+    def __init__(self, latency_ms: int, accept_keys: set[str] | None) -> None:
+        self.lock = threading.Lock()
+        self.latency_ms = latency_ms
+        self.accept_keys = accept_keys
+        self.faults: deque[Fault] = deque()
+        self.requests: deque[ReceivedRequest] = deque(maxlen=200_000)
+        self.generations: dict[str, dict[str, Any]] = {}
+        self.chaos: random.Random | None = None
+        self.chaos_mix: dict[str, float] = dict(DEFAULT_CHAOS_MIX)
+        self.chaos_hang_ms = 3000
+
+    def next_fault(self) -> Fault | None:
+        with self.lock:
+            if self.faults:
+                return self.faults.popleft()
+            if self.chaos is None:
+                return None
+            outcomes = list(self.chaos_mix)
+            pick = self.chaos.choices(outcomes, weights=[self.chaos_mix[o] for o in outcomes])[0]
+        if pick == "ok":
+            return None
+        if pick == "timeout":
+            return Fault(delay_ms=self.chaos_hang_ms)
+        if pick == "drop":
+            return Fault(drop=True)
+        if pick == "error_in_200":
+            return Fault(error_in_200=True)
+        status = int(pick)
+        return Fault(status=status, retry_after=0 if status == 429 else None)
+
+    def key_ok(self, authorization: str | None) -> bool:
+        if not authorization or not authorization.startswith("Bearer "):
+            return False
+        key = authorization[len("Bearer ") :]
+        if self.accept_keys is None:
+            return key.startswith("sk-or-")
+        return key in self.accept_keys
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold every answer back by about 40 ms.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests and benchmarks
+        pass
+
+    # -------------------------------------------------------------- plumbing
+
+    def _read_body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode("utf-8", "replace")
+
+    def _send(self, status: int, payload: Any, *, headers: dict[str, str] | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str | None = None, **extra: Any) -> None:
+        error: dict[str, Any] = {
+            "code": status,
+            "message": message or _ERROR_MESSAGES.get(status, "Error"),
+        }
+        if extra.get("metadata"):
+            error["metadata"] = extra["metadata"]
+        self._send(status, {"error": error}, headers=extra.get("headers"))
+
+    def _record(self, body: Any) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.server.state.requests.append(
+            ReceivedRequest(self.command, urlsplit(self.path).path, headers, body)
+        )
+
+    # -------------------------------------------------------------- routes
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.path.startswith(CONTROL):
+            self._control_get(parts.path)
+            return
+        self._record(None)
+        state = self.server.state
+        if parts.path == f"{API}/models":
+            self._send(200, {"data": [_model_entry(m) for m in PRICES]})
+        elif parts.path == f"{API}/key":
+            if not state.key_ok(self.headers.get("Authorization")):
+                self._error(401, "No auth credentials found")
+                return
+            self._send(200, {"data": {"label": "sk-or-…emulator", "usage": 0.0, "limit": None,
+                                      "is_free_tier": False}})  # fmt: skip
+        elif parts.path == f"{API}/generation":
+            if not state.key_ok(self.headers.get("Authorization")):
+                self._error(401)
+                return
+            gen_id = (parse_qs(parts.query).get("id") or [""])[0]
+            with state.lock:
+                found = state.generations.get(gen_id)
+            if found is None:
+                self._error(404, f"Generation {gen_id} not found")
+            else:
+                self._send(200, {"data": found})
+        else:
+            self._error(404, f"No route for GET {parts.path}")
+
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        body = self._read_body()
+        if parts.path.startswith(CONTROL):
+            self._control_post(parts.path, body)
+            return
+        self._record(body)
+        if parts.path != f"{API}/chat/completions":
+            self._error(404, f"No route for POST {parts.path}")
+            return
+        self._chat(body)
+
+    def _chat(self, body: Any) -> None:
+        state = self.server.state
+        if not state.key_ok(self.headers.get("Authorization")):
+            self._error(401)
+            return
+        fault = state.next_fault()
+        delay = state.latency_ms + (fault.delay_ms if fault else 0)
+        if delay:
+            time.sleep(delay / 1000)
+        if fault is not None and self._fault(fault):
+            return
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            self._error(400, 'Input required: specify "messages"')
+            return
+        model = body.get("model")
+        if not isinstance(model, str) or "/" not in model:
+            self._error(400, f"{model!r} is not a valid model ID")
+            return
+        messages = body["messages"]
+        prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        prompt_tokens = count_tokens(prompt) + 3 * len(messages)
+        text = answer_text(model, str(messages[-1].get("content", "")) if messages else "")
+        completion_tokens = count_tokens(text)
+        finish = "stop"
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and 0 < max_tokens < completion_tokens:
+            text = text[: max_tokens * 4]
+            completion_tokens = max_tokens
+            finish = "length"
+        p_in, p_out = PRICES.get(model, _UNKNOWN_PRICE)
+        cost = (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
+        gen_id = f"gen-{int(time.time())}-{uuid.uuid4().hex[:20]}"
+        payload = {
+            "id": gen_id,
+            "provider": "Anthropic",
+            "model": model,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "choices": [] if fault is not None and fault.no_choices else [
+                {
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "native_finish_reason": finish,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "cost": round(cost, 12),
+            },
+        }  # fmt: skip
+        with state.lock:
+            if len(state.generations) > 50_000:
+                state.generations.clear()
+            state.generations[gen_id] = {
+                "id": gen_id, "model": model, "total_cost": round(cost, 12),
+                "tokens_prompt": prompt_tokens, "tokens_completion": completion_tokens,
+                "provider_name": "Anthropic", "finish_reason": finish,
+            }  # fmt: skip
+        self._send(200, payload)
+
+    def _fault(self, fault: Fault) -> bool:
+        """Answer with the fault; False when the fault only delays a normal answer."""
+        if fault.drop:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return True
+        headers = {}
+        if fault.retry_after is not None:
+            headers["Retry-After"] = str(fault.retry_after)
+        if fault.body is not None:
+            data = fault.body.encode()
+            self.send_response(fault.status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            return True
+        if fault.error_in_200:
+            self._send(200, {"error": {"code": 502, "message": fault.message or
+                                       "Provider disconnected mid-stream"}})  # fmt: skip
+            return True
+        if fault.status >= 400:
+            self._error(fault.status, fault.message, metadata=fault.metadata, headers=headers)
+            return True
+        return False  # a 200 fault: a delay, or no_choices, shapes the normal answer
+
+    # -------------------------------------------------------------- control
+
+    def _control_get(self, path: str) -> None:
+        state = self.server.state
+        if path == f"{CONTROL}/requests":
+            with state.lock:
+                items = [asdict(r) for r in state.requests]
+            self._send(200, {"requests": items})
+        else:
+            self._error(404)
+
+    def _control_post(self, path: str, body: Any) -> None:
+        state = self.server.state
+        body = body if isinstance(body, dict) else {}
+        with state.lock:
+            if path == f"{CONTROL}/faults":
+                state.faults.extend(Fault.from_dict(f) for f in body.get("faults", []))
+            elif path == f"{CONTROL}/latency":
+                state.latency_ms = int(body.get("ms", 0))
+            elif path == f"{CONTROL}/chaos":
+                seed = body.get("seed")
+                state.chaos = None if seed is None else random.Random(seed)  # noqa: S311 - reproducible chaos, not secrets
+                state.chaos_mix = dict(body.get("mix") or DEFAULT_CHAOS_MIX)
+                state.chaos_hang_ms = int(body.get("hang_ms", state.chaos_hang_ms))
+            elif path == f"{CONTROL}/reset":
+                state.faults.clear()
+                state.requests.clear()
+                state.chaos = None
+                state.latency_ms = 0
+            else:
+                self._error(404)
+                return
+        self._send(200, {"ok": True})
+
+
+def _model_entry(model: str) -> dict[str, Any]:
+    p_in, p_out = PRICES[model]
+    return {
+        "id": model,
+        "name": model,
+        "context_length": 200_000,
+        "pricing": {"prompt": f"{p_in / 1e6:.10f}", "completion": f"{p_out / 1e6:.10f}"},
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+    state: _State
+
+
+class EmulatorServer:
+    """The emulator on a loopback port, served from a background thread."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency_ms: int = 0,
+        accept_keys: set[str] | None = None,
+    ) -> None:
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.state = _State(latency_ms, accept_keys)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> _State:
+        return self._httpd.state
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """The OpenRouter-style base URL, e.g. http://127.0.0.1:PORT/api/v1."""
+        host = str(self._httpd.server_address[0])
+        return f"http://{host}:{self.port}{API}"
+
+    def start(self) -> EmulatorServer:
+        """Serve in a background thread; returns self."""
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+            name="openrouter-emulator", daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until interrupted."""
+        self._httpd.serve_forever(poll_interval=0.2)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        """Every request received since the last reset, oldest first."""
+        with self.state.lock:
+            return list(self.state.requests)
+
+    def request_count(self, path: str | None = None) -> int:
+        """How many requests arrived (at ``path``, e.g. "/api/v1/chat/completions")."""
+        return sum(1 for r in self.requests if path is None or r.path == path)
+
+    def script(self, faults: list[Fault]) -> None:
+        """Answer the next chat requests with these faults, one each, in order."""
+        with self.state.lock:
+            self.state.faults.extend(faults)
+
+    def set_latency(self, ms: int) -> None:
+        """Delay every chat answer by ``ms``."""
+        with self.state.lock:
+            self.state.latency_ms = ms
+
+    def set_chaos(
+        self, seed: int | None, mix: dict[str, float] | None = None, *, hang_ms: int = 3000
+    ) -> None:
+        """Answer chat requests with a seeded random mix of outcomes (None switches it off)."""
+        with self.state.lock:
+            self.state.chaos = None if seed is None else random.Random(seed)  # noqa: S311 - reproducible chaos, not secrets
+            self.state.chaos_mix = dict(mix or DEFAULT_CHAOS_MIX)
+            self.state.chaos_hang_ms = hang_ms
+
+    def reset(self) -> None:
+        """Forget requests, faults, chaos and latency."""
+        with self.state.lock:
+            self.state.faults.clear()
+            self.state.requests.clear()
+            self.state.chaos = None
+            self.state.latency_ms = 0

@@ -1,0 +1,239 @@
+"""The OpenRouter HTTP client: one request, one parsed answer or one InferenceError.
+
+httpx errors are translated here and nowhere else; callers only see our error tree.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import OpenRouterSettings
+from .errors import (
+    EmptyResponseError,
+    ErrorInResponseError,
+    InferenceError,
+    InvalidResponseError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    error_for_status,
+)
+from .types import Completion, GenerationParams
+
+_SHOWN_BYTES = 200
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _preview(content: bytes) -> str:
+    text = content[:_SHOWN_BYTES].decode("utf-8", "replace")
+    return repr(text) + (" ..." if len(content) > _SHOWN_BYTES else "")
+
+
+class OpenRouterClient:
+    """Chat completions and account checks against OpenRouter over one pooled connection set."""
+
+    def __init__(
+        self,
+        settings: OpenRouterSettings,
+        *,
+        api_key: str | None,
+        http: httpx.Client | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._settings = settings
+        self._key = api_key or ""
+        self._clock = clock
+        self._headers = {
+            "Authorization": f"Bearer {self._key}",
+            "HTTP-Referer": settings.site_url,
+            "X-Title": settings.app_name,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        self.timeout = httpx.Timeout(
+            settings.timeout_seconds,
+            connect=settings.connect_timeout_seconds,
+            pool=settings.timeout_seconds,
+        )
+        self._owns_http = http is None
+        self._http = http or httpx.Client(
+            timeout=self.timeout,
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+            ),
+        )
+        base = settings.base_url
+        self._chat_url = f"{base}/chat/completions"
+        self._key_url = f"{base}/key"
+        self._models_url = f"{base}/models"
+
+    def close(self) -> None:
+        """Close the connection pool (when this client made it)."""
+        if self._owns_http:
+            self._http.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def complete(
+        self, *, model: str, messages: list[dict[str, str]], params: GenerationParams
+    ) -> Completion:
+        """One chat completion; raises an UpstreamError subclass on any failure."""
+        body: dict[str, Any] = {"model": model, "messages": messages}
+        if params.max_tokens is not None:
+            body["max_tokens"] = params.max_tokens
+        if params.temperature is not None:
+            body["temperature"] = params.temperature
+        started = time.perf_counter()
+        response = self._send("POST", self._chat_url, content=json.dumps(body).encode())
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        data = self._json(response)
+        return self._completion(data, model, latency_ms)
+
+    def get_key(self, *, timeout: float) -> dict[str, Any]:
+        """GET /key: the key's account details (proves the key works)."""
+        return self._json(self._send("GET", self._key_url, timeout=timeout))
+
+    def list_models(self, *, timeout: float) -> dict[str, Any]:
+        """GET /models: the model list (proves OpenRouter answers)."""
+        return self._json(self._send("GET", self._models_url, timeout=timeout))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(
+        self, method: str, url: str, *, content: bytes | None = None, timeout: float | None = None
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(
+                method,
+                url,
+                content=content,
+                headers=self._headers,
+                timeout=self.timeout if timeout is None else timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(
+                f"OpenRouter did not answer in time ({type(exc).__name__} on {method} {url})"
+            ) from None
+        except httpx.TransportError as exc:
+            raise UpstreamConnectionError(
+                f"could not talk to OpenRouter at {url}: {type(exc).__name__}: {self._clean(exc)}"
+            ) from None
+        if response.status_code >= 400:
+            raise self._http_error(response)
+        return response
+
+    def _clean(self, value: object) -> str:
+        text = str(value)
+        return text.replace(self._key, "[REDACTED]") if self._key else text
+
+    def _http_error(self, response: httpx.Response) -> UpstreamError:
+        status = response.status_code
+        cls = error_for_status(status)
+        code: int | str | None = status
+        metadata: dict[str, Any] = {}
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            message = self._clean(error.get("message") or response.reason_phrase)
+            code = error.get("code", status)
+            if isinstance(error.get("metadata"), dict):
+                metadata = error["metadata"]
+        else:
+            message = f"{response.reason_phrase or 'error'}; body {_preview(response.content)}"
+        retry_after = parse_retry_after(response.headers, self._clock.time())
+        return cls(
+            f"OpenRouter answered {status} ({cls.__name__}): {message}",
+            status_code=status,
+            retry_after=retry_after,
+            code=code,
+            metadata=metadata,
+        )
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            data = response.json()
+        except ValueError:
+            raise InvalidResponseError(
+                f"OpenRouter answered {response.status_code} with a body that is not JSON: "
+                f"{_preview(response.content)}",
+                status_code=response.status_code,
+            ) from None
+        if not isinstance(data, dict):
+            raise InvalidResponseError(
+                f"OpenRouter answered {response.status_code} with JSON that is not an object: "
+                f"{_preview(response.content)}",
+                status_code=response.status_code,
+            )
+        return data
+
+    def _completion(self, data: dict[str, Any], model: str, latency_ms: int) -> Completion:
+        error = data.get("error")
+        if error is not None:
+            detail = error if isinstance(error, dict) else {"message": error}
+            raise ErrorInResponseError(
+                "OpenRouter answered 200 but the body carries an error: "
+                f"{self._clean(detail.get('message', detail))}",
+                status_code=200,
+                code=detail.get("code"),
+                metadata=detail.get("metadata")
+                if isinstance(detail.get("metadata"), dict)
+                else None,
+            )
+        choices = data.get("choices")
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise EmptyResponseError("OpenRouter answered 200 with no choices", status_code=200)
+        choice = choices[0]
+        message = choice.get("message") or {}
+        usage = data.get("usage") or {}
+        try:
+            cost = usage.get("cost")
+            return Completion(
+                text=str(message.get("content") or ""),
+                model=str(data.get("model") or model),
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                latency_ms=latency_ms,
+                generation_id=data.get("id"),
+                provider=data.get("provider"),
+                finish_reason=choice.get("finish_reason"),
+                upstream_cost_usd=float(cost) if cost is not None else None,
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InvalidResponseError(
+                f"OpenRouter answered 200 with a malformed completion: {exc}", status_code=200
+            ) from None
+
+
+__all__ = ["InferenceError", "OpenRouterClient", "parse_retry_after"]

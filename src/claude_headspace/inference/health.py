@@ -1,0 +1,111 @@
+"""Is OpenRouter reachable, and does it accept our key? Asked rarely, answered from a cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import OpenRouterSettings
+from .client import OpenRouterClient
+from .errors import AuthenticationError, InferenceError, ModelNotFoundError, TransportError
+
+HealthState = Literal["healthy", "unreachable", "key_rejected", "no_key", "disabled"]
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """The answer of one probe."""
+
+    state: HealthState
+    reachable: bool
+    checked_at: datetime | None
+    latency_ms: int | None
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for /api/inference/status."""
+        return {
+            "state": self.state,
+            "reachable": self.reachable,
+            "checked_at": self.checked_at.isoformat() if self.checked_at else None,
+            "latency_ms": self.latency_ms,
+            "error": self.error,
+        }
+
+
+class HealthChecker:
+    """Probes OpenRouter (GET /key, else GET /models) with its own short timeout, caches the
+    answer for health.cache_seconds, and lets concurrent callers share one probe."""
+
+    def __init__(
+        self,
+        client: OpenRouterClient | None,
+        settings: OpenRouterSettings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._last: HealthReport | None = None
+        self._last_at = 0.0
+        self._probing = False
+
+    def last(self) -> HealthReport | None:
+        """The cached answer, without probing."""
+        with self._lock:
+            return self._last
+
+    def check(self, *, force: bool = False) -> HealthReport:
+        """A fresh-enough answer: cached, shared with a probe in flight, or probed now."""
+        if not self._settings.enabled:
+            return HealthReport("disabled", False, None, None, "inference is disabled")
+        if self._client is None:
+            return HealthReport("no_key", False, None, None, "no OpenRouter API key is configured")
+        timeout = self._settings.health.timeout_seconds
+        with self._lock:
+            age = self._clock.monotonic() - self._last_at
+            if self._last is not None and not force and age < self._settings.health.cache_seconds:
+                return self._last
+            if self._probing:
+                # Someone is asking OpenRouter right now: wait for their answer.
+                self._lock.wait_for(lambda: not self._probing, timeout=timeout + 1)
+                if self._last is not None:
+                    return self._last
+            self._probing = True
+        try:
+            report = self._probe(self._client, timeout)
+        finally:
+            with self._lock:
+                self._probing = False
+                self._lock.notify_all()
+        with self._lock:
+            self._last = report
+            self._last_at = self._clock.monotonic()
+        return report
+
+    def _probe(self, client: OpenRouterClient, timeout: float) -> HealthReport:
+        started = time.perf_counter()
+
+        def report(state: HealthState, reachable: bool, error: str | None) -> HealthReport:
+            latency = int((time.perf_counter() - started) * 1000)
+            return HealthReport(state, reachable, datetime.now(UTC), latency, error)
+
+        try:
+            try:
+                client.get_key(timeout=timeout)
+            except ModelNotFoundError:
+                # No /key endpoint here: a model list at least proves OpenRouter answers.
+                client.list_models(timeout=timeout)
+        except AuthenticationError as exc:
+            return report("key_rejected", True, str(exc))
+        except TransportError as exc:
+            return report("unreachable", False, str(exc))
+        except InferenceError as exc:
+            return report("unreachable", exc.status_code is not None, str(exc))
+        return report("healthy", True, None)

@@ -1,0 +1,245 @@
+"""The response cache, keyed by everything that decides an answer: a memory tier (TTL, LRU
+bound) and, when Redis is configured, a shared tier behind it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import redis
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import CacheSettings, RedisSettings
+from .redis_support import RedisGuard, make_client
+from .types import GenerationParams
+
+# Bump when CachedAnswer's shape changes: old entries are then simply never read.
+CACHE_FORMAT = "v1"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """What a cache hit returns."""
+
+    text: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    upstream_cost_usd: float | None
+    generation_id: str | None
+    provider: str | None
+    finish_reason: str | None
+    stored_at: float
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> CachedAnswer:
+        """The answer a stored form holds."""
+        return cls(**json.loads(raw))
+
+
+def request_key(
+    *, model: str, system_prompt: str | None, input_text: str, params: GenerationParams
+) -> str:
+    """SHA-256 of every input that decides the answer (never the input text alone)."""
+    canonical = json.dumps(
+        [CACHE_FORMAT, model, system_prompt, input_text, params.max_tokens, params.temperature],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class ResponseCache(Protocol):
+    """Get and put answers by request key."""
+
+    def get(self, key: str) -> CachedAnswer | None:
+        """The live answer for ``key``, or None."""
+        ...
+
+    def put(self, key: str, value: CachedAnswer) -> None:
+        """Store ``value`` for the configured TTL."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /api/inference/status."""
+        ...
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        ...
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hits / total, 4) if total else None,
+        }
+
+
+class MemoryCache:
+    """A per-process cache: TTL on the injected clock, least recently used evicted first,
+    O(1) per operation, every counter updated under the one lock."""
+
+    def __init__(self, settings: CacheSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._ttl = settings.ttl_seconds
+        self._max = settings.max_entries
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counters = _Counters()
+        self.evictions = 0
+        self.expirations = 0
+
+    def get(self, key: str) -> CachedAnswer | None:
+        now = self._clock.monotonic()
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                self._counters.misses += 1
+                return None
+            expires, value = item
+            if now >= expires:
+                del self._data[key]
+                self.expirations += 1
+                self._counters.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self._counters.hits += 1
+            return value
+
+    def put(self, key: str, value: CachedAnswer, ttl: float | None = None) -> None:
+        expires = self._clock.monotonic() + (self._ttl if ttl is None else ttl)
+        with self._lock:
+            self._data[key] = (expires, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+                self.evictions += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "backend": "memory",
+                "entries": len(self._data),
+                "max_entries": self._max,
+                "evictions": self.evictions,
+                "expirations": self.expirations,
+                **self._counters.as_dict(),
+            }
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+class RedisCache:
+    """The shared tier: namespaced, versioned keys; Redis keeps the TTL."""
+
+    def __init__(self, client: redis.Redis, settings: CacheSettings, *, prefix: str) -> None:
+        self._client = client
+        self._ttl_ms = max(1, int(settings.ttl_seconds * 1000))
+        self._prefix = f"{prefix}:cache:{CACHE_FORMAT}:"
+        self._lock = threading.Lock()
+        self._counters = _Counters()
+
+    def key(self, key: str) -> str:
+        """The Redis key for a request key."""
+        return self._prefix + key
+
+    def get_with_ttl(self, key: str) -> tuple[CachedAnswer | None, float]:
+        """The answer and its remaining life in seconds."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(self.key(key))
+        pipe.pttl(self.key(key))
+        raw, pttl = pipe.execute()
+        with self._lock:
+            if raw is None:
+                self._counters.misses += 1
+            else:
+                self._counters.hits += 1
+        if raw is None:
+            return None, 0.0
+        return CachedAnswer.from_json(raw), max(0.0, int(pttl) / 1000)
+
+    def get(self, key: str) -> CachedAnswer | None:
+        return self.get_with_ttl(key)[0]
+
+    def put(self, key: str, value: CachedAnswer) -> None:
+        self._client.set(self.key(key), value.to_json(), px=self._ttl_ms)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"backend": "redis", **self._counters.as_dict()}
+
+    def clear(self) -> None:
+        for name in self._client.scan_iter(match=self._prefix + "*", count=1000):
+            self._client.delete(name)
+
+
+class TieredCache:
+    """Memory first, then Redis; a Redis hit is copied into memory for its remaining life.
+
+    While Redis is unreachable the memory tier serves alone (see RedisGuard).
+    """
+
+    def __init__(self, local: MemoryCache, shared: RedisCache, guard: RedisGuard) -> None:
+        self.local = local
+        self.shared = shared
+        self._guard = guard
+
+    def get(self, key: str) -> CachedAnswer | None:
+        value = self.local.get(key)
+        if value is not None:
+            return value
+        found, ttl = self._guard.run(lambda: self.shared.get_with_ttl(key), lambda: (None, 0.0))
+        if found is not None and ttl > 0:
+            self.local.put(key, found, ttl=ttl)
+        return found
+
+    def put(self, key: str, value: CachedAnswer) -> None:
+        self.local.put(key, value)
+        self._guard.run(lambda: self.shared.put(key, value), lambda: None)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": "memory+redis",
+            **self.local.stats(),
+            "redis": self.shared.stats(),
+            "redis_available": self._guard.degraded_reason() is None,
+        }
+
+    def clear(self) -> None:
+        self.local.clear()
+        self._guard.run(self.shared.clear, lambda: None)
+
+    def degraded_reason(self) -> str | None:
+        """Why the shared tier is not in use, or None."""
+        return self._guard.degraded_reason()
+
+
+def build_cache(
+    settings: CacheSettings, redis_settings: RedisSettings, *, clock: Clock = SYSTEM_CLOCK
+) -> MemoryCache | TieredCache:
+    """The memory cache, with a Redis tier behind it when redis.url is set."""
+    local = MemoryCache(settings, clock=clock)
+    if redis_settings.url is None:
+        return local
+    client = make_client(redis_settings)
+    shared = RedisCache(client, settings, prefix=redis_settings.key_prefix)
+    return TieredCache(local, shared, RedisGuard(client, redis_settings, name="response cache"))

@@ -1,0 +1,381 @@
+"""Calls-per-window and tokens-per-window limits, by scheduled admission.
+
+Every admission is kept with its time and tokens, including admissions scheduled in the
+near future. An arriving request is given the earliest time at or after now, after any
+pause, and after the last scheduled admission (which keeps arrivals first come, first
+served), at which both windows ending then have room for it. If that time is within
+``max_wait`` the admission is recorded at once, atomically, and the caller sleeps until
+then; otherwise nothing is recorded and the caller is told when to retry.
+
+Check and consume are one step, so concurrent callers never overshoot. The memory limiter
+does it under a lock; the Redis limiter does the same in one server-side script, so all
+processes share one budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import redis
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config import RateLimitSettings, RedisSettings
+from .errors import RateLimitedError
+from .redis_support import RedisGuard, make_client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One admitted call and the tokens reserved for it."""
+
+    id: str
+    tokens: int
+    admitted_at: float
+    waited: float
+
+
+class RateLimiter(Protocol):
+    """Admits calls within the configured calls and tokens per window."""
+
+    def acquire(self, tokens: int, *, max_wait: float | None = None) -> Reservation:
+        """Reserve one call and ``tokens``, waiting our turn up to ``max_wait``; else raise
+        RateLimitedError at once with ``retry_after``."""
+        ...
+
+    def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Replace the reservation's estimate with the tokens really used."""
+        ...
+
+    def pause(self, seconds: float) -> None:
+        """Admit nobody for ``seconds`` (OpenRouter said 429 with Retry-After)."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Current use, for /api/inference/status."""
+        ...
+
+
+def _too_big(tokens: int, limit: int) -> RateLimitedError:
+    return RateLimitedError(
+        f"the call needs an estimated {tokens} tokens, more than the whole per-window "
+        f"budget of {limit} (openrouter.rate_limits.tokens_per_minute); it can never be "
+        "admitted: lower max_tokens or shorten the input",
+        retryable=False,
+    )
+
+
+def _over(wait: float, max_wait: float) -> RateLimitedError:
+    retry_after = math.ceil(wait * 1000) / 1000
+    return RateLimitedError(
+        f"rate limit reached: the next free slot is in {retry_after:.3f} s, beyond the "
+        f"{max_wait:g} s a call may wait (openrouter.rate_limits.max_wait_seconds)",
+        retry_after=retry_after,
+    )
+
+
+class MemoryRateLimiter:
+    """The limiter for one process."""
+
+    def __init__(self, settings: RateLimitSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._calls = settings.calls_per_minute
+        self._tokens = settings.tokens_per_minute
+        self._window = settings.window_seconds
+        self._max_wait = settings.max_wait_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        # [time, tokens, id] in non-decreasing time: admissions are scheduled in order.
+        self._log: deque[list[Any]] = deque()
+        self._by_id: dict[str, list[Any]] = {}
+        self._total = 0
+        self._paused_until = 0.0
+        self._waiting = 0
+        self.admitted = 0
+        self.rejected = 0
+
+    def acquire(self, tokens: int, *, max_wait: float | None = None) -> Reservation:
+        limit_wait = self._max_wait if max_wait is None else max_wait
+        if tokens > self._tokens:
+            raise _too_big(tokens, self._tokens)
+        with self._lock:
+            now = self._clock.monotonic()
+            self._prune(now)
+            at = self._earliest(now, tokens)
+            wait = at - now
+            if wait > limit_wait:
+                self.rejected += 1
+                raise _over(wait, limit_wait)
+            entry: list[Any] = [at, tokens, uuid.uuid4().hex]
+            self._log.append(entry)
+            self._by_id[entry[2]] = entry
+            self._total += tokens
+            self.admitted += 1
+            if wait > 0:
+                self._waiting += 1
+        if wait > 0:
+            try:
+                self._clock.sleep(wait)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+        return Reservation(entry[2], tokens, at, wait)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self._window
+        while self._log and self._log[0][0] <= horizon:
+            _, tokens, key = self._log.popleft()
+            self._total -= tokens
+            self._by_id.pop(key, None)
+
+    def _earliest(self, now: float, tokens: int) -> float:
+        at = max(now, self._paused_until)
+        if self._log:
+            at = max(at, self._log[-1][0])
+            if len(self._log) >= self._calls:
+                # The call `calls` places back must have left the window.
+                at = max(at, self._log[len(self._log) - self._calls][0] + self._window)
+            if self._total + tokens > self._tokens:
+                remaining = self._total
+                for when, used, _ in self._log:
+                    remaining -= used
+                    if remaining + tokens <= self._tokens:
+                        at = max(at, when + self._window)
+                        break
+        return at
+
+    def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
+        with self._lock:
+            entry = self._by_id.get(reservation.id)
+            if entry is not None:
+                self._total += actual_tokens - entry[1]
+                entry[1] = actual_tokens
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock.monotonic() + seconds)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            now = self._clock.monotonic()
+            self._prune(now)
+            current = [e for e in self._log if e[0] <= now]
+            return {
+                "backend": "memory",
+                "calls_in_window": len(current),
+                "tokens_in_window": sum(e[1] for e in current),
+                "scheduled": len(self._log) - len(current),
+                "waiting": self._waiting,
+                "paused_for": round(max(0.0, self._paused_until - now), 3) or None,
+                "admitted": self.admitted,
+                "rejected": self.rejected,
+            }
+
+
+# KEYS: admissions zset (member id, score time), tokens hash (id -> tokens),
+#       token total, pause-until.
+# ARGV: now, window, calls limit, tokens limit, tokens, max wait, id, key ttl (ms)
+_ACQUIRE = """
+local z, h, total_key, pause_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local calls, limit, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_wait, id, ttl = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - window)
+if #old > 0 then
+  local used = redis.call('HMGET', h, unpack(old))
+  local freed = 0
+  for i = 1, #used do freed = freed + (tonumber(used[i]) or 0) end
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', now - window)
+  redis.call('HDEL', h, unpack(old))
+  redis.call('DECRBY', total_key, freed)
+end
+local total = tonumber(redis.call('GET', total_key) or '0')
+local at = now
+local pause = tonumber(redis.call('GET', pause_key) or '0')
+if pause > at then at = pause end
+local n = redis.call('ZCARD', z)
+if n > 0 then
+  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+  if tonumber(last[2]) > at then at = tonumber(last[2]) end
+  if n >= calls then
+    local e = redis.call('ZRANGE', z, n - calls, n - calls, 'WITHSCORES')
+    if tonumber(e[2]) + window > at then at = tonumber(e[2]) + window end
+  end
+  if total + tokens > limit then
+    local all = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
+    local remaining = total
+    for i = 1, #all, 2 do
+      remaining = remaining - (tonumber(redis.call('HGET', h, all[i])) or 0)
+      if remaining + tokens <= limit then
+        if tonumber(all[i + 1]) + window > at then at = tonumber(all[i + 1]) + window end
+        break
+      end
+    end
+  end
+end
+if at - now > max_wait then return {0, tostring(at - now)} end
+redis.call('ZADD', z, at, id)
+redis.call('HSET', h, id, tokens)
+redis.call('INCRBY', total_key, tokens)
+for _, k in ipairs({z, h, total_key}) do redis.call('PEXPIRE', k, ttl) end
+return {1, tostring(at - now), tostring(at)}
+"""
+
+# KEYS: tokens hash, token total. ARGV: id, actual tokens.
+_RECONCILE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - tonumber(old))
+return 1
+"""
+
+# KEYS: pause-until. ARGV: until, ttl (ms). Only ever moves the pause later.
+_PAUSE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+
+class RedisRateLimiter:
+    """The limiter shared by every process that uses the same Redis and prefix.
+
+    Times are the injected clock's wall time (``clock.time()``): hosts sharing a budget
+    must keep their clocks in step (NTP), and tests pass a fake clock.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: RateLimitSettings,
+        *,
+        prefix: str,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+        base = f"{prefix}:ratelimit:"
+        self._keys = [base + "admissions", base + "tokens", base + "total", base + "pause"]
+        self._acquire = client.register_script(_ACQUIRE)
+        self._reconcile = client.register_script(_RECONCILE)
+        self._pause = client.register_script(_PAUSE)
+        self._ttl_ms = int(settings.window_seconds * 2000 + settings.max_wait_seconds * 1000)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.admitted = 0
+        self.rejected = 0
+
+    def acquire(self, tokens: int, *, max_wait: float | None = None) -> Reservation:
+        s = self._settings
+        limit_wait = s.max_wait_seconds if max_wait is None else max_wait
+        if tokens > s.tokens_per_minute:
+            raise _too_big(tokens, s.tokens_per_minute)
+        key = uuid.uuid4().hex
+        now = self._clock.time()
+        answer = self._acquire(
+            keys=self._keys,
+            args=[repr(now), s.window_seconds, s.calls_per_minute, s.tokens_per_minute,
+                  tokens, limit_wait, key, self._ttl_ms],
+        )  # fmt: skip
+        wait = float(answer[1])
+        if int(answer[0]) == 0:
+            with self._lock:
+                self.rejected += 1
+            raise _over(wait, limit_wait)
+        with self._lock:
+            self.admitted += 1
+        if wait > 0:
+            with self._lock:
+                self._waiting += 1
+            try:
+                self._clock.sleep(wait)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+        return Reservation(key, tokens, float(answer[2]), wait)
+
+    def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
+        self._reconcile(keys=self._keys[1:3], args=[reservation.id, actual_tokens])
+
+    def pause(self, seconds: float) -> None:
+        until = self._clock.time() + seconds
+        self._pause(keys=[self._keys[3]], args=[repr(until), int(seconds * 1000) + 1000])
+
+    def stats(self) -> dict[str, Any]:
+        now = self._clock.time()
+        z, h, _total, pause = self._keys
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zrangebyscore(z, now - self._settings.window_seconds, now)
+        pipe.zcount(z, f"({now}", "+inf")
+        pipe.get(pause)
+        current, scheduled, paused = pipe.execute()
+        tokens = cast(list[Any], self._client.hmget(h, current)) if current else []
+        with self._lock:
+            return {
+                "backend": "redis",
+                "calls_in_window": len(current),
+                "tokens_in_window": sum(int(t or 0) for t in tokens),
+                "scheduled": int(scheduled),
+                "waiting": self._waiting,
+                "paused_for": round(max(0.0, float(paused or 0) - now), 3) or None,
+                "admitted": self.admitted,
+                "rejected": self.rejected,
+            }
+
+
+class FallbackRateLimiter:
+    """The Redis limiter, with a per-process limiter standing in while Redis is unreachable."""
+
+    def __init__(
+        self, shared: RedisRateLimiter, local: MemoryRateLimiter, guard: RedisGuard
+    ) -> None:
+        self.shared = shared
+        self.local = local
+        self._guard = guard
+
+    def acquire(self, tokens: int, *, max_wait: float | None = None) -> Reservation:
+        return self._guard.run(
+            lambda: self.shared.acquire(tokens, max_wait=max_wait),
+            lambda: self.local.acquire(tokens, max_wait=max_wait),
+        )
+
+    def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
+        # Whichever limiter made the reservation knows its id; the other ignores it.
+        self.local.reconcile(reservation, actual_tokens)
+        self._guard.run(lambda: self.shared.reconcile(reservation, actual_tokens), lambda: None)
+
+    def pause(self, seconds: float) -> None:
+        self.local.pause(seconds)
+        self._guard.run(lambda: self.shared.pause(seconds), lambda: None)
+
+    def stats(self) -> dict[str, Any]:
+        shared = self._guard.run(self.shared.stats, lambda: None)
+        return shared if shared is not None else {**self.local.stats(), "backend": "memory"}
+
+    def degraded_reason(self) -> str | None:
+        """Why limits are per process right now, or None."""
+        return self._guard.degraded_reason()
+
+
+def build_rate_limiter(
+    settings: RateLimitSettings, redis_settings: RedisSettings, *, clock: Clock = SYSTEM_CLOCK
+) -> MemoryRateLimiter | FallbackRateLimiter:
+    """The memory limiter, or the Redis one with a memory stand-in when redis.url is set."""
+    local = MemoryRateLimiter(settings, clock=clock)
+    if redis_settings.url is None:
+        return local
+    client = make_client(redis_settings)
+    shared = RedisRateLimiter(client, settings, prefix=redis_settings.key_prefix, clock=clock)
+    return FallbackRateLimiter(
+        shared, local, RedisGuard(client, redis_settings, name="rate limiter")
+    )

@@ -254,7 +254,16 @@ class CallRecorder:
         with self._lock:
             segment = self._segment
             if segment is None:
-                raise RuntimeError("call recorder is not running")
+                # Closed (a call outlived shutdown): keep it in a journal of its own for the
+                # next start to replay, rather than lose it.
+                self._dir.mkdir(parents=True, exist_ok=True)
+                late = _Segment.create(self._dir)
+                os.write(late.fd, line)
+                late.close(delete=False)
+                log.warning(
+                    "call log: call %s finished after shutdown; journalled", record.request_id
+                )
+                return
             os.write(segment.fd, line)
             self._seq += 1
             segment.records += 1

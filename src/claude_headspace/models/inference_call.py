@@ -73,6 +73,12 @@ class InferenceCall(Base):
     )
 
 
+# Upper bounds (ms, inclusive) of the latency histogram buckets; one more bucket holds the rest.
+LATENCY_BUCKETS_MS: tuple[int, ...] = (
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+)  # fmt: skip
+
+
 class UsageRollup(Base):
     """Hourly sums of inference_calls per level, model and project, kept in the same
     transaction as the rows they sum, so usage over any window reads a few rows."""
@@ -94,6 +100,23 @@ class UsageRollup(Base):
     saved_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     upstream_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     latency_ms_sum: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Latency histogram: lat_00 counts calls with latency_ms <= LATENCY_BUCKETS_MS[0], ...
+    # the last bucket everything slower. Percentiles are read from these counts, both here
+    # and in the raw computation, so the two agree exactly.
+    lat_00: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_01: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_02: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_03: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_04: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_05: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_06: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_07: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_08: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_09: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_10: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_11: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_12: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_13: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
         UniqueConstraint("hour", "level", "model", "project_key"),

@@ -1,0 +1,383 @@
+"""Usage aggregates: the hourly rollup kept beside the call log, and the queries behind
+/api/inference/usage.
+
+Whole hours inside a window are read from ``inference_usage_hourly`` (a few rows per hour);
+the partial hours at its edges from an indexed range of raw rows. The rollup is written in
+the same transaction as the rows it sums, so both always agree, exactly:
+
+- counts, tokens and latency sums are integers;
+- money is summed exactly: PostgreSQL sums NUMERIC; SQLite, which has no decimal type,
+  sums integer picodollars (every stored amount has at most twelve decimals);
+- latency percentiles come from a fixed histogram (``LATENCY_BUCKETS_MS``) that the raw
+  computation builds the same way, so a percentile is the upper bound of its bucket.
+
+Token totals count what was sent upstream: a cache hit's tokens are not counted again
+(its row carries them for the record, and ``saved_cost`` says what it saved).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from typing import cast as typing_cast
+
+from sqlalchemy import BigInteger, ColumnElement, Table, and_, case, cast, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ..config import LEVELS
+from ..models import InferenceCall, UsageRollup
+from ..models.inference_call import LATENCY_BUCKETS_MS
+
+HIST = [f"lat_{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
+_PICO = Decimal(10) ** 12
+_MONEY_FIELDS = ("cost_usd", "saved_cost_usd", "upstream_cost_usd")
+_INT_FIELDS = (
+    "calls", "cached_calls", "error_calls", "input_tokens", "output_tokens", "latency_ms_sum",
+    *HIST,
+)  # fmt: skip
+_HOUR = timedelta(hours=1)
+
+
+def latency_bucket(latency_ms: int) -> int:
+    """The histogram bucket of a latency."""
+    return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
+
+
+def hour_floor(moment: datetime) -> datetime:
+    """The start of the hour ``moment`` falls in."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class _Sums:
+    ints: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_INT_FIELDS, 0))
+    money: dict[str, Decimal] = field(
+        default_factory=lambda: dict.fromkeys(_MONEY_FIELDS, Decimal(0))
+    )
+
+    def add(self, call: InferenceCall) -> None:
+        ints = self.ints
+        ints["calls"] += 1
+        if call.status == "cached":
+            ints["cached_calls"] += 1
+        else:
+            ints["input_tokens"] += call.input_tokens or 0
+            ints["output_tokens"] += call.output_tokens or 0
+        if call.status not in ("ok", "cached"):
+            ints["error_calls"] += 1
+        latency = call.latency_ms or 0
+        ints["latency_ms_sum"] += latency
+        ints[HIST[latency_bucket(latency)]] += 1
+        for name in _MONEY_FIELDS:
+            value = getattr(call, name)
+            if value is not None:
+                self.money[name] += Decimal(value)
+
+
+def _buckets(calls: Sequence[InferenceCall]) -> dict[tuple[datetime, str, str, int], _Sums]:
+    buckets: dict[tuple[datetime, str, str, int], _Sums] = {}
+    for call in calls:
+        key = (hour_floor(call.timestamp), call.level, call.model, call.project_id or 0)
+        buckets.setdefault(key, _Sums()).add(call)
+    return buckets
+
+
+def apply_rollup(session: Session, calls: Sequence[InferenceCall]) -> None:
+    """Fold ``calls`` into the hourly rollup, in the caller's transaction."""
+    buckets = _buckets(calls)
+    if not buckets:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        _upsert_postgresql(session, buckets)
+    else:
+        _upsert_in_python(session, buckets)
+
+
+def _values(key: tuple[datetime, str, str, int], sums: _Sums) -> dict[str, Any]:
+    hour, level, model, project_key = key
+    return {"hour": hour, "level": level, "model": model, "project_key": project_key,
+            **sums.ints, **sums.money}  # fmt: skip
+
+
+def _upsert_postgresql(session: Session, buckets: dict[Any, _Sums]) -> None:
+    table: Table = typing_cast(Table, UsageRollup.__table__)
+    for key, sums in sorted(buckets.items()):  # a fixed order: no deadlocks between writers
+        stmt = postgresql.insert(table).values(_values(key, sums))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["hour", "level", "model", "project_key"],
+            set_={
+                name: table.c[name] + stmt.excluded[name] for name in (*_INT_FIELDS, *_MONEY_FIELDS)
+            },
+        )
+        session.execute(stmt)
+
+
+def _upsert_in_python(session: Session, buckets: dict[Any, _Sums]) -> None:
+    # SQLite: the writer already holds the database's write lock (the call rows were
+    # flushed first), so read-modify-write is safe, and Decimal arithmetic keeps it exact.
+    table: Table = typing_cast(Table, UsageRollup.__table__)
+    for key, sums in sorted(buckets.items()):
+        hour, level, model, project_key = key
+        row = session.scalars(
+            select(UsageRollup).where(
+                UsageRollup.hour == hour,
+                UsageRollup.level == level,
+                UsageRollup.model == model,
+                UsageRollup.project_key == project_key,
+            )
+        ).one_or_none()
+        if row is None:
+            session.execute(sqlite.insert(table).values(_values(key, sums)))
+            continue
+        for name, value in sums.ints.items():
+            setattr(row, name, getattr(row, name) + value)
+        for name, money in sums.money.items():
+            setattr(row, name, Decimal(getattr(row, name)) + money)
+    session.flush()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """A window [since, until) and optional filters."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    level: str | None = None
+    model: str | None = None
+    project_id: int | None = None
+
+
+@dataclass
+class Usage:
+    """Exact aggregates per (level, model)."""
+
+    groups: dict[tuple[str, str], _Sums] = field(default_factory=dict)
+
+    def merge(
+        self, level: str, model: str, ints: dict[str, int], money: dict[str, Decimal]
+    ) -> None:
+        sums = self.groups.setdefault((level, model), _Sums())
+        for name, value in ints.items():
+            sums.ints[name] += value
+        for name, amount in money.items():
+            sums.money[name] += amount
+
+    def comparable(self) -> dict[tuple[str, str], tuple[dict[str, int], dict[str, Decimal]]]:
+        """The groups as plain values, dropping empty ones (for equality checks)."""
+        return {
+            k: (dict(v.ints), {n: m.normalize() for n, m in v.money.items()})
+            for k, v in self.groups.items()
+            if v.ints["calls"]
+        }
+
+    def to_dict(self, q: UsageQuery) -> dict[str, Any]:
+        """The JSON answer of /api/inference/usage."""
+
+        def money(value: Decimal) -> float:
+            return float(round(value, 10))
+
+        by_level: dict[str, _Sums] = {}
+        by_model: dict[str, _Sums] = {}
+        total = _Sums()
+        for (level, model), sums in self.groups.items():
+            targets = (by_level.setdefault(level, _Sums()), by_model.setdefault(model, _Sums()))
+            for target in (*targets, total):
+                for name, value in sums.ints.items():
+                    target.ints[name] += value
+                for name, amount in sums.money.items():
+                    target.money[name] += amount
+        return {
+            "window": {
+                "since": q.since.isoformat() if q.since else None,
+                "until": q.until.isoformat() if q.until else None,
+            },
+            "filters": {"level": q.level, "model": q.model, "project_id": q.project_id},
+            "total_calls": total.ints["calls"],
+            "calls_by_level": {k: v.ints["calls"] for k, v in sorted(by_level.items())},
+            "calls_by_model": {k: v.ints["calls"] for k, v in sorted(by_model.items())},
+            "total_input_tokens": total.ints["input_tokens"],
+            "total_output_tokens": total.ints["output_tokens"],
+            "tokens_by_level": {
+                k: {"input": v.ints["input_tokens"], "output": v.ints["output_tokens"]}
+                for k, v in sorted(by_level.items())
+            },
+            "total_cost": money(total.money["cost_usd"]),
+            "cost_by_model": {k: money(v.money["cost_usd"]) for k, v in sorted(by_model.items())},
+            "cost_by_level": {k: money(v.money["cost_usd"]) for k, v in sorted(by_level.items())},
+            "upstream_reported_cost": money(total.money["upstream_cost_usd"]),
+            "cache_hits": total.ints["cached_calls"],
+            "saved_cost": money(total.money["saved_cost_usd"]),
+            "errors": total.ints["error_calls"],
+            "latency_ms": {k: _latency(v) for k, v in sorted(by_level.items())},
+        }
+
+
+def _latency(sums: _Sums) -> dict[str, Any]:
+    counts = [sums.ints[name] for name in HIST]
+    n = sum(counts)
+    out: dict[str, Any] = {"mean": round(sums.ints["latency_ms_sum"] / n, 1) if n else None}
+    for p in (50, 90, 99):
+        out[f"p{p}"] = _percentile(counts, p)
+    return out
+
+
+def _percentile(counts: list[int], p: int) -> int | None:
+    """The upper bound (ms) of the bucket holding the p-th percentile; None past the last."""
+    n = sum(counts)
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(p / 100 * n))
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= rank:
+            return LATENCY_BUCKETS_MS[index] if index < len(LATENCY_BUCKETS_MS) else None
+    return None
+
+
+def _money_sum(session: Session, column: Any) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "postgresql":
+        return func.coalesce(func.sum(column), 0)
+    return func.coalesce(func.sum(cast(func.round(column * 1e12), BigInteger)), 0)
+
+
+def _money_value(session: Session, value: Any) -> Decimal:
+    if session.get_bind().dialect.name == "postgresql":
+        return Decimal(value or 0)
+    return Decimal(int(value or 0)) / _PICO
+
+
+def _merge_rows(session: Session, usage: Usage, rows: Any) -> None:
+    width = len(_INT_FIELDS)
+    for row in rows:
+        values: list[Any] = list(row)
+        ints = {
+            name: int(v or 0) for name, v in zip(_INT_FIELDS, values[2 : 2 + width], strict=True)
+        }
+        amounts = {
+            name: _money_value(session, v)
+            for name, v in zip(_MONEY_FIELDS, values[2 + width :], strict=True)
+        }
+        usage.merge(values[0], values[1], ints, amounts)
+
+
+def _from_rollup(
+    session: Session, usage: Usage, q: UsageQuery, start: datetime | None, end: datetime | None
+) -> None:
+    r = UsageRollup
+    conditions = []
+    if start is not None:
+        conditions.append(r.hour >= start)
+    if end is not None:
+        conditions.append(r.hour < end)
+    if q.level is not None:
+        conditions.append(r.level == q.level)
+    if q.model is not None:
+        conditions.append(r.model == q.model)
+    if q.project_id is not None:
+        conditions.append(r.project_key == q.project_id)
+    columns = [func.coalesce(func.sum(getattr(r, name)), 0) for name in _INT_FIELDS]
+    money = [_money_sum(session, getattr(r, name)) for name in _MONEY_FIELDS]
+    stmt = select(r.level, r.model, *columns, *money).where(and_(True, *conditions))
+    _merge_rows(session, usage, session.execute(stmt.group_by(r.level, r.model)))
+
+
+def _from_raw(
+    session: Session, usage: Usage, q: UsageQuery, start: datetime | None, end: datetime | None
+) -> None:
+    c = InferenceCall
+    conditions = []
+    if start is not None:
+        conditions.append(c.timestamp >= start)
+    if end is not None:
+        conditions.append(c.timestamp < end)
+    if q.level is not None:
+        conditions.append(c.level == q.level)
+    if q.model is not None:
+        conditions.append(c.model == q.model)
+    if q.project_id is not None:
+        conditions.append(c.project_id == q.project_id)
+    not_cached = c.status != "cached"
+    ints: list[Any] = [
+        func.count(),
+        func.sum(case((c.status == "cached", 1), else_=0)),
+        func.sum(case((c.status.not_in(["ok", "cached"]), 1), else_=0)),
+        func.sum(case((not_cached, c.input_tokens), else_=0)),
+        func.sum(case((not_cached, c.output_tokens), else_=0)),
+        func.sum(c.latency_ms),
+    ]
+    lower = None
+    for bound in (*LATENCY_BUCKETS_MS, None):
+        cond = []
+        if lower is not None:
+            cond.append(c.latency_ms > lower)
+        if bound is not None:
+            cond.append(c.latency_ms <= bound)
+        ints.append(func.sum(case((and_(True, *cond), 1), else_=0)))
+        lower = bound
+    money = [_money_sum(session, getattr(c, name)) for name in _MONEY_FIELDS]
+    stmt = select(c.level, c.model, *ints, *money).where(and_(True, *conditions))
+    _merge_rows(session, usage, session.execute(stmt.group_by(c.level, c.model)))
+
+
+def compute_usage(session: Session, q: UsageQuery) -> Usage:
+    """Aggregates for the window: whole hours from the rollup, the edges from raw rows."""
+    usage = Usage()
+    since, until = q.since, q.until
+    full_start = None
+    if since is not None:
+        full_start = hour_floor(since)
+        if full_start != since:
+            full_start += _HOUR
+    full_end = None if until is None else hour_floor(until)
+    if full_start is not None and full_end is not None and full_start >= full_end:
+        _from_raw(session, usage, q, since, until)  # the window lies within one or two hours
+        return usage
+    _from_rollup(session, usage, q, full_start, full_end)
+    if since is not None and full_start is not None and since < full_start:
+        _from_raw(session, usage, q, since, full_start)
+    if until is not None and full_end is not None and full_end < until:
+        _from_raw(session, usage, q, full_end, until)
+    return usage
+
+
+def compute_usage_raw(session: Session, q: UsageQuery) -> Usage:
+    """The same aggregates from raw rows only (for checks and benchmarks)."""
+    usage = Usage()
+    _from_raw(session, usage, q, q.since, q.until)
+    return usage
+
+
+def usage_report(session: Session, q: UsageQuery) -> dict[str, Any]:
+    """The /api/inference/usage answer for ``q``."""
+    return compute_usage(session, q).to_dict(q)
+
+
+def usage_report_raw(session: Session, q: UsageQuery) -> dict[str, Any]:
+    """The same answer computed from raw rows only."""
+    return compute_usage_raw(session, q).to_dict(q)
+
+
+__all__ = [
+    "LEVELS",
+    "Usage",
+    "UsageQuery",
+    "apply_rollup",
+    "compute_usage",
+    "compute_usage_raw",
+    "usage_report",
+    "usage_report_raw",
+]

@@ -1,0 +1,203 @@
+"""The call recorder: rows reach the database exactly once, through outages and crashes."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
+
+from claude_headspace.db import _sqlite_pragmas, normalise_url
+from claude_headspace.inference.recorder import CallRecord, CallRecorder, new_request_id
+from claude_headspace.inference.usage import apply_rollup
+from claude_headspace.models import InferenceCall, UsageRollup
+
+
+def make_record(i: int = 0, **changes: object) -> CallRecord:
+    values: dict[str, object] = {
+        "request_id": new_request_id(),
+        "timestamp": datetime(2026, 11, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=i),
+        "level": "turn",
+        "purpose": "summarise turn",
+        "model": "anthropic/claude-haiku-4.5",
+        "status": "ok",
+        "input_hash": f"{i:064x}",
+        "input_tokens": 10 + i,
+        "output_tokens": 5,
+        "result_text": f"answer {i} — ünïcode",
+        "latency_ms": 3,
+        "cost_usd": Decimal("0.000035"),
+        "attempts": 1,
+    }
+    values.update(changes)
+    return CallRecord(**values)  # type: ignore[arg-type]
+
+
+def sessions_for(url: str) -> sessionmaker:  # type: ignore[type-arg]
+    # No pool, so a database moved away is really gone; SQLite gets the app's pragmas
+    # (foreign keys on) as in production.
+    engine = create_engine(normalise_url(url), poolclass=NullPool)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def count_rows(url: str) -> int:
+    with sessions_for(url)() as session:
+        return int(session.scalar(select(func.count()).select_from(InferenceCall)) or 0)
+
+
+def rollup_calls(url: str) -> int:
+    with sessions_for(url)() as session:
+        return int(session.scalar(select(func.coalesce(func.sum(UsageRollup.calls), 0))) or 0)
+
+
+def recorder_for(url: str, spool: Path) -> CallRecorder:
+    return CallRecorder(sessions_for(url), spool, rollup=apply_rollup, batch_size=50).start()
+
+
+def test_records_reach_the_table_with_every_field(database_url: str, tmp_path: Path) -> None:
+    recorder = recorder_for(database_url, tmp_path / "spool")
+    records = [make_record(i) for i in range(120)]
+    for record in records:
+        recorder.record(record)
+    assert recorder.flush(timeout=30)
+    with sessions_for(database_url)() as session:
+        rows = {r.request_id: r for r in session.scalars(select(InferenceCall))}
+    assert len(rows) == 120
+    first = rows[records[0].request_id]
+    assert first.result_text == "answer 0 — ünïcode"
+    assert first.cost_usd == Decimal("0.000035")
+    assert first.timestamp == records[0].timestamp
+    assert rollup_calls(database_url) == 120
+    assert recorder.stats()["written"] == 120
+    assert recorder.close(timeout=5)
+    assert list((tmp_path / "spool").glob("calls-*.jsonl")) == []
+
+
+def test_outage_spools_then_catches_up_in_order(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from claude_headspace.config import DatabaseSettings
+    from claude_headspace.db import Database
+
+    database = Database(DatabaseSettings(url=sqlite_url))
+    database.upgrade()
+    database.dispose()  # checkpoints the WAL into the file we are about to move
+    db_file = Path(sqlite_url.removeprefix("sqlite:///"))
+    recorder = recorder_for(sqlite_url, tmp_path / "spool")
+    # The database goes away: the path now holds an empty database without our tables.
+    moved = tmp_path / "moved.db"
+    shutil.move(db_file, moved)
+    with caplog.at_level(logging.INFO, logger="claude_headspace.inference.recorder"):
+        records = [make_record(i) for i in range(30)]
+        for record in records:
+            recorder.record(record)
+        assert not recorder.flush(timeout=1.0)
+        stats = recorder.stats()
+        assert stats["state"] == "spooling"
+        assert stats["pending"] == 30
+        assert stats["write_failures"] >= 1
+        assert stats["oldest_pending"] == records[0].timestamp.isoformat()
+        assert stats["spool_bytes"] > 0
+        assert "no such table" in stats["last_error"]
+        # Back again.
+        for leftover in ("", "-wal", "-shm"):
+            Path(f"{db_file}{leftover}").unlink(missing_ok=True)
+        shutil.move(moved, db_file)
+        assert recorder.flush(timeout=30)
+    assert recorder.stats()["state"] == "ok"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    infos = [r for r in caplog.records if "every spooled call is written" in r.getMessage()]
+    assert len(errors) == 1 and "spooling" in errors[0].getMessage()
+    assert len(infos) == 1
+    with sessions_for(sqlite_url)() as session:
+        ids = list(session.scalars(select(InferenceCall.request_id).order_by(InferenceCall.id)))
+    assert ids == [r.request_id for r in records]
+    recorder.close()
+
+
+def test_journal_of_a_dead_process_is_replayed_once(database_url: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    recorder = recorder_for(database_url, spool)
+    written = [make_record(i) for i in range(10)]
+    for record in written:
+        recorder.record(record)
+    assert recorder.flush(timeout=30)
+    # A crash leaves a journal behind whose records are partly written already.
+    (journal,) = spool.glob("calls-*.jsonl")
+    crashed = spool / "calls-99999-crashed.jsonl"
+    shutil.copy(journal, crashed)
+    unwritten = [make_record(100 + i) for i in range(5)]
+    with crashed.open("a") as fh:
+        for record in unwritten:
+            fh.write(record.to_json() + "\n")
+        fh.write('{"request_id": "torn')  # the crash cut the last line short
+    recorder.close()
+
+    again = recorder_for(database_url, spool)
+    assert again.flush(timeout=30)
+    assert count_rows(database_url) == 15
+    assert rollup_calls(database_url) == 15
+    assert again.stats()["replayed"] == 15
+    assert not crashed.exists()
+    again.close()
+
+
+def test_a_journal_locked_by_a_live_recorder_is_not_replayed(
+    database_url: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    sick = recorder_for("sqlite:////nonexistent-dir/x.db", spool)
+    sick.record(make_record(1))
+    healthy = recorder_for(database_url, spool)
+    assert healthy.flush(timeout=10)
+    assert count_rows(database_url) == 0
+    healthy.close()
+    sick.close(timeout=0.5)
+
+
+def test_a_link_deleted_after_validation_is_recorded_without_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    with sessions_for(database_url)() as session:
+        session.execute(
+            text("INSERT INTO projects (id, name, created_at) VALUES (7, 'p', :t)"),
+            {"t": datetime(2026, 1, 1)},
+        )
+        session.commit()
+    recorder = recorder_for(database_url, tmp_path / "spool")
+    recorder.record(make_record(1, project_id=7))
+    recorder.record(make_record(2, project_id=8))  # deleted (never existed) by write time
+    assert recorder.flush(timeout=30)
+    with sessions_for(database_url)() as session:
+        links = sorted(
+            (r.input_tokens, r.project_id) for r in session.scalars(select(InferenceCall))
+        )
+    assert links == [(11, 7), (12, None)]
+    recorder.close()
+
+
+def test_a_record_after_close_is_journalled_for_the_next_start(
+    database_url: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    recorder = recorder_for(database_url, spool)
+    recorder.close()
+    recorder.record(make_record(1))
+    assert count_rows(database_url) == 0
+    again = recorder_for(database_url, spool)
+    assert again.flush(timeout=30)
+    assert count_rows(database_url) == 1
+    again.close()
+
+
+def test_record_roundtrips_through_json() -> None:
+    record = make_record(3, upstream_cost_usd=Decimal("0.1"), project_id=2, cached=True)
+    assert CallRecord.from_json(record.to_json()) == record

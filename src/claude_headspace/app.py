@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,17 @@ def create_app(
         database.upgrade()
     app.extensions["headspace.database"] = database
 
+    from .inference.service import InferenceService
+
+    spool = settings.inference.spool_path
+    spool_dir = Path(spool) if spool else Path(app.instance_path) / "call-log"
+    service = InferenceService.from_settings(settings, database, spool_dir=spool_dir)
+    service.start()
+    app.extensions["inference"] = service
+    # Flush the call log however the process ends normally (a weak reference: an app
+    # that is dropped, as tests do, does not stay alive for the exit hook's sake).
+    _close_at_exit(service)
+
     _register_error_handlers(app)
 
     from .api import register_blueprints
@@ -53,6 +66,17 @@ def create_app(
 
     register_commands(app)
     return app
+
+
+def _close_at_exit(service: Any) -> None:
+    ref = weakref.ref(service)
+
+    def close() -> None:
+        live = ref()
+        if live is not None:
+            live.close()
+
+    atexit.register(close)
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -7,3 +7,6 @@ from flask import Flask
 
 def register_blueprints(app: Flask) -> None:
     """Attach every blueprint to ``app``."""
+    from .inference import bp
+
+    app.register_blueprint(bp)

@@ -373,6 +373,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     state: _State
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client closing its keep-alive connection (or a test cutting it) is routine.
+        log.debug("emulator: connection from %s ended abruptly", client_address)
+
 
 class EmulatorServer:
     """The emulator on a loopback port, served from a background thread."""

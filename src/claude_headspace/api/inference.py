@@ -1,0 +1,298 @@
+"""GET /api/inference/status, GET /api/inference/usage and their OpenAPI document.
+
+Routes only read state: nothing here waits on OpenRouter beyond the health check's own
+short, shared, cached probe.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from ..config import LEVELS, Settings
+from ..inference.usage import UsageQuery, usage_report
+
+bp = Blueprint("inference_api", __name__, url_prefix="/api/inference")
+
+USAGE_PARAMS = ("since", "until", "level", "model", "project_id")
+
+
+class BadParameter(ValueError):
+    """A query parameter that cannot be used; the message names it."""
+
+
+def _error(status: int, message: str) -> Response:
+    response = jsonify({"error": message, "status": status})
+    response.status_code = status
+    return response
+
+
+@bp.before_request
+def _require_token() -> Response | None:
+    settings: Settings = current_app.extensions["headspace.settings"]
+    token = settings.api.token
+    if token is None or request.endpoint == "inference_api.openapi":
+        return None
+    header = request.headers.get("Authorization", "")
+    given = header[len("Bearer ") :] if header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        response = _error(401, "a valid 'Authorization: Bearer <api.token>' header is required")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return None
+
+
+@bp.get("/status")
+def status() -> Response:
+    """Service health, configuration and live statistics."""
+    return jsonify(current_app.extensions["inference"].status())
+
+
+def parse_time(name: str, raw: str) -> datetime:
+    """An ISO 8601 time; naive means UTC."""
+    text = raw.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadParameter(f"{name}: {raw!r:.60} is not an ISO 8601 date or time") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_usage_query(args: Any) -> UsageQuery:
+    """The usage query the request's parameters describe; BadParameter names a bad one."""
+    unknown = sorted(set(args) - set(USAGE_PARAMS))
+    if unknown:
+        raise BadParameter(f"{unknown[0]}: unknown parameter (known: {', '.join(USAGE_PARAMS)})")
+    for name in args:
+        if len(args.getlist(name)) > 1:
+            raise BadParameter(f"{name}: given more than once")
+    since = parse_time("since", args["since"]) if "since" in args else None
+    until = parse_time("until", args["until"]) if "until" in args else None
+    if since is not None and until is not None and since > until:
+        raise BadParameter("since: must not be later than until")
+    level = args.get("level")
+    if level is not None and level not in LEVELS:
+        raise BadParameter(f"level: must be one of {', '.join(LEVELS)}, got {level!r:.40}")
+    model = args.get("model")
+    if model is not None and not (0 < len(model) <= 200):
+        raise BadParameter("model: must be 1 to 200 characters")
+    project_id = None
+    if "project_id" in args:
+        raw = args["project_id"]
+        if not raw.isascii() or not raw.isdigit() or int(raw) <= 0 or len(raw) > 18:
+            raise BadParameter(f"project_id: must be a positive integer, got {raw!r:.40}")
+        project_id = int(raw)
+    return UsageQuery(since, until, level, model, project_id)
+
+
+@bp.get("/usage")
+def usage() -> Response:
+    """Calls, tokens, cost, cache hits, errors and latency over a window."""
+    try:
+        query = parse_usage_query(request.args)
+    except BadParameter as exc:
+        return _error(400, str(exc))
+    database = current_app.extensions["headspace.database"]
+    with database.sessions() as session:
+        return jsonify(usage_report(session, query))
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 document of these endpoints."""
+    return jsonify(openapi_document())
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.0 description of /status and /usage."""
+    number = {"type": "number"}
+    integer = {"type": "integer"}
+    nullable_int = {"type": "integer", "nullable": True}
+    counts = {"type": "object", "additionalProperties": integer}
+    money = {"type": "object", "additionalProperties": number}
+    latency = {
+        "type": "object",
+        "properties": {
+            k: {"type": "number", "nullable": True} for k in ("mean", "p50", "p90", "p99")
+        },
+    }
+    error = {
+        "type": "object",
+        "required": ["error", "status"],
+        "properties": {"error": {"type": "string"}, "status": integer},
+    }
+    status_schema = {
+        "type": "object",
+        "required": [
+            "enabled",
+            "state",
+            "openrouter",
+            "models",
+            "rate_limits",
+            "cache",
+            "call_log",
+        ],
+        "properties": {
+            "enabled": {"type": "boolean"},
+            "state": {"type": "string", "enum": ["healthy", "degraded", "disabled"]},
+            "reason": {"type": "string", "nullable": True},
+            "openrouter": {
+                "type": "object",
+                "required": ["reachable", "checked_at", "latency_ms", "error"],
+                "properties": {
+                    "reachable": {"type": "boolean"},
+                    "checked_at": {"type": "string", "format": "date-time", "nullable": True},
+                    "latency_ms": nullable_int,
+                    "error": {"type": "string", "nullable": True},
+                    "state": {"type": "string"},
+                    "base_url": {"type": "string"},
+                    "api_key_configured": {"type": "boolean"},
+                },
+            },
+            "models": {
+                "type": "object",
+                "required": list(LEVELS),
+                "properties": {level: {"type": "string"} for level in LEVELS},
+            },
+            "rate_limits": {
+                "type": "object",
+                "required": ["calls_per_minute", "tokens_per_minute", "max_wait_seconds"],
+                "properties": {
+                    "calls_per_minute": integer,
+                    "tokens_per_minute": integer,
+                    "max_wait_seconds": number,
+                    "window_seconds": number,
+                    "usage": {"type": "object"},
+                },
+            },
+            "cache": {
+                "type": "object",
+                "required": ["enabled", "ttl_seconds"],
+                "properties": {
+                    "enabled": {"type": "boolean"},
+                    "ttl_seconds": number,
+                    "max_entries": integer,
+                    "stats": {"type": "object"},
+                },
+            },
+            "retry": {"type": "object"},
+            "queue": {"type": "object"},
+            "call_log": {
+                "type": "object",
+                "required": ["state", "pending", "write_failures"],
+                "properties": {
+                    "state": {"type": "string", "enum": ["ok", "spooling"]},
+                    "pending": integer,
+                    "write_failures": integer,
+                    "last_error": {"type": "string", "nullable": True},
+                },
+            },
+        },
+    }
+    usage_schema = {
+        "type": "object",
+        "required": [
+            "total_calls",
+            "calls_by_level",
+            "calls_by_model",
+            "total_input_tokens",
+            "total_output_tokens",
+            "total_cost",
+            "cost_by_model",
+            "cost_by_level",
+            "cache_hits",
+            "errors",
+        ],
+        "properties": {
+            "window": {"type": "object"},
+            "filters": {"type": "object"},
+            "total_calls": integer,
+            "calls_by_level": counts,
+            "calls_by_model": counts,
+            "total_input_tokens": integer,
+            "total_output_tokens": integer,
+            "tokens_by_level": {"type": "object"},
+            "total_cost": number,
+            "cost_by_model": money,
+            "cost_by_level": money,
+            "upstream_reported_cost": number,
+            "cache_hits": integer,
+            "saved_cost": number,
+            "errors": integer,
+            "latency_ms": {"type": "object", "additionalProperties": latency},
+        },
+    }
+
+    def json_of(ref: str) -> dict[str, Any]:
+        return {"application/json": {"schema": {"$ref": ref}}}
+
+    responses_common = {
+        "401": {
+            "description": "api.token is set and the request lacks it",
+            "content": json_of("#/components/schemas/Error"),
+        },
+    }
+    time_param = {"type": "string", "format": "date-time"}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Claude Headspace inference API", "version": "1.0.0"},
+        "paths": {
+            "/api/inference/status": {
+                "get": {
+                    "summary": "Service health, configuration and live statistics",
+                    "operationId": "getStatus",
+                    "responses": {
+                        "200": {
+                            "description": "status",
+                            "content": json_of("#/components/schemas/Status"),
+                        },
+                        **responses_common,
+                    },
+                }
+            },
+            "/api/inference/usage": {
+                "get": {
+                    "summary": "Usage and cost over a window [since, until)",
+                    "operationId": "getUsage",
+                    "parameters": [
+                        {"name": "since", "in": "query", "schema": time_param},
+                        {"name": "until", "in": "query", "schema": time_param},
+                        {
+                            "name": "level",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": list(LEVELS)},
+                        },
+                        {
+                            "name": "model",
+                            "in": "query",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                        },
+                        {
+                            "name": "project_id",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "usage",
+                            "content": json_of("#/components/schemas/Usage"),
+                        },
+                        "400": {
+                            "description": "a bad parameter, named in error",
+                            "content": json_of("#/components/schemas/Error"),
+                        },
+                        **responses_common,
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {"Status": status_schema, "Usage": usage_schema, "Error": error},
+        },
+    }

@@ -37,7 +37,7 @@ def create_app(
         logsafe.protect(settings.api.token.get_secret_value())
 
     app = Flask(__name__, instance_path=str(Path.cwd() / "instance"))
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep answers in the order built
     app.extensions["headspace.settings"] = settings
 
     database = Database(settings.database)

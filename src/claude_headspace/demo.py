@@ -9,6 +9,7 @@ endpoints then say.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -60,6 +61,7 @@ def main() -> int:
         overrides["openrouter"] = {"base_url": emulator.base_url, "api_key": "sk-or-demo-emulator"}
         print(f"upstream: the bundled OpenRouter emulator at {emulator.base_url}")
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app = create_app(overrides=overrides)
     service = app.extensions["inference"]
     server = make_server("127.0.0.1", 0, app, threaded=True)

@@ -110,10 +110,74 @@ def infer_command(
     _echo_json(result.to_dict())
 
 
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(data, dict):
+        rows: list[tuple[str, str]] = []
+        for key, value in data.items():
+            rows += _flatten(
+                value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"
+            )
+        return rows
+    return [(prefix.rstrip("."), "-" if data is None else str(data))]
+
+
+@click.command("status")
+@click.option("--table", is_flag=True, help="A readable table instead of JSON.")
+@with_appcontext
+def status_command(table: bool) -> None:
+    """Print the service's status (as GET /api/inference/status)."""
+    service = current_app.extensions["inference"]
+    data = service.status()
+    service.close()
+    click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
+
+
+@click.command("usage")
+@click.option("--since", default=None, help="ISO 8601 start (inclusive)")
+@click.option("--until", default=None, help="ISO 8601 end (exclusive)")
+@click.option("--level", default=None)
+@click.option("--model", default=None)
+@click.option("--project-id", default=None)
+@click.option("--table", is_flag=True, help="A readable table instead of JSON.")
+@with_appcontext
+def usage_command(
+    since: str | None,
+    until: str | None,
+    level: str | None,
+    model: str | None,
+    project_id: str | None,
+    table: bool,
+) -> None:
+    """Print usage and cost (as GET /api/inference/usage, with the same options)."""
+    from werkzeug.datastructures import MultiDict
+
+    from .api.inference import BadParameter, parse_usage_query
+    from .inference.usage import usage_report
+
+    given = {"since": since, "until": until, "level": level, "model": model,
+             "project_id": project_id}  # fmt: skip
+    try:
+        query = parse_usage_query(MultiDict({k: v for k, v in given.items() if v is not None}))
+    except BadParameter as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    current_app.extensions["inference"].close()
+    with _database().sessions() as session:
+        data = usage_report(session, query)
+    click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
+
+
 def register_commands(app: Flask) -> None:
     """Install the app's commands on ``app.cli``."""
     app.cli.add_command(db_group)
     app.cli.add_command(infer_command)
+    app.cli.add_command(status_command)
+    app.cli.add_command(usage_command)
 
 
 def _create_app_for_cli() -> Flask:

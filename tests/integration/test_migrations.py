@@ -53,7 +53,7 @@ def test_upgrade_creates_every_table_column_and_index(empty_db: Database) -> Non
     assert current_revision(empty_db.engine) == head_revision()
     inspector = inspect(empty_db.engine)
     tables = set(inspector.get_table_names())
-    assert DOMAIN_TABLES | {"inference_calls", "inference_usage_hourly"} <= tables
+    assert DOMAIN_TABLES | {"inference_calls", "inference_usage_rollup"} <= tables
     columns = {c["name"] for c in inspector.get_columns("inference_calls")}
     assert columns >= INFERENCE_CALL_COLUMNS
     indexes = indexed_columns(empty_db, "inference_calls")

@@ -55,7 +55,8 @@ def count_rows(url: str) -> int:
 
 def rollup_calls(url: str) -> int:
     with sessions_for(url)() as session:
-        return int(session.scalar(select(func.coalesce(func.sum(UsageRollup.calls), 0))) or 0)
+        total = func.coalesce(func.sum(UsageRollup.calls), 0)
+        return int(session.scalar(select(total).where(UsageRollup.span == "hour")) or 0)
 
 
 def recorder_for(url: str, spool: Path) -> CallRecorder:

@@ -1,8 +1,10 @@
 """Usage aggregates: the hourly rollup kept beside the call log, and the queries behind
 /api/inference/usage.
 
-Whole hours inside a window are read from ``inference_usage_hourly`` (a few rows per hour);
-the partial hours at its edges from an indexed range of raw rows. The rollup is written in
+Every call is counted in ``inference_usage_rollup`` twice: in its hour and in its day. Whole
+days inside a window are read from day rows, the whole hours at its edges from hour rows,
+and the partial hours at its very edges from an indexed range of raw rows, so a window of
+any length reads a few hundred rollup rows. The rollup is written in
 the same transaction as the rows it sums, so both always agree, exactly:
 
 - counts, tokens and latency sums are integers;
@@ -42,6 +44,8 @@ _INT_FIELDS = (
     *HIST,
 )  # fmt: skip
 _HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
+SPANS = ("hour", "day")
 
 
 def latency_bucket(latency_ms: int) -> int:
@@ -52,6 +56,16 @@ def latency_bucket(latency_ms: int) -> int:
 def hour_floor(moment: datetime) -> datetime:
     """The start of the hour ``moment`` falls in."""
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def day_floor(moment: datetime) -> datetime:
+    """The start of the (UTC) day ``moment`` falls in."""
+    return hour_floor(moment).replace(hour=0)
+
+
+def _ceil(moment: datetime, floor: Any, step: timedelta) -> datetime:
+    start: datetime = floor(moment)
+    return start if start == moment else start + step
 
 
 # --------------------------------------------------------------------------- writing
@@ -83,11 +97,18 @@ class _Sums:
                 self.money[name] += Decimal(value)
 
 
-def _buckets(calls: Sequence[InferenceCall]) -> dict[tuple[datetime, str, str, int], _Sums]:
-    buckets: dict[tuple[datetime, str, str, int], _Sums] = {}
+_Key = tuple[str, datetime, str, str, int]
+
+
+def _buckets(calls: Sequence[InferenceCall]) -> dict[_Key, _Sums]:
+    buckets: dict[_Key, _Sums] = {}
     for call in calls:
-        key = (hour_floor(call.timestamp), call.level, call.model, call.project_id or 0)
-        buckets.setdefault(key, _Sums()).add(call)
+        project = call.project_id or 0
+        for key in (
+            ("hour", hour_floor(call.timestamp), call.level, call.model, project),
+            ("day", day_floor(call.timestamp), call.level, call.model, project),
+        ):
+            buckets.setdefault(key, _Sums()).add(call)
     return buckets
 
 
@@ -103,10 +124,10 @@ def apply_rollup(session: Session, calls: Sequence[InferenceCall]) -> None:
         _upsert_in_python(session, buckets)
 
 
-def _values(key: tuple[datetime, str, str, int], sums: _Sums) -> dict[str, Any]:
-    hour, level, model, project_key = key
-    return {"hour": hour, "level": level, "model": model, "project_key": project_key,
-            **sums.ints, **sums.money}  # fmt: skip
+def _values(key: _Key, sums: _Sums) -> dict[str, Any]:
+    span, start, level, model, project_key = key
+    return {"span": span, "bucket_start": start, "level": level, "model": model,
+            "project_key": project_key, **sums.ints, **sums.money}  # fmt: skip
 
 
 def _upsert_postgresql(session: Session, buckets: dict[Any, _Sums]) -> None:
@@ -114,7 +135,7 @@ def _upsert_postgresql(session: Session, buckets: dict[Any, _Sums]) -> None:
     for key, sums in sorted(buckets.items()):  # a fixed order: no deadlocks between writers
         stmt = postgresql.insert(table).values(_values(key, sums))
         stmt = stmt.on_conflict_do_update(
-            index_elements=["hour", "level", "model", "project_key"],
+            index_elements=["span", "bucket_start", "level", "model", "project_key"],
             set_={
                 name: table.c[name] + stmt.excluded[name] for name in (*_INT_FIELDS, *_MONEY_FIELDS)
             },
@@ -127,10 +148,11 @@ def _upsert_in_python(session: Session, buckets: dict[Any, _Sums]) -> None:
     # flushed first), so read-modify-write is safe, and Decimal arithmetic keeps it exact.
     table: Table = typing_cast(Table, UsageRollup.__table__)
     for key, sums in sorted(buckets.items()):
-        hour, level, model, project_key = key
+        span, start, level, model, project_key = key
         row = session.scalars(
             select(UsageRollup).where(
-                UsageRollup.hour == hour,
+                UsageRollup.span == span,
+                UsageRollup.bucket_start == start,
                 UsageRollup.level == level,
                 UsageRollup.model == model,
                 UsageRollup.project_key == project_key,
@@ -275,14 +297,19 @@ def _merge_rows(session: Session, usage: Usage, rows: Any) -> None:
 
 
 def _from_rollup(
-    session: Session, usage: Usage, q: UsageQuery, start: datetime | None, end: datetime | None
+    session: Session,
+    usage: Usage,
+    q: UsageQuery,
+    span: str,
+    start: datetime | None,
+    end: datetime | None,
 ) -> None:
     r = UsageRollup
-    conditions = []
+    conditions = [r.span == span]
     if start is not None:
-        conditions.append(r.hour >= start)
+        conditions.append(r.bucket_start >= start)
     if end is not None:
-        conditions.append(r.hour < end)
+        conditions.append(r.bucket_start < end)
     if q.level is not None:
         conditions.append(r.level == q.level)
     if q.model is not None:
@@ -334,23 +361,30 @@ def _from_raw(
 
 
 def compute_usage(session: Session, q: UsageQuery) -> Usage:
-    """Aggregates for the window: whole hours from the rollup, the edges from raw rows."""
+    """Aggregates for the window: whole days and hours from the rollup, the rest raw."""
     usage = Usage()
     since, until = q.since, q.until
-    full_start = None
-    if since is not None:
-        full_start = hour_floor(since)
-        if full_start != since:
-            full_start += _HOUR
-    full_end = None if until is None else hour_floor(until)
-    if full_start is not None and full_end is not None and full_start >= full_end:
-        _from_raw(session, usage, q, since, until)  # the window lies within one or two hours
+    # [h0, h1): the whole hours inside the window (None: unbounded on that side).
+    h0 = None if since is None else _ceil(since, hour_floor, _HOUR)
+    h1 = None if until is None else hour_floor(until)
+    if h0 is not None and h1 is not None and h0 >= h1:
+        _from_raw(session, usage, q, since, until)  # the window lies within an hour or two
         return usage
-    _from_rollup(session, usage, q, full_start, full_end)
-    if since is not None and full_start is not None and since < full_start:
-        _from_raw(session, usage, q, since, full_start)
-    if until is not None and full_end is not None and full_end < until:
-        _from_raw(session, usage, q, full_end, until)
+    # [d0, d1): the whole days inside those hours.
+    d0 = None if h0 is None else _ceil(h0, day_floor, _DAY)
+    d1 = None if h1 is None else day_floor(h1)
+    if d0 is not None and d1 is not None and d0 >= d1:
+        _from_rollup(session, usage, q, "hour", h0, h1)
+    else:
+        _from_rollup(session, usage, q, "day", d0, d1)
+        if h0 is not None and d0 is not None and h0 < d0:
+            _from_rollup(session, usage, q, "hour", h0, d0)
+        if h1 is not None and d1 is not None and d1 < h1:
+            _from_rollup(session, usage, q, "hour", d1, h1)
+    if since is not None and h0 is not None and since < h0:
+        _from_raw(session, usage, q, since, h0)
+    if until is not None and h1 is not None and h1 < until:
+        _from_raw(session, usage, q, h1, until)
     return usage
 
 

@@ -80,13 +80,15 @@ LATENCY_BUCKETS_MS: tuple[int, ...] = (
 
 
 class UsageRollup(Base):
-    """Hourly sums of inference_calls per level, model and project, kept in the same
-    transaction as the rows they sum, so usage over any window reads a few rows."""
+    """Sums of inference_calls per hour and per day, level, model and project, kept in the
+    same transaction as the rows they sum, so usage over any window reads a few rows."""
 
-    __tablename__ = "inference_usage_hourly"
+    __tablename__ = "inference_usage_rollup"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    hour: Mapped[datetime] = mapped_column(UTCDateTime())
+    # "hour" or "day": every call is counted once in each span.
+    span: Mapped[str] = mapped_column(String(8))
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime())
     level: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(200))
     # 0 stands for "no project": a unique key cannot rely on NULL equality.
@@ -119,6 +121,12 @@ class UsageRollup(Base):
     lat_13: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (
-        UniqueConstraint("hour", "level", "model", "project_key"),
-        Index("ix_inference_usage_hourly_hour", "hour"),
+        UniqueConstraint(
+            "span",
+            "bucket_start",
+            "level",
+            "model",
+            "project_key",
+            name="uq_inference_usage_rollup_bucket",
+        ),
     )

@@ -18,14 +18,15 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table(
-        "inference_usage_hourly",
+        "inference_usage_rollup",
         sa.Column(
             "id",
             sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
             autoincrement=True,
             nullable=False,
         ),
-        sa.Column("hour", sa.DateTime(), nullable=False),
+        sa.Column("span", sa.String(length=8), nullable=False),
+        sa.Column("bucket_start", sa.DateTime(), nullable=False),
         sa.Column("level", sa.String(length=16), nullable=False),
         sa.Column("model", sa.String(length=200), nullable=False),
         sa.Column("project_key", sa.Integer(), nullable=False),
@@ -52,17 +53,17 @@ def upgrade() -> None:
         sa.Column("lat_11", sa.BigInteger(), nullable=False),
         sa.Column("lat_12", sa.BigInteger(), nullable=False),
         sa.Column("lat_13", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_inference_usage_hourly")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_inference_usage_rollup")),
+        # Also the index of every usage query: span, then a range of bucket_start.
         sa.UniqueConstraint(
-            "hour",
+            "span",
+            "bucket_start",
             "level",
             "model",
             "project_key",
-            name=op.f("uq_inference_usage_hourly_hour_level_model_project_key"),
+            name="uq_inference_usage_rollup_bucket",
         ),
     )
-    with op.batch_alter_table("inference_usage_hourly", schema=None) as batch_op:
-        batch_op.create_index("ix_inference_usage_hourly_hour", ["hour"], unique=False)
 
     op.create_table(
         "objectives",
@@ -245,7 +246,4 @@ def downgrade() -> None:
     op.drop_table("agents")
     op.drop_table("projects")
     op.drop_table("objectives")
-    with op.batch_alter_table("inference_usage_hourly", schema=None) as batch_op:
-        batch_op.drop_index("ix_inference_usage_hourly_hour")
-
-    op.drop_table("inference_usage_hourly")
+    op.drop_table("inference_usage_rollup")

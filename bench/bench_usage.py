@@ -1,0 +1,197 @@
+"""/api/inference/usage at a million calls and more, on PostgreSQL: rollup vs raw aggregates.
+
+    .venv/bin/python bench/bench_usage.py --rows 1000000 3000000
+
+Fills a fresh database (dropped afterwards) with call rows spread over 90 days, builds the
+hourly rollup with one INSERT ... SELECT (checked against the incremental path's answers),
+then times GET /api/inference/usage over all time through the Flask test client and the same
+numbers computed from raw rows only. Prints medians and ratios; --json prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from claude_headspace.db import normalise_url
+from claude_headspace.models.inference_call import LATENCY_BUCKETS_MS
+
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DAYS = 90
+
+
+def fill(engine: Engine, start: int, stop: int, total: int) -> None:
+    """Rows start..stop-1 of ``total``, spread evenly over DAYS days, generated in the server."""
+    seconds_per_row = DAYS * 86400 / total
+    with engine.begin() as conn:
+        conn.execute(
+            text("""
+            INSERT INTO inference_calls (request_id, timestamp, level, purpose, model, status,
+                input_tokens, output_tokens, input_hash, latency_ms, cost_usd, saved_cost_usd,
+                upstream_cost_usd, cached, attempts, project_id)
+            SELECT md5('row' || g),
+                timestamp '2026-08-01' + g * CAST(:spr AS double precision) * interval '1 second',
+                (array['turn','task','project','objective'])[1 + g % 4], 'bench',
+                CASE WHEN g % 4 < 2 THEN 'anthropic/claude-haiku-4.5'
+                     ELSE 'anthropic/claude-sonnet-4.5' END,
+                CASE WHEN g % 10 = 0 THEN 'cached' WHEN g % 37 = 0 THEN 'error' ELSE 'ok' END,
+                100 + g % 900, 20 + g % 300, md5('in' || (g % 5000)), 20 + g % 3000,
+                CASE WHEN g % 10 = 0 THEN 0 WHEN g % 37 = 0 THEN NULL
+                     ELSE (100 + g % 900) * 0.000001 + (20 + g % 300) * 0.000005 END,
+                CASE WHEN g % 10 = 0 THEN 0.0004 END,
+                CASE WHEN g % 10 <> 0 AND g % 37 <> 0 THEN 0.0003 END,
+                g % 10 = 0, 1, NULL
+            FROM generate_series(CAST(:a AS bigint), CAST(:b AS bigint)) AS g
+            """),
+            {"spr": seconds_per_row, "a": start, "b": stop - 1},
+        )
+
+
+def build_rollup(engine: Engine) -> None:
+    """The rollup of every row, one statement a span (what apply_rollup keeps call by call)."""
+    lower = [None, *LATENCY_BUCKETS_MS]
+    upper = [*LATENCY_BUCKETS_MS, None]
+    buckets = []
+    for lo, hi in zip(lower, upper, strict=True):
+        cond = " AND ".join(
+            c for c in (f"latency_ms > {lo}" if lo is not None else "",
+                        f"latency_ms <= {hi}" if hi is not None else "") if c
+        )  # fmt: skip
+        buckets.append(f"sum(CASE WHEN {cond} THEN 1 ELSE 0 END)")
+    hist_cols = ", ".join(f"lat_{i:02d}" for i in range(len(buckets)))
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE inference_usage_rollup"))
+        for span in ("hour", "day"):
+            conn.execute(
+                text(f"""
+                INSERT INTO inference_usage_rollup (span, bucket_start, level, model,
+                    project_key, calls, cached_calls, error_calls, input_tokens, output_tokens,
+                    cost_usd, saved_cost_usd, upstream_cost_usd, latency_ms_sum, {hist_cols})
+                SELECT '{span}', date_trunc('{span}', timestamp), level, model,
+                    coalesce(project_id, 0), count(*),
+                    sum(CASE WHEN status = 'cached' THEN 1 ELSE 0 END),
+                    sum(CASE WHEN status NOT IN ('ok', 'cached') THEN 1 ELSE 0 END),
+                    sum(CASE WHEN status <> 'cached' THEN input_tokens ELSE 0 END),
+                    sum(CASE WHEN status <> 'cached' THEN output_tokens ELSE 0 END),
+                    coalesce(sum(cost_usd), 0), coalesce(sum(saved_cost_usd), 0),
+                    coalesce(sum(upstream_cost_usd), 0), sum(latency_ms), {", ".join(buckets)}
+                FROM inference_calls GROUP BY 2, 3, 4, 5
+                """)
+            )
+        conn.execute(text("ANALYZE"))
+
+
+def median_ms(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 3_000_000])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from claude_headspace import create_app
+    from claude_headspace.inference.usage import UsageQuery, compute_usage, compute_usage_raw
+
+    base = make_url(normalise_url(PG_URL))
+    name = f"hs_bench_usage_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    results: dict[str, Any] = {"rows": {}}
+    try:
+        with tempfile.TemporaryDirectory() as spool:
+            app = create_app(
+                overrides={
+                    "database": {"url": url, "auto_migrate": True},
+                    "openrouter": {"api_key": None},
+                    "inference": {"spool_path": spool},
+                }
+            )
+            client = app.test_client()
+            database = app.extensions["headspace.database"]
+            engine = database.engine
+            for total in sorted(args.rows):
+                # Each size starts from an empty table, so its rows cover the same DAYS days.
+                with engine.begin() as conn:
+                    conn.execute(text("TRUNCATE inference_calls"))
+                fill(engine, 1, total + 1, total)
+                build_rollup(engine)
+                with database.sessions() as session:
+                    day = UsageQuery(
+                        since=datetime.fromisoformat("2026-09-01T10:17:00+00:00"),
+                        until=datetime.fromisoformat("2026-09-02T13:45:00+00:00"),
+                    )
+                    same = (
+                        compute_usage(session, day).comparable()
+                        == compute_usage_raw(session, day).comparable()
+                    )
+                    rollup_rows = session.execute(
+                        text("SELECT count(*) FROM inference_usage_rollup")
+                    ).scalar()
+                client.get("/api/inference/usage")  # warm
+                usage_ms = median_ms(lambda: client.get("/api/inference/usage").json, 50)
+
+                def raw() -> None:
+                    with database.sessions() as session:
+                        compute_usage_raw(session, UsageQuery()).to_dict(UsageQuery())
+
+                raw_ms = median_ms(raw, 5)
+                with database.sessions() as session:
+                    agree = (
+                        compute_usage(session, UsageQuery()).comparable()
+                        == compute_usage_raw(session, UsageQuery()).comparable()
+                    )
+                results["rows"][str(total)] = {
+                    "usage_endpoint_median_ms": round(usage_ms, 2),
+                    "raw_aggregates_median_ms": round(raw_ms, 1),
+                    "speedup": round(raw_ms / usage_ms, 1),
+                    "rollup_rows": rollup_rows,
+                    "rollup_equals_raw_all_time": agree,
+                    "rollup_equals_raw_partial_window": same,
+                }
+                if not args.json:
+                    print(
+                        f"{total:>9} rows: /usage {usage_ms:6.2f} ms (median of 50), raw "
+                        f"aggregates {raw_ms:8.1f} ms (median of 5), {raw_ms / usage_ms:6.1f}x; "
+                        f"rollup rows {rollup_rows}; equal: {agree and same}",
+                        flush=True,
+                    )
+            app.extensions["inference"].close()
+            database.dispose()
+        sizes = sorted(results["rows"], key=int)
+        if len(sizes) > 1:
+            first, last = results["rows"][sizes[0]], results["rows"][sizes[-1]]
+            results["growth"] = round(
+                last["usage_endpoint_median_ms"] / first["usage_endpoint_median_ms"], 2
+            )
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+    print(json.dumps(results) if args.json else f"growth {results.get('growth')}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Several real processes sharing one Redis and one PostgreSQL database: one budget,
+one cache, one upstream call per identical request, one row per call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from claude_headspace.db import normalise_url
+
+PROCESSES = 4
+CHAT = "/api/v1/chat/completions"
+WORKER = Path(__file__).with_name("mp_worker.py")
+
+
+def run_workers(
+    config: Path, plans: list[list[dict[str, Any]]], start_in: float = 4.0
+) -> list[dict[str, Any]]:
+    start_at = time.time() + start_in
+    env = {**os.environ, "HEADSPACE_CONFIG": str(config)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(i), str(start_at), json.dumps(plan)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for i, plan in enumerate(plans)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.slow
+def test_processes_share_one_budget_one_cache_and_one_log(
+    migrated_postgres_url: str, redis_server_url: str, redis_prefix: str, emulator: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    window = 2.0
+    limit = 5
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "database": {"url": migrated_postgres_url},
+                "redis": {"url": redis_server_url, "key_prefix": redis_prefix},
+                "openrouter": {
+                    "base_url": emulator.base_url,
+                    "api_key": "sk-or-multiprocess",
+                    "rate_limits": {
+                        "calls_per_minute": limit,
+                        "tokens_per_minute": 1_000_000,
+                        "window_seconds": window,
+                        "max_wait_seconds": 60,
+                    },
+                    "retry": {"base_delay_seconds": 0, "max_delay_seconds": 0},
+                },
+                "inference": {"spool_path": str(tmp_path / "spool"), "workers": 4},
+            }
+        )
+    )
+    emulator.set_latency(200)
+    # Phase 1 (t=0): 4 processes x 4 distinct inputs = 16 calls against 5 per 2 s.
+    # Phase 2 (t=12): process 0 asks "shared-1"; phase 3 (t=16): everyone asks it again.
+    # Phase 4 (t=18): everyone asks "together" at the same moment.
+    plans = []
+    for i in range(PROCESSES):
+        plan: list[dict[str, Any]] = [{"at": 0, "inputs": [f"p{i}-call{j}" for j in range(4)]}]
+        if i == 0:
+            plan.append({"at": 12, "inputs": ["shared-1"]})
+        plan.append({"at": 16, "inputs": ["shared-1"]})
+        plan.append({"at": 18, "inputs": ["together"]})
+        plans.append(plan)
+    results = run_workers(config, plans)
+
+    calls = [c for r in results for c in r["calls"]]
+    assert all(c["ok"] for c in calls), calls
+    assert len(calls) == 16 + 1 + 4 + 4
+
+    chat = [r for r in emulator.requests if r.path == CHAT]
+    inputs = [r.body["messages"][-1]["content"] for r in chat]
+    # One budget: never more than `limit` upstream calls in any window (a 100 ms margin
+    # for the gap between admission and arrival).
+    times = sorted(r.received_at for r in chat)
+    for i, t in enumerate(times):
+        in_window = sum(1 for u in times[i:] if u < t + window - 0.1)
+        assert in_window <= limit, (in_window, times)
+    # One cache: the entry process 0 wrote is a hit in every other process.
+    shared = [c for c in calls if c["input"] == "shared-1"]
+    assert inputs.count("shared-1") == 1
+    assert sum(c["cached"] for c in shared) == 4
+    # One upstream call for an identical request made by every process at once.
+    assert inputs.count("together") == 1
+    together = [c for c in calls if c["input"] == "together"]
+    assert sum(not c["cached"] for c in together) == 1
+    # One row per call, no more, no less.
+    engine = create_engine(normalise_url(migrated_postgres_url), poolclass=NullPool)
+    with engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(text("SELECT request_id FROM inference_calls"))]
+        rollup = conn.execute(
+            text("SELECT sum(calls) FROM inference_usage_rollup WHERE span = 'day'")
+        ).scalar()
+    engine.dispose()
+    assert sorted(ids) == sorted(c["id"] for c in calls)
+    assert rollup == len(calls)

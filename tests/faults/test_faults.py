@@ -332,10 +332,15 @@ def test_burst_of_2000_submits_over_limiter_and_queue(
     assert resolved + refused == 2000
     assert resolved > 1000
     assert rows == 2000  # the refusals are logged too
-    # First come, first served: each call goes upstream within a few places of its turn.
-    displacement = max(abs(pos - rank) for pos, rank in enumerate(sorted(order).index(o)
-                       for o in order))  # fmt: skip
-    assert displacement <= 16
+    # First come, first served: the limiter admits waiters in the order they ask (its unit
+    # tests check that exactly); here 8 workers race from the queue to the limiter, so a call
+    # may go a few places early or late, but none is overtaken by hundreds (LIFO or an
+    # unfair lock would be).
+    ranks = {value: rank for rank, value in enumerate(sorted(order))}
+    shifts = [abs(position - ranks[value]) for position, value in enumerate(order)]
+    report("burst order", max_displacement=max(shifts), mean=round(sum(shifts) / len(shifts), 2))
+    assert max(shifts) <= 8 * 8
+    assert sum(shifts) / len(shifts) <= 8
 
 
 @pytest.fixture(autouse=True)

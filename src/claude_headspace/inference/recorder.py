@@ -20,13 +20,13 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,7 +34,7 @@ from ..models import Agent, Command, InferenceCall, Project, Turn
 
 log = logging.getLogger(__name__)
 
-RollupFn = Callable[[Session, Sequence[InferenceCall]], None]
+RollupFn = Callable[[Session, Sequence[Any]], None]
 
 _SEGMENT_RECORDS = 2000  # journal records per file before a new file is started
 _BACKOFF_START = 0.2
@@ -74,7 +74,7 @@ class CallRecord:
 
     def to_json(self) -> str:
         """One journal line (no newline)."""
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["timestamp"] = self.timestamp.isoformat()
         for name in ("cost_usd", "upstream_cost_usd", "saved_cost_usd"):
             if data[name] is not None:
@@ -94,7 +94,14 @@ class CallRecord:
 
     def to_row(self) -> InferenceCall:
         """A new ORM row with these values."""
-        return InferenceCall(**{f.name: getattr(self, f.name) for f in fields(self)})
+        return InferenceCall(**self.values())
+
+    def values(self) -> dict[str, Any]:
+        """Column name -> value."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
+
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
 
 
 def new_request_id() -> str:
@@ -173,11 +180,15 @@ class CallRecorder:
         *,
         rollup: RollupFn,
         batch_size: int = 200,
+        linger_seconds: float = 0.05,
     ) -> None:
         self._sessions = sessions
         self._dir = spool_dir
         self._rollup = rollup
         self._batch_size = batch_size
+        self._linger = linger_seconds
+        # Set when waiting to fill a batch is pointless: a flush, a close, a full batch.
+        self._hurry = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
@@ -228,6 +239,7 @@ class CallRecorder:
         drained = self.flush(timeout)
         with self._lock:
             self._stopping = True
+        self._hurry.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=max(timeout, 1.0))
@@ -269,6 +281,8 @@ class CallRecorder:
             segment.records += 1
             segment.last_seq = self._seq
             self._pending.append(_Pending(self._seq, record))
+            if len(self._pending) >= self._batch_size:
+                self._hurry.set()
             if segment.records >= _SEGMENT_RECORDS:
                 self._closed_segments.append(segment)
                 self._segment = _Segment.create(self._dir)
@@ -276,6 +290,7 @@ class CallRecorder:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is in the database; False on timeout."""
+        self._hurry.set()
         self._wake.set()
         with self._idle:
             return self._idle.wait_for(lambda: not self._pending and not self._busy, timeout)
@@ -313,6 +328,10 @@ class CallRecorder:
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
+            # Let a batch gather: one transaction for many rows costs the callers' threads
+            # (which share the GIL with this one) far less than one per row.
+            if self._pending and self._hurry.wait(timeout=self._linger):
+                self._hurry.clear()
             while True:
                 with self._lock:
                     batch = [
@@ -336,6 +355,10 @@ class CallRecorder:
                     continue
                 backoff = _BACKOFF_START
                 self._committed(batch)
+                with self._lock:
+                    more_than_a_batch = len(self._pending) >= self._batch_size
+                if not (more_than_a_batch or self._hurry.is_set() or stopping):
+                    break  # gather the next batch during the linger
             with self._idle:
                 self._busy = False
                 self._idle.notify_all()
@@ -367,10 +390,9 @@ class CallRecorder:
 
     def _insert(self, records: Sequence[CallRecord]) -> None:
         with self._sessions() as session:
-            rows = [r.to_row() for r in records]
-            session.add_all(rows)
-            session.flush()
-            self._rollup(session, rows)
+            # Core executemany: the ORM's unit of work costs more than the rows need.
+            session.execute(insert(InferenceCall), [r.values() for r in records])
+            self._rollup(session, records)
             session.commit()
 
     def _insert_one(self, record: CallRecord) -> None:

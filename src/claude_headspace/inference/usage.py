@@ -78,7 +78,7 @@ class _Sums:
         default_factory=lambda: dict.fromkeys(_MONEY_FIELDS, Decimal(0))
     )
 
-    def add(self, call: InferenceCall) -> None:
+    def add(self, call: Any) -> None:
         ints = self.ints
         ints["calls"] += 1
         if call.status == "cached":
@@ -100,7 +100,7 @@ class _Sums:
 _Key = tuple[str, datetime, str, str, int]
 
 
-def _buckets(calls: Sequence[InferenceCall]) -> dict[_Key, _Sums]:
+def _buckets(calls: Sequence[Any]) -> dict[_Key, _Sums]:
     buckets: dict[_Key, _Sums] = {}
     for call in calls:
         project = call.project_id or 0
@@ -112,8 +112,9 @@ def _buckets(calls: Sequence[InferenceCall]) -> dict[_Key, _Sums]:
     return buckets
 
 
-def apply_rollup(session: Session, calls: Sequence[InferenceCall]) -> None:
-    """Fold ``calls`` into the hourly rollup, in the caller's transaction."""
+def apply_rollup(session: Session, calls: Sequence[Any]) -> None:
+    """Fold ``calls`` (InferenceCall rows or call records) into the rollup, in the caller's
+    transaction."""
     buckets = _buckets(calls)
     if not buckets:
         return

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..models import Agent, Command, InferenceCall, Project, Turn
@@ -100,8 +100,16 @@ class CallRecord:
         """Column name -> value."""
         return {name: getattr(self, name) for name in _FIELD_NAMES}
 
+    def copy_row(self) -> tuple[Any, ...]:
+        """The values in _FIELD_NAMES order, timestamps as naive UTC (as the column stores)."""
+        values = [getattr(self, name) for name in _FIELD_NAMES]
+        values[_TIMESTAMP] = self.timestamp.astimezone(UTC).replace(tzinfo=None)
+        return tuple(values)
+
 
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
+_TIMESTAMP = _FIELD_NAMES.index("timestamp")
+_COPY_SQL = f"COPY inference_calls ({', '.join(_FIELD_NAMES)}) FROM STDIN"
 
 
 def new_request_id() -> str:
@@ -344,7 +352,7 @@ class CallRecorder:
                 try:
                     self._fsync()
                     self._write(batch)
-                except (DBAPIError, SQLAlchemyError, OSError) as exc:
+                except Exception as exc:  # the writer must outlive any failure; it retries
                     self._busy = False
                     self._failed(exc)
                     if stopping:
@@ -382,16 +390,28 @@ class CallRecorder:
             return
         try:
             self._insert(records)
-        except IntegrityError:
-            # One bad row (a duplicate, or a link deleted since validation) must not block
-            # the batch: write them one by one, repairing what can be repaired.
+        except (IntegrityError, DataError):
+            # One bad row (a duplicate, a link deleted since validation, a value the
+            # database refuses) must not block the batch: one by one, repairing what can be.
             for record in records:
                 self._insert_one(record)
 
     def _insert(self, records: Sequence[CallRecord]) -> None:
         with self._sessions() as session:
-            # Core executemany: the ORM's unit of work costs more than the rows need.
-            session.execute(insert(InferenceCall), [r.values() for r in records])
+            connection = session.connection()
+            if connection.dialect.name == "postgresql":
+                # COPY: the cheapest way to hand PostgreSQL many rows, and cheap in CPU,
+                # which this thread shares with the callers.
+                driver = connection.connection.driver_connection
+                try:
+                    with driver.cursor() as cursor, cursor.copy(_COPY_SQL) as copy:  # type: ignore[union-attr]
+                        for record in records:
+                            copy.write_row(record.copy_row())
+                except driver.Error as exc:  # type: ignore[union-attr]
+                    # Translated where it enters: callers handle SQLAlchemy's error classes.
+                    raise DBAPIError.instance(_COPY_SQL, None, exc, type(driver).Error) from exc  # type: ignore[union-attr]
+            else:
+                session.execute(insert(InferenceCall), [r.values() for r in records])
             self._rollup(session, records)
             session.commit()
 
@@ -403,10 +423,14 @@ class CallRecorder:
             return
         except IntegrityError:
             pass
+        except DataError as exc:
+            self.rejected += 1
+            self._reject(record, exc)
+            return
         repaired = self._drop_missing_links(record)
         try:
             self._insert([repaired])
-        except IntegrityError as exc:
+        except (IntegrityError, DataError) as exc:
             self.rejected += 1
             self._reject(record, exc)
 

@@ -78,6 +78,13 @@ class _Sums:
         default_factory=lambda: dict.fromkeys(_MONEY_FIELDS, Decimal(0))
     )
 
+    def merge(self, other: _Sums) -> None:
+        """Add another bucket's sums to these."""
+        for name, value in other.ints.items():
+            self.ints[name] += value
+        for name, amount in other.money.items():
+            self.money[name] += amount
+
     def add(self, call: Any) -> None:
         ints = self.ints
         ints["calls"] += 1
@@ -101,14 +108,21 @@ _Key = tuple[str, datetime, str, str, int]
 
 
 def _buckets(calls: Sequence[Any]) -> dict[_Key, _Sums]:
-    buckets: dict[_Key, _Sums] = {}
+    hours: dict[_Key, _Sums] = {}
     for call in calls:
-        project = call.project_id or 0
-        for key in (
-            ("hour", hour_floor(call.timestamp), call.level, call.model, project),
-            ("day", day_floor(call.timestamp), call.level, call.model, project),
-        ):
-            buckets.setdefault(key, _Sums()).add(call)
+        key = ("hour", hour_floor(call.timestamp), call.level, call.model, call.project_id or 0)
+        sums = hours.get(key)
+        if sums is None:
+            sums = hours[key] = _Sums()
+        sums.add(call)
+    # Each call is counted in its day too: add up its hour buckets rather than the calls.
+    buckets = dict(hours)
+    for (_, hour, level, model, project), sums in hours.items():
+        day_key = ("day", day_floor(hour), level, model, project)
+        day = buckets.get(day_key)
+        if day is None:
+            day = buckets[day_key] = _Sums()
+        day.merge(sums)
     return buckets
 
 
@@ -192,11 +206,7 @@ class Usage:
     def merge(
         self, level: str, model: str, ints: dict[str, int], money: dict[str, Decimal]
     ) -> None:
-        sums = self.groups.setdefault((level, model), _Sums())
-        for name, value in ints.items():
-            sums.ints[name] += value
-        for name, amount in money.items():
-            sums.money[name] += amount
+        self.groups.setdefault((level, model), _Sums()).merge(_Sums(dict(ints), dict(money)))
 
     def comparable(self) -> dict[tuple[str, str], tuple[dict[str, int], dict[str, Decimal]]]:
         """The groups as plain values, dropping empty ones (for equality checks)."""
@@ -218,10 +228,7 @@ class Usage:
         for (level, model), sums in self.groups.items():
             targets = (by_level.setdefault(level, _Sums()), by_model.setdefault(model, _Sums()))
             for target in (*targets, total):
-                for name, value in sums.ints.items():
-                    target.ints[name] += value
-                for name, amount in sums.money.items():
-                    target.money[name] += amount
+                target.merge(sums)
         return {
             "window": {
                 "since": q.since.isoformat() if q.since else None,

@@ -30,7 +30,7 @@ from claude_headspace.db import normalise_url
 from claude_headspace.emulator import EmulatorServer
 from claude_headspace.inference import InferenceError, QueueFullError
 from claude_headspace.inference.service import InferenceService
-from tests.faults.tcpproxy import TcpProxy
+from tests.tcp_proxy import TcpProxy
 
 KEY = "sk-or-faults"
 CHAT = "/api/v1/chat/completions"
@@ -243,8 +243,8 @@ def test_openrouter_chaos_every_call_ends_and_is_logged(
     assert rows == 1000
     assert 1000 <= upstream <= 3000  # retries stay within max_attempts
     assert outcomes.get("ok", 0) > 500
-    assert threads_after == threads_before  # workers and the log writer are gone
-    assert sockets_after == sockets_before == 0  # the connection pool was closed
+    assert threads_after <= threads_before  # workers and the log writer are gone
+    assert sockets_after <= sockets_before  # our connection pool was closed
 
 
 # --------------------------------------------------------------------------- Redis outage

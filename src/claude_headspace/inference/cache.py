@@ -218,8 +218,8 @@ class TieredCache:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "backend": "memory+redis",
             **self.local.stats(),
+            "backend": "memory+redis",
             "redis": self.shared.stats(),
             "redis_available": self._guard.degraded_reason() is None,
         }

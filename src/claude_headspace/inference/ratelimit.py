@@ -219,12 +219,13 @@ if n > 0 then
     end
   end
 end
-if at - now > max_wait then return {0, tostring(at - now)} end
+-- %.17g: tostring() keeps 14 digits, which rounds epoch seconds to 0.1 ms
+if at - now > max_wait then return {0, string.format('%.17g', at - now)} end
 redis.call('ZADD', z, at, id)
 redis.call('HSET', h, id, tokens)
 redis.call('INCRBY', total_key, tokens)
 for _, k in ipairs({z, h, total_key}) do redis.call('PEXPIRE', k, ttl) end
-return {1, tostring(at - now), tostring(at)}
+return {1, string.format('%.17g', at - now), string.format('%.17g', at)}
 """
 
 # KEYS: tokens hash, token total. ARGV: id, actual tokens.
@@ -315,7 +316,9 @@ class RedisRateLimiter:
         now = self._clock.time()
         z, h, _total, pause = self._keys
         pipe = self._client.pipeline(transaction=False)
-        pipe.zrangebyscore(z, now - self._settings.window_seconds, now)
+        # "(" excludes the bound: an admission exactly one window old has left it,
+        # as the acquire script and the memory limiter also hold.
+        pipe.zrangebyscore(z, f"({now - self._settings.window_seconds!r}", repr(now))
         pipe.zcount(z, f"({now}", "+inf")
         pipe.get(pause)
         current, scheduled, paused = pipe.execute()

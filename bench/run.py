@@ -1,0 +1,378 @@
+"""`make bench`: every benchmark in one run, against one emulator, on this machine.
+
+Prints each figure with its ratio to the floor (a raw pooled httpx round trip) and writes
+bench/results/latest.json. Nothing here asserts a time; `--quick` takes few samples so CI
+can check that the benchmarks still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import BENCH_KEY, HAIKU, Summary, chat_body, emulator_process, sample, summarise
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network for litellm
+RESULTS = Path(__file__).parent / "results"
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class Run:
+    """Collects the figures of one run."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.samples = 60 if quick else 2000
+        self.warmup = 10 if quick else 200
+        self.latency: dict[str, Summary] = {}
+        self.other: dict[str, Any] = {}
+
+    def time(self, name: str, fn: Any, *, samples: int | None = None) -> Summary:
+        summary = summarise(name, sample(fn, warmup=self.warmup, samples=samples or self.samples))
+        self.latency[name] = summary
+        floor = self.latency.get("floor: httpx pooled")
+        ratio = f"{summary.median_us / floor.median_us:5.2f}x" if floor else "  -  "
+        print(
+            f"  {name:<46} median {summary.median_us:8.1f} us   p99 {summary.p99_us:8.1f} us"
+            f"   {ratio} floor",
+            flush=True,
+        )
+        return summary
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from claude_headspace.config import DatabaseSettings
+    from claude_headspace.db import Database, normalise_url
+
+    base = make_url(normalise_url(PG_URL))
+    name = f"hs_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    try:
+        db = Database(DatabaseSettings(url=url))
+        db.upgrade()
+        db.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def make_service(base_url: str, db_url: str, spool: Path, **inference: Any) -> Any:
+    from claude_headspace import create_app
+
+    app = create_app(
+        overrides={
+            "database": {"url": db_url, "auto_migrate": True},
+            "openrouter": {
+                "base_url": base_url,
+                "api_key": BENCH_KEY,
+                "rate_limits": {"calls_per_minute": 10**7, "tokens_per_minute": 10**9},
+                "health": {"cache_seconds": 3600},
+            },
+            "inference": {"spool_path": str(spool), **inference},
+        }
+    )
+    return app.extensions["inference"]
+
+
+# --------------------------------------------------------------------------- per call
+
+
+def per_call(run: Run, base_url: str, work: Path) -> None:
+    print("\nPer call, emulator latency 0 (one client thread)", flush=True)
+    body = json.dumps(chat_body("floor request")).encode()
+    headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=base_url, headers=headers) as client:
+        run.time(
+            "floor: httpx pooled",
+            lambda i: client.post("/chat/completions", content=body).json(),
+        )
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port)
+
+    def stdlib(i: int) -> None:
+        conn.request("POST", f"{parts.path}/chat/completions", body=body, headers=headers)
+        json.loads(conn.getresponse().read())
+
+    run.time("floor: http.client keep-alive", stdlib)
+    conn.close()
+
+    service = make_service(base_url, f"sqlite:///{work / 'bench.db'}", work / "spool-sqlite")
+    run.time(
+        "ours: infer(), fresh, SQLite log",
+        lambda i: service.infer("turn", "bench", f"fresh sqlite {i} {uuid.uuid4().hex}"),
+    )
+    run.time("ours: infer(), cache hit, SQLite log", lambda i: service.infer("turn", "b", "hit"))
+    service.close()
+
+    with postgres_database() as pg_url:
+        service = make_service(base_url, pg_url, work / "spool-pg")
+        run.time(
+            "ours: infer(), fresh, PostgreSQL log",
+            lambda i: service.infer("turn", "bench", f"fresh pg {i} {uuid.uuid4().hex}"),
+        )
+        run.time(
+            "ours: infer(), cache hit, PostgreSQL log",
+            lambda i: service.infer("turn", "bench", "the same words"),
+        )
+        service.close()
+
+    import openai
+
+    sdk = openai.OpenAI(base_url=base_url, api_key=BENCH_KEY, max_retries=0)
+    run.time(
+        "openai SDK: chat.completions.create",
+        lambda i: sdk.chat.completions.create(
+            model=HAIKU, messages=[{"role": "user", "content": f"openai {i}"}]
+        ),
+    )
+    sdk.close()
+
+    import litellm
+
+    litellm.telemetry = False
+    llm_model = f"openrouter/{HAIKU}"
+    run.time(
+        "litellm.completion",
+        lambda i: litellm.completion(
+            model=llm_model,
+            messages=[{"role": "user", "content": f"litellm {i} {uuid.uuid4().hex}"}],
+            api_base=base_url,
+            api_key=BENCH_KEY,
+        ),
+        samples=max(60, run.samples // 4),
+    )
+    router = litellm.Router(
+        model_list=[
+            {
+                "model_name": "haiku",
+                "litellm_params": {
+                    "model": llm_model,
+                    "api_base": base_url,
+                    "api_key": BENCH_KEY,
+                    "rpm": 10**6,
+                    "tpm": 10**9,
+                },
+            }
+        ],
+        cache_responses=True,
+        cache_kwargs={"type": "local"},
+    )
+    run.time(
+        "litellm Router (rpm/tpm, local cache): fresh",
+        lambda i: router.completion(
+            model="haiku", messages=[{"role": "user", "content": f"router {i} {uuid.uuid4()}"}]
+        ),
+        samples=max(60, run.samples // 4),
+    )
+    run.time(
+        "litellm Router (rpm/tpm, local cache): cache hit",
+        lambda i: router.completion(
+            model="haiku", messages=[{"role": "user", "content": "router same words"}]
+        ),
+        samples=max(60, run.samples // 4),
+    )
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def throughput(run: Run, base_url: str, work: Path) -> None:
+    callers, latency = 64, 0.050
+    calls = 640 if run.quick else 6400
+    print(f"\nThroughput: {callers} callers through submit(), emulator latency 50 ms", flush=True)
+    service = make_service(base_url, f"sqlite:///{work / 'tp.db'}", work / "spool-tp",
+                           workers=callers, queue_size=calls)  # fmt: skip
+    service.infer("turn", "warm", "warm up")
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    futures = [service.submit("turn", "tp", f"throughput {i} {uuid.uuid4().hex}")
+               for i in range(calls)]  # fmt: skip
+    for f in futures:
+        f.result(timeout=300)
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
+    service.close()
+    ideal = callers / latency
+    rate = calls / wall
+    run.other["throughput"] = {
+        "calls": calls, "callers": callers, "latency_ms": latency * 1000,
+        "calls_per_second": round(rate, 1), "ideal_calls_per_second": ideal,
+        "fraction_of_ideal": round(rate / ideal, 3),
+        "cpu_ms_per_call": round(cpu / calls * 1000, 3),
+    }  # fmt: skip
+    print(f"  {rate:.0f} calls/s of an ideal {ideal:.0f} ({rate / ideal:.1%}); "
+          f"{cpu / calls * 1000:.2f} ms CPU per call in this process", flush=True)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- limiter
+
+
+def limiter_burst(run: Run) -> None:
+    from claude_headspace.config import RateLimitSettings
+    from claude_headspace.inference.ratelimit import MemoryRateLimiter
+
+    limit, window, requests = 100, 0.5, 1000
+    print(f"\nLimiter under burst: {requests} requests, {limit} per {window} s", flush=True)
+    limiter = MemoryRateLimiter(
+        RateLimitSettings(calls_per_minute=limit, tokens_per_minute=10**9,
+                          window_seconds=window, max_wait_seconds=60)
+    )  # fmt: skip
+    admitted: list[float] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for _ in range(n):
+            # The time the limiter granted (its own clock): what it promises to keep.
+            admitted_at = limiter.acquire(1).admitted_at
+            with lock:
+                admitted.append(admitted_at)
+
+    threads = [threading.Thread(target=worker, args=(requests // 20,)) for _ in range(20)]
+    start = time.monotonic()  # the memory limiter's clock
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    times = sorted(a - start for a in admitted)
+    worst = max(sum(1 for u in times[i:] if u < t + window) for i, t in enumerate(times))
+    full_windows = int(times[-1] // window)
+    per_window = [sum(1 for u in times if k * window <= u < (k + 1) * window)
+                  for k in range(full_windows)]  # fmt: skip
+    used = sum(per_window) / (limit * len(per_window)) if per_window else 1.0
+    run.other["limiter_burst"] = {
+        "requests": requests, "limit": limit, "window_seconds": window,
+        "max_in_any_window": worst, "utilisation_while_saturated": round(used, 3),
+        "seconds": round(times[-1], 3),
+    }  # fmt: skip
+    print(f"  at most {worst} admitted in any {window} s window (limit {limit}); "
+          f"{used:.1%} of the limit used while demand exceeded it", flush=True)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- footprint
+
+
+def footprint(run: Run) -> None:
+    print("\nFootprint (fresh interpreter each; median of 5)", flush=True)
+    probes = {
+        "claude_headspace": (
+            "import claude_headspace.app",
+            "from claude_headspace import create_app; "
+            "app = create_app(overrides={'database': {'url': 'sqlite://'}, "
+            "'openrouter': {'api_key': 'sk-or-x', 'base_url': 'http://127.0.0.1:9/api/v1'}, "
+            "'inference': {'spool_path': '%s'}}); "
+            "app.extensions['inference'].start()",
+        ),
+        "openai": ("import openai", "import openai; c = openai.OpenAI(api_key='x')"),
+        "litellm": ("import litellm", "import litellm; r = litellm.Router(model_list=[])"),
+    }
+    results = {}
+    spool = tempfile.mkdtemp()
+    for name, (imp, build) in probes.items():
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would
+        # report this (large) benchmark process's peak instead of its own.
+        code = (
+            "import time; t = time.perf_counter(); {imp}; "
+            "d = time.perf_counter() - t; {build}; "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+            "print(d, hwm.split()[1])"
+        ).format(imp=imp, build=build.replace("%s", spool))
+        runs = []
+        for _ in range(5):
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+            )  # fmt: skip
+            seconds, rss_kb = out.stdout.split()[-2:]
+            runs.append((float(seconds), int(rss_kb)))
+        runs.sort()
+        import_ms = runs[2][0] * 1000
+        rss_mb = sorted(r[1] for r in runs)[2] / 1024
+        results[name] = {"import_ms": round(import_ms, 1), "max_rss_mb": round(rss_mb, 1)}
+        print(f"  {name:<18} import {import_ms:7.1f} ms   peak RSS {rss_mb:6.1f} MB", flush=True)
+    run.other["footprint"] = results
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="few samples (CI smoke run)")
+    parser.add_argument("--skip-usage", action="store_true", help="skip the /usage benchmark")
+    args = parser.parse_args()
+    run = Run(args.quick)
+    started = time.time()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, {platform.platform()}", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with emulator_process(latency_ms=0) as base_url:
+            per_call(run, base_url, work)
+        with emulator_process(latency_ms=50) as base_url:
+            throughput(run, base_url, work)
+    limiter_burst(run)
+    footprint(run)
+    if not args.skip_usage:
+        print("\n/usage on PostgreSQL: rollup vs raw aggregates", flush=True)
+        rows = ["20000", "60000"] if args.quick else ["1000000", "3000000"]
+        out = subprocess.run(
+            [sys.executable, "bench/bench_usage.py", "--json", "--rows", *rows],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        print(out.stdout.strip() and out.stdout.strip().splitlines()[-1][:2000], flush=True)
+        with contextlib.suppress(ValueError, IndexError):
+            run.other["usage"] = json.loads(out.stdout.strip().splitlines()[-1])
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "command": "make bench" + (" (--quick)" if args.quick else ""),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "seconds": round(time.time() - started, 1),
+        "max_rss_mb": round(ru.ru_maxrss / 1024, 1),
+        "latency": {k: v.as_dict() for k, v in run.latency.items()},
+        **run.other,
+    }
+    floor = run.latency["floor: httpx pooled"].median_us
+    result["ratios_to_floor"] = {k: round(v.median_us / floor, 3) for k, v in run.latency.items()}
+    RESULTS.mkdir(exist_ok=True)
+    name = "quick.json" if args.quick else "latest.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote bench/results/{name} after {result['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

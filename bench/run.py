@@ -207,10 +207,71 @@ def per_call(run: Run, base_url: str, work: Path) -> None:
 # --------------------------------------------------------------------------- throughput
 
 
+def _concurrency_floors(base_url: str, callers: int, calls: int) -> dict[str, Any]:
+    """The same load without the service: what httpx and the stdlib manage here."""
+    import http.client
+    import queue
+    from urllib.parse import urlsplit
+
+    body = json.dumps(chat_body("floor")).encode()
+    headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+    per = max(1, calls // callers)
+
+    def measure(fn: Any) -> dict[str, float]:
+        threads = [threading.Thread(target=lambda: [fn() for _ in range(per)])
+                   for _ in range(callers)]  # fmt: skip
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        n = per * callers
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        return {"calls_per_second": round(n / wall, 1), "cpu_ms_per_call": round(cpu / n * 1000, 3)}
+
+    out = {}
+    limits = httpx.Limits(max_connections=callers, max_keepalive_connections=callers)
+    with httpx.Client(base_url=base_url, headers=headers, limits=limits) as shared:
+        out["httpx, one shared client"] = measure(
+            lambda: shared.post("/chat/completions", content=body).json()
+        )
+    idle: queue.LifoQueue[httpx.Client] = queue.LifoQueue()
+    one = httpx.Limits(max_connections=1)
+    clients = [httpx.Client(base_url=base_url, headers=headers, limits=one) for _ in range(callers)]
+    for c in clients:
+        idle.put(c)
+
+    def checkout() -> None:
+        c = idle.get()
+        try:
+            c.post("/chat/completions", content=body).json()
+        finally:
+            idle.put(c)
+
+    out["httpx, a client per request"] = measure(checkout)
+    for c in clients:
+        c.close()
+    parts = urlsplit(base_url)
+    local = threading.local()
+
+    def stdlib() -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port)
+        local.conn.request("POST", f"{parts.path}/chat/completions", body=body, headers=headers)
+        json.loads(local.conn.getresponse().read())
+
+    out["http.client, a connection per thread"] = measure(stdlib)
+    for name, figures in out.items():
+        print(f"  floor: {name:<38} {figures['calls_per_second']:7.0f} calls/s, "
+              f"{figures['cpu_ms_per_call']:.2f} ms CPU per call", flush=True)  # fmt: skip
+    return out
+
+
 def throughput(run: Run, base_url: str, work: Path) -> None:
     callers, latency = 64, 0.050
     calls = 640 if run.quick else 6400
     print(f"\nThroughput: {callers} callers through submit(), emulator latency 50 ms", flush=True)
+    floors = _concurrency_floors(base_url, callers, calls)
     service = make_service(base_url, f"sqlite:///{work / 'tp.db'}", work / "spool-tp",
                            workers=callers, queue_size=calls)  # fmt: skip
     service.infer("turn", "warm", "warm up")
@@ -229,6 +290,7 @@ def throughput(run: Run, base_url: str, work: Path) -> None:
         "calls_per_second": round(rate, 1), "ideal_calls_per_second": ideal,
         "fraction_of_ideal": round(rate / ideal, 3),
         "cpu_ms_per_call": round(cpu / calls * 1000, 3),
+        "floors": floors,
     }  # fmt: skip
     print(f"  {rate:.0f} calls/s of an ideal {ideal:.0f} ({rate / ideal:.1%}); "
           f"{cpu / calls * 1000:.2f} ms CPU per call in this process", flush=True)  # fmt: skip

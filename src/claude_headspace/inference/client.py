@@ -47,16 +47,49 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    when = retry_at(headers)
+    return None if when is None else max(0.0, when - now)
+
+
+def retry_at(headers: Mapping[str, str]) -> float | None:
+    """The instant (epoch seconds) of an HTTP-date ``Retry-After``; None for other forms."""
+    value = headers.get("retry-after")
+    if not value or value.strip().replace(".", "", 1).isdigit():
         return None
-    return max(0.0, when.timestamp() - now)
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _preview(content: bytes) -> str:
     text = content[:_SHOWN_BYTES].decode("utf-8", "replace")
     return repr(text) + (" ..." if len(content) > _SHOWN_BYTES else "")
+
+
+def _limit(timeout: httpx.Timeout, exc: httpx.TimeoutException) -> str:
+    if isinstance(exc, httpx.ReadTimeout):
+        seconds = timeout.read
+    elif isinstance(exc, httpx.WriteTimeout):
+        seconds = timeout.write
+    elif isinstance(exc, httpx.PoolTimeout):
+        seconds = timeout.pool
+    else:
+        seconds = timeout.connect
+    return "no limit" if seconds is None else f"{seconds:g} s"
+
+
+def _metadata_note(metadata: Mapping[str, Any]) -> str:
+    # What an operator needs from OpenRouter's metadata; flagged_input is left out on
+    # purpose, as it is the user's own text.
+    notes = []
+    reasons = metadata.get("reasons")
+    if isinstance(reasons, list) and reasons:
+        notes.append("flagged for " + ", ".join(str(r) for r in reasons))
+    provider = metadata.get("provider_name")
+    if provider:
+        notes.append(f"provider {provider}")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 class OpenRouterClient:
@@ -117,6 +150,7 @@ class OpenRouterClient:
             return self._idle.get_nowait()
         except queue.Empty:
             client = httpx.Client(
+                headers=self._headers,
                 timeout=self.timeout,
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             )
@@ -163,11 +197,13 @@ class OpenRouterClient:
         client = http if http is not None else self._checkout(self._settings.timeout_seconds)
         try:
             # Not streamed: the body is read before the connection goes back for reuse.
-            response = client.request(method, url, content=content, headers=self._headers,
-                                      timeout=wait)  # fmt: skip
+            # Our own clients carry the headers already; an injected one gets them per request.
+            response = client.request(method, url, content=content, timeout=wait,
+                                      headers=None if http is None else self._headers)  # fmt: skip
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError(
-                f"OpenRouter did not answer in time ({type(exc).__name__} on {method} {url})"
+                f"OpenRouter did not answer in time ({type(exc).__name__} after "
+                f"{_limit(wait, exc)} on {method} {url})"
             ) from None
         except httpx.TransportError as exc:
             raise UpstreamConnectionError(
@@ -199,16 +235,22 @@ class OpenRouterClient:
             code = error.get("code", status)
             if isinstance(error.get("metadata"), dict):
                 metadata = error["metadata"]
+                message += _metadata_note(metadata)
+        elif payload is None:
+            message = f"the body is not JSON: {_preview(response.content)}"
         else:
             message = f"{response.reason_phrase or 'error'}; body {_preview(response.content)}"
-        retry_after = parse_retry_after(response.headers, self._clock.time())
-        return cls(
+        headers = response.headers
+        failure = cls(
             f"OpenRouter answered {status} ({cls.__name__}): {message}",
             status_code=status,
-            retry_after=retry_after,
+            retry_after=parse_retry_after(headers, self._clock.time()),
             code=code,
             metadata=metadata,
         )
+        if "retry-after" in headers:
+            failure.retry_at = retry_at(headers)
+        return failure
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
@@ -231,14 +273,14 @@ class OpenRouterClient:
         error = data.get("error")
         if error is not None:
             detail = error if isinstance(error, dict) else {"message": error}
+            metadata = detail.get("metadata")
+            note = _metadata_note(metadata) if isinstance(metadata, dict) else ""
             raise ErrorInResponseError(
                 "OpenRouter answered 200 but the body carries an error: "
-                f"{self._clean(detail.get('message', detail))}",
+                f"{self._clean(detail.get('message', detail))}{note}",
                 status_code=200,
                 code=detail.get("code"),
-                metadata=detail.get("metadata")
-                if isinstance(detail.get("metadata"), dict)
-                else None,
+                metadata=metadata if isinstance(metadata, dict) else None,
             )
         choices = data.get("choices")
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
@@ -265,4 +307,4 @@ class OpenRouterClient:
             ) from None
 
 
-__all__ = ["InferenceError", "OpenRouterClient", "parse_retry_after"]
+__all__ = ["InferenceError", "OpenRouterClient", "parse_retry_after", "retry_at"]

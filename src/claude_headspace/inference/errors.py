@@ -86,6 +86,9 @@ class InferenceError(Exception):
         if retryable is not None:
             self.retryable = retryable
         self.retry_after = retry_after
+        # When Retry-After was an HTTP date: that instant (epoch seconds), so the retry policy
+        # can measure the wait against its own clock rather than the one the client read.
+        self.retry_at: float | None = None
         self.status_code = status_code
         self.code = code
         self.metadata: dict[str, Any] = dict(metadata or {})

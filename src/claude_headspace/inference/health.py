@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..config import OpenRouterSettings
 from .client import OpenRouterClient
 from .errors import AuthenticationError, InferenceError, ModelNotFoundError, TransportError
+
+log = logging.getLogger(__name__)
 
 HealthState = Literal["healthy", "unreachable", "key_rejected", "no_key", "disabled"]
 
@@ -55,6 +58,7 @@ class HealthChecker:
         self._last: HealthReport | None = None
         self._last_at = 0.0
         self._probing = False
+        self._generation = 0  # probes finished so far; waiters wait for it to move
 
     def last(self) -> HealthReport | None:
         """The cached answer, without probing."""
@@ -62,39 +66,68 @@ class HealthChecker:
             return self._last
 
     def check(self, *, force: bool = False) -> HealthReport:
-        """A fresh-enough answer: cached, shared with a probe in flight, or probed now."""
+        """A fresh-enough answer: cached, shared with a probe in flight, or probed now.
+
+        Never raises: every failure is a report.
+        """
         if not self._settings.enabled:
-            return HealthReport("disabled", False, None, None, "inference is disabled")
+            return self._remember(
+                HealthReport("disabled", False, None, None, "inference is disabled")
+            )
         if self._client is None:
-            return HealthReport("no_key", False, None, None, "no OpenRouter API key is configured")
+            return self._remember(
+                HealthReport("no_key", False, None, None, "no OpenRouter API key is configured")
+            )
         timeout = self._settings.health.timeout_seconds
         with self._lock:
-            age = self._clock.monotonic() - self._last_at
-            if self._last is not None and not force and age < self._settings.health.cache_seconds:
-                return self._last
             if self._probing:
-                # Someone is asking OpenRouter right now: wait for their answer.
-                self._lock.wait_for(lambda: not self._probing, timeout=timeout + 1)
-                if self._last is not None:
+                # Someone is asking OpenRouter right now: share their answer, forced or not.
+                generation = self._generation
+                self._lock.wait_for(lambda: self._generation != generation, timeout=timeout + 1)
+                if self._generation != generation and self._last is not None:
                     return self._last
+                # That probe outlived its own timeout: report it rather than start a second.
+                return HealthReport(
+                    "unreachable", False, None, None, "the health probe in flight did not finish"
+                )
+            fresh = self._fresh_answer()
+            if fresh is not None and not force:
+                return fresh
             self._probing = True
+        report: HealthReport | None = None
         try:
             report = self._probe(self._client, timeout)
         finally:
             with self._lock:
+                # The answer and the end of the probe are published together, so a waiter
+                # never wakes to find the probe over but its answer missing.
+                if report is not None:
+                    self._last = report
+                    self._last_at = self._clock.monotonic()
                 self._probing = False
+                self._generation += 1
                 self._lock.notify_all()
+        return report
+
+    def _fresh_answer(self) -> HealthReport | None:
+        last = self._last
+        if last is None or last.checked_at is None:  # never probed, or not a probe's answer
+            return None
+        age = self._clock.monotonic() - self._last_at
+        return last if age < self._settings.health.cache_seconds else None
+
+    def _remember(self, report: HealthReport) -> HealthReport:
         with self._lock:
             self._last = report
-            self._last_at = self._clock.monotonic()
         return report
 
     def _probe(self, client: OpenRouterClient, timeout: float) -> HealthReport:
         started = time.perf_counter()
+        checked_at = datetime.fromtimestamp(self._clock.time(), UTC)
 
         def report(state: HealthState, reachable: bool, error: str | None) -> HealthReport:
             latency = int((time.perf_counter() - started) * 1000)
-            return HealthReport(state, reachable, datetime.now(UTC), latency, error)
+            return HealthReport(state, reachable, checked_at, latency, error)
 
         try:
             try:
@@ -107,5 +140,9 @@ class HealthChecker:
         except TransportError as exc:
             return report("unreachable", False, str(exc))
         except InferenceError as exc:
+            # It answered, but not with a working account (402, 5xx, a broken body...).
             return report("unreachable", exc.status_code is not None, str(exc))
+        except Exception as exc:  # a probe must never take the status endpoint down
+            log.warning("OpenRouter health probe failed unexpectedly: %s", type(exc).__name__)
+            return report("unreachable", False, f"health probe failed: {type(exc).__name__}")
         return report("healthy", True, None)

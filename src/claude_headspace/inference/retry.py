@@ -39,25 +39,42 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """The delay after failed attempt ``attempt`` (1-based) when the error names none.
 
-        ``min(max_delay, base * 2 ** (attempt - 1))``, shortened by a random fraction in
-        ``[0, JITTER)``: never longer than the cap, never shorter than 75% of the step.
+        Exactly ``step * (1 - JITTER * u)`` with ``step = min(max_delay, base * 2 ** (attempt
+        - 1))`` and ``u = rng.random()`` in ``[0, 1)``: so within ``(0.75 * step, step]``,
+        never longer than the cap.
         """
-        step = min(self.max_delay_seconds, self.base_delay_seconds * 2.0 ** (attempt - 1))
+        # The exponent is bounded so a huge attempt number cannot overflow a float.
+        growth = 2.0 ** min(attempt - 1, 64)
+        step = min(self.max_delay_seconds, self.base_delay_seconds * growth)
         fraction = (rng or random).random()
         return step * (1 - JITTER * fraction)
 
     def delay_for(
-        self, attempt: int, error: InferenceError, *, rng: random.Random | None = None
+        self,
+        attempt: int,
+        error: InferenceError,
+        *,
+        rng: random.Random | None = None,
+        now: float | None = None,
     ) -> float | None:
-        """Seconds to wait before the next attempt, or None to stop (and raise ``error``)."""
+        """Seconds to wait after failed attempt ``attempt`` (1-based), or None to stop.
+
+        Stops for a final error, after the last attempt, and when the server's Retry-After
+        is beyond ``max_delay_seconds`` (the error keeps ``retry_after`` for the caller).
+        A Retry-After within the cap is used as it is; an HTTP-date one is measured from
+        ``now`` (wall-clock epoch seconds) when given. Otherwise :meth:`backoff`.
+        """
         if not error.retryable or attempt >= self.max_attempts:
             return None
-        if error.retry_after is not None:
+        wait = error.retry_after
+        if error.retry_at is not None and now is not None:
+            wait = error.retry_at - now
+        if wait is not None:
             # The server said when; waiting longer than we allow means giving up now and
             # passing its answer on to the caller.
-            if error.retry_after > self.max_delay_seconds:
+            if wait > self.max_delay_seconds:
                 return None
-            return max(0.0, error.retry_after)
+            return max(0.0, wait)
         return self.backoff(attempt, rng)
 
     def run(
@@ -70,8 +87,9 @@ class RetryPolicy:
     ) -> tuple[T, int]:
         """Call ``fn(attempt)`` until it succeeds or the policy stops; (result, attempts).
 
-        The last error is re-raised with ``attempts`` set. ``on_error`` sees every failure
-        with the delay chosen (None when this failure is the last).
+        Only InferenceErrors are caught. The last one is re-raised with ``attempts`` set;
+        ``on_error`` sees every failure with the delay chosen (None when it is the last).
+        Waiting goes through ``clock.sleep``.
         """
         attempt = 0
         while True:
@@ -80,7 +98,7 @@ class RetryPolicy:
                 return fn(attempt), attempt
             except InferenceError as error:
                 error.attempts = attempt
-                delay = self.delay_for(attempt, error, rng=rng)
+                delay = self.delay_for(attempt, error, rng=rng, now=clock.time())
                 if on_error is not None:
                     on_error(error, attempt, delay)
                 if delay is None:

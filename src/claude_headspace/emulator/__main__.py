@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
+import signal
 import sys
+import types
 
-from .server import EmulatorServer, Fault
+from .cli import build, serve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,36 +15,47 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="openrouter-emulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8099, help="0 picks a free port")
-    parser.add_argument("--latency-ms", type=int, default=0)
+    parser.add_argument("--latency-ms", type=int, default=0, help="added to every chat answer")
     parser.add_argument(
         "--accept-key",
         action="append",
-        default=None,
+        default=[],
         help="a key to accept (repeatable; default: any sk-or-... key)",
     )
     parser.add_argument(
         "--fault",
         action="append",
         default=[],
-        help='a scripted fault as JSON, e.g. \'{"status": 429, "retry_after": 2}\'',
+        help='a scripted fault as JSON (repeatable, in order), e.g. \'{"status": 429, '
+        '"retry_after": 2}\'',
     )
     parser.add_argument("--chaos", type=int, default=None, help="seed for random faults")
+    parser.add_argument(
+        "--chaos-mix", default=None, help="outcome=weight,... e.g. ok=0.8,429=0.1,drop=0.1"
+    )
+    parser.add_argument("--chaos-hang-ms", type=int, default=3000, help="how long a hang lasts")
     args = parser.parse_args(argv)
-    server = EmulatorServer(
-        args.host, args.port, latency_ms=args.latency_ms,
-        accept_keys=set(args.accept_key) if args.accept_key else None,
-    )  # fmt: skip
-    server.script([Fault.from_dict(json.loads(f)) for f in args.fault])
-    if args.chaos is not None:
-        server.set_chaos(args.chaos)
-    print(f"OpenRouter emulator listening on {server.base_url}", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+        server = build(
+            host=args.host,
+            port=args.port,
+            latency_ms=args.latency_ms,
+            accept_keys=args.accept_key,
+            faults=args.fault,
+            chaos=args.chaos,
+            chaos_mix=args.chaos_mix,
+            chaos_hang_ms=args.chaos_hang_ms,
+        )
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"openrouter-emulator: error: {exc}\n")
+    # SIGTERM (how benchmarks and tests stop it) ends it as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    serve(server)
     sys.exit(0)
+
+
+def _interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -48,6 +48,7 @@ class Fault:
 
     status: int = 200
     retry_after: float | str | None = None  # seconds, or an HTTP date
+    retry_after_ms: int | None = None  # sent as OpenRouter's retry-after-ms header
     delay_ms: int = 0
     drop: bool = False  # close the connection without answering
     error_in_200: bool = False  # 200 with an error object in the body
@@ -58,8 +59,33 @@ class Fault:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fault:
-        """A fault from its JSON form."""
+        """A fault from its JSON form; ValueError names any unknown field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a fault is a JSON object, got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown fault field(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+_NAMED_OUTCOMES = frozenset({"ok", "timeout", "drop", "error_in_200", "no_choices"})
+
+
+def check_chaos_mix(mix: dict[str, float]) -> dict[str, float]:
+    """``mix`` if every outcome is known (a name or an HTTP status) and weights are sane."""
+    if not mix:
+        raise ValueError("the chaos mix is empty")
+    for outcome, weight in mix.items():
+        if outcome not in _NAMED_OUTCOMES and not (outcome.isdigit() and 100 <= int(outcome) < 600):
+            raise ValueError(
+                f"unknown chaos outcome {outcome!r}: use an HTTP status or one of "
+                f"{', '.join(sorted(_NAMED_OUTCOMES))}"
+            )
+        if not isinstance(weight, int | float) or weight < 0:
+            raise ValueError(f"chaos weight for {outcome!r} must be a number >= 0")
+    if sum(mix.values()) <= 0:
+        raise ValueError("the chaos weights add up to zero")
+    return dict(mix)
 
 
 @dataclass(frozen=True)
@@ -127,8 +153,24 @@ class _State:
             return Fault(drop=True)
         if pick == "error_in_200":
             return Fault(error_in_200=True)
+        if pick == "no_choices":
+            return Fault(no_choices=True)
         status = int(pick)
         return Fault(status=status, retry_after=0 if status == 429 else None)
+
+    def set_chaos(self, seed: int | None, mix: dict[str, float], hang_ms: int) -> None:
+        """Switch seeded chaos on (or off for None); the caller holds the lock."""
+        self.chaos = None if seed is None else random.Random(seed)  # noqa: S311 - reproducible chaos, not secrets
+        self.chaos_mix = mix
+        self.chaos_hang_ms = hang_ms
+
+    def reset(self) -> None:
+        """Forget requests, faults, chaos and latency."""
+        with self.lock:
+            self.faults.clear()
+            self.requests.clear()
+            self.chaos = None
+            self.latency_ms = 0
 
     def key_ok(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):
@@ -191,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         if parts.path.startswith(CONTROL):
-            self._control_get(parts.path)
+            self._control_get(parts.path, parts.query)
             return
         self._record(None)
         state = self.server.state
@@ -303,6 +345,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         if fault.retry_after is not None:
             headers["Retry-After"] = str(fault.retry_after)
+        if fault.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(fault.retry_after_ms)
         if fault.body is not None:
             data = fault.body.encode()
             self.send_response(fault.status)
@@ -324,36 +368,43 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -------------------------------------------------------------- control
 
-    def _control_get(self, path: str) -> None:
+    def _control_get(self, path: str, query: str) -> None:
         state = self.server.state
         if path == f"{CONTROL}/requests":
+            wanted = parse_qs(query).get("path")
+            only = wanted[0] if wanted else None
             with state.lock:
-                items = [asdict(r) for r in state.requests]
-            self._send(200, {"requests": items})
+                items = [asdict(r) for r in state.requests if only is None or r.path == only]
+            self._send(200, {"count": len(items), "requests": items})
         else:
-            self._error(404)
+            self._error(404, f"No control route for GET {path}")
 
     def _control_post(self, path: str, body: Any) -> None:
         state = self.server.state
         body = body if isinstance(body, dict) else {}
-        with state.lock:
+        try:
+            # Everything is validated before anything changes, so a bad call changes nothing.
             if path == f"{CONTROL}/faults":
-                state.faults.extend(Fault.from_dict(f) for f in body.get("faults", []))
+                faults = [Fault.from_dict(f) for f in body.get("faults", [])]
+                with state.lock:
+                    state.faults.extend(faults)
             elif path == f"{CONTROL}/latency":
-                state.latency_ms = int(body.get("ms", 0))
+                ms = int(body.get("ms", 0))
+                with state.lock:
+                    state.latency_ms = ms
             elif path == f"{CONTROL}/chaos":
                 seed = body.get("seed")
-                state.chaos = None if seed is None else random.Random(seed)  # noqa: S311 - reproducible chaos, not secrets
-                state.chaos_mix = dict(body.get("mix") or DEFAULT_CHAOS_MIX)
-                state.chaos_hang_ms = int(body.get("hang_ms", state.chaos_hang_ms))
+                mix = check_chaos_mix(body.get("mix") or DEFAULT_CHAOS_MIX)
+                with state.lock:
+                    state.set_chaos(seed, mix, int(body.get("hang_ms", state.chaos_hang_ms)))
             elif path == f"{CONTROL}/reset":
-                state.faults.clear()
-                state.requests.clear()
-                state.chaos = None
-                state.latency_ms = 0
+                state.reset()
             else:
-                self._error(404)
+                self._error(404, f"No control route for POST {path}")
                 return
+        except (TypeError, ValueError) as exc:
+            self._error(400, f"bad control request: {exc}")
+            return
         self._send(200, {"ok": True})
 
 
@@ -440,7 +491,8 @@ class EmulatorServer:
 
     def request_count(self, path: str | None = None) -> int:
         """How many requests arrived (at ``path``, e.g. "/api/v1/chat/completions")."""
-        return sum(1 for r in self.requests if path is None or r.path == path)
+        with self.state.lock:
+            return sum(1 for r in self.state.requests if path is None or r.path == path)
 
     def script(self, faults: list[Fault]) -> None:
         """Answer the next chat requests with these faults, one each, in order."""
@@ -456,15 +508,10 @@ class EmulatorServer:
         self, seed: int | None, mix: dict[str, float] | None = None, *, hang_ms: int = 3000
     ) -> None:
         """Answer chat requests with a seeded random mix of outcomes (None switches it off)."""
+        checked = check_chaos_mix(mix or DEFAULT_CHAOS_MIX)
         with self.state.lock:
-            self.state.chaos = None if seed is None else random.Random(seed)  # noqa: S311 - reproducible chaos, not secrets
-            self.state.chaos_mix = dict(mix or DEFAULT_CHAOS_MIX)
-            self.state.chaos_hang_ms = hang_ms
+            self.state.set_chaos(seed, checked, hang_ms)
 
     def reset(self) -> None:
         """Forget requests, faults, chaos and latency."""
-        with self.state.lock:
-            self.state.faults.clear()
-            self.state.requests.clear()
-            self.state.chaos = None
-            self.state.latency_ms = 0
+        self.state.reset()

@@ -14,6 +14,7 @@ processes share one budget.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -94,6 +95,7 @@ class MemoryRateLimiter:
         # [time, tokens, id] in non-decreasing time: admissions are scheduled in order.
         self._log: deque[list[Any]] = deque()
         self._by_id: dict[str, list[Any]] = {}
+        self._ids = itertools.count()  # ids only need to be unique in this limiter
         self._total = 0
         self._paused_until = 0.0
         self._waiting = 0
@@ -112,7 +114,7 @@ class MemoryRateLimiter:
             if wait > limit_wait:
                 self.rejected += 1
                 raise _over(wait, limit_wait)
-            entry: list[Any] = [at, tokens, uuid.uuid4().hex]
+            entry: list[Any] = [at, tokens, str(next(self._ids))]
             self._log.append(entry)
             self._by_id[entry[2]] = entry
             self._total += tokens

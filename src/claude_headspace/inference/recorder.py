@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -112,9 +113,29 @@ _TIMESTAMP = _FIELD_NAMES.index("timestamp")
 _COPY_SQL = f"COPY inference_calls ({', '.join(_FIELD_NAMES)}) FROM STDIN"
 
 
+class _RequestIds:
+    """Unique request ids without a system call each: a random 80-bit prefix per process
+    (renewed after a fork) and a counter. uuid4() reads os.urandom every time, which under
+    many threads costs a GIL hand-off per call."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._prefix = uuid.uuid4().hex[:20]
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+_request_ids = _RequestIds()
+
+
 def new_request_id() -> str:
     """A unique id for one call; its row carries it (and replay uses it to skip duplicates)."""
-    return uuid.uuid4().hex
+    return _request_ids.next()
 
 
 class _Segment:

@@ -39,6 +39,7 @@ test: lint
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache

@@ -126,8 +126,9 @@ _ERROR_MESSAGES = {
 
 
 class _State:
-    def __init__(self, latency_ms: int, accept_keys: set[str] | None) -> None:
+    def __init__(self, latency_ms: int, accept_keys: set[str] | None, key_endpoint: bool) -> None:
         self.lock = threading.Lock()
+        self.key_endpoint = key_endpoint
         self.latency_ms = latency_ms
         self.accept_keys = accept_keys
         self.faults: deque[Fault] = deque()
@@ -239,7 +240,7 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         if parts.path == f"{API}/models":
             self._send(200, {"data": [_model_entry(m) for m in PRICES]})
-        elif parts.path == f"{API}/key":
+        elif parts.path == f"{API}/key" and state.key_endpoint:
             if not state.key_ok(self.headers.get("Authorization")):
                 self._error(401, "No auth credentials found")
                 return
@@ -424,6 +425,30 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     state: _State
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Open connections, so stop() can cut kept-alive ones too: a stopped emulator must
+        # look like an OpenRouter that went away, not one that still answers old sockets.
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.open_connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client closing its keep-alive connection (or a test cutting it) is routine.
         log.debug("emulator: connection from %s ended abruptly", client_address)
@@ -439,9 +464,11 @@ class EmulatorServer:
         *,
         latency_ms: int = 0,
         accept_keys: set[str] | None = None,
+        key_endpoint: bool = True,
     ) -> None:
+        # key_endpoint=False stands in for an OpenRouter-compatible gateway without GET /key.
         self._httpd = _Server((host, port), _Handler)
-        self._httpd.state = _State(latency_ms, accept_keys)
+        self._httpd.state = _State(latency_ms, accept_keys, key_endpoint)
         self._thread: threading.Thread | None = None
 
     @property
@@ -473,9 +500,10 @@ class EmulatorServer:
         self._httpd.serve_forever(poll_interval=0.2)
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving, close the listening socket and cut every open connection."""
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.close_connections()
 
     def __enter__(self) -> EmulatorServer:
         return self.start()

@@ -209,6 +209,16 @@ class OpenRouterClient:
             raise UpstreamConnectionError(
                 f"could not talk to OpenRouter at {url}: {type(exc).__name__}: {self._clean(exc)}"
             ) from None
+        except httpx.DecodingError as exc:
+            raise InvalidResponseError(
+                f"OpenRouter's answer to {method} {url} could not be decoded: {self._clean(exc)}"
+            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # Not the network's fault (e.g. a malformed openrouter.base_url): retrying won't help.
+            raise UpstreamError(
+                f"could not send {method} {url}: {type(exc).__name__}: {self._clean(exc)}",
+                retryable=False,
+            ) from None
         finally:
             if http is None:
                 self._checkin(client)

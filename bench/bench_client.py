@@ -29,9 +29,9 @@ import httpx
 # Runnable as a plain script from a checkout, with or without an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from claude_headspace.config import OpenRouterSettings  # noqa: E402
-from claude_headspace.inference.client import OpenRouterClient  # noqa: E402
-from claude_headspace.inference.types import GenerationParams  # noqa: E402
+from claude_headspace.config import OpenRouterSettings
+from claude_headspace.inference.client import OpenRouterClient
+from claude_headspace.inference.types import GenerationParams
 
 KEY = "sk-or-bench-client"
 MODEL = "anthropic/claude-haiku-4.5"

@@ -182,3 +182,6 @@ def emulator(_emulator_server: object) -> object:
     """The local OpenRouter emulator on a loopback port, reset for this test."""
     _emulator_server.reset()  # type: ignore[attr-defined]
     return _emulator_server
+
+
+pytest_plugins = ["tests.emulator_fixtures"]

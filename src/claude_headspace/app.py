@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ def create_app(
     app.extensions["headspace.settings"] = settings
 
     database = Database(settings.database)
-    if database.is_sqlite or settings.database.auto_migrate:
+    if (database.is_sqlite or settings.database.auto_migrate) and not _running_db_command():
         database.upgrade()
     app.extensions["headspace.database"] = database
 
@@ -66,6 +67,17 @@ def create_app(
 
     register_commands(app)
     return app
+
+
+def _running_db_command(argv: list[str] | None = None) -> bool:
+    """Whether this process runs `headspace db ...` / `flask db ...`: those commands manage
+    the schema themselves, so start-up must not migrate (a downgrade would be undone)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    while args and args[0].startswith("-"):
+        option = args.pop(0)
+        if option in ("--app", "-A", "--env-file", "-e") and args:
+            args.pop(0)
+    return bool(args) and args[0] == "db"
 
 
 def _close_at_exit(service: Any) -> None:

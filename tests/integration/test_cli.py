@@ -1,0 +1,104 @@
+"""The command line as a user runs it: real subprocesses, real databases, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_db_commands_on_the_embedded_database(tmp_path: Path) -> None:
+    headspace = str(BIN / "headspace")
+    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "base"
+    assert "database at 0001" in run([headspace, "db", "upgrade"], tmp_path).stdout
+    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "0001"
+    assert "database at base" in run([headspace, "db", "downgrade", "base"], tmp_path).stdout
+    # A downgrade stays down: db commands do not migrate at start-up.
+    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "base"
+    flask = run([str(BIN / "flask"), "--app", "claude_headspace", "db", "upgrade"], tmp_path)
+    assert flask.returncode == 0 and "database at 0001" in flask.stdout
+    assert (tmp_path / "instance" / "headspace.db").exists()
+
+
+def test_db_upgrade_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    env = {"DATABASE_URL": postgres_url}
+    headspace = str(BIN / "headspace")
+    assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == "base"
+    assert run([headspace, "db", "upgrade"], tmp_path, env).returncode == 0
+    assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == "0001"
+
+
+def test_infer_exit_status_and_streams(tmp_path: Path, emulator: Any) -> None:
+    env = {"HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
+           "OPENROUTER_API_KEY": "sk-or-cli-test"}  # fmt: skip
+    headspace = str(BIN / "headspace")
+    ok = run([headspace, "infer", "--level", "project", "--purpose", "p", "hello there"],
+             tmp_path, env)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["model"] == "anthropic/claude-sonnet-4.5" and result["text"]
+    bad = run([headspace, "infer", "--level", "epic", "--purpose", "p", "x"], tmp_path, env)
+    assert bad.returncode == 2
+    assert json.loads(bad.stderr)["error"]["type"] == "UnknownLevelError"
+    assert bad.stdout == ""
+    negative = {**env, "HEADSPACE__OPENROUTER__RATE_LIMITS__CALLS_PER_MINUTE": "-1"}
+    config_error = run([headspace, "status"], tmp_path, negative)
+    assert config_error.returncode == 2
+    assert "openrouter.rate_limits.calls_per_minute" in config_error.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, emulator: Any
+) -> None:
+    port = free_port()
+    env = {**os.environ, "HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
+           "OPENROUTER_API_KEY": "sk-or-serve-test"}  # fmt: skip
+    proc = subprocess.Popen(
+        [str(BIN / "headspace"), "serve", "--port", str(port), "--workers", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/api/inference/status", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert status is not None and status.status_code == 200
+        assert status.json()["state"] == "healthy"
+        usage = httpx.get(f"http://127.0.0.1:{port}/api/inference/usage?level=turn", timeout=5)
+        assert usage.status_code == 200 and usage.json()["total_calls"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Booting worker" in stderr
+    # Each worker flushed and removed its call-log journal on the way out.
+    assert list((tmp_path / "instance" / "call-log").glob("calls-*.jsonl")) == []

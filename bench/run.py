@@ -340,6 +340,78 @@ def limiter_burst(run: Run) -> None:
           f"{used:.1%} of the limit used while demand exceeded it", flush=True)  # fmt: skip
 
 
+# --------------------------------------------------------------------------- scale-out
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _limiter_process(prefix: str, requests: int, limit: int, window: float, out: Any) -> None:
+    import redis as redis_lib
+
+    from claude_headspace.config import RateLimitSettings
+    from claude_headspace.inference.ratelimit import RedisRateLimiter
+
+    settings = RateLimitSettings(calls_per_minute=limit, tokens_per_minute=10**9,
+                                 window_seconds=window, max_wait_seconds=120)  # fmt: skip
+    limiter = RedisRateLimiter(redis_lib.Redis.from_url(REDIS_URL), settings, prefix=prefix)
+    out.put([limiter.acquire(1).admitted_at for _ in range(requests)])
+
+
+def scale_out(run: Run) -> None:
+    import multiprocessing
+
+    import redis as redis_lib
+
+    from claude_headspace.config import CacheSettings
+    from claude_headspace.inference.cache import CachedAnswer, MemoryCache, RedisCache
+
+    print("\nScale-out on Redis", flush=True)
+    client = redis_lib.Redis.from_url(REDIS_URL)
+    prefix = f"hs-bench-{uuid.uuid4().hex[:8]}"
+    try:
+        answer = CachedAnswer("text " * 40, HAIKU, 100, 50, 0.0004, 0.0004, "gen-1",
+                              "Anthropic", "stop", time.time())  # fmt: skip
+        memory = MemoryCache(CacheSettings())
+        shared = RedisCache(client, CacheSettings(), prefix=prefix)
+        memory.put("k", answer)
+        shared.put("k", answer)
+        run.time("cache hit: memory tier", lambda i: memory.get("k"))
+        run.time("cache hit: Redis tier (memory bypassed)", lambda i: shared.get("k"))
+
+        processes, per, limit, window = 4, 100, 50, 1.0
+        queue: Any = multiprocessing.get_context("fork").Queue()
+        procs = [
+            multiprocessing.get_context("fork").Process(
+                target=_limiter_process, args=(prefix, per, limit, window, queue)
+            )
+            for _ in range(processes)
+        ]
+        for p in procs:
+            p.start()
+        times = sorted(t for _ in procs for t in queue.get(timeout=120))
+        for p in procs:
+            p.join()
+        start = times[0]
+        worst = max(sum(1 for u in times[i:] if u < t + window) for i, t in enumerate(times))
+        windows = int((times[-1] - start) // window)
+        per_window = [sum(1 for u in times if k <= (u - start) / window < k + 1)
+                      for k in range(windows)]  # fmt: skip
+        used = sum(per_window) / (limit * len(per_window)) if per_window else 1.0
+        run.other["scale_out"] = {
+            "processes": processes, "requests": processes * per, "limit": limit,
+            "window_seconds": window, "max_in_any_window": worst,
+            "utilisation_while_saturated": round(used, 3),
+        }  # fmt: skip
+        print(f"  {processes} processes x {per} requests on one Redis, limit {limit} per "
+              f"{window:g} s: at most {worst} admitted in any window; {used:.1%} of the limit "
+              "used", flush=True)  # fmt: skip
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
 # --------------------------------------------------------------------------- footprint
 
 
@@ -403,6 +475,7 @@ def main() -> None:
         with emulator_process(latency_ms=50) as base_url:
             throughput(run, base_url, work)
     limiter_burst(run)
+    scale_out(run)
     footprint(run)
     if not args.skip_usage:
         print("\n/usage on PostgreSQL: rollup vs raw aggregates", flush=True)

@@ -213,12 +213,11 @@ class InferenceService:
 
         Blocks for as long as the call takes: from a Flask request handler use submit().
         """
-        request = self._prepare(
+        request = self._accept(
             level, purpose, input_text,
             CallLinks(project_id, agent_id, command_id, turn_id),
             system_prompt, max_tokens, temperature,
         )  # fmt: skip
-        self._refuse_if_unavailable(request)
         return self._execute(request)
 
     def submit(
@@ -239,12 +238,11 @@ class InferenceService:
 
         Bad arguments, a full queue or a stopping service raise here, before anything runs.
         """
-        request = self._prepare(
+        request = self._accept(
             level, purpose, input_text,
             CallLinks(project_id, agent_id, command_id, turn_id),
             system_prompt, max_tokens, temperature,
         )  # fmt: skip
-        self._refuse_if_unavailable(request)
         try:
             return self._pool.submit(request)
         except (QueueFullError, ShuttingDownError) as exc:
@@ -336,6 +334,23 @@ class InferenceService:
         }
 
     # ------------------------------------------------------------------ the flow
+
+    def _accept(
+        self,
+        level: object,
+        purpose: object,
+        input_text: object,
+        links: CallLinks,
+        system_prompt: object,
+        max_tokens: object,
+        temperature: object,
+    ) -> InferenceRequest:
+        """A validated request the service will take; raises (and logs refusals) otherwise."""
+        request = self._prepare(
+            level, purpose, input_text, links, system_prompt, max_tokens, temperature
+        )
+        self._refuse_if_unavailable(request)
+        return request
 
     def _prepare(
         self,

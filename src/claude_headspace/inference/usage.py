@@ -304,6 +304,26 @@ def _merge_rows(session: Session, usage: Usage, rows: Any) -> None:
         usage.merge(values[0], values[1], ints, amounts)
 
 
+def _filters(
+    q: UsageQuery, moment: Any, start: datetime | None, end: datetime | None, project: Any
+) -> list[ColumnElement[bool]]:
+    """The window [start, end) on ``moment`` and the query's filters, for either table
+    (both name their level and model columns alike)."""
+    table = moment.class_
+    conditions: list[ColumnElement[bool]] = []
+    if start is not None:
+        conditions.append(moment >= start)
+    if end is not None:
+        conditions.append(moment < end)
+    if q.level is not None:
+        conditions.append(table.level == q.level)
+    if q.model is not None:
+        conditions.append(table.model == q.model)
+    if q.project_id is not None:
+        conditions.append(project == q.project_id)
+    return conditions
+
+
 def _from_rollup(
     session: Session,
     usage: Usage,
@@ -313,17 +333,7 @@ def _from_rollup(
     end: datetime | None,
 ) -> None:
     r = UsageRollup
-    conditions = [r.span == span]
-    if start is not None:
-        conditions.append(r.bucket_start >= start)
-    if end is not None:
-        conditions.append(r.bucket_start < end)
-    if q.level is not None:
-        conditions.append(r.level == q.level)
-    if q.model is not None:
-        conditions.append(r.model == q.model)
-    if q.project_id is not None:
-        conditions.append(r.project_key == q.project_id)
+    conditions = [r.span == span, *_filters(q, r.bucket_start, start, end, r.project_key)]
     columns = [func.coalesce(func.sum(getattr(r, name)), 0) for name in _INT_FIELDS]
     money = [_money_sum(session, getattr(r, name)) for name in _MONEY_FIELDS]
     stmt = select(r.level, r.model, *columns, *money).where(and_(True, *conditions))
@@ -334,17 +344,7 @@ def _from_raw(
     session: Session, usage: Usage, q: UsageQuery, start: datetime | None, end: datetime | None
 ) -> None:
     c = InferenceCall
-    conditions = []
-    if start is not None:
-        conditions.append(c.timestamp >= start)
-    if end is not None:
-        conditions.append(c.timestamp < end)
-    if q.level is not None:
-        conditions.append(c.level == q.level)
-    if q.model is not None:
-        conditions.append(c.model == q.model)
-    if q.project_id is not None:
-        conditions.append(c.project_id == q.project_id)
+    conditions = _filters(q, c.timestamp, start, end, c.project_id)
     not_cached = c.status != "cached"
     ints: list[Any] = [
         func.count(),

@@ -9,7 +9,9 @@ the same transaction as the rows it sums, so both always agree, exactly:
 
 - counts, tokens and latency sums are integers;
 - money is summed exactly: PostgreSQL sums NUMERIC; SQLite, which has no decimal type,
-  sums integer picodollars (every stored amount has at most twelve decimals);
+  keeps the rollup's money as integer picodollars (``RollupMoney``) and sums a call's
+  float amount rounded to integer picodollars (every amount has at most twelve decimals),
+  exact up to $9.2 million a sum (SQLite's 64-bit integers);
 - latency percentiles come from a fixed histogram (``LATENCY_BUCKETS_MS``) that the raw
   computation builds the same way, so a percentile is the upper bound of its bucket.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -132,55 +134,24 @@ def apply_rollup(session: Session, calls: Sequence[Any]) -> None:
     buckets = _buckets(calls)
     if not buckets:
         return
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        _upsert_postgresql(session, buckets)
-    else:
-        _upsert_in_python(session, buckets)
+    table: Table = typing_cast(Table, UsageRollup.__table__)
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    # One upsert a bucket, adding to what other writers (other processes too) have added:
+    # no read-modify-write, so no lost update. Money adds exactly on both databases
+    # (NUMERIC on PostgreSQL, integer picodollars on SQLite: see RollupMoney).
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["span", "bucket_start", "level", "model", "project_key"],
+        set_={name: table.c[name] + stmt.excluded[name] for name in (*_INT_FIELDS, *_MONEY_FIELDS)},
+    )
+    # Sorted: concurrent writers lock shared buckets in one order, so they cannot deadlock.
+    session.execute(stmt, [_values(key, sums) for key, sums in sorted(buckets.items())])
 
 
 def _values(key: _Key, sums: _Sums) -> dict[str, Any]:
     span, start, level, model, project_key = key
     return {"span": span, "bucket_start": start, "level": level, "model": model,
             "project_key": project_key, **sums.ints, **sums.money}  # fmt: skip
-
-
-def _upsert_postgresql(session: Session, buckets: dict[Any, _Sums]) -> None:
-    table: Table = typing_cast(Table, UsageRollup.__table__)
-    for key, sums in sorted(buckets.items()):  # a fixed order: no deadlocks between writers
-        stmt = postgresql.insert(table).values(_values(key, sums))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["span", "bucket_start", "level", "model", "project_key"],
-            set_={
-                name: table.c[name] + stmt.excluded[name] for name in (*_INT_FIELDS, *_MONEY_FIELDS)
-            },
-        )
-        session.execute(stmt)
-
-
-def _upsert_in_python(session: Session, buckets: dict[Any, _Sums]) -> None:
-    # SQLite: the writer already holds the database's write lock (the call rows were
-    # flushed first), so read-modify-write is safe, and Decimal arithmetic keeps it exact.
-    table: Table = typing_cast(Table, UsageRollup.__table__)
-    for key, sums in sorted(buckets.items()):
-        span, start, level, model, project_key = key
-        row = session.scalars(
-            select(UsageRollup).where(
-                UsageRollup.span == span,
-                UsageRollup.bucket_start == start,
-                UsageRollup.level == level,
-                UsageRollup.model == model,
-                UsageRollup.project_key == project_key,
-            )
-        ).one_or_none()
-        if row is None:
-            session.execute(sqlite.insert(table).values(_values(key, sums)))
-            continue
-        for name, value in sums.ints.items():
-            setattr(row, name, getattr(row, name) + value)
-        for name, money in sums.money.items():
-            setattr(row, name, Decimal(getattr(row, name)) + money)
-    session.flush()
 
 
 # --------------------------------------------------------------------------- reading
@@ -278,19 +249,21 @@ def _percentile(counts: list[int], p: int) -> int | None:
     return None
 
 
-def _money_sum(session: Session, column: Any) -> ColumnElement[Any]:
+def _raw_money_sum(session: Session, column: Any) -> ColumnElement[Any]:
     if session.get_bind().dialect.name == "postgresql":
         return func.coalesce(func.sum(column), 0)
+    # SQLite stores a call's amount as a float: round each to integer picodollars (exact,
+    # as amounts carry at most twelve decimals) and sum integers.
     return func.coalesce(func.sum(cast(func.round(column * 1e12), BigInteger)), 0)
 
 
-def _money_value(session: Session, value: Any) -> Decimal:
+def _raw_money_value(session: Session, value: Any) -> Decimal:
     if session.get_bind().dialect.name == "postgresql":
         return Decimal(value or 0)
     return Decimal(int(value or 0)) / _PICO
 
 
-def _merge_rows(session: Session, usage: Usage, rows: Any) -> None:
+def _merge_rows(usage: Usage, rows: Any, money_value: Callable[[Any], Decimal]) -> None:
     width = len(_INT_FIELDS)
     for row in rows:
         values: list[Any] = list(row)
@@ -298,8 +271,7 @@ def _merge_rows(session: Session, usage: Usage, rows: Any) -> None:
             name: int(v or 0) for name, v in zip(_INT_FIELDS, values[2 : 2 + width], strict=True)
         }
         amounts = {
-            name: _money_value(session, v)
-            for name, v in zip(_MONEY_FIELDS, values[2 + width :], strict=True)
+            name: money_value(v) for name, v in zip(_MONEY_FIELDS, values[2 + width :], strict=True)
         }
         usage.merge(values[0], values[1], ints, amounts)
 
@@ -335,9 +307,11 @@ def _from_rollup(
     r = UsageRollup
     conditions = [r.span == span, *_filters(q, r.bucket_start, start, end, r.project_key)]
     columns = [func.coalesce(func.sum(getattr(r, name)), 0) for name in _INT_FIELDS]
-    money = [_money_sum(session, getattr(r, name)) for name in _MONEY_FIELDS]
+    # Typed by RollupMoney, so both databases answer Decimal dollars.
+    money = [func.coalesce(func.sum(getattr(r, name)), 0) for name in _MONEY_FIELDS]
     stmt = select(r.level, r.model, *columns, *money).where(and_(True, *conditions))
-    _merge_rows(session, usage, session.execute(stmt.group_by(r.level, r.model)))
+    rows = session.execute(stmt.group_by(r.level, r.model))
+    _merge_rows(usage, rows, lambda v: Decimal(v or 0))
 
 
 def _from_raw(
@@ -363,9 +337,10 @@ def _from_raw(
             cond.append(c.latency_ms <= bound)
         ints.append(func.sum(case((and_(True, *cond), 1), else_=0)))
         lower = bound
-    money = [_money_sum(session, getattr(c, name)) for name in _MONEY_FIELDS]
+    money = [_raw_money_sum(session, getattr(c, name)) for name in _MONEY_FIELDS]
     stmt = select(c.level, c.model, *ints, *money).where(and_(True, *conditions))
-    _merge_rows(session, usage, session.execute(stmt.group_by(c.level, c.model)))
+    rows = session.execute(stmt.group_by(c.level, c.model))
+    _merge_rows(usage, rows, lambda v: _raw_money_value(session, v))
 
 
 def compute_usage(session: Session, q: UsageQuery) -> Usage:

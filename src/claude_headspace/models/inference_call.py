@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -16,7 +17,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from .base import Base, UTCDateTime
 
@@ -24,6 +27,44 @@ from .base import Base, UTCDateTime
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 # USD with twelve decimals: exact sums on PostgreSQL, enough for fractions of a token's price.
 Money = Numeric(20, 12, asdecimal=True)
+PICO = Decimal(10) ** 12
+
+
+class _RawNumeric(Numeric[Decimal]):
+    """NUMERIC(20, 12) in DDL, with the driver's values passed through untouched."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> None:
+        return None
+
+
+class RollupMoney(TypeDecorator[Decimal]):
+    """USD sums: NUMERIC on PostgreSQL; integer picodollars on SQLite, whose NUMERIC holds
+    a float, so that sums (also ``col = col + excluded.col`` in an upsert) stay exact."""
+
+    impl = Numeric(20, 12, asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            # Same DDL (NUMERIC affinity keeps integers as integers), no float conversion.
+            return dialect.type_descriptor(_RawNumeric(20, 12))
+        return dialect.type_descriptor(Numeric(20, 12, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        # Exact: amounts carry at most twelve decimals.
+        return int((Decimal(value) * PICO).to_integral_value())
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return Decimal(int(value)) / PICO
+        return Decimal(value)
 
 
 class InferenceCall(Base):
@@ -98,9 +139,9 @@ class UsageRollup(Base):
     error_calls: Mapped[int] = mapped_column(BigInteger, default=0)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
-    saved_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
-    upstream_cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
+    saved_cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
+    upstream_cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
     latency_ms_sum: Mapped[int] = mapped_column(BigInteger, default=0)
     # Latency histogram: lat_00 counts calls with latency_ms <= LATENCY_BUCKETS_MS[0], ...
     # the last bucket everything slower. Percentiles are read from these counts, both here

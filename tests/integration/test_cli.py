@@ -14,7 +14,10 @@ from typing import Any
 
 import httpx
 
+from claude_headspace.db import head_revision
+
 BIN = Path(sys.executable).parent
+HEAD = head_revision()
 
 
 def run(
@@ -29,13 +32,13 @@ def run(
 def test_db_commands_on_the_embedded_database(tmp_path: Path) -> None:
     headspace = str(BIN / "headspace")
     assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "base"
-    assert "database at 0001" in run([headspace, "db", "upgrade"], tmp_path).stdout
-    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "0001"
+    assert f"database at {HEAD}" in run([headspace, "db", "upgrade"], tmp_path).stdout
+    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == HEAD
     assert "database at base" in run([headspace, "db", "downgrade", "base"], tmp_path).stdout
     # A downgrade stays down: db commands do not migrate at start-up.
     assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "base"
     flask = run([str(BIN / "flask"), "--app", "claude_headspace", "db", "upgrade"], tmp_path)
-    assert flask.returncode == 0 and "database at 0001" in flask.stdout
+    assert flask.returncode == 0 and f"database at {HEAD}" in flask.stdout
     assert (tmp_path / "instance" / "headspace.db").exists()
 
 
@@ -44,7 +47,7 @@ def test_db_upgrade_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     headspace = str(BIN / "headspace")
     assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == "base"
     assert run([headspace, "db", "upgrade"], tmp_path, env).returncode == 0
-    assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == "0001"
+    assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == HEAD
 
 
 def test_infer_exit_status_and_streams(tmp_path: Path, emulator: Any) -> None:

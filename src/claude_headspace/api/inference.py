@@ -7,7 +7,7 @@ short, shared, cached probe.
 from __future__ import annotations
 
 import hmac
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -48,7 +48,52 @@ def _require_token() -> Response | None:
 @bp.get("/status")
 def status() -> Response:
     """Service health, configuration and live statistics."""
-    return jsonify(current_app.extensions["inference"].status())
+    service = current_app.extensions.get("inference")
+    if service is None:
+        return jsonify(status_without_service(current_app.extensions["headspace.settings"]))
+    # The service answers from its cached health check: no request waits on OpenRouter.
+    return jsonify(service.status())
+
+
+def status_without_service(settings: Settings) -> dict[str, Any]:
+    """What /status can say from settings alone when no inference service runs."""
+    openrouter = settings.openrouter
+    rl = openrouter.rate_limits
+    cache = openrouter.cache
+    reason = "inference service not started"
+    return {
+        "enabled": openrouter.enabled,
+        "state": "degraded" if openrouter.enabled else "disabled",
+        "reason": reason if openrouter.enabled else "inference is disabled in configuration",
+        "openrouter": {
+            "base_url": openrouter.base_url,
+            "api_key_configured": settings.api_key is not None,
+            "state": "unknown",
+            "reachable": False,
+            "checked_at": None,
+            "latency_ms": None,
+            "error": reason,
+        },
+        "models": openrouter.models.as_dict(),
+        "rate_limits": {
+            "calls_per_minute": rl.calls_per_minute,
+            "tokens_per_minute": rl.tokens_per_minute,
+            "max_wait_seconds": rl.max_wait_seconds,
+            "window_seconds": rl.window_seconds,
+        },
+        "cache": {
+            "enabled": cache.enabled,
+            "ttl_seconds": cache.ttl_seconds,
+            "max_entries": cache.max_entries,
+        },
+        "call_log": {"state": "stopped", "pending": 0, "write_failures": 0, "last_error": None},
+    }
+
+
+# A window's edges are rounded to whole hours and days; keeping a day clear of datetime's
+# limits means that rounding can never overflow.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 def parse_time(name: str, raw: str) -> datetime:
@@ -58,9 +103,14 @@ def parse_time(name: str, raw: str) -> datetime:
         text = text[:-1] + "+00:00"
     try:
         moment = datetime.fromisoformat(text)
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise BadParameter(f"{name}: {raw!r:.60} is not an ISO 8601 date or time") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # an offset that takes the time past year 1 or 9999
+        moment = EARLIEST - timedelta(days=1)
+    if not EARLIEST <= moment <= LATEST:
+        raise BadParameter(f"{name}: must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}")
+    return moment
 
 
 def parse_usage_query(args: Any) -> UsageQuery:
@@ -81,6 +131,8 @@ def parse_usage_query(args: Any) -> UsageQuery:
     model = args.get("model")
     if model is not None and not (0 < len(model) <= 200):
         raise BadParameter("model: must be 1 to 200 characters")
+    if model is not None and "\x00" in model:  # PostgreSQL refuses NUL in any string
+        raise BadParameter("model: must not contain NUL characters")
     project_id = None
     if "project_id" in args:
         raw = args["project_id"]
@@ -105,18 +157,23 @@ def usage() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3 document of these endpoints."""
-    return jsonify(openapi_document())
+    settings: Settings = current_app.extensions["headspace.settings"]
+    return jsonify(openapi_document(token_required=settings.api.token is not None))
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.0 description of /status and /usage."""
+def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.0 description of /status and /usage; with ``token_required`` (api.token
+    set) both declare bearer authentication and their 401 answer."""
     number = {"type": "number"}
     integer = {"type": "integer"}
     nullable_int = {"type": "integer", "nullable": True}
     counts = {"type": "object", "additionalProperties": integer}
     money = {"type": "object", "additionalProperties": number}
+    # Percentiles are the upper bound (ms) of the histogram bucket holding them; null when
+    # there are no calls, or when the percentile lies past the last bound (60 s).
     latency = {
         "type": "object",
+        "required": ["mean", "p50", "p90", "p99"],
         "properties": {
             k: {"type": "number", "nullable": True} for k in ("mean", "p50", "p90", "p99")
         },
@@ -186,7 +243,7 @@ def openapi_document() -> dict[str, Any]:
                 "type": "object",
                 "required": ["state", "pending", "write_failures"],
                 "properties": {
-                    "state": {"type": "string", "enum": ["ok", "spooling"]},
+                    "state": {"type": "string", "enum": ["ok", "spooling", "stopped"]},
                     "pending": integer,
                     "write_failures": integer,
                     "last_error": {"type": "string", "nullable": True},
@@ -207,16 +264,44 @@ def openapi_document() -> dict[str, Any]:
             "cost_by_level",
             "cache_hits",
             "errors",
+            "window",
+            "filters",
+            "tokens_by_level",
+            "upstream_reported_cost",
+            "saved_cost",
+            "latency_ms",
         ],
         "properties": {
-            "window": {"type": "object"},
-            "filters": {"type": "object"},
+            "window": {
+                "type": "object",
+                "required": ["since", "until"],
+                "properties": {
+                    "since": {"type": "string", "format": "date-time", "nullable": True},
+                    "until": {"type": "string", "format": "date-time", "nullable": True},
+                },
+            },
+            "filters": {
+                "type": "object",
+                "required": ["level", "model", "project_id"],
+                "properties": {
+                    "level": {"type": "string", "nullable": True},
+                    "model": {"type": "string", "nullable": True},
+                    "project_id": nullable_int,
+                },
+            },
             "total_calls": integer,
             "calls_by_level": counts,
             "calls_by_model": counts,
             "total_input_tokens": integer,
             "total_output_tokens": integer,
-            "tokens_by_level": {"type": "object"},
+            "tokens_by_level": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["input", "output"],
+                    "properties": {"input": integer, "output": integer},
+                },
+            },
             "total_cost": number,
             "cost_by_model": money,
             "cost_by_level": money,
@@ -231,12 +316,14 @@ def openapi_document() -> dict[str, Any]:
     def json_of(ref: str) -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": ref}}}
 
-    responses_common = {
-        "401": {
-            "description": "api.token is set and the request lacks it",
+    responses_common: dict[str, Any] = {}
+    security: dict[str, Any] = {}
+    if token_required:
+        responses_common["401"] = {
+            "description": "the request lacks 'Authorization: Bearer <api.token>'",
             "content": json_of("#/components/schemas/Error"),
-        },
-    }
+        }
+        security["security"] = [{"bearerToken": []}]
     time_param = {"type": "string", "format": "date-time"}
     return {
         "openapi": "3.0.3",
@@ -246,6 +333,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Service health, configuration and live statistics",
                     "operationId": "getStatus",
+                    **security,
                     "responses": {
                         "200": {
                             "description": "status",
@@ -255,10 +343,23 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/inference/openapi.json": {
+                "get": {
+                    "summary": "This document (public, even when api.token is set)",
+                    "operationId": "getOpenApi",
+                    "responses": {
+                        "200": {
+                            "description": "the OpenAPI 3.0 document",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
             "/api/inference/usage": {
                 "get": {
                     "summary": "Usage and cost over a window [since, until)",
                     "operationId": "getUsage",
+                    **security,
                     "parameters": [
                         {"name": "since", "in": "query", "schema": time_param},
                         {"name": "until", "in": "query", "schema": time_param},
@@ -294,5 +395,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "components": {
             "schemas": {"Status": status_schema, "Usage": usage_schema, "Error": error},
+            # The document itself is public: it describes the API, not its data.
+            "securitySchemes": {"bearerToken": {"type": "http", "scheme": "bearer"}},
         },
     }

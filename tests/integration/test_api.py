@@ -1,0 +1,253 @@
+"""The operator endpoints: /status and /usage answer per their OpenAPI document (checked
+with jsonschema and by schemathesis against the live app), reject bad parameters by name,
+honour api.token, and never show the API key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import schemathesis
+from flask import Flask
+from hypothesis import HealthCheck, settings
+
+from claude_headspace import create_app
+from claude_headspace.api.inference import openapi_document
+from claude_headspace.inference.usage import UsageQuery, usage_report
+
+SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
+TOKEN = "operator-token-123"
+
+
+def build_app(url: str, emulator: Any, tmp_path: Path, **overrides: Any) -> Flask:
+    return create_app(
+        overrides={
+            "database": {"url": url},
+            "openrouter": {"base_url": emulator.base_url, "api_key": SECRET},
+            "inference": {"spool_path": str(tmp_path / "spool")},
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture
+def app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
+    app = build_app(database_url, emulator, tmp_path)
+    yield app
+    app.extensions["inference"].close()
+
+
+def nullable_to_jsonschema(schema: Any) -> Any:
+    """OpenAPI 3.0's `nullable` as plain JSON Schema."""
+    if isinstance(schema, dict):
+        out = {k: nullable_to_jsonschema(v) for k, v in schema.items() if k != "nullable"}
+        if schema.get("nullable") and "type" in out:
+            out["type"] = [out["type"], "null"]
+        return out
+    if isinstance(schema, list):
+        return [nullable_to_jsonschema(v) for v in schema]
+    return schema
+
+
+def response_schema(name: str) -> Any:
+    return nullable_to_jsonschema(openapi_document()["components"]["schemas"][name])
+
+
+def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flask) -> None:
+    service = app.extensions["inference"]
+    service.infer("turn", "p", "for the usage numbers")
+    service.infer("turn", "p", "for the usage numbers")
+    assert service.recorder.flush(timeout=30)
+    client = app.test_client()
+    status = client.get("/api/inference/status")
+    usage = client.get("/api/inference/usage")
+    doc = client.get("/api/inference/openapi.json")
+    for response in (status, usage, doc):
+        assert response.status_code == 200
+        assert response.mimetype == "application/json"
+        assert SECRET not in response.get_data(as_text=True)
+    jsonschema.validate(status.json, response_schema("Status"))
+    jsonschema.validate(usage.json, response_schema("Usage"))
+    assert doc.json == json.loads(json.dumps(openapi_document()))
+    s = status.json
+    assert s["enabled"] is True and s["state"] == "healthy" and s["reason"] is None
+    assert s["openrouter"]["reachable"] is True
+    assert set(s["models"]) == {"turn", "task", "project", "objective"}
+    assert s["rate_limits"]["calls_per_minute"] == 30
+    assert s["cache"] == s["cache"] | {"enabled": True, "ttl_seconds": 300}
+    assert s["cache"]["stats"]["hits"] == 1
+    u = usage.json
+    assert (u["total_calls"], u["cache_hits"], u["errors"]) == (2, 1, 0)
+    assert u["calls_by_level"] == {"turn": 2}
+    assert u["saved_cost"] == u["total_cost"] > 0
+    with app.extensions["headspace.database"].sessions() as session:
+        assert u == json.loads(json.dumps(usage_report(session, UsageQuery())))
+
+
+def test_status_without_a_running_service(sqlite_url: str, emulator: Any, tmp_path: Path) -> None:
+    for enabled, state in ((True, "degraded"), (False, "disabled")):
+        app = build_app(sqlite_url, emulator, tmp_path, openrouter={
+            "base_url": emulator.base_url, "api_key": SECRET, "enabled": enabled})  # fmt: skip
+        app.extensions.pop("inference").close()
+        response = app.test_client().get("/api/inference/status")
+        assert response.status_code == 200
+        jsonschema.validate(response.json, response_schema("Status"))
+        assert (response.json["enabled"], response.json["state"]) == (enabled, state)
+        assert response.json["reason"]
+        assert response.json["openrouter"]["api_key_configured"] is True
+        assert SECRET not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("since=yesterday", "since"),
+        ("until=2026-13-01", "until"),
+        ("since=2026-11-02&until=2026-11-01", "since"),
+        ("since=9999-12-31T23:30:00", "since"),
+        ("since=9999-12-31T23:59:59-01:00", "since"),
+        ("until=0001-01-01T00:00:00%2B01:00", "until"),
+        ("level=epic", "level"),
+        ("level=", "level"),
+        ("project_id=0", "project_id"),
+        ("project_id=abc", "project_id"),
+        ("project_id=-3", "project_id"),
+        ("project_id=99999999999999999999", "project_id"),
+        ("colour=blue", "colour"),
+        ("level=turn&level=task", "level"),
+        ("model=", "model"),
+        ("model=a%00b", "model"),
+    ],
+)
+def test_bad_usage_parameters_are_400_naming_them(app: Flask, query: str, named: str) -> None:
+    response = app.test_client().get(f"/api/inference/usage?{query}")
+    assert response.status_code == 400
+    assert response.json["error"].startswith(f"{named}:")
+    assert response.json["status"] == 400
+    jsonschema.validate(response.json, response_schema("Error"))
+
+
+def test_usage_window_and_filters(app: Flask) -> None:
+    service = app.extensions["inference"]
+    service.infer("turn", "p", "one")
+    service.infer("project", "p", "two")
+    assert service.recorder.flush(timeout=30)
+    client = app.test_client()
+    now = datetime.now(UTC)
+    later = (now + timedelta(hours=1)).isoformat()
+    earlier = (now - timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    naive = (now - timedelta(hours=1)).replace(tzinfo=None).isoformat()
+    assert (
+        client.get("/api/inference/usage", query_string={"since": later}).json["total_calls"] == 0
+    )
+    window = client.get("/api/inference/usage", query_string={"since": earlier, "until": later})
+    assert window.json["total_calls"] == 2
+    assert window.json["window"]["until"] == datetime.fromisoformat(later).isoformat()
+    # Naive means UTC.
+    assert (
+        client.get("/api/inference/usage", query_string={"since": naive}).json["total_calls"] == 2
+    )
+    assert client.get("/api/inference/usage?level=project").json["calls_by_level"] == {"project": 1}
+    by_model = client.get("/api/inference/usage?model=anthropic/claude-haiku-4.5").json
+    assert by_model["calls_by_model"] == {"anthropic/claude-haiku-4.5": 1}
+    assert by_model["filters"]["model"] == "anthropic/claude-haiku-4.5"
+    assert client.get("/api/inference/usage?project_id=5").json["total_calls"] == 0
+
+
+def test_api_token_guards_both_endpoints(sqlite_url: str, emulator: Any, tmp_path: Path) -> None:
+    app = build_app(sqlite_url, emulator, tmp_path, api={"token": TOKEN})
+    client = app.test_client()
+    try:
+        for path in ("/api/inference/status", "/api/inference/usage"):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Bearer {TOKEN}x"},
+                {"Authorization": f"bearer{TOKEN}"},
+                {"Authorization": "Basic x"},
+            ):
+                denied = client.get(path, headers=headers)
+                assert denied.status_code == 401
+                assert denied.json["status"] == 401
+                assert denied.headers["WWW-Authenticate"] == "Bearer"
+                assert TOKEN not in denied.get_data(as_text=True)
+            allowed = client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert allowed.status_code == 200
+            assert TOKEN not in allowed.get_data(as_text=True)
+        # Even a bad parameter is not named to a caller without the token.
+        assert client.get("/api/inference/usage?level=epic").status_code == 401
+        # The document is public: it describes the API, not its data, and declares the token.
+        doc = client.get("/api/inference/openapi.json")
+        assert doc.status_code == 200
+        assert doc.json == json.loads(json.dumps(openapi_document(token_required=True)))
+        assert doc.json["paths"]["/api/inference/usage"]["get"]["security"] == [{"bearerToken": []}]
+    finally:
+        app.extensions["inference"].close()
+
+
+def test_unknown_paths_and_methods_answer_in_the_one_error_shape(app: Flask) -> None:
+    client = app.test_client()
+    missing = client.get("/api/inference/nothing")
+    assert (missing.status_code, missing.json["status"]) == (404, 404)
+    post = client.post("/api/inference/usage")
+    assert (post.status_code, post.json["status"]) == (405, 405)
+
+
+# --------------------------------------------------------------------------- schemathesis
+
+
+@pytest.fixture
+def api_schema(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Any]:
+    app = build_app(database_url, emulator, tmp_path)
+    app.extensions["inference"].infer("objective", "p", "some usage to report")
+    assert app.extensions["inference"].recorder.flush(timeout=30)
+    yield schemathesis.from_wsgi("/api/inference/openapi.json", app)
+    app.extensions["inference"].close()
+
+
+@pytest.fixture
+def api_schema_with_token(sqlite_url: str, emulator: Any, tmp_path: Path) -> Iterator[Any]:
+    app = build_app(sqlite_url, emulator, tmp_path, api={"token": TOKEN})
+    yield schemathesis.from_wsgi("/api/inference/openapi.json", app)
+    app.extensions["inference"].close()
+
+
+schema = schemathesis.from_pytest_fixture("api_schema")
+schema_with_token = schemathesis.from_pytest_fixture("api_schema_with_token")
+
+
+@schema.parametrize()
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_response_matches_the_openapi_document(case: Any) -> None:
+    response = case.call()
+    assert response.status_code < 500
+    case.validate_response(response)
+    assert SECRET not in response.get_data(as_text=True)
+
+
+class BearerToken:
+    """Schemathesis auth: the configured api.token, as explicit (valid) credentials."""
+
+    def get(self, case: Any, context: Any) -> str:
+        return TOKEN
+
+    def set(self, case: Any, data: str, context: Any) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+
+@schemathesis.auth.apply(BearerToken)
+@schema_with_token.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_response_matches_the_document_with_a_token(case: Any) -> None:
+    # Schemathesis's auth check also replays each case without and with a wrong token,
+    # expecting 401.
+    response = case.call()
+    assert response.status_code < 500
+    case.validate_response(response)
+    assert SECRET not in response.get_data(as_text=True)
+    assert TOKEN not in response.get_data(as_text=True)

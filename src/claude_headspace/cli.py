@@ -131,9 +131,14 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
 @with_appcontext
 def status_command(table: bool) -> None:
     """Print the service's status (as GET /api/inference/status)."""
-    service = current_app.extensions["inference"]
-    data = service.status()
-    service.close()
+    from .api.inference import status_without_service
+
+    service = current_app.extensions.get("inference")
+    if service is None:
+        data = status_without_service(current_app.extensions["headspace.settings"])
+    else:
+        data = service.status()
+        service.close()
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
 
 
@@ -166,7 +171,9 @@ def usage_command(
     except BadParameter as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    current_app.extensions["inference"].close()
+    service = current_app.extensions.get("inference")
+    if service is not None:
+        service.close()  # not needed to read usage: stop its threads now
     with _database().sessions() as session:
         data = usage_report(session, query)
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))

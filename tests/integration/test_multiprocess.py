@@ -96,7 +96,7 @@ def test_processes_share_one_budget_one_cache_and_one_log(
     # One budget: never more than `limit` upstream calls in any window. The emulator sees
     # arrivals, not admissions: a cold process's first request reaches it up to ~0.1 s after
     # its admission on a busy machine, so the window checked is 0.5 s shorter. Four
-    # processes each keeping their own budget would put 20 calls in the first window.
+    # processes each keeping their own budget would put all 16 first calls in one window.
     times = sorted(r.received_at for r in chat)
     for i, t in enumerate(times):
         in_window = sum(1 for u in times[i:] if u < t + window - 0.5)

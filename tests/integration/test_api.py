@@ -118,6 +118,7 @@ def test_status_without_a_running_service(sqlite_url: str, emulator: Any, tmp_pa
         ("project_id=abc", "project_id"),
         ("project_id=-3", "project_id"),
         ("project_id=99999999999999999999", "project_id"),
+        ("project_id=2147483648", "project_id"),  # past projects.id, refused by PostgreSQL
         ("colour=blue", "colour"),
         ("level=turn&level=task", "level"),
         ("model=", "model"),

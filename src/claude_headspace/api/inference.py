@@ -18,6 +18,7 @@ from ..inference.usage import UsageQuery, usage_report
 bp = Blueprint("inference_api", __name__, url_prefix="/api/inference")
 
 USAGE_PARAMS = ("since", "until", "level", "model", "project_id")
+MAX_PROJECT_ID = 2**31 - 1
 
 
 class BadParameter(ValueError):
@@ -136,8 +137,12 @@ def parse_usage_query(args: Any) -> UsageQuery:
     project_id = None
     if "project_id" in args:
         raw = args["project_id"]
-        if not raw.isascii() or not raw.isdigit() or int(raw) <= 0 or len(raw) > 18:
-            raise BadParameter(f"project_id: must be a positive integer, got {raw!r:.40}")
+        # Project ids are 32-bit (projects.id): a larger one cannot exist, and PostgreSQL
+        # would refuse to compare it with the column.
+        if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_PROJECT_ID:
+            raise BadParameter(
+                f"project_id: must be an integer from 1 to {MAX_PROJECT_ID}, got {raw!r:.40}"
+            )
         project_id = int(raw)
     return UsageQuery(since, until, level, model, project_id)
 
@@ -376,7 +381,11 @@ def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
                         {
                             "name": "project_id",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_PROJECT_ID,
+                            },
                         },
                     ],
                     "responses": {

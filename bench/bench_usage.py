@@ -15,25 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from claude_headspace.db import normalise_url
+from bench.common import postgres_database
 from claude_headspace.models.inference_call import LATENCY_BUCKETS_MS
 
-PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DAYS = 90
 
 
@@ -153,14 +151,8 @@ def main() -> None:
         usage_report_raw,
     )
 
-    base = make_url(normalise_url(PG_URL))
-    name = f"hs_bench_usage_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = base.set(database=name).render_as_string(hide_password=False)
     results: dict[str, Any] = {"rows": {}}
-    try:
+    with postgres_database() as url:
         with tempfile.TemporaryDirectory() as spool:
             app = create_app(
                 overrides={
@@ -231,10 +223,6 @@ def main() -> None:
             results["growth"] = round(
                 last["usage_endpoint_median_ms"] / first["usage_endpoint_median_ms"], 2
             )
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
     print(json.dumps(results) if args.json else f"growth {results.get('growth')}x", flush=True)
 
 

@@ -8,10 +8,12 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BENCH_KEY = "sk-or-bench"
 HAIKU = "anthropic/claude-haiku-4.5"
 
@@ -84,3 +86,29 @@ def emulator_process(latency_ms: int = 0) -> Iterator[str]:
 def chat_body(text: str, model: str = HAIKU) -> dict[str, Any]:
     """A chat-completion request body for ``text``."""
     return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from claude_headspace.config import DatabaseSettings
+    from claude_headspace.db import Database, normalise_url
+
+    base = make_url(normalise_url(PG_URL))
+    name = f"hs_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    try:
+        db = Database(DatabaseSettings(url=url))
+        db.upgrade()
+        db.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

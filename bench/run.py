@@ -19,17 +19,24 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.common import BENCH_KEY, HAIKU, Summary, chat_body, emulator_process, sample, summarise
+from bench.common import (
+    BENCH_KEY,
+    HAIKU,
+    Summary,
+    chat_body,
+    emulator_process,
+    postgres_database,
+    sample,
+    summarise,
+)
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network for litellm
 RESULTS = Path(__file__).parent / "results"
-PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 class Run:
@@ -56,32 +63,6 @@ class Run:
 
 
 # --------------------------------------------------------------------------- databases
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from claude_headspace.config import DatabaseSettings
-    from claude_headspace.db import Database, normalise_url
-
-    base = make_url(normalise_url(PG_URL))
-    name = f"hs_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = base.set(database=name).render_as_string(hide_password=False)
-    try:
-        db = Database(DatabaseSettings(url=url))
-        db.upgrade()
-        db.dispose()
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def make_service(base_url: str, db_url: str, spool: Path, **inference: Any) -> Any:

@@ -216,11 +216,23 @@ def main() -> None:
 @click.option("--timeout", default=60, show_default=True, type=int, help="worker timeout, s")
 def serve_command(host: str, port: int, workers: int, threads: int, timeout: int) -> None:
     """Serve the app with gunicorn (each worker builds its own app and service)."""
-    from .app import create_app
+    from .config import load_settings
+    from .db import Database
     from .server import serve
 
-    # Fail here, once, on a bad configuration, rather than in every worker.
-    create_app().extensions["inference"].close()
+    # Fail here, once, on a bad configuration, rather than in every worker. Only the
+    # settings: an app would start threads (its health probe), and a fork taken while
+    # a thread is half-way through an import leaves the workers a half-imported module.
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    # Migrate once here rather than in N workers at the same moment (no threads involved).
+    database = Database(settings.database)
+    if database.is_sqlite or settings.database.auto_migrate:
+        database.upgrade()
+    database.dispose()
     serve(host, port, workers, threads, timeout)
 
 

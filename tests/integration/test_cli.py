@@ -80,7 +80,8 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
 ) -> None:
     port = free_port()
     env = {**os.environ, "HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
-           "OPENROUTER_API_KEY": "sk-or-serve-test"}  # fmt: skip
+           "OPENROUTER_API_KEY": "sk-or-serve-test",
+           "HEADSPACE__OPENROUTER__HEALTH__TIMEOUT_SECONDS": "2"}  # fmt: skip
     proc = subprocess.Popen(
         [str(BIN / "headspace"), "serve", "--port", str(port), "--workers", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -90,17 +91,32 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
         status = None
         while time.monotonic() < deadline:
             try:
-                status = httpx.get(f"http://127.0.0.1:{port}/api/inference/status", timeout=5)
+                status = httpx.get(f"http://127.0.0.1:{port}/api/inference/status", timeout=10)
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert status is not None and status.status_code == 200
-        assert status.json()["state"] == "healthy"
+        if status is None:
+            proc.kill()
+            _, stderr = proc.communicate(timeout=10)
+            raise AssertionError(f"the server never answered:\n{stderr[-3000:]}")
+        assert status.status_code == 200
+        assert status.json()["state"] == "healthy", status.json()["reason"]
         usage = httpx.get(f"http://127.0.0.1:{port}/api/inference/usage?level=turn", timeout=5)
         assert usage.status_code == 200 and usage.json()["total_calls"] == 0
+        # Both workers up (each wrote its journal) before the signal: a worker still
+        # importing when SIGTERM comes is gunicorn's business, not this test's.
+        while time.monotonic() < deadline:
+            if len(list((tmp_path / "instance" / "call-log").glob("calls-*.jsonl"))) >= 2:
+                break
+            time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate(timeout=10)
+            raise AssertionError(f"no clean exit 20 s after SIGTERM:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-2000:]
     assert "Booting worker" in stderr
     # Each worker flushed and removed its call-log journal on the way out.

@@ -13,6 +13,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+# httpx imports httpcore lazily, when the first client is built. Our first client is built
+# on the start-up health probe's thread while the app's thread may still be importing: a
+# cross-thread import that hung or broke gunicorn workers. Imported here, once, up front.
+import httpcore  # noqa: F401
 import httpx
 
 from ..clock import SYSTEM_CLOCK, Clock

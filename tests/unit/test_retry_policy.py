@@ -1,0 +1,556 @@
+"""RetryPolicy: the delay it chooses (a table), and its loop run against the real emulator
+with a FakeClock, so every wait is recorded and none is slept."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from claude_headspace.clock import FakeClock
+from claude_headspace.config import OpenRouterSettings, RetrySettings
+from claude_headspace.emulator import EmulatorServer, Fault
+from claude_headspace.inference.client import OpenRouterClient
+from claude_headspace.inference.errors import (
+    AuthenticationError,
+    BadRequestError,
+    EmptyResponseError,
+    ErrorInResponseError,
+    InferenceError,
+    InsufficientCreditsError,
+    ModelNotFoundError,
+    ModerationError,
+    RequestTimeoutError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamServerError,
+    UpstreamTimeoutError,
+)
+from claude_headspace.inference.retry import JITTER, RetryPolicy
+from claude_headspace.inference.types import Completion, GenerationParams
+
+KEY = "sk-or-v1-retry-test-0123456789"
+MODEL = "anthropic/claude-haiku-4.5"
+CHAT = "/api/v1/chat/completions"
+RETRY_LOGGER = "claude_headspace.inference.retry"
+
+
+class _FixedRandom(random.Random):
+    """A Random whose random() is always ``value``: the ends of the jitter range."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def client(emulator: EmulatorServer, clock: FakeClock) -> Iterator[OpenRouterClient]:
+    made = OpenRouterClient(
+        OpenRouterSettings(base_url=emulator.base_url), api_key=KEY, clock=clock
+    )
+    yield made
+    made.close()
+
+
+def _call(client: OpenRouterClient) -> Callable[[int], Completion]:
+    def call(_attempt: int) -> Completion:
+        return client.complete(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], params=GenerationParams()
+        )
+
+    return call
+
+
+def _policy(**extra: Any) -> RetryPolicy:
+    return RetryPolicy.from_settings(RetrySettings(**extra))
+
+
+# --------------------------------------------------------------------------- the delay table
+
+# (base, max_delay, attempt) -> the step before jitter: min(max_delay, base * 2 ** (attempt-1)).
+DELAY_TABLE = [
+    (1.0, 30.0, 1, 1.0),
+    (1.0, 30.0, 2, 2.0),
+    (1.0, 30.0, 3, 4.0),
+    (1.0, 30.0, 4, 8.0),
+    (1.0, 30.0, 5, 16.0),
+    (1.0, 30.0, 6, 30.0),  # 32 capped
+    (1.0, 30.0, 10, 30.0),
+    (1.0, 30.0, 1000, 30.0),  # no overflow for absurd attempt numbers
+    (0.5, 30.0, 1, 0.5),
+    (0.5, 30.0, 4, 4.0),
+    (2.0, 5.0, 1, 2.0),
+    (2.0, 5.0, 2, 4.0),
+    (2.0, 5.0, 3, 5.0),  # 8 capped
+    (0.0, 30.0, 3, 0.0),
+]
+
+
+@pytest.mark.parametrize(("base", "cap", "attempt", "step"), DELAY_TABLE)
+@pytest.mark.parametrize("seed", [0, 1, 42, 2024])
+def test_backoff_stays_within_jitter_bounds_and_the_cap(
+    base: float, cap: float, attempt: int, step: float, seed: int
+) -> None:
+    policy = RetryPolicy(max_attempts=5, base_delay_seconds=base, max_delay_seconds=cap)
+
+    delay = policy.backoff(attempt, random.Random(seed))
+
+    assert step * (1 - JITTER) <= delay <= step
+    assert delay <= cap
+    # Exactly step * (1 - JITTER * u), u the seeded generator's first draw.
+    assert delay == pytest.approx(step * (1 - JITTER * random.Random(seed).random()))
+
+
+@pytest.mark.parametrize(("base", "cap", "attempt", "step"), DELAY_TABLE)
+def test_backoff_at_the_ends_of_the_jitter_range(
+    base: float, cap: float, attempt: int, step: float
+) -> None:
+    policy = RetryPolicy(max_attempts=5, base_delay_seconds=base, max_delay_seconds=cap)
+
+    assert policy.backoff(attempt, _FixedRandom(0.0)) == pytest.approx(step)
+    assert policy.backoff(attempt, _FixedRandom(0.999999)) == pytest.approx(
+        step * (1 - JITTER), abs=1e-5
+    )
+
+
+def test_backoff_is_reproducible_from_a_seed() -> None:
+    policy = RetryPolicy()
+    first = [policy.backoff(a, random.Random(7)) for a in range(1, 6)]
+    second = [policy.backoff(a, random.Random(7)) for a in range(1, 6)]
+    assert first == second
+
+
+def test_jitter_actually_varies_the_delay() -> None:
+    policy = RetryPolicy()
+    rng = random.Random(11)
+    delays = {round(policy.backoff(3, rng), 9) for _ in range(50)}
+    assert len(delays) > 40
+    assert all(4.0 * (1 - JITTER) <= d <= 4.0 for d in delays)
+
+
+def test_from_settings_copies_every_number() -> None:
+    policy = _policy(max_attempts=7, base_delay_seconds=0.25, max_delay_seconds=9.0)
+    assert policy == RetryPolicy(7, 0.25, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("error", "attempt", "expected"),
+    [
+        (UpstreamServerError("x", status_code=500), 3, None),  # the last attempt
+        (BadRequestError("x", status_code=400), 1, None),  # final
+        (UpstreamRateLimitError("x", retry_after=12.0), 1, 12.0),
+        (UpstreamRateLimitError("x", retry_after=0.0), 1, 0.0),
+        (UpstreamRateLimitError("x", retry_after=30.0), 1, 30.0),  # exactly the cap
+        (UpstreamRateLimitError("x", retry_after=30.5), 1, None),  # beyond the cap
+    ],
+)
+def test_delay_for_table(error: InferenceError, attempt: int, expected: float | None) -> None:
+    policy = RetryPolicy(max_attempts=3, base_delay_seconds=1.0, max_delay_seconds=30.0)
+    assert policy.delay_for(attempt, error, rng=random.Random(0)) == expected
+
+
+# --------------------------------------------------------------------------- run(): request counts
+
+
+@pytest.mark.parametrize("failures", [1, 2, 4])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=500),
+        Fault(status=502),
+        Fault(status=503),
+        Fault(status=408),
+        Fault(status=429),
+        Fault(error_in_200=True),
+        Fault(no_choices=True),
+        Fault(drop=True),
+    ],
+    ids=["500", "502", "503", "408", "429", "error-in-200", "no-choices", "drop"],
+)
+def test_recovers_after_n_failures_with_exactly_n_plus_one_requests(
+    emulator: EmulatorServer,
+    client: OpenRouterClient,
+    clock: FakeClock,
+    fault: Fault,
+    failures: int,
+) -> None:
+    emulator.script([fault] * failures)
+    policy = RetryPolicy(max_attempts=failures + 1, base_delay_seconds=1.0, max_delay_seconds=30.0)
+
+    completion, attempts = policy.run(_call(client), clock=clock, rng=random.Random(5))
+
+    assert completion.finish_reason == "stop"
+    assert attempts == failures + 1
+    assert emulator.request_count(CHAT) == failures + 1
+    assert len(clock.sleeps) == failures
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 3, 5])
+def test_exhaustion_makes_max_attempts_requests_then_raises(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock, max_attempts: int
+) -> None:
+    emulator.script([Fault(status=503)] * (max_attempts + 3))
+    policy = _policy(max_attempts=max_attempts)
+
+    with pytest.raises(UpstreamServerError) as caught:
+        policy.run(_call(client), clock=clock, rng=random.Random(1))
+
+    assert caught.value.attempts == max_attempts
+    assert caught.value.status_code == 503
+    assert emulator.request_count(CHAT) == max_attempts
+    assert len(clock.sleeps) == max_attempts - 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "cls"),
+    [
+        (Fault(status=400), BadRequestError),
+        (Fault(status=401), AuthenticationError),
+        (Fault(status=402), InsufficientCreditsError),
+        (Fault(status=403, metadata={"reasons": ["hate"]}), ModerationError),
+        (Fault(status=404), ModelNotFoundError),
+        (Fault(status=418), BadRequestError),
+    ],
+    ids=["400", "401", "402", "403", "404", "418"],
+)
+def test_final_errors_make_exactly_one_request(
+    emulator: EmulatorServer,
+    client: OpenRouterClient,
+    clock: FakeClock,
+    fault: Fault,
+    cls: type[UpstreamError],
+) -> None:
+    emulator.script([fault, Fault(status=500), Fault(status=500)])
+
+    with pytest.raises(cls) as caught:
+        _policy(max_attempts=5).run(_call(client), clock=clock)
+
+    assert caught.value.retryable is False
+    assert caught.value.attempts == 1
+    assert emulator.request_count(CHAT) == 1
+    assert clock.sleeps == []
+
+
+def test_read_timeout_is_retried(emulator: EmulatorServer, clock: FakeClock) -> None:
+    emulator.script([Fault(delay_ms=1000)])
+    quick = OpenRouterClient(
+        OpenRouterSettings(base_url=emulator.base_url, timeout_seconds=0.2), api_key=KEY
+    )
+    errors: list[InferenceError] = []
+    try:
+        completion, attempts = _policy(max_attempts=2).run(
+            _call(quick), clock=clock, on_error=lambda e, _a, _d: errors.append(e)
+        )
+    finally:
+        quick.close()
+
+    assert completion.finish_reason == "stop"
+    assert attempts == 2
+    assert [type(e) for e in errors] == [UpstreamTimeoutError]
+    assert emulator.request_count(CHAT) == 2
+
+
+def test_connection_refused_is_retried_until_exhausted(clock: FakeClock) -> None:
+    with socket.socket() as sock:  # a loopback port that nothing listens on once released
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    refused = OpenRouterClient(
+        OpenRouterSettings(base_url=f"http://127.0.0.1:{closed_port}/api/v1"), api_key=KEY
+    )
+    try:
+        with pytest.raises(UpstreamConnectionError) as caught:
+            _policy(max_attempts=3).run(_call(refused), clock=clock, rng=random.Random(2))
+    finally:
+        refused.close()
+
+    assert caught.value.attempts == 3
+    assert len(clock.sleeps) == 2
+
+
+# --------------------------------------------------------------------------- run(): the delays
+
+
+def test_sleeps_follow_the_backoff_table_exactly(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=500)] * 5)
+    policy = RetryPolicy(max_attempts=6, base_delay_seconds=1.0, max_delay_seconds=10.0)
+
+    policy.run(_call(client), clock=clock, rng=random.Random(99))
+
+    mirror = random.Random(99)
+    steps = [1.0, 2.0, 4.0, 8.0, 10.0]
+    assert clock.sleeps == pytest.approx([s * (1 - JITTER * mirror.random()) for s in steps])
+    for delay, step in zip(clock.sleeps, steps, strict=True):
+        assert step * (1 - JITTER) <= delay <= step
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (Fault(status=429, retry_after=7), 7.0),
+        (Fault(status=503, retry_after=12), 12.0),
+        (Fault(status=429, retry_after=0.25), 0.25),
+        (Fault(status=429, retry_after=0), 0.0),
+        (Fault(status=429, retry_after_ms=1500), 1.5),
+        (Fault(status=503, retry_after_ms=20), 0.02),
+    ],
+    ids=["429-7s", "503-12s", "429-0.25s", "429-0s", "429-1500ms", "503-20ms"],
+)
+def test_retry_after_seconds_preferred_over_backoff(
+    emulator: EmulatorServer,
+    client: OpenRouterClient,
+    clock: FakeClock,
+    fault: Fault,
+    expected: float,
+) -> None:
+    emulator.script([fault])
+
+    _, attempts = _policy(max_attempts=3, base_delay_seconds=1.0).run(
+        _call(client), clock=clock, rng=random.Random(0)
+    )
+
+    assert attempts == 2
+    assert clock.sleeps == pytest.approx([expected])
+    assert emulator.request_count(CHAT) == 2
+
+
+@pytest.mark.parametrize("seconds_ahead", [0, 3, 12, 30])
+def test_retry_after_http_date_measured_on_the_fake_clock(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock, seconds_ahead: int
+) -> None:
+    when = email.utils.formatdate(clock.time() + seconds_ahead, usegmt=True)
+    emulator.script([Fault(status=429, retry_after=when)])
+
+    _, attempts = _policy(max_attempts=3).run(_call(client), clock=clock)
+
+    assert attempts == 2
+    assert clock.sleeps == pytest.approx([float(seconds_ahead)])
+
+
+def test_retry_after_http_date_in_the_past_retries_at_once(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    when = email.utils.formatdate(clock.time() - 60, usegmt=True)
+    emulator.script([Fault(status=503, retry_after=when)])
+
+    _policy(max_attempts=2).run(_call(client), clock=clock)
+
+    assert clock.sleeps == [0.0]
+
+
+def test_retry_after_ms_wins_over_retry_after(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=429, retry_after=9, retry_after_ms=2500)])
+
+    _policy(max_attempts=2).run(_call(client), clock=clock)
+
+    assert clock.sleeps == pytest.approx([2.5])
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(status=429, retry_after=120), Fault(status=503, retry_after_ms=45_000)],
+    ids=["seconds", "ms"],
+)
+def test_retry_after_beyond_the_cap_stops_at_once(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock, fault: Fault
+) -> None:
+    emulator.script([fault])
+    delays: list[float | None] = []
+
+    with pytest.raises(UpstreamError) as caught:
+        _policy(max_attempts=5, max_delay_seconds=30.0).run(
+            _call(client), clock=clock, on_error=lambda _e, _a, d: delays.append(d)
+        )
+
+    assert caught.value.retry_after == pytest.approx(120 if fault.retry_after else 45.0)
+    assert caught.value.retryable is True  # retryable, just not by us, now
+    assert caught.value.attempts == 1
+    assert emulator.request_count(CHAT) == 1
+    assert clock.sleeps == []
+    assert delays == [None]
+
+
+def test_retry_after_http_date_beyond_the_cap_stops_at_once(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    when = email.utils.formatdate(clock.time() + 300, usegmt=True)
+    emulator.script([Fault(status=429, retry_after=when)])
+
+    with pytest.raises(UpstreamRateLimitError) as caught:
+        _policy(max_attempts=5, max_delay_seconds=30.0).run(_call(client), clock=clock)
+
+    assert caught.value.retry_after == pytest.approx(300.0)
+    assert emulator.request_count(CHAT) == 1
+    assert clock.sleeps == []
+
+
+def test_mixed_faults_use_retry_after_where_given_and_backoff_elsewhere(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=502), Fault(status=429, retry_after=5), Fault(status=500)])
+    policy = RetryPolicy(max_attempts=4, base_delay_seconds=1.0, max_delay_seconds=30.0)
+
+    _, attempts = policy.run(_call(client), clock=clock, rng=random.Random(8))
+
+    assert attempts == 4
+    first, second, third = clock.sleeps
+    assert 1.0 * (1 - JITTER) <= first <= 1.0
+    assert second == 5.0
+    assert 4.0 * (1 - JITTER) <= third <= 4.0
+
+
+# --------------------------------------------------------------------------- run(): reporting
+
+
+def test_on_error_sees_every_failure_with_the_chosen_delay(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=500), Fault(status=429, retry_after=3), Fault(no_choices=True)])
+    seen: list[tuple[type[InferenceError], int | None, int, float | None]] = []
+
+    _, attempts = _policy(max_attempts=4).run(
+        _call(client),
+        clock=clock,
+        on_error=lambda e, a, d: seen.append((type(e), e.status_code, a, d)),
+        rng=random.Random(4),
+    )
+
+    assert attempts == 4
+    assert [(cls, status, attempt) for cls, status, attempt, _ in seen] == [
+        (UpstreamServerError, 500, 1),
+        (UpstreamRateLimitError, 429, 2),
+        (EmptyResponseError, 200, 3),
+    ]
+    assert [delay for *_, delay in seen] == clock.sleeps
+    assert seen[1][3] == 3.0
+
+
+def test_on_error_gets_none_for_the_last_failure(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(error_in_200=True)] * 3)
+    seen: list[tuple[int, float | None]] = []
+
+    with pytest.raises(ErrorInResponseError):
+        _policy(max_attempts=3).run(
+            _call(client), clock=clock, on_error=lambda _e, a, d: seen.append((a, d))
+        )
+
+    assert [a for a, _ in seen] == [1, 2, 3]
+    assert [d for _, d in seen][:2] == clock.sleeps
+    assert seen[-1][1] is None
+
+
+def test_on_error_called_once_for_a_final_error(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=402)])
+    seen: list[tuple[type[InferenceError], int, float | None]] = []
+
+    with pytest.raises(InsufficientCreditsError):
+        _policy().run(
+            _call(client), clock=clock, on_error=lambda e, a, d: seen.append((type(e), a, d))
+        )
+
+    assert seen == [(InsufficientCreditsError, 1, None)]
+
+
+def test_a_warning_is_logged_for_each_retry(
+    emulator: EmulatorServer,
+    client: OpenRouterClient,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=RETRY_LOGGER)
+    emulator.script([Fault(status=503), Fault(status=429, retry_after=2), Fault(status=502)])
+
+    _policy(max_attempts=4).run(_call(client), clock=clock, rng=random.Random(6))
+
+    warnings = [r for r in caplog.records if r.name == RETRY_LOGGER]
+    assert [r.levelno for r in warnings] == [logging.WARNING] * 3
+    for record, attempt, status, delay in zip(
+        warnings, [1, 2, 3], [503, 429, 502], clock.sleeps, strict=True
+    ):
+        message = record.getMessage()
+        assert f"attempt {attempt} of 4" in message
+        assert f"status {status}" in message
+        assert f"{delay:.2f} s" in message
+
+
+def test_no_warning_when_nothing_is_retried(
+    emulator: EmulatorServer,
+    client: OpenRouterClient,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=RETRY_LOGGER)
+    emulator.script([Fault(status=400)])
+
+    with pytest.raises(BadRequestError):
+        _policy().run(_call(client), clock=clock)
+    _policy().run(_call(client), clock=clock)
+
+    assert [r for r in caplog.records if r.name == RETRY_LOGGER] == []
+
+
+def test_run_passes_the_attempt_number_to_the_function(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=500), Fault(status=500)])
+    seen: list[int] = []
+
+    def call(attempt: int) -> Completion:
+        seen.append(attempt)
+        return _call(client)(attempt)
+
+    _policy(max_attempts=3).run(call, clock=clock)
+
+    assert seen == [1, 2, 3]
+
+
+def test_errors_other_than_inference_errors_are_not_retried(clock: FakeClock) -> None:
+    calls: list[int] = []
+
+    def broken(attempt: int) -> None:
+        calls.append(attempt)
+        raise KeyError("not ours")
+
+    with pytest.raises(KeyError):
+        _policy(max_attempts=5).run(broken, clock=clock)
+
+    assert calls == [1]
+    assert clock.sleeps == []
+
+
+def test_request_timeout_408_is_retried_with_backoff(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock
+) -> None:
+    emulator.script([Fault(status=408)])
+    errors: list[InferenceError] = []
+
+    _policy(max_attempts=2).run(
+        _call(client),
+        clock=clock,
+        on_error=lambda e, _a, _d: errors.append(e),
+        rng=random.Random(0),
+    )
+
+    assert [type(e) for e in errors] == [RequestTimeoutError]
+    assert 0.75 <= clock.sleeps[0] <= 1.0

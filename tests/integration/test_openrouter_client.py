@@ -41,6 +41,8 @@ from claude_headspace.inference.types import Completion, GenerationParams
 
 KEY = "sk-or-v1-client-test-0123456789abcdef"
 CANARY = "sk-or-v1-CANARY-1234567890abcdef"
+# The key's own part: a cut-off key that shows only a prefix of it still leaks.
+CANARY_MARK = "CANARY"
 MODEL = "anthropic/claude-haiku-4.5"
 CHAT = "/api/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hello world"}]
@@ -515,6 +517,11 @@ def _leak_paths() -> list[Any]:
             Fault(status=200, body=f"<pre>Authorization: Bearer {CANARY}</pre>"),
             id="echoed-200-not-json",
         ),
+        # The echoed key straddles the cut where the body preview ends (200 bytes).
+        pytest.param(
+            Fault(status=502, body="x" * 170 + f"Bearer {CANARY} and more"),
+            id="echoed-across-preview-cut",
+        ),
     ]
 
 
@@ -527,7 +534,7 @@ def _assert_no_canary(caplog: pytest.LogCaptureFixture, errors: list[BaseExcepti
             "".join(traceback.format_exception(error)),
         ]
         for text in rendered:
-            assert CANARY not in text, f"key leaked in {type(error).__name__}: {text[:300]}"
+            assert CANARY_MARK not in text, f"key leaked in {type(error).__name__}: {text[:300]}"
     assert caplog.records, "expected some log records to inspect (DEBUG capture is on)"
     for record in caplog.records:
         text = " ".join(
@@ -539,7 +546,7 @@ def _assert_no_canary(caplog: pytest.LogCaptureFixture, errors: list[BaseExcepti
                 logging.Formatter().format(record),
             ]
         )
-        assert CANARY not in text, f"key leaked in a {record.name} log record"
+        assert CANARY_MARK not in text, f"key leaked in a {record.name} log record"
 
 
 @pytest.fixture

@@ -66,11 +66,6 @@ def retry_at(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-def _preview(content: bytes) -> str:
-    text = content[:_SHOWN_BYTES].decode("utf-8", "replace")
-    return repr(text) + (" ..." if len(content) > _SHOWN_BYTES else "")
-
-
 def _limit(timeout: httpx.Timeout, exc: httpx.TimeoutException) -> str:
     if isinstance(exc, httpx.ReadTimeout):
         seconds = timeout.read
@@ -234,6 +229,14 @@ class OpenRouterClient:
         text = str(value)
         return text.replace(self._key, "[REDACTED]") if self._key else text
 
+    def _preview(self, content: bytes) -> str:
+        # The first bytes of a body, for the operator. A proxy or error page may echo the
+        # request headers back, so the key is redacted before the cut: the window is wide
+        # enough that any key starting inside the shown part is replaced whole.
+        window = content[: _SHOWN_BYTES + len(self._key.encode())]
+        text = self._clean(window.decode("utf-8", "replace"))[:_SHOWN_BYTES]
+        return repr(text) + (" ..." if len(content) > _SHOWN_BYTES else "")
+
     def _http_error(self, response: httpx.Response) -> UpstreamError:
         status = response.status_code
         cls = error_for_status(status)
@@ -249,11 +252,11 @@ class OpenRouterClient:
             code = error.get("code", status)
             if isinstance(error.get("metadata"), dict):
                 metadata = error["metadata"]
-                message += _metadata_note(metadata)
+                message += self._clean(_metadata_note(metadata))
         elif payload is None:
-            message = f"the body is not JSON: {_preview(response.content)}"
+            message = f"the body is not JSON: {self._preview(response.content)}"
         else:
-            message = f"{response.reason_phrase or 'error'}; body {_preview(response.content)}"
+            message = f"{response.reason_phrase or 'error'}; body {self._preview(response.content)}"
         headers = response.headers
         failure = cls(
             f"OpenRouter answered {status} ({cls.__name__}): {message}",
@@ -272,13 +275,13 @@ class OpenRouterClient:
         except ValueError:
             raise InvalidResponseError(
                 f"OpenRouter answered {response.status_code} with a body that is not JSON: "
-                f"{_preview(response.content)}",
+                f"{self._preview(response.content)}",
                 status_code=response.status_code,
             ) from None
         if not isinstance(data, dict):
             raise InvalidResponseError(
                 f"OpenRouter answered {response.status_code} with JSON that is not an object: "
-                f"{_preview(response.content)}",
+                f"{self._preview(response.content)}",
                 status_code=response.status_code,
             )
         return data
@@ -288,7 +291,7 @@ class OpenRouterClient:
         if error is not None:
             detail = error if isinstance(error, dict) else {"message": error}
             metadata = detail.get("metadata")
-            note = _metadata_note(metadata) if isinstance(metadata, dict) else ""
+            note = self._clean(_metadata_note(metadata)) if isinstance(metadata, dict) else ""
             raise ErrorInResponseError(
                 "OpenRouter answered 200 but the body carries an error: "
                 f"{self._clean(detail.get('message', detail))}{note}",

@@ -25,9 +25,9 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -111,6 +111,7 @@ class CallRecord:
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
 _TIMESTAMP = _FIELD_NAMES.index("timestamp")
 _COPY_SQL = f"COPY inference_calls ({', '.join(_FIELD_NAMES)}) FROM STDIN"
+_INSERT = insert(cast(Table, InferenceCall.__table__))
 
 
 class _RequestIds:
@@ -432,7 +433,8 @@ class CallRecorder:
                     # Translated where it enters: callers handle SQLAlchemy's error classes.
                     raise DBAPIError.instance(_COPY_SQL, None, exc, type(driver).Error) from exc  # type: ignore[union-attr]
             else:
-                session.execute(insert(InferenceCall), [r.values() for r in records])
+                # Core executemany: the ORM's bulk path costs several times more per row.
+                connection.execute(_INSERT, [r.values() for r in records])
             self._rollup(session, records)
             session.commit()
 

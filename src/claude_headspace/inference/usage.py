@@ -22,6 +22,7 @@ Token totals count what was sent upstream: a cache hit's tokens are not counted 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -134,18 +135,25 @@ def apply_rollup(session: Session, calls: Sequence[Any]) -> None:
     buckets = _buckets(calls)
     if not buckets:
         return
+    stmt = _upsert(session.get_bind().dialect.name)
+    # Sorted: concurrent writers lock shared buckets in one order, so they cannot deadlock.
+    session.execute(stmt, [_values(key, sums) for key, sums in sorted(buckets.items())])
+
+
+@functools.cache
+def _upsert(dialect: str) -> Any:
+    # Built once per dialect: the statement is immutable, and building its two dozen
+    # additions on every batch cost the writer thread more than executing it.
     table: Table = typing_cast(Table, UsageRollup.__table__)
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(table)
     # One upsert a bucket, adding to what other writers (other processes too) have added:
     # no read-modify-write, so no lost update. Money adds exactly on both databases
     # (NUMERIC on PostgreSQL, integer picodollars on SQLite: see RollupMoney).
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=["span", "bucket_start", "level", "model", "project_key"],
         set_={name: table.c[name] + stmt.excluded[name] for name in (*_INT_FIELDS, *_MONEY_FIELDS)},
     )
-    # Sorted: concurrent writers lock shared buckets in one order, so they cannot deadlock.
-    session.execute(stmt, [_values(key, sums) for key, sums in sorted(buckets.items())])
 
 
 def _values(key: _Key, sums: _Sums) -> dict[str, Any]:

@@ -79,6 +79,15 @@ def _limit(timeout: httpx.Timeout, exc: httpx.TimeoutException) -> str:
     return "no limit" if seconds is None else f"{seconds:g} s"
 
 
+def _parsed(url: str) -> httpx.URL | str:
+    # Parsed once, not on every request (httpx parses a string URL in Python each time).
+    # A URL httpx refuses stays a string, so that sending it fails with the usual error.
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL:
+        return url
+
+
 def _metadata_note(metadata: Mapping[str, Any]) -> str:
     # What an operator needs from OpenRouter's metadata; flagged_input is left out on
     # purpose, as it is the user's own text.
@@ -132,9 +141,9 @@ class OpenRouterClient:
         # 18 ms of CPU, which a new client per connection would pay on the call path.
         self._tls: ssl.SSLContext | None = None
         base = settings.base_url
-        self._chat_url = f"{base}/chat/completions"
-        self._key_url = f"{base}/key"
-        self._models_url = f"{base}/models"
+        self._chat_url = _parsed(f"{base}/chat/completions")
+        self._key_url = _parsed(f"{base}/key")
+        self._models_url = _parsed(f"{base}/models")
 
     def close(self) -> None:
         """Close every connection this client opened."""
@@ -199,7 +208,12 @@ class OpenRouterClient:
     # ------------------------------------------------------------------ plumbing
 
     def _send(
-        self, method: str, url: str, *, content: bytes | None = None, timeout: float | None = None
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        content: bytes | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
         http = self._http

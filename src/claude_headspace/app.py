@@ -22,6 +22,14 @@ from .db import Database
 log = logging.getLogger(__name__)
 
 
+def load_env_file() -> None:
+    """Load ``./.env`` into the environment; variables already set win.
+
+    Production machines keep OPENROUTER_API_KEY (and perhaps DATABASE_URL) there.
+    """
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
 def create_app(
     config_path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -29,8 +37,7 @@ def create_app(
     settings: Settings | None = None,
 ) -> Flask:
     """Build the Flask app: settings, database (migrated if embedded), services, routes."""
-    # Production machines keep OPENROUTER_API_KEY in ./.env; variables already set win.
-    load_dotenv(Path.cwd() / ".env", override=False)
+    load_env_file()
     if settings is None:
         settings = load_settings(config_path, overrides)
     logsafe.protect(settings.api_key)
@@ -82,10 +89,13 @@ def _running_db_command(argv: list[str] | None = None) -> bool:
 
 def _close_at_exit(service: Any) -> None:
     ref = weakref.ref(service)
+    owner = os.getpid()
 
     def close() -> None:
+        # Only in the process that built it: a child forked from this one inherits the hook
+        # but not the service's threads, and the locks they held at the fork stay held.
         live = ref()
-        if live is not None:
+        if live is not None and os.getpid() == owner:
             live.close()
 
     atexit.register(close)

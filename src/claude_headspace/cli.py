@@ -208,7 +208,9 @@ def main() -> None:
     """Claude Headspace inference service."""
 
 
-@main.command("serve")
+# Not in an app context: FlaskGroup would otherwise build the app, with its threads, in
+# the gunicorn master, and every worker forked from it would inherit that app.
+@main.command("serve", with_appcontext=False)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="gunicorn processes")
@@ -216,6 +218,7 @@ def main() -> None:
 @click.option("--timeout", default=60, show_default=True, type=int, help="worker timeout, s")
 def serve_command(host: str, port: int, workers: int, threads: int, timeout: int) -> None:
     """Serve the app with gunicorn (each worker builds its own app and service)."""
+    from .app import load_env_file
     from .config import load_settings
     from .db import Database
     from .server import serve
@@ -223,6 +226,7 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
     # Fail here, once, on a bad configuration, rather than in every worker. Only the
     # settings: an app would start threads (its health probe), and a fork taken while
     # a thread is half-way through an import leaves the workers a half-imported module.
+    load_env_file()
     try:
         settings = load_settings()
     except ConfigError as exc:

@@ -69,6 +69,21 @@ def test_infer_exit_status_and_streams(tmp_path: Path, emulator: Any) -> None:
     assert "openrouter.rate_limits.calls_per_minute" in config_error.stderr
 
 
+def test_dotenv_is_read_but_set_variables_win(tmp_path: Path, emulator: Any) -> None:
+    (tmp_path / ".env").write_text(
+        "OPENROUTER_API_KEY=sk-or-from-dotenv\nHEADSPACE__OPENROUTER__APP_NAME=from dotenv\n"
+    )
+    env = {"HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
+           "OPENROUTER_API_KEY": "sk-or-from-environment"}  # fmt: skip
+    status = run([str(BIN / "headspace"), "status"], tmp_path, env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "healthy"
+    seen = emulator.requests
+    assert seen and {r.headers["authorization"] for r in seen} == {"Bearer sk-or-from-environment"}
+    # What the environment does not set, .env does.
+    assert {r.headers["x-title"] for r in seen} == {"from dotenv"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,9 +94,14 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
     tmp_path: Path, emulator: Any
 ) -> None:
     port = free_port()
-    env = {**os.environ, "HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
-           "OPENROUTER_API_KEY": "sk-or-serve-test",
-           "HEADSPACE__OPENROUTER__HEALTH__TIMEOUT_SECONDS": "2"}  # fmt: skip
+    # The key and the database come from ./.env, as on the production machines: the
+    # master (which migrates) and the workers (which serve) must both read it.
+    served = tmp_path / "served.db"
+    (tmp_path / ".env").write_text(
+        f"OPENROUTER_API_KEY=sk-or-serve-dotenv\nDATABASE_URL=sqlite:///{served}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "DATABASE_URL")}
+    env["HEADSPACE__OPENROUTER__BASE_URL"] = emulator.base_url
     proc = subprocess.Popen(
         [str(BIN / "headspace"), "serve", "--port", str(port), "--workers", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -101,6 +121,10 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
             raise AssertionError(f"the server never answered:\n{stderr[-3000:]}")
         assert status.status_code == 200
         assert status.json()["state"] == "healthy", status.json()["reason"]
+        # The master builds no app: a thread of its own (a call-log writer, a health probe)
+        # running at a fork leaves the locks it holds held forever in the workers, which
+        # then hung at exit.
+        assert os.listdir(f"/proc/{proc.pid}/task") == [str(proc.pid)]
         usage = httpx.get(f"http://127.0.0.1:{port}/api/inference/usage?level=turn", timeout=5)
         assert usage.status_code == 200 and usage.json()["total_calls"] == 0
         # Both workers up (each wrote its journal) before the signal: a worker still
@@ -119,5 +143,7 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
             raise AssertionError(f"no clean exit 20 s after SIGTERM:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-2000:]
     assert "Booting worker" in stderr
+    assert {r.headers["authorization"] for r in emulator.requests} == {"Bearer sk-or-serve-dotenv"}
+    assert served.exists() and not (tmp_path / "instance" / "headspace.db").exists()
     # Each worker flushed and removed its call-log journal on the way out.
     assert list((tmp_path / "instance" / "call-log").glob("calls-*.jsonl")) == []

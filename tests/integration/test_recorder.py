@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -202,3 +205,41 @@ def test_a_record_after_close_is_journalled_for_the_next_start(
 def test_record_roundtrips_through_json() -> None:
     record = make_record(3, upstream_cost_usd=Decimal("0.1"), project_id=2, cached=True)
     assert CallRecord.from_json(record.to_json()) == record
+
+
+def _reap(pid: int, seconds: float = 30.0) -> int:
+    """The exit status of a forked child; kills it and fails if it does not end."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child never exited")
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_journal(
+    database_url: str, tmp_path: Path
+) -> None:
+    # gunicorn workers, and any fork of a process running the service, inherit the
+    # recorder and the app's exit hook. The child's close must not delete the journal the
+    # parent is still writing to, or the parent's next records survive no crash.
+    spool = tmp_path / "spool"
+    recorder = recorder_for(database_url, spool)
+    recorder.record(make_record(0))
+    assert recorder.flush(timeout=30)
+    journals = sorted(spool.glob("calls-*.jsonl"))
+    assert journals
+    pid = os.fork()
+    if pid == 0:  # the child: close its copy, as an exit hook would, and leave
+        try:
+            recorder.close(timeout=0.1)
+        finally:
+            os._exit(0)
+    assert _reap(pid) == 0
+    assert [p for p in journals if not p.exists()] == []
+    recorder.record(make_record(1))
+    assert recorder.close(timeout=30)
+    assert count_rows(database_url) == 2

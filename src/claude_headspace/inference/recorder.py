@@ -229,6 +229,7 @@ class CallRecorder:
         self._orphans: list[tuple[Path, int, int]] = []  # path, fd, last seq
         self._segment: _Segment | None = None
         self._thread: threading.Thread | None = None
+        self._owner = os.getpid()
         self._stopping = False
         self._busy = False
         self.written = 0
@@ -243,6 +244,7 @@ class CallRecorder:
 
     def start(self) -> CallRecorder:
         """Open this process's journal, queue what dead processes left, start the writer."""
+        self._owner = os.getpid()
         self._dir.mkdir(parents=True, exist_ok=True)
         orphans = _claim_orphans(self._dir)
         with self._lock:
@@ -265,7 +267,11 @@ class CallRecorder:
         """Write what is queued (up to ``timeout``), stop the writer; True if nothing is left.
 
         Records the database did not take stay in the journal and are replayed at next start.
+        In a process forked from the one that started it, this does nothing: the journal and
+        the writer belong to that process, which is still using them.
         """
+        if self._owner != os.getpid():
+            return False
         drained = self.flush(timeout)
         with self._lock:
             self._stopping = True

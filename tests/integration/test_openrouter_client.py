@@ -517,6 +517,15 @@ def _leak_paths() -> list[Any]:
             Fault(status=200, body=f"<pre>Authorization: Bearer {CANARY}</pre>"),
             id="echoed-200-not-json",
         ),
+        # An upstream that echoes the request into the error's metadata, kept on the error.
+        pytest.param(
+            Fault(status=502, metadata={"provider_name": "p", "raw": f"Bearer {CANARY}"}),
+            id="echoed-in-metadata",
+        ),
+        pytest.param(
+            Fault(error_in_200=True, metadata={"headers": [{"authorization": CANARY}]}),
+            id="echoed-in-200-metadata",
+        ),
         # The echoed key straddles the cut where the body preview ends (200 bytes).
         pytest.param(
             Fault(status=502, body="x" * 170 + f"Bearer {CANARY} and more"),
@@ -531,6 +540,7 @@ def _assert_no_canary(caplog: pytest.LogCaptureFixture, errors: list[BaseExcepti
             str(error),
             repr(error),
             repr(getattr(error, "to_dict", dict)()),
+            repr(getattr(error, "metadata", None)),
             "".join(traceback.format_exception(error)),
         ]
         for text in rendered:

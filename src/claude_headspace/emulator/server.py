@@ -359,8 +359,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             return True
         if fault.error_in_200:
-            self._send(200, {"error": {"code": 502, "message": fault.message or
-                                       "Provider disconnected mid-stream"}})  # fmt: skip
+            error: dict[str, Any] = {"code": 502, "message": fault.message or
+                                     "Provider disconnected mid-stream"}  # fmt: skip
+            if fault.metadata is not None:
+                error["metadata"] = fault.metadata
+            self._send(200, {"error": error})
             return True
         if fault.status >= 400:
             self._error(fault.status, fault.message, metadata=fault.metadata, headers=headers)

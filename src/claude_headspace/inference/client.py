@@ -253,6 +253,17 @@ class OpenRouterClient:
         text = str(value)
         return text.replace(self._key, "[REDACTED]") if self._key else text
 
+    def _scrub(self, value: Any) -> Any:
+        # OpenRouter's error metadata, kept on the exception for callers to inspect, with
+        # the key redacted wherever an upstream echoed it.
+        if isinstance(value, str):
+            return self._clean(value)
+        if isinstance(value, dict):
+            return {self._scrub(k): self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub(v) for v in value]
+        return value
+
     def _preview(self, content: bytes) -> str:
         # The first bytes of a body, for the operator. A proxy or error page may echo the
         # request headers back, so the key is redacted before the cut: the window is wide
@@ -275,8 +286,8 @@ class OpenRouterClient:
             message = self._clean(error.get("message") or response.reason_phrase)
             code = error.get("code", status)
             if isinstance(error.get("metadata"), dict):
-                metadata = error["metadata"]
-                message += self._clean(_metadata_note(metadata))
+                metadata = self._scrub(error["metadata"])
+                message += _metadata_note(metadata)
         elif payload is None:
             message = f"the body is not JSON: {self._preview(response.content)}"
         else:
@@ -314,8 +325,8 @@ class OpenRouterClient:
         error = data.get("error")
         if error is not None:
             detail = error if isinstance(error, dict) else {"message": error}
-            metadata = detail.get("metadata")
-            note = self._clean(_metadata_note(metadata)) if isinstance(metadata, dict) else ""
+            metadata = self._scrub(detail.get("metadata"))
+            note = _metadata_note(metadata) if isinstance(metadata, dict) else ""
             raise ErrorInResponseError(
                 "OpenRouter answered 200 but the body carries an error: "
                 f"{self._clean(detail.get('message', detail))}{note}",

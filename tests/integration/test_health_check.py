@@ -68,20 +68,6 @@ def checker_for(
         client.close()
 
 
-@pytest.fixture
-def own_emulators() -> Iterator[Callable[..., EmulatorServer]]:
-    started: list[EmulatorServer] = []
-
-    def make(**options: Any) -> EmulatorServer:
-        server = EmulatorServer(**options).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
-
-
 # --------------------------------------------------------------------------- the answers
 
 
@@ -101,9 +87,9 @@ def test_healthy(
 
 
 def test_key_rejected(
-    own_emulators: Callable[..., EmulatorServer], checker_for: Callable[..., HealthChecker]
+    own_emulator: Callable[..., EmulatorServer], checker_for: Callable[..., HealthChecker]
 ) -> None:
-    strict = own_emulators(accept_keys={"sk-or-v1-only-this-one"})
+    strict = own_emulator(accept_keys={"sk-or-v1-only-this-one"})
 
     report = checker_for(base_url=strict.base_url).check()
 
@@ -144,9 +130,9 @@ def test_disabled(emulator: EmulatorServer, checker_for: Callable[..., HealthChe
 
 
 def test_falls_back_to_models_without_a_key_endpoint(
-    own_emulators: Callable[..., EmulatorServer], checker_for: Callable[..., HealthChecker]
+    own_emulator: Callable[..., EmulatorServer], checker_for: Callable[..., HealthChecker]
 ) -> None:
-    gateway = own_emulators(key_endpoint=False)
+    gateway = own_emulator(key_endpoint=False)
 
     report = checker_for(base_url=gateway.base_url).check()
 
@@ -175,11 +161,11 @@ def test_chat_faults_do_not_affect_the_probe(
 
 
 def test_an_emulator_that_goes_away_turns_unreachable_after_the_cache(
-    own_emulators: Callable[..., EmulatorServer],
+    own_emulator: Callable[..., EmulatorServer],
     checker_for: Callable[..., HealthChecker],
     clock: FakeClock,
 ) -> None:
-    server = own_emulators()
+    server = own_emulator()
     checker = checker_for(base_url=server.base_url, cache_seconds=30)
     assert checker.check().state == "healthy"
 
@@ -221,11 +207,11 @@ def test_answer_is_cached_for_cache_seconds(
 
 
 def test_a_failed_probe_is_cached_too(
-    own_emulators: Callable[..., EmulatorServer],
+    own_emulator: Callable[..., EmulatorServer],
     checker_for: Callable[..., HealthChecker],
     clock: FakeClock,
 ) -> None:
-    strict = own_emulators(accept_keys={"sk-or-v1-other"})
+    strict = own_emulator(accept_keys={"sk-or-v1-other"})
     checker = checker_for(base_url=strict.base_url, cache_seconds=60)
 
     for _ in range(5):

@@ -601,7 +601,7 @@ def test_canary_key_absent_from_logs_and_errors(
 
 
 def test_canary_key_absent_on_success_and_health_paths(
-    own_emulator_factory: Callable[..., EmulatorServer],
+    own_emulator: Callable[..., EmulatorServer],
     client_for: Callable[..., OpenRouterClient],
     debug_logs: pytest.LogCaptureFixture,
 ) -> None:
@@ -609,7 +609,7 @@ def test_canary_key_absent_on_success_and_health_paths(
     completion = _complete(client)
     assert CANARY not in repr(completion)
 
-    strict = own_emulator_factory(accept_keys={"sk-or-v1-some-other-key"})
+    strict = own_emulator(accept_keys={"sk-or-v1-some-other-key"})
     rejected = client_for(key=CANARY, base_url=strict.base_url)
     reports = [
         HealthChecker(client, OpenRouterSettings()).check(),
@@ -622,17 +622,3 @@ def test_canary_key_absent_on_success_and_health_paths(
     for report in reports:
         assert CANARY not in repr(report) and CANARY not in repr(report.to_dict())
     _assert_no_canary(debug_logs, [caught.value])
-
-
-@pytest.fixture
-def own_emulator_factory() -> Iterator[Callable[..., EmulatorServer]]:
-    started: list[EmulatorServer] = []
-
-    def make(**options: Any) -> EmulatorServer:
-        server = EmulatorServer(**options).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()

@@ -450,3 +450,16 @@ def test_the_key_is_in_no_log_record_and_no_error(
         assert CANARY not in repr(record.args)
         assert CANARY not in str(record.exc_text or "")
     assert CANARY not in caplog.text
+
+
+def test_a_closed_client_fails_at_once_without_sending(
+    emulator: EmulatorServer, make_client: ClientFactory
+) -> None:
+    client = make_client()
+    ask(client)  # a pooled connection exists, and goes back to the idle set
+    client.close()
+    with pytest.raises(e.UpstreamError) as caught:
+        ask(client)
+    assert not caught.value.retryable
+    assert "closed; no request was sent" in str(caught.value)
+    assert emulator.request_count("/api/v1/chat/completions") == 1

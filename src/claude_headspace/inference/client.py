@@ -137,6 +137,7 @@ class OpenRouterClient:
         self._all: list[httpx.Client] = []
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._lock = threading.Lock()
+        self._closed = False
         # One TLS context for every connection: building one loads the CA bundle, about
         # 18 ms of CPU, which a new client per connection would pay on the call path.
         self._tls: ssl.SSLContext | None = None
@@ -146,11 +147,28 @@ class OpenRouterClient:
         self._models_url = _parsed(f"{base}/models")
 
     def close(self) -> None:
-        """Close every connection this client opened."""
+        """Close every connection this client opened; later requests fail at once."""
         with self._lock:
+            self._closed = True
             clients, self._all = self._all, []
+        while True:
+            try:
+                self._idle.get_nowait()
+            except queue.Empty:
+                break
         for client in clients:
             client.close()
+
+    def _closed_error(self, *, in_flight: bool = False) -> UpstreamError:
+        # Not retryable: the service closes its client when it shuts down.
+        what = (
+            "was closed while the request was in flight"
+            if in_flight
+            else "is closed; no request was sent"
+        )
+        return UpstreamError(
+            f"the OpenRouter client {what} (the service has shut down)", retryable=False
+        )
 
     def _checkout(self, timeout: float) -> httpx.Client:
         if not self._slots.acquire(timeout=timeout):
@@ -161,10 +179,17 @@ class OpenRouterClient:
         try:
             return self._idle.get_nowait()
         except queue.Empty:
+            pass
+        try:
             return self._connect()
+        except UpstreamError:
+            self._slots.release()
+            raise
 
     def _connect(self) -> httpx.Client:
         with self._lock:
+            if self._closed:
+                raise self._closed_error()
             if self._tls is None:
                 self._tls = httpx.create_ssl_context()
             client = httpx.Client(
@@ -177,7 +202,12 @@ class OpenRouterClient:
         return client
 
     def _checkin(self, client: httpx.Client) -> None:
-        self._idle.put(client)
+        with self._lock:
+            closed = self._closed
+        if closed:
+            client.close()  # a request that was in flight when the client closed
+        else:
+            self._idle.put(client)
         self._slots.release()
 
     # ------------------------------------------------------------------ requests
@@ -229,6 +259,8 @@ class OpenRouterClient:
                 f"{_limit(wait, exc)} on {method} {url})"
             ) from None
         except httpx.TransportError as exc:
+            if self._closed:
+                raise self._closed_error(in_flight=True) from None
             raise UpstreamConnectionError(
                 f"could not talk to OpenRouter at {url}: {type(exc).__name__}: {self._clean(exc)}"
             ) from None
@@ -236,6 +268,11 @@ class OpenRouterClient:
             raise InvalidResponseError(
                 f"OpenRouter's answer to {method} {url} could not be decoded: {self._clean(exc)}"
             ) from None
+        except RuntimeError:
+            # httpx's "the client has been closed": close() won the race with a checkout.
+            if self._closed:
+                raise self._closed_error() from None
+            raise
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             # Not the network's fault (e.g. a malformed openrouter.base_url): retrying won't help.
             raise UpstreamError(

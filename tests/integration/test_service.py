@@ -445,3 +445,52 @@ def test_shutdown_finishes_running_cancels_queued_and_flushes(
     journals = list((tmp_path / "spool").glob("calls-*.jsonl"))
     lines = [line for j in journals for line in j.read_text().splitlines()]
     assert len(lines) == 2 and all('"refused"' in line for line in lines)
+
+
+def test_a_call_outliving_the_shutdown_timeout_ends_in_an_inference_error_and_a_row(
+    make_app: AppFactory, emulator: Any, tmp_path: Path
+) -> None:
+    # Shutdown waits 0.05 s, then closes the client under a call still waiting on
+    # OpenRouter. The call must end as an InferenceError (not httpx's RuntimeError about a
+    # closed client), without another attempt, and its row must survive to the next start.
+    app = make_app(
+        openrouter={"retry": {"max_attempts": 3}},
+        inference={"shutdown_timeout_seconds": 0.05},
+    )
+    service: InferenceService = app.extensions["inference"]
+    emulator.set_latency(1000)
+    future = service.submit("turn", "p", "outlives the shutdown")
+    while emulator.request_count(CHAT) < 1:
+        threading.Event().wait(0.01)
+    service.close()
+    with pytest.raises(InferenceError) as caught:
+        future.result(timeout=30)
+    assert not caught.value.retryable
+    assert "closed while the request was in flight" in str(caught.value)
+    assert emulator.request_count(CHAT) == 1
+    emulator.set_latency(0)
+    restarted = make_app()  # same database and spool: replays the journal
+    [row] = rows(restarted)
+    assert (row.status, row.error_type, row.purpose) == ("error", "UpstreamError", "p")
+
+
+def test_an_unexpected_exception_below_the_service_still_leaves_a_row(
+    make_app: AppFactory, emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: a bug (not an InferenceError) raised where the client would answer.
+    app = make_app()
+    service: InferenceService = app.extensions["inference"]
+
+    def broken(**_: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(service._client, "complete", broken)
+    with pytest.raises(KeyError):
+        service.infer("turn", "p", "meets a bug")
+    with pytest.raises(KeyError):
+        service.submit("task", "p", "meets a bug in a worker").result(timeout=30)
+    found = rows(app)
+    assert [(r.level, r.status, r.error_type) for r in found] == [
+        ("turn", "error", "KeyError"),
+        ("task", "error", "KeyError"),
+    ]

@@ -419,6 +419,11 @@ class InferenceService:
                 request, exc, started=started, status=status, attempts=exc.attempts if leader else 0
             )
             raise
+        except Exception as exc:
+            # Not an InferenceError: a bug somewhere below. The call still gets its row
+            # (error_type names the exception), and the caller still sees the exception.
+            self._record_failure(request, exc, started=started, status="error")
+            raise
         if isinstance(outcome, CachedAnswer):
             return self._record_cached(request, outcome, started)
         if not leader:
@@ -562,7 +567,7 @@ class InferenceService:
     def _record_failure(
         self,
         request: InferenceRequest,
-        error: InferenceError,
+        error: Exception,
         *,
         started: float,
         status: str,

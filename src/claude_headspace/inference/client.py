@@ -202,10 +202,10 @@ class OpenRouterClient:
         return client
 
     def _checkin(self, client: httpx.Client) -> None:
-        with self._lock:
-            closed = self._closed
-        if closed:
-            client.close()  # a request that was in flight when the client closed
+        # No lock: close() closes every client it ever made, so one put back here after a
+        # close is already closed, and a later checkout of it fails as a closed client.
+        if self._closed:
+            client.close()
         else:
             self._idle.put(client)
         self._slots.release()

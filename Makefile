@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo run test lint bench clean
+.PHONY: demo run test lint bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ test: lint
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.report
+
+# CI: every benchmark with few samples, so none of them rots, and BENCHMARKS.md checked
+# against the committed results it was written from. Asserts no time.
+bench-smoke: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.run --quick
+	$(BIN)/python -m bench.report quick.json --out bench/results/quick.md
+	$(BIN)/python -m bench.report --check
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache

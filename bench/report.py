@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -234,10 +235,25 @@ def render(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    source = ROOT / "bench" / "results" / (sys.argv[1] if len(sys.argv) > 1 else "latest.json")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", nargs="?", default="latest.json", help="in bench/results")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if --out differs from what the results give"
+    )
+    args = parser.parse_args()
+    source = ROOT / "bench" / "results" / args.results
     text = render(json.loads(source.read_text()))
-    (ROOT / "BENCHMARKS.md").write_text(text)
-    print(f"wrote BENCHMARKS.md from {source.relative_to(ROOT)}")
+    if args.check:
+        if not args.out.exists() or args.out.read_text() != text:
+            sys.exit(
+                f"{args.out.name} is not what bench/report.py makes of {source.name}: "
+                "run `make bench` (or `python -m bench.report`) and commit both"
+            )
+        print(f"{args.out.name} matches {source.name}")
+        return
+    args.out.write_text(text)
+    print(f"wrote {args.out} from {source.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

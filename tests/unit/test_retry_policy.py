@@ -4,6 +4,7 @@ with a FakeClock, so every wait is recorded and none is slept."""
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import random
 import socket
@@ -15,7 +16,7 @@ import pytest
 from claude_headspace.clock import FakeClock
 from claude_headspace.config import OpenRouterSettings, RetrySettings
 from claude_headspace.emulator import EmulatorServer, Fault
-from claude_headspace.inference.client import OpenRouterClient
+from claude_headspace.inference.client import MAX_RETRY_AFTER_SECONDS, OpenRouterClient
 from claude_headspace.inference.errors import (
     AuthenticationError,
     BadRequestError,
@@ -327,6 +328,39 @@ def test_retry_after_seconds_preferred_over_backoff(
     assert attempts == 2
     assert clock.sleeps == pytest.approx([expected])
     assert emulator.request_count(CHAT) == 2
+
+
+@pytest.mark.parametrize(
+    "header", ["inf", "Infinity", "1e999", "nan", "-5", "1e3", "soon", "3 s", "0x10"]
+)
+def test_an_unreadable_retry_after_is_ignored_for_the_backoff(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock, header: str
+) -> None:
+    # Not delta-seconds and not an HTTP date: the computed backoff applies, and nothing
+    # infinite or negative reaches the error (it is shown as JSON by the API and the CLI).
+    emulator.script([Fault(status=429, retry_after=header)])
+    errors: list[InferenceError] = []
+    _, attempts = _policy(max_attempts=3, base_delay_seconds=1.0).run(
+        _call(client),
+        clock=clock,
+        rng=random.Random(0),
+        on_error=lambda error, _attempt, _delay: errors.append(error),
+    )
+    assert attempts == 2
+    assert errors[0].retry_after is None
+    assert clock.sleeps == pytest.approx([1.0 * (1 - JITTER * random.Random(0).random())])
+
+
+@pytest.mark.parametrize("header", ["9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_an_absurd_retry_after_is_capped_at_a_day(
+    emulator: EmulatorServer, client: OpenRouterClient, clock: FakeClock, header: str
+) -> None:
+    emulator.script([Fault(status=429, retry_after=header)])
+    with pytest.raises(UpstreamRateLimitError) as caught:
+        _policy(max_attempts=3).run(_call(client), clock=clock, rng=random.Random(0))
+    assert caught.value.retry_after == MAX_RETRY_AFTER_SECONDS == 86_400
+    json.dumps(caught.value.to_dict(), allow_nan=False)  # valid JSON for the API and CLI
+    assert clock.sleeps == []
 
 
 @pytest.mark.parametrize("seconds_ahead", [0, 3, 12, 30])

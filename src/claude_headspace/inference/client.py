@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.utils
 import json
 import queue
+import re
 import ssl
 import threading
 import time
@@ -37,23 +38,38 @@ from .types import Completion, GenerationParams
 _SHOWN_BYTES = 200
 
 
+# A Retry-After longer than this is taken as this: a day is longer than any real
+# OpenRouter back-off, and a garbled header (or a proxy's) must not pause every call for
+# years, nor put an infinity into a JSON answer.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _delta(text: str, scale: float = 1.0) -> float | None:
+    # RFC 9110 delta-seconds (fractions accepted, as OpenRouter's own may be); anything
+    # else, such as "inf", "-5" or "1e3", is not a number of seconds.
+    text = text.strip()
+    if not _DELTA_SECONDS.fullmatch(text):
+        return None
+    return min(float(text) * scale, MAX_RETRY_AFTER_SECONDS)
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date);
+    None when absent or unreadable, at most MAX_RETRY_AFTER_SECONDS."""
     millis = headers.get("retry-after-ms")
     if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+        seconds = _delta(millis, 0.001)
+        if seconds is not None:
+            return seconds
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    seconds = _delta(value)
+    if seconds is not None:
+        return seconds
     when = retry_at(headers)
-    return None if when is None else max(0.0, when - now)
+    return None if when is None else min(max(0.0, when - now), MAX_RETRY_AFTER_SECONDS)
 
 
 def retry_at(headers: Mapping[str, str]) -> float | None:

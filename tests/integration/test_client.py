@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from datetime import UTC, datetime
@@ -463,3 +464,56 @@ def test_a_closed_client_fails_at_once_without_sending(
     assert not caught.value.retryable
     assert "closed; no request was sent" in str(caught.value)
     assert emulator.request_count("/api/v1/chat/completions") == 1
+
+
+def _answer_with_usage(usage: dict[str, Any]) -> Fault:
+    # A 200 whose body is given whole: a normal answer but for its usage block.
+    body = {
+        "id": "gen-usage",
+        "model": "anthropic/claude-haiku-4.5",
+        "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+    return Fault(status=200, body=json.dumps(body))
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -5, "completion_tokens": 3},
+        {"prompt_tokens": 10, "completion_tokens": 2.5},
+        {"prompt_tokens": 10**12, "completion_tokens": 3},
+        {"prompt_tokens": "12", "completion_tokens": 3},
+        {"prompt_tokens": True, "completion_tokens": 3},
+    ],
+    ids=["negative", "fraction", "beyond-32-bits", "string", "bool"],
+)
+def test_token_counts_that_are_not_counts_are_a_malformed_answer(
+    emulator: EmulatorServer, make_client: ClientFactory, usage: dict[str, Any]
+) -> None:
+    # They drive the limiter's budget and the cost: a negative count would give budget back.
+    emulator.script([_answer_with_usage(usage)])
+    with pytest.raises(e.InvalidResponseError) as caught:
+        ask(make_client())
+    assert "usage." in str(caught.value) and caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("cost", "kept"),
+    [("0.00012", 0.00012), (0, 0.0), ("NaN", None), ("Infinity", None), (-1, None), ("x", None)],
+)
+def test_openrouter_cost_is_kept_only_when_a_finite_non_negative_number(
+    emulator: EmulatorServer, make_client: ClientFactory, cost: Any, kept: float | None
+) -> None:
+    usage: dict[str, Any] = {"prompt_tokens": 12.0, "completion_tokens": 3, "cost": cost}
+    if cost in ("NaN", "Infinity"):
+        # Python's json reads these bare words as numbers: send them as such.
+        fault = _answer_with_usage({**usage, "cost": 0})
+        assert fault.body is not None
+        fault = Fault(status=200, body=fault.body.replace('"cost": 0', f'"cost": {cost}'))
+    else:
+        fault = _answer_with_usage(usage)
+    emulator.script([fault])
+    result = ask(make_client())
+    assert (result.input_tokens, result.output_tokens) == (12, 3)
+    assert result.upstream_cost_usd == kept

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import queue
 import re
 import ssl
@@ -102,6 +103,36 @@ def _parsed(url: str) -> httpx.URL | str:
         return httpx.URL(url)
     except httpx.InvalidURL:
         return url
+
+
+_MAX_TOKENS_REPORTED = 2**31 - 1  # the call log's token columns are 32-bit
+
+
+def _token_count(usage: Mapping[str, Any], name: str) -> int:
+    # Token counts drive the rate limiter's budget and the cost: a negative, fractional or
+    # absurd one is a malformed answer, not a number to trust (a negative count would hand
+    # budget back to the limiter).
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"usage.{name} is {value!r}, not a whole number of tokens")
+    if not 0 <= value <= _MAX_TOKENS_REPORTED:
+        raise ValueError(f"usage.{name} is {value}, outside 0..{_MAX_TOKENS_REPORTED}")
+    return value
+
+
+def _reported_cost(value: Any) -> float | None:
+    # OpenRouter's own figure, kept for the record beside ours: one that is not a finite,
+    # non-negative number is not kept (JSON parsers accept NaN and Infinity, NUMERIC
+    # columns too, and one NaN would poison every sum it enters).
+    try:
+        cost = float(value)
+    except (TypeError, ValueError):
+        return None
+    return cost if math.isfinite(cost) and cost >= 0 else None
 
 
 def _metadata_note(metadata: Mapping[str, Any]) -> str:
@@ -394,17 +425,16 @@ class OpenRouterClient:
         message = choice.get("message") or {}
         usage = data.get("usage") or {}
         try:
-            cost = usage.get("cost")
             return Completion(
                 text=str(message.get("content") or ""),
                 model=str(data.get("model") or model),
-                input_tokens=int(usage.get("prompt_tokens") or 0),
-                output_tokens=int(usage.get("completion_tokens") or 0),
+                input_tokens=_token_count(usage, "prompt_tokens"),
+                output_tokens=_token_count(usage, "completion_tokens"),
                 latency_ms=latency_ms,
                 generation_id=data.get("id"),
                 provider=data.get("provider"),
                 finish_reason=choice.get("finish_reason"),
-                upstream_cost_usd=float(cost) if cost is not None else None,
+                upstream_cost_usd=_reported_cost(usage.get("cost")),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidResponseError(

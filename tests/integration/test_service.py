@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -393,6 +394,21 @@ def test_a_flask_route_answers_while_slow_inferences_are_in_flight(
     assert in_flight_when_answered == 20
     assert all(not f.result(timeout=30).cached for f in futures)
     assert len(rows(app)) == 20
+
+
+def test_infer_on_a_request_thread_works_and_warns_once(
+    make_app: AppFactory, emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    service: InferenceService = app.extensions["inference"]
+    caplog.set_level(logging.WARNING, logger="claude_headspace")
+    service.infer("turn", "p", "outside any request")
+    assert not [r for r in caplog.records if "request thread" in r.getMessage()]
+    with app.test_request_context("/"):
+        assert service.infer("turn", "p", "in a handler").text
+        service.infer("turn", "p", "in a handler, again")
+    warned = [r for r in caplog.records if "request thread" in r.getMessage()]
+    assert len(warned) == 1 and "submit()" in warned[0].getMessage()
 
 
 def test_full_queue_fails_at_once_with_retry_after_and_is_logged(

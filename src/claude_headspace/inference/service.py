@@ -14,6 +14,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from flask import has_request_context
+
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Settings
 from ..db import Database
@@ -138,6 +140,7 @@ class InferenceService:
         self._shared_flight = shared_flight
         self._pool = _WorkerPool(self)
         self._closed = False
+        self._warned_request_thread = False
 
     # ------------------------------------------------------------------ construction
 
@@ -213,6 +216,15 @@ class InferenceService:
 
         Blocks for as long as the call takes: from a Flask request handler use submit().
         """
+        if has_request_context() and not self._warned_request_thread:
+            # Allowed (a handler may choose to wait), but said once: it is the mistake the
+            # service exists to prevent.
+            self._warned_request_thread = True
+            log.warning(
+                "inference: infer() called on a Flask request thread blocks that request for "
+                "the whole call, up to its retries; use submit() and do not wait on the future "
+                "in the handler"
+            )
         request = self._accept(
             level, purpose, input_text,
             CallLinks(project_id, agent_id, command_id, turn_id),

@@ -124,6 +124,26 @@ def _token_count(usage: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def _text(value: str) -> str:
+    # JSON may carry lone surrogates (half an emoji, escaped); they cannot be encoded to
+    # UTF-8, so the journal, the databases and most callers would fail on them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    # A field OpenRouter sends as a string; any other type is not kept.
+    return _text(value) if isinstance(value, str) else None
+
+
+# A reported cost above this is not a cost of one call; it would also overflow the call
+# log's NUMERIC(20, 12) column.
+_MAX_REPORTED_COST = 1_000_000.0
+
+
 def _reported_cost(value: Any) -> float | None:
     # OpenRouter's own figure, kept for the record beside ours: one that is not a finite,
     # non-negative number is not kept (JSON parsers accept NaN and Infinity, NUMERIC
@@ -132,7 +152,7 @@ def _reported_cost(value: Any) -> float | None:
         cost = float(value)
     except (TypeError, ValueError):
         return None
-    return cost if math.isfinite(cost) and cost >= 0 else None
+    return cost if math.isfinite(cost) and 0 <= cost <= _MAX_REPORTED_COST else None
 
 
 def _metadata_note(metadata: Mapping[str, Any]) -> str:
@@ -294,7 +314,10 @@ class OpenRouterClient:
     ) -> httpx.Response:
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
         http = self._http
-        client = http if http is not None else self._checkout(self._settings.timeout_seconds)
+        # A short per-call timeout (the health probe's) bounds the wait for a free connection
+        # too: a status request must not queue behind slow calls.
+        pool_wait = self._settings.timeout_seconds if timeout is None else timeout
+        client = http if http is not None else self._checkout(pool_wait)
         try:
             # Not streamed: the body is read before the connection goes back for reuse.
             # Our own clients carry the headers already; an injected one gets them per request.
@@ -334,7 +357,7 @@ class OpenRouterClient:
         return response
 
     def _clean(self, value: object) -> str:
-        text = str(value)
+        text = _text(str(value))
         return text.replace(self._key, "[REDACTED]") if self._key else text
 
     def _scrub(self, value: Any) -> Any:
@@ -384,7 +407,9 @@ class OpenRouterClient:
             code=code,
             metadata=metadata,
         )
-        if "retry-after" in headers:
+        if "retry-after" in headers and _delta(headers.get("retry-after-ms", "x")) is None:
+            # The instant of an HTTP-date Retry-After, unless retry-after-ms (which
+            # parse_retry_after prefers) gave the wait: the two must not disagree.
             failure.retry_at = retry_at(headers)
         return failure
 
@@ -422,18 +447,22 @@ class OpenRouterClient:
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise EmptyResponseError("OpenRouter answered 200 with no choices", status_code=200)
         choice = choices[0]
-        message = choice.get("message") or {}
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise EmptyResponseError(
+                "OpenRouter answered 200 with a choice that carries no message", status_code=200
+            )
         usage = data.get("usage") or {}
         try:
             return Completion(
-                text=str(message.get("content") or ""),
-                model=str(data.get("model") or model),
+                text=_text(str(message.get("content") or "")),
+                model=_text(str(data.get("model") or model)),
                 input_tokens=_token_count(usage, "prompt_tokens"),
                 output_tokens=_token_count(usage, "completion_tokens"),
                 latency_ms=latency_ms,
-                generation_id=data.get("id"),
-                provider=data.get("provider"),
-                finish_reason=choice.get("finish_reason"),
+                generation_id=_optional_text(data.get("id")),
+                provider=_optional_text(data.get("provider")),
+                finish_reason=_optional_text(choice.get("finish_reason")),
                 upstream_cost_usd=_reported_cost(usage.get("cost")),
             )
         except (TypeError, ValueError, AttributeError) as exc:

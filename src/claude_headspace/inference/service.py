@@ -101,6 +101,9 @@ def _money(value: Decimal | None) -> float | None:
     return float(value) if value is not None else None
 
 
+_PICO = Decimal("1e-12")
+
+
 def _clip(value: str | None, size: int) -> str | None:
     if value is None:
         return None
@@ -505,7 +508,12 @@ class InferenceService:
     ) -> InferenceResult:
         c = fetched.completion
         base = self._base_record(request, started)
-        upstream = Decimal(str(c.upstream_cost_usd)) if c.upstream_cost_usd is not None else None
+        # To the call log's twelve decimals here, so the rollup sums exactly what rows hold.
+        upstream = (
+            Decimal(str(c.upstream_cost_usd)).quantize(_PICO)
+            if c.upstream_cost_usd is not None
+            else None
+        )
         self.recorder.record(
             CallRecord(
                 **base,

@@ -40,7 +40,10 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # No inf or NaN: an infinite timeout passed validation and then broke every call.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class DatabaseSettings(_Section):
@@ -152,6 +155,25 @@ class OpenRouterSettings(_Section):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _header_safe_key(cls, value: Any) -> Any:
+        return _header_secret(value)
+
+
+def _header_secret(value: Any) -> Any:
+    # A secret that goes into an HTTP header. Surrounding whitespace (a key file's trailing
+    # newline) is dropped; anything else that is not printable ASCII is refused, without
+    # showing it: httpx would reject it on every request, in a message quoting it escaped.
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if not all(" " < ch <= "~" for ch in value):
+        raise ValueError("must be printable ASCII without spaces (the value is not shown)")
+    return value or None
+
 
 class InferenceSettings(_Section):
     """The service's own limits: input size, workers, queue, shutdown."""
@@ -169,6 +191,11 @@ class ApiSettings(_Section):
     """Access to the operator endpoints."""
 
     token: SecretStr | None = None
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _header_safe_token(cls, value: Any) -> Any:
+        return _header_secret(value)
 
 
 class Settings(_Section):
@@ -222,10 +249,18 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not all(path):
             raise ConfigError(f"{name}: an empty section or key in the variable name")
         raw = environ[name]
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        # The text as it is (pydantic turns "60", "0.25" and "false" into the field's type),
+        # so that a string setting keeps its value: read as YAML, "2024" became a number and
+        # "Headspace #2" lost its "#2". Only a flow list or mapping, and null, are YAML.
+        stripped = raw.strip()
+        value: Any = raw
+        if not stripped or stripped in ("null", "~"):
+            value = None
+        elif stripped[0] in "[{":
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{name}: not a valid YAML list or mapping ({exc})") from None
         _set_path(out, path, value, name)
     for var, path in (
         ("OPENROUTER_API_KEY", ["openrouter", "api_key"]),
@@ -258,7 +293,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        # PyYAML's own text quotes the offending line, which may hold the API key: say only
+        # what is wrong and where.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "a syntax error"
+        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

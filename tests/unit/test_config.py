@@ -184,7 +184,7 @@ def test_environment_override_parsing() -> None:
     }
     assert environment_overrides(env) == {
         "redis": {"url": None},
-        "openrouter": {"retry": {"base_delay_seconds": 0.25}},
+        "openrouter": {"retry": {"base_delay_seconds": "0.25"}},  # typed by the settings
     }
     with pytest.raises(ConfigError, match="empty section"):
         environment_overrides({"HEADSPACE__OPENROUTER____X": "1"})

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import LEVELS
 from ..models import Agent, Command, Project, Turn
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
+
+log = logging.getLogger(__name__)
 
 MAX_PURPOSE_CHARS = 200
 MAX_TOKENS_LIMIT = 1_000_000
@@ -136,12 +140,23 @@ class LinkChecker:
                 missing.append((name, value))
         if not missing:
             return
-        with self._sessions() as session:
-            for name, value in missing:
-                table = _TABLES[name]
-                found = session.scalar(select(table.id).where(table.id == value))
-                if found is None:
-                    raise UnknownEntityError(f"{name} {value} does not exist")
+        try:
+            with self._sessions() as session:
+                for name, value in missing:
+                    table = _TABLES[name]
+                    found = session.scalar(select(table.id).where(table.id == value))
+                    if found is None:
+                        raise UnknownEntityError(f"{name} {value} does not exist")
+        except SQLAlchemyError as exc:
+            # The database is away (the call log spools meanwhile): the call goes ahead with
+            # its links unchecked and not remembered; the log's writer drops any link that
+            # turns out not to exist when it writes the row.
+            log.warning(
+                "inference: could not check %s against the database (%s); calling anyway",
+                ", ".join(f"{name} {value}" for name, value in missing),
+                type(exc).__name__,
+            )
+            return
         with self._lock:
             if len(self._known) + len(missing) > self._capacity:
                 self._known.clear()

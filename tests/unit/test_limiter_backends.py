@@ -420,3 +420,39 @@ def test_redis_limiters_with_one_prefix_share_one_budget_and_one_pause(
     finally:
         for c in clients:
             c.close()
+
+
+class _GatedClock(FakeClock):
+    """A FakeClock whose sleep blocks until the test opens the gate, then advances."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        self.entered.set()
+        assert self.gate.wait(30)
+        super().sleep(seconds)
+
+
+def test_a_pause_also_holds_a_caller_already_waiting_for_its_slot(backend: Backend) -> None:
+    # Found in review: a caller asleep until its booked slot used to go at that slot even
+    # when a 429 paused everyone meanwhile.
+    clock = _GatedClock()
+    settings = RateLimitSettings(
+        calls_per_minute=1, tokens_per_minute=1000, window_seconds=10, max_wait_seconds=100
+    )
+    limiter = backend.make(settings, clock=clock)
+    start = clock.monotonic()
+    limiter.acquire(1)  # fills the window: the next call's slot is start + 10
+    got: list[Reservation] = []
+    waiter = threading.Thread(target=lambda: got.append(limiter.acquire(1)))
+    waiter.start()
+    assert clock.entered.wait(30)
+    limiter.pause(30)  # OpenRouter said 429, Retry-After 30: nobody until start + 30
+    clock.gate.set()
+    waiter.join(30)
+    assert got
+    assert clock.monotonic() >= start + 30
+    assert got[0].waited >= 30

@@ -124,10 +124,22 @@ class MemoryRateLimiter:
         if wait > 0:
             try:
                 self._clock.sleep(wait)
+                wait += self._sit_out_pause()
             finally:
                 with self._lock:
                     self._waiting -= 1
         return Reservation(entry[2], tokens, at, wait)
+
+    def _sit_out_pause(self) -> float:
+        # A 429 pause that began while this caller slept towards its slot holds it too.
+        waited = 0.0
+        while True:
+            with self._lock:
+                remaining = self._paused_until - self._clock.monotonic()
+            if remaining <= 0:
+                return waited
+            self._clock.sleep(remaining)
+            waited += remaining
 
     def _prune(self, now: float) -> None:
         horizon = now - self._window
@@ -302,10 +314,26 @@ class RedisRateLimiter:
                 self._waiting += 1
             try:
                 self._clock.sleep(wait)
+                wait += self._sit_out_pause()
             finally:
                 with self._lock:
                     self._waiting -= 1
         return Reservation(key, tokens, float(answer[2]), wait)
+
+    def _sit_out_pause(self) -> float:
+        # A 429 pause that any process set while this caller slept towards its slot holds
+        # it too. If Redis cannot be read now, the slot already granted stands.
+        waited = 0.0
+        while True:
+            try:
+                until = self._client.get(self._keys[3])
+            except redis.RedisError:
+                return waited
+            remaining = float(cast(Any, until)) - self._clock.time() if until else 0.0
+            if remaining <= 0:
+                return waited
+            self._clock.sleep(remaining)
+            waited += remaining
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
         self._reconcile(keys=self._keys[1:3], args=[reservation.id, actual_tokens])

@@ -243,3 +243,24 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_journal(
     recorder.record(make_record(1))
     assert recorder.close(timeout=30)
     assert count_rows(database_url) == 2
+
+
+def test_a_row_the_driver_cannot_bind_is_rejected_not_retried_forever(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A cost past NUMERIC(20, 12) on PostgreSQL, past SQLite's 64-bit picodollars in the
+    # rollup: the first is a DataError, the second an OverflowError from the driver's
+    # binding, which the writer took for an outage and retried, blocking every row behind.
+    spool = tmp_path / "spool"
+    recorder = recorder_for(database_url, spool)
+    good = [make_record(i) for i in range(3)]
+    recorder.record(good[0])
+    recorder.record(make_record(9, cost_usd=Decimal("1e30")))
+    recorder.record(good[1])
+    recorder.record(good[2])
+    assert recorder.flush(timeout=30)
+    assert count_rows(database_url) == 3
+    assert recorder.stats()["state"] == "ok"
+    rejected = (spool / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1 and "1E+30" in rejected[0].upper()
+    recorder.close()

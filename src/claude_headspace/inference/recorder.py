@@ -111,6 +111,10 @@ class CallRecord:
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
 _TIMESTAMP = _FIELD_NAMES.index("timestamp")
 _COPY_SQL = f"COPY inference_calls ({', '.join(_FIELD_NAMES)}) FROM STDIN"
+# A value the driver cannot even bind (an integer past SQLite's 64 bits, say) raises these
+# rather than a database error: that row is refused, not retried as if the database were down.
+_REFUSED: tuple[type[Exception], ...] = (DataError, OverflowError, ValueError, TypeError)
+_ONE_BY_ONE: tuple[type[Exception], ...] = (IntegrityError, *_REFUSED)
 _INSERT = insert(cast(Table, InferenceCall.__table__))
 
 
@@ -418,7 +422,7 @@ class CallRecorder:
             return
         try:
             self._insert(records)
-        except (IntegrityError, DataError):
+        except _ONE_BY_ONE:
             # One bad row (a duplicate, a link deleted since validation, a value the
             # database refuses) must not block the batch: one by one, repairing what can be.
             for record in records:
@@ -452,14 +456,14 @@ class CallRecorder:
             return
         except IntegrityError:
             pass
-        except DataError as exc:
+        except _REFUSED as exc:
             self.rejected += 1
             self._reject(record, exc)
             return
         repaired = self._drop_missing_links(record)
         try:
             self._insert([repaired])
-        except (IntegrityError, DataError) as exc:
+        except _ONE_BY_ONE as exc:
             self.rejected += 1
             self._reject(record, exc)
 

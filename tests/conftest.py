@@ -184,4 +184,4 @@ def emulator(_emulator_server: object) -> object:
     return _emulator_server
 
 
-pytest_plugins = ["tests.emulator_fixtures"]
+pytest_plugins = ["tests.emulator_fixtures", "tests.service_fixtures"]

@@ -4,18 +4,16 @@ InferenceError, and a row that agrees with /usage."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
+from tests.service_fixtures import KEY, AppFactory, rows
 from tests.tcp_proxy import TcpProxy
 
 from claude_headspace import create_app
@@ -24,51 +22,9 @@ from claude_headspace.emulator import Fault
 from claude_headspace.inference import InferenceError
 from claude_headspace.inference.service import InferenceService
 from claude_headspace.inference.usage import UsageQuery, usage_report_raw
-from claude_headspace.models import InferenceCall
 
-KEY = "sk-or-test-review-b"
-
-AppFactory = Callable[..., Flask]
-
-
-@pytest.fixture
-def make_app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[AppFactory]:
-    apps: list[Flask] = []
-
-    def factory() -> Flask:
-        app = create_app(
-            overrides={
-                "database": {"url": database_url, "auto_migrate": True},
-                "openrouter": {
-                    "base_url": emulator.base_url,
-                    "api_key": KEY,
-                    "retry": {
-                        "max_attempts": 1,
-                        "base_delay_seconds": 0.0,
-                        "max_delay_seconds": 0.0,
-                    },
-                    "rate_limits": {"calls_per_minute": 10_000, "tokens_per_minute": 10_000_000},
-                },
-                "inference": {"spool_path": str(tmp_path / "spool")},
-            }
-        )
-        apps.append(app)
-        return app
-
-    yield factory
-    for app in apps:
-        app.extensions["inference"].close(timeout=5)
-
-
-def rows(app: Flask) -> list[InferenceCall]:
-    service: InferenceService = app.extensions["inference"]
-    assert service.recorder.flush(timeout=30)
-    url = app.extensions["headspace.database"].url
-    engine = create_engine(normalise_url(url), poolclass=NullPool)
-    with Session(engine) as session:
-        found = list(session.scalars(select(InferenceCall).order_by(InferenceCall.id)))
-    engine.dispose()
-    return found
+# These tests script each answer: one attempt each, so a scripted fault is not retried.
+ONE_ATTEMPT = {"retry": {"max_attempts": 1}}
 
 
 def completion_body(text: str = "an answer", cost: str = "0.00001") -> str:
@@ -84,7 +40,7 @@ def completion_body(text: str = "an answer", cost: str = "0.00001") -> str:
 def test_upstream_error_message_with_a_lone_surrogate_is_an_inference_error_and_a_row(
     make_app: AppFactory, emulator: Any
 ) -> None:
-    app = make_app()
+    app = make_app(openrouter=ONE_ATTEMPT)
     service: InferenceService = app.extensions["inference"]
     # Valid JSON: the escape decodes to a lone surrogate, which UTF-8 cannot encode.
     emulator.script([Fault(status=400, message="bad \ud800 request")])
@@ -97,7 +53,7 @@ def test_upstream_error_message_with_a_lone_surrogate_is_an_inference_error_and_
 def test_upstream_answer_with_a_lone_surrogate_is_returned_and_logged(
     make_app: AppFactory, emulator: Any
 ) -> None:
-    app = make_app()
+    app = make_app(openrouter=ONE_ATTEMPT)
     service: InferenceService = app.extensions["inference"]
     emulator.script([Fault(status=200, body=completion_body(text="half an emoji \ud83d"))])
     result = service.infer("turn", "p", "an answer cut in the middle of a surrogate pair")
@@ -109,7 +65,7 @@ def test_upstream_answer_with_a_lone_surrogate_is_returned_and_logged(
 def test_upstream_costs_with_more_than_twelve_decimals_keep_usage_and_raw_rows_equal(
     make_app: AppFactory, emulator: Any
 ) -> None:
-    app = make_app()
+    app = make_app(openrouter=ONE_ATTEMPT)
     service: InferenceService = app.extensions["inference"]
     # OpenRouter's cost is a JSON double: nothing bounds it to the call log's twelve decimals.
     # Each row stores 12345625 picodollars; their exact sum carries 0.8 pico more.
@@ -132,7 +88,7 @@ def test_upstream_costs_with_more_than_twelve_decimals_keep_usage_and_raw_rows_e
 def test_a_huge_upstream_cost_neither_loses_the_row_nor_blocks_the_call_log(
     make_app: AppFactory, emulator: Any
 ) -> None:
-    app = make_app()
+    app = make_app(openrouter=ONE_ATTEMPT)
     service: InferenceService = app.extensions["inference"]
     # Finite and non-negative, so kept; but past NUMERIC(20, 12) on PostgreSQL and past
     # SQLite's 64-bit picodollar rollup.

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
+from tests.service_fixtures import CHAT, AppFactory, rows, settings_for
 
 from claude_headspace import create_app
 from claude_headspace.clock import FakeClock
@@ -37,57 +36,6 @@ from claude_headspace.inference import (
 )
 from claude_headspace.inference.service import InferenceService
 from claude_headspace.models import InferenceCall
-
-KEY = "sk-or-test-service"
-CHAT = "/api/v1/chat/completions"
-
-AppFactory = Callable[..., Flask]
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def settings_for(url: str, emulator: Any, tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    base = {
-        "database": {"url": url, "auto_migrate": True},
-        "openrouter": {
-            "base_url": emulator.base_url,
-            "api_key": KEY,
-            "retry": {"base_delay_seconds": 0.0, "max_delay_seconds": 0.0},
-            "rate_limits": {"calls_per_minute": 10_000, "tokens_per_minute": 10_000_000},
-        },
-        "inference": {"spool_path": str(tmp_path / "spool")},
-    }
-    return _merge(base, extra)
-
-
-@pytest.fixture
-def make_app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[AppFactory]:
-    apps: list[Flask] = []
-
-    def factory(**extra: Any) -> Flask:
-        app = create_app(overrides=settings_for(database_url, emulator, tmp_path, **extra))
-        apps.append(app)
-        return app
-
-    yield factory
-    for app in apps:
-        app.extensions["inference"].close(timeout=5)
-
-
-def rows(app: Flask) -> list[InferenceCall]:
-    service: InferenceService = app.extensions["inference"]
-    assert service.recorder.flush(timeout=30)
-    url = app.extensions["headspace.database"].url
-    engine = create_engine(normalise_url(url), poolclass=NullPool)
-    with Session(engine) as session:
-        found = list(session.scalars(select(InferenceCall).order_by(InferenceCall.id)))
-    engine.dispose()
-    return found
 
 
 def chat_bodies(emulator: Any) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import math
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -82,6 +83,16 @@ def _over(wait: float, max_wait: float) -> RateLimitedError:
     )
 
 
+def _sit_out(clock: Clock, pause_left: Callable[[], float]) -> float:
+    """Sleep out a 429 pause that began while the caller slept towards its booked slot (the
+    pause holds callers already waiting too); the seconds that took."""
+    waited = 0.0
+    while (remaining := pause_left()) > 0:
+        clock.sleep(remaining)
+        waited += remaining
+    return waited
+
+
 class MemoryRateLimiter:
     """The limiter for one process."""
 
@@ -131,15 +142,11 @@ class MemoryRateLimiter:
         return Reservation(entry[2], tokens, at, wait)
 
     def _sit_out_pause(self) -> float:
-        # A 429 pause that began while this caller slept towards its slot holds it too.
-        waited = 0.0
-        while True:
-            with self._lock:
-                remaining = self._paused_until - self._clock.monotonic()
-            if remaining <= 0:
-                return waited
-            self._clock.sleep(remaining)
-            waited += remaining
+        return _sit_out(self._clock, self._pause_left)
+
+    def _pause_left(self) -> float:
+        with self._lock:
+            return self._paused_until - self._clock.monotonic()
 
     def _prune(self, now: float) -> None:
         horizon = now - self._window
@@ -321,19 +328,15 @@ class RedisRateLimiter:
         return Reservation(key, tokens, float(answer[2]), wait)
 
     def _sit_out_pause(self) -> float:
-        # A 429 pause that any process set while this caller slept towards its slot holds
-        # it too. If Redis cannot be read now, the slot already granted stands.
-        waited = 0.0
-        while True:
-            try:
-                until = self._client.get(self._keys[3])
-            except redis.RedisError:
-                return waited
-            remaining = float(cast(Any, until)) - self._clock.time() if until else 0.0
-            if remaining <= 0:
-                return waited
-            self._clock.sleep(remaining)
-            waited += remaining
+        return _sit_out(self._clock, self._pause_left)
+
+    def _pause_left(self) -> float:
+        # The pause any process set. If Redis cannot be read now, the slot granted stands.
+        try:
+            until = self._client.get(self._keys[3])
+        except redis.RedisError:
+            return 0.0
+        return float(cast(Any, until)) - self._clock.time() if until else 0.0
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
         self._reconcile(keys=self._keys[1:3], args=[reservation.id, actual_tokens])

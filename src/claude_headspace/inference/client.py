@@ -407,9 +407,10 @@ class OpenRouterClient:
             code=code,
             metadata=metadata,
         )
-        if "retry-after" in headers and _delta(headers.get("retry-after-ms", "x")) is None:
-            # The instant of an HTTP-date Retry-After, unless retry-after-ms (which
-            # parse_retry_after prefers) gave the wait: the two must not disagree.
+        ms_wait = _delta(headers.get("retry-after-ms") or "", 0.001)
+        if "retry-after" in headers and ms_wait is None:
+            # The instant of an HTTP-date Retry-After, unless a readable retry-after-ms
+            # (which parse_retry_after prefers) gave the wait: the two must not disagree.
             failure.retry_at = retry_at(headers)
         return failure
 

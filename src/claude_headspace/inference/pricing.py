@@ -12,7 +12,7 @@ from ..config import PriceSettings
 log = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
-_QUANTUM = Decimal("1e-12")  # the call log keeps USD to twelve decimals
+USD_QUANTUM = Decimal("1e-12")  # the call log keeps USD to twelve decimals
 
 
 class PriceTable:
@@ -34,7 +34,7 @@ class PriceTable:
             self._warn_once(model)
             return None
         total = (input_tokens * price[0] + output_tokens * price[1]) / _MILLION
-        return total.quantize(_QUANTUM)
+        return total.quantize(USD_QUANTUM)
 
     def has_price(self, model: str) -> bool:
         """Whether ``model`` is priced."""

@@ -32,7 +32,7 @@ from .errors import (
     UpstreamRateLimitError,
 )
 from .health import HealthChecker
-from .pricing import PriceTable
+from .pricing import USD_QUANTUM, PriceTable
 from .ratelimit import RateLimiter, build_rate_limiter
 from .recorder import CallRecord, CallRecorder, new_request_id
 from .redis_support import RedisGuard, make_client
@@ -99,9 +99,6 @@ class _StopRetrying(Exception):
 
 def _money(value: Decimal | None) -> float | None:
     return float(value) if value is not None else None
-
-
-_PICO = Decimal("1e-12")
 
 
 def _clip(value: str | None, size: int) -> str | None:
@@ -510,7 +507,7 @@ class InferenceService:
         base = self._base_record(request, started)
         # To the call log's twelve decimals here, so the rollup sums exactly what rows hold.
         upstream = (
-            Decimal(str(c.upstream_cost_usd)).quantize(_PICO)
+            Decimal(str(c.upstream_cost_usd)).quantize(USD_QUANTUM)
             if c.upstream_cost_usd is not None
             else None
         )

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -344,14 +345,15 @@ def scale_out(run: Run) -> None:
     import redis as redis_lib
 
     from claude_headspace.config import CacheSettings
-    from claude_headspace.inference.cache import CachedAnswer, MemoryCache, RedisCache
+    from claude_headspace.inference.cache import MemoryCache, RedisCache
+    from claude_headspace.inference.types import Answer
 
     print("\nScale-out on Redis", flush=True)
     client = redis_lib.Redis.from_url(REDIS_URL)
     prefix = f"hs-bench-{uuid.uuid4().hex[:8]}"
     try:
-        answer = CachedAnswer("text " * 40, HAIKU, 100, 50, 0.0004, 0.0004, "gen-1",
-                              "Anthropic", "stop", time.time())  # fmt: skip
+        answer = Answer("text " * 40, HAIKU, 100, 50, Decimal("0.0004"), Decimal("0.0004"),
+                        "gen-1", "Anthropic", "stop")  # fmt: skip
         memory = MemoryCache(CacheSettings())
         shared = RedisCache(client, CacheSettings(), prefix=prefix)
         memory.put("k", answer)

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 
 from claude_headspace import create_app
-from claude_headspace.inference.recorder import new_request_id
+from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import UsageQuery, apply_rollup, usage_report
 from claude_headspace.models import InferenceCall
 

@@ -17,7 +17,9 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
 from claude_headspace.db import _sqlite_pragmas, normalise_url
-from claude_headspace.inference.recorder import CallRecord, CallRecorder, new_request_id
+from claude_headspace.inference.record import CallRecord
+from claude_headspace.inference.recorder import CallRecorder
+from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import apply_rollup
 from claude_headspace.models import InferenceCall, UsageRollup
 

@@ -18,7 +18,6 @@ from tests.tcp_proxy import TcpProxy
 from claude_headspace.clock import FakeClock
 from claude_headspace.config import CacheSettings, RateLimitSettings, RedisSettings
 from claude_headspace.inference.cache import (
-    CachedAnswer,
     MemoryCache,
     RedisCache,
     TieredCache,
@@ -32,7 +31,7 @@ from claude_headspace.inference.ratelimit import (
 )
 from claude_headspace.inference.redis_support import RedisGuard
 from claude_headspace.inference.singleflight import RedisSingleFlight
-from claude_headspace.inference.types import GenerationParams
+from claude_headspace.inference.types import Answer, GenerationParams
 
 pytestmark = pytest.mark.redis
 
@@ -84,19 +83,8 @@ def poll(step: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def answer(text: str) -> CachedAnswer:
-    return CachedAnswer(
-        text=text,
-        model="m",
-        input_tokens=1,
-        output_tokens=2,
-        cost_usd=None,
-        upstream_cost_usd=None,
-        generation_id=None,
-        provider=None,
-        finish_reason="stop",
-        stored_at=0.0,
-    )
+def answer(text: str) -> Answer:
+    return Answer(text=text, model="m", input_tokens=1, output_tokens=2, finish_reason="stop")
 
 
 def key(n: int) -> str:

@@ -17,7 +17,7 @@ from sqlalchemy import delete, select, text
 
 from claude_headspace.config import DatabaseSettings
 from claude_headspace.db import Database, downgrade, upgrade
-from claude_headspace.inference.recorder import new_request_id
+from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import (
     UsageQuery,
     apply_rollup,

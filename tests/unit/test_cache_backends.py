@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from decimal import Decimal
 
 import pytest
 import redis
@@ -20,7 +21,6 @@ from claude_headspace.clock import FakeClock
 from claude_headspace.config import CacheSettings, RedisSettings
 from claude_headspace.inference.cache import (
     CACHE_FORMAT,
-    CachedAnswer,
     MemoryCache,
     RedisCache,
     ResponseCache,
@@ -28,24 +28,23 @@ from claude_headspace.inference.cache import (
     request_key,
 )
 from claude_headspace.inference.redis_support import RedisGuard
-from claude_headspace.inference.types import GenerationParams
+from claude_headspace.inference.types import Answer, GenerationParams
 
 TTL = 0.2
 POLL_DEADLINE = 10.0
 
 
-def answer(text: str = "an answer", **changes: object) -> CachedAnswer:
-    base = CachedAnswer(
+def answer(text: str = "an answer", **changes: object) -> Answer:
+    base = Answer(
         text=text,
         model="anthropic/claude-haiku-4.5",
         input_tokens=12,
         output_tokens=34,
-        cost_usd=0.000182,
-        upstream_cost_usd=0.00018,
+        cost_usd=Decimal("0.000182"),
+        upstream_cost_usd=Decimal("0.00018"),
         generation_id="gen-1",
         provider="Anthropic",
         finish_reason="stop",
-        stored_at=1_700_000_000.5,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -257,8 +256,8 @@ def test_a_different_model_is_not_served_from_the_cache(backend: Backend) -> Non
 
 def test_cached_answer_round_trips_through_its_stored_form() -> None:
     value = answer("näive ✓", upstream_cost_usd=None, finish_reason=None)
-    assert CachedAnswer.from_json(value.to_json()) == value
-    assert CachedAnswer.from_json(value.to_json().encode()) == value
+    assert Answer.from_json(value.to_json()) == value
+    assert Answer.from_json(value.to_json().encode()) == value
 
 
 # --------------------------------------------------------------------------- memory only
@@ -354,7 +353,7 @@ def test_redis_keys_are_namespaced_and_versioned(
     assert cache.key(key(1)) == f"{redis_prefix}:cache:{CACHE_FORMAT}:{key(1)}"
     stored = client.get(cache.key(key(1)))
     assert stored is not None
-    assert CachedAnswer.from_json(stored) == answer()
+    assert Answer.from_json(stored) == answer()
     assert 0 < client.pttl(cache.key(key(1))) <= 60_000
 
 

@@ -34,7 +34,7 @@ from claude_headspace.inference.errors import (
     UpstreamTimeoutError,
 )
 from claude_headspace.inference.retry import JITTER, RetryPolicy
-from claude_headspace.inference.types import Completion, GenerationParams
+from claude_headspace.inference.types import Answer, GenerationParams
 
 KEY = "sk-or-v1-retry-test-0123456789"
 MODEL = "anthropic/claude-haiku-4.5"
@@ -67,8 +67,8 @@ def client(emulator: EmulatorServer, clock: FakeClock) -> Iterator[OpenRouterCli
     made.close()
 
 
-def _call(client: OpenRouterClient) -> Callable[[int], Completion]:
-    def call(_attempt: int) -> Completion:
+def _call(client: OpenRouterClient) -> Callable[[int], Answer]:
+    def call(_attempt: int) -> Answer:
         return client.complete(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], params=GenerationParams()
         )
@@ -550,7 +550,7 @@ def test_run_passes_the_attempt_number_to_the_function(
     emulator.script([Fault(status=500), Fault(status=500)])
     seen: list[int] = []
 
-    def call(attempt: int) -> Completion:
+    def call(attempt: int) -> Answer:
         seen.append(attempt)
         return _call(client)(attempt)
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import redis
@@ -15,35 +14,10 @@ import redis
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import CacheSettings, RedisSettings
 from .redis_support import RedisGuard, make_client
-from .types import GenerationParams
+from .types import Answer, GenerationParams
 
-# Bump when CachedAnswer's shape changes: old entries are then simply never read.
-CACHE_FORMAT = "v1"
-
-
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    """What a cache hit returns."""
-
-    text: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float | None
-    upstream_cost_usd: float | None
-    generation_id: str | None
-    provider: str | None
-    finish_reason: str | None
-    stored_at: float
-
-    def to_json(self) -> str:
-        """The stored form."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> CachedAnswer:
-        """The answer a stored form holds."""
-        return cls(**json.loads(raw))
+# Bump when Answer's shape changes: old entries are then simply never read.
+CACHE_FORMAT = "v2"
 
 
 def request_key(
@@ -61,11 +35,11 @@ def request_key(
 class ResponseCache(Protocol):
     """Get and put answers by request key."""
 
-    def get(self, key: str) -> CachedAnswer | None:
+    def get(self, key: str) -> Answer | None:
         """The live answer for ``key``, or None."""
         ...
 
-    def put(self, key: str, value: CachedAnswer) -> None:
+    def put(self, key: str, value: Answer) -> None:
         """Store ``value`` for the configured TTL."""
         ...
 
@@ -100,13 +74,13 @@ class MemoryCache:
         self._ttl = settings.ttl_seconds
         self._max = settings.max_entries
         self._clock = clock
-        self._data: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
         self._lock = threading.Lock()
         self._counters = _Counters()
         self.evictions = 0
         self.expirations = 0
 
-    def get(self, key: str) -> CachedAnswer | None:
+    def get(self, key: str) -> Answer | None:
         now = self._clock.monotonic()
         with self._lock:
             item = self._data.get(key)
@@ -123,7 +97,7 @@ class MemoryCache:
             self._counters.hits += 1
             return value
 
-    def put(self, key: str, value: CachedAnswer, ttl: float | None = None) -> None:
+    def put(self, key: str, value: Answer, ttl: float | None = None) -> None:
         expires = self._clock.monotonic() + (self._ttl if ttl is None else ttl)
         with self._lock:
             self._data[key] = (expires, value)
@@ -162,7 +136,7 @@ class RedisCache:
         """The Redis key for a request key."""
         return self._prefix + key
 
-    def get_with_ttl(self, key: str) -> tuple[CachedAnswer | None, float]:
+    def get_with_ttl(self, key: str) -> tuple[Answer | None, float]:
         """The answer and its remaining life in seconds."""
         pipe = self._client.pipeline(transaction=False)
         pipe.get(self.key(key))
@@ -175,12 +149,12 @@ class RedisCache:
                 self._counters.hits += 1
         if raw is None:
             return None, 0.0
-        return CachedAnswer.from_json(raw), max(0.0, int(pttl) / 1000)
+        return Answer.from_json(raw), max(0.0, int(pttl) / 1000)
 
-    def get(self, key: str) -> CachedAnswer | None:
+    def get(self, key: str) -> Answer | None:
         return self.get_with_ttl(key)[0]
 
-    def put(self, key: str, value: CachedAnswer) -> None:
+    def put(self, key: str, value: Answer) -> None:
         self._client.set(self.key(key), value.to_json(), px=self._ttl_ms)
 
     def stats(self) -> dict[str, Any]:
@@ -203,7 +177,7 @@ class TieredCache:
         self.shared = shared
         self._guard = guard
 
-    def get(self, key: str) -> CachedAnswer | None:
+    def get(self, key: str) -> Answer | None:
         value = self.local.get(key)
         if value is not None:
             return value
@@ -212,7 +186,7 @@ class TieredCache:
             self.local.put(key, found, ttl=ttl)
         return found
 
-    def put(self, key: str, value: CachedAnswer) -> None:
+    def put(self, key: str, value: Answer) -> None:
         self.local.put(key, value)
         self._guard.run(lambda: self.shared.put(key, value), lambda: None)
 

@@ -12,8 +12,8 @@ import queue
 import re
 import ssl
 import threading
-import time
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 # httpx imports httpcore lazily, when the first client is built. Our first client is built
@@ -24,6 +24,7 @@ import httpx
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import OpenRouterSettings
+from ..models.inference_call import USD_QUANTUM
 from .errors import (
     EmptyResponseError,
     ErrorInResponseError,
@@ -34,7 +35,8 @@ from .errors import (
     UpstreamTimeoutError,
     error_for_status,
 )
-from .types import Completion, GenerationParams
+from .pricing import PriceTable
+from .types import Answer, GenerationParams
 
 _SHOWN_BYTES = 200
 
@@ -144,15 +146,18 @@ def _optional_text(value: Any) -> str | None:
 _MAX_REPORTED_COST = 1_000_000.0
 
 
-def _reported_cost(value: Any) -> float | None:
+def _reported_cost(value: Any) -> Decimal | None:
     # OpenRouter's own figure, kept for the record beside ours: one that is not a finite,
     # non-negative number is not kept (JSON parsers accept NaN and Infinity, NUMERIC
-    # columns too, and one NaN would poison every sum it enters).
+    # columns too, and one NaN would poison every sum it enters). To the call log's
+    # twelve decimals, so the rollup sums exactly what rows hold.
     try:
         cost = float(value)
     except (TypeError, ValueError):
         return None
-    return cost if math.isfinite(cost) and 0 <= cost <= _MAX_REPORTED_COST else None
+    if not (math.isfinite(cost) and 0 <= cost <= _MAX_REPORTED_COST):
+        return None
+    return Decimal(str(cost)).quantize(USD_QUANTUM)
 
 
 def _metadata_note(metadata: Mapping[str, Any]) -> str:
@@ -180,6 +185,7 @@ class OpenRouterClient:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._settings = settings
+        self._prices = PriceTable(settings.pricing)
         self._key = api_key or ""
         self._clock = clock
         self._headers = {
@@ -281,18 +287,11 @@ class OpenRouterClient:
 
     def complete(
         self, *, model: str, messages: list[dict[str, str]], params: GenerationParams
-    ) -> Completion:
-        """One chat completion; raises an UpstreamError subclass on any failure."""
-        body: dict[str, Any] = {"model": model, "messages": messages}
-        if params.max_tokens is not None:
-            body["max_tokens"] = params.max_tokens
-        if params.temperature is not None:
-            body["temperature"] = params.temperature
-        started = time.perf_counter()
+    ) -> Answer:
+        """One chat completion, priced; raises an UpstreamError subclass on any failure."""
+        body: dict[str, Any] = {"model": model, "messages": messages, **params.as_body()}
         response = self._send("POST", self._chat_url, content=json.dumps(body).encode())
-        latency_ms = int((time.perf_counter() - started) * 1000)
-        data = self._json(response)
-        return self._completion(data, model, latency_ms)
+        return self._answer(self._json(response), model)
 
     def get_key(self, *, timeout: float) -> dict[str, Any]:
         """GET /key: the key's account details (proves the key works)."""
@@ -431,7 +430,7 @@ class OpenRouterClient:
             )
         return data
 
-    def _completion(self, data: dict[str, Any], model: str, latency_ms: int) -> Completion:
+    def _answer(self, data: dict[str, Any], model: str) -> Answer:
         error = data.get("error")
         if error is not None:
             detail = error if isinstance(error, dict) else {"message": error}
@@ -455,16 +454,18 @@ class OpenRouterClient:
             )
         usage = data.get("usage") or {}
         try:
-            return Completion(
+            input_tokens = _token_count(usage, "prompt_tokens")
+            output_tokens = _token_count(usage, "completion_tokens")
+            return Answer(
                 text=_text(str(message.get("content") or "")),
                 model=_text(str(data.get("model") or model)),
-                input_tokens=_token_count(usage, "prompt_tokens"),
-                output_tokens=_token_count(usage, "completion_tokens"),
-                latency_ms=latency_ms,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost_usd=self._prices.cost(model, input_tokens, output_tokens),
+                upstream_cost_usd=_reported_cost(usage.get("cost")),
                 generation_id=_optional_text(data.get("id")),
                 provider=_optional_text(data.get("provider")),
                 finish_reason=_optional_text(choice.get("finish_reason")),
-                upstream_cost_usd=_reported_cost(usage.get("cost")),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidResponseError(

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from decimal import Decimal
 
 from ..config import PriceSettings
+from ..models.inference_call import USD_QUANTUM
 
 log = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
-USD_QUANTUM = Decimal("1e-12")  # the call log keeps USD to twelve decimals
 
 
 class PriceTable:
@@ -35,10 +35,6 @@ class PriceTable:
             return None
         total = (input_tokens * price[0] + output_tokens * price[1]) / _MILLION
         return total.quantize(USD_QUANTUM)
-
-    def has_price(self, model: str) -> bool:
-        """Whether ``model`` is priced."""
-        return model in self._prices
 
     def _warn_once(self, model: str) -> None:
         with self._lock:

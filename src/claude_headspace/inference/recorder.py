@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
-import json
 import logging
 import os
 import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,7 +28,8 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..models import Agent, Command, InferenceCall, Project, Turn
+from ..models import LINK_TABLES, InferenceCall
+from .record import FIELD_NAMES, CallRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,107 +38,14 @@ RollupFn = Callable[[Session, Sequence[Any]], None]
 _SEGMENT_RECORDS = 2000  # journal records per file before a new file is started
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 5.0
-_LINK_TABLES = {"project_id": Project, "agent_id": Agent, "command_id": Command, "turn_id": Turn}
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """One inference_calls row, as an immutable value that can travel through a journal."""
-
-    request_id: str
-    timestamp: datetime
-    level: str
-    purpose: str
-    model: str
-    status: str
-    input_hash: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    result_text: str | None = None
-    latency_ms: int = 0
-    cost_usd: Decimal | None = None
-    upstream_cost_usd: Decimal | None = None
-    saved_cost_usd: Decimal | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    cached: bool = False
-    attempts: int = 0
-    generation_id: str | None = None
-    provider: str | None = None
-    finish_reason: str | None = None
-    project_id: int | None = None
-    agent_id: int | None = None
-    command_id: int | None = None
-    turn_id: int | None = None
-
-    def to_json(self) -> str:
-        """One journal line (no newline)."""
-        data = {name: getattr(self, name) for name in _FIELD_NAMES}
-        data["timestamp"] = self.timestamp.isoformat()
-        for name in ("cost_usd", "upstream_cost_usd", "saved_cost_usd"):
-            if data[name] is not None:
-                data[name] = str(data[name])
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, line: str) -> CallRecord:
-        """The record a journal line holds."""
-        data = json.loads(line)
-        data["timestamp"] = datetime.fromisoformat(data["timestamp"])
-        for name in ("cost_usd", "upstream_cost_usd", "saved_cost_usd"):
-            if data.get(name) is not None:
-                data[name] = Decimal(data[name])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_row(self) -> InferenceCall:
-        """A new ORM row with these values."""
-        return InferenceCall(**self.values())
-
-    def values(self) -> dict[str, Any]:
-        """Column name -> value."""
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
-
-    def copy_row(self) -> tuple[Any, ...]:
-        """The values in _FIELD_NAMES order, timestamps as naive UTC (as the column stores)."""
-        values = [getattr(self, name) for name in _FIELD_NAMES]
-        values[_TIMESTAMP] = self.timestamp.astimezone(UTC).replace(tzinfo=None)
-        return tuple(values)
-
-
-_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
-_TIMESTAMP = _FIELD_NAMES.index("timestamp")
-_COPY_SQL = f"COPY inference_calls ({', '.join(_FIELD_NAMES)}) FROM STDIN"
+_COPY_SQL = f"COPY inference_calls ({', '.join(FIELD_NAMES)}) FROM STDIN"
 # A value the driver cannot even bind (an integer past SQLite's 64 bits, say) raises these
 # rather than a database error: that row is refused, not retried as if the database were down.
 _REFUSED: tuple[type[Exception], ...] = (DataError, OverflowError, ValueError, TypeError)
 _ONE_BY_ONE: tuple[type[Exception], ...] = (IntegrityError, *_REFUSED)
 _INSERT = insert(cast(Table, InferenceCall.__table__))
-
-
-class _RequestIds:
-    """Unique request ids without a system call each: a random 80-bit prefix per process
-    (renewed after a fork) and a counter. uuid4() reads os.urandom every time, which under
-    many threads costs a GIL hand-off per call."""
-
-    def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
-        self._counter = itertools.count()
-
-    def next(self) -> str:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._prefix = uuid.uuid4().hex[:20]
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
-
-
-_request_ids = _RequestIds()
-
-
-def new_request_id() -> str:
-    """A unique id for one call; its row carries it (and replay uses it to skip duplicates)."""
-    return _request_ids.next()
 
 
 class _Segment:
@@ -228,7 +133,6 @@ class CallRecorder:
         self._idle = threading.Condition(threading.Lock())
         self._pending: deque[_Pending] = deque()
         self._seq = 0
-        self._committed_seq = 0
         self._closed_segments: list[_Segment] = []
         self._orphans: list[tuple[Path, int, int]] = []  # path, fd, last seq
         self._segment: _Segment | None = None
@@ -480,7 +384,7 @@ class CallRecorder:
     def _drop_missing_links(self, record: CallRecord) -> CallRecord:
         changes: dict[str, Any] = {}
         with self._sessions() as session:
-            for name, model in _LINK_TABLES.items():
+            for name, model in LINK_TABLES.items():
                 value = getattr(record, name)
                 if value is not None and session.get(model, value) is None:
                     changes[name] = None
@@ -527,7 +431,6 @@ class CallRecorder:
         with self._lock:
             for _ in range(count):
                 self._pending.popleft()
-            self._committed_seq = last
             self.written += count
             self.replayed += replayed
             done = [s for s in self._closed_segments if s.last_seq <= last]

@@ -8,9 +8,6 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ from flask import has_request_context
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Settings
 from ..db import Database
-from .cache import CachedAnswer, ResponseCache, build_cache, request_key
+from .cache import ResponseCache, build_cache, request_key
 from .client import OpenRouterClient
 from .errors import (
     CancelledCallError,
@@ -32,13 +29,13 @@ from .errors import (
     UpstreamRateLimitError,
 )
 from .health import HealthChecker
-from .pricing import USD_QUANTUM, PriceTable
 from .ratelimit import RateLimiter, build_rate_limiter
-from .recorder import CallRecord, CallRecorder, new_request_id
+from .record import CallRecord
+from .recorder import CallRecorder
 from .redis_support import RedisGuard, make_client
 from .retry import RetryPolicy
 from .singleflight import RedisSingleFlight, SingleFlight
-from .types import CallLinks, Completion, GenerationParams, InferenceResult
+from .types import Answer, CallLinks, InferenceRequest, InferenceResult
 from .validation import (
     LinkChecker,
     check_input,
@@ -50,43 +47,6 @@ from .validation import (
 
 log = logging.getLogger(__name__)
 
-_CHARS_PER_TOKEN = 4  # a deliberately generous estimate: reservations are reconciled later
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceRequest:
-    """A validated request: what to ask, at which level, about what."""
-
-    level: str
-    purpose: str
-    input_text: str
-    model: str
-    key: str
-    links: CallLinks
-    system_prompt: str | None
-    params: GenerationParams
-    request_id: str = field(default_factory=new_request_id)
-
-    def messages(self) -> list[dict[str, str]]:
-        """The chat messages sent upstream."""
-        messages = []
-        if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": self.input_text})
-        return messages
-
-    def estimated_tokens(self, default_max_tokens: int) -> int:
-        """Tokens to reserve before the call: the input's estimate plus the answer's ceiling."""
-        chars = len(self.input_text) + len(self.system_prompt or "")
-        return chars // _CHARS_PER_TOKEN + 1 + (self.params.max_tokens or default_max_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    completion: Completion
-    attempts: int
-    cost: Decimal | None
-
 
 class _StopRetrying(Exception):
     """Carries a local limiter rejection out of the retry loop: waiting longer is not ours
@@ -95,16 +55,6 @@ class _StopRetrying(Exception):
     def __init__(self, error: RateLimitedError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _money(value: Decimal | None) -> float | None:
-    return float(value) if value is not None else None
-
-
-def _clip(value: str | None, size: int) -> str | None:
-    if value is None:
-        return None
-    return value.replace("\x00", "")[:size]
 
 
 class InferenceService:
@@ -133,7 +83,6 @@ class InferenceService:
         self.recorder = recorder
         self.health = health
         self._clock = clock
-        self._prices = PriceTable(self._or.pricing)
         self._retry = RetryPolicy.from_settings(self._or.retry)
         self._links = LinkChecker(database.sessions)
         self._flights = SingleFlight()
@@ -404,27 +353,25 @@ class InferenceService:
         if self._or.cache.enabled:
             hit = self.cache.get(request.key)
             if hit is not None:
-                return self._record_cached(request, hit, started)
+                return self._result(request, hit, started)
         leader: list[bool] = []
 
-        def fetch() -> _Fetched | CachedAnswer:
+        def fetch() -> tuple[Answer, int]:
             leader.append(True)
             shared = self._shared_flight
             if shared is None or not self._or.cache.enabled:
                 return self._fetch(request)
 
             # Another process may be making this very call: share its answer via the cache.
-            def load() -> _Fetched | CachedAnswer | None:
-                return self.cache.get(request.key)
+            def load() -> tuple[Answer, int] | None:
+                hit = self.cache.get(request.key)
+                return None if hit is None else (hit, 0)
 
-            def call() -> _Fetched | CachedAnswer:
-                return self._fetch(request)
-
-            outcome, _ = shared.do(request.key, call, load)
+            outcome, _ = shared.do(request.key, lambda: self._fetch(request), load)
             return outcome
 
         try:
-            outcome, _shared = self._flights.do(request.key, fetch)
+            (answer, attempts), shared = self._flights.do(request.key, fetch)
         except InferenceError as exc:
             status = "rate_limited" if isinstance(exc, RateLimitedError) else "error"
             self._record_failure(
@@ -436,46 +383,40 @@ class InferenceService:
             # (error_type names the exception), and the caller still sees the exception.
             self._record_failure(request, exc, started=started, status="error")
             raise
-        if isinstance(outcome, CachedAnswer):
-            return self._record_cached(request, outcome, started)
-        if not leader:
-            # An identical call was already in flight: its answer served this one too.
-            return self._record_cached(request, _answer(outcome), started)
-        return self._record_fresh(request, outcome, started)
+        # An identical call already in flight answered this one too: a cached call.
+        return self._result(request, answer, started, attempts=0 if shared else attempts)
 
-    def _fetch(self, request: InferenceRequest) -> _Fetched:
+    def _fetch(self, request: InferenceRequest) -> tuple[Answer, int]:
         client = self._client
         if client is None:  # checked before; kept for the type checker
             raise NotConfiguredError("no OpenRouter API key is configured")
         estimate = request.estimated_tokens(self._limits.default_max_tokens)
         messages = request.messages()
 
-        def attempt(_number: int) -> Completion:
+        def attempt(_number: int) -> Answer:
             try:
                 reservation = self.limiter.acquire(estimate)
             except RateLimitedError as exc:
                 raise _StopRetrying(exc) from None
             try:
-                completion = client.complete(
+                answer = client.complete(
                     model=request.model, messages=messages, params=request.params
                 )
             except InferenceError:
                 self.limiter.reconcile(reservation, 0)
                 raise
-            self.limiter.reconcile(reservation, completion.input_tokens + completion.output_tokens)
-            return completion
+            self.limiter.reconcile(reservation, answer.input_tokens + answer.output_tokens)
+            return answer
 
         try:
-            completion, attempts = self._retry.run(
+            answer, attempts = self._retry.run(
                 attempt, clock=self._clock, on_error=self._on_upstream_error
             )
         except _StopRetrying as stop:
             raise stop.error from None
-        cost = self._prices.cost(request.model, completion.input_tokens, completion.output_tokens)
-        fetched = _Fetched(completion, attempts, cost)
         if self._or.cache.enabled:
-            self.cache.put(request.key, _answer(fetched))
-        return fetched
+            self.cache.put(request.key, answer)
+        return answer, attempts
 
     def _on_upstream_error(self, error: InferenceError, attempt: int, delay: float | None) -> None:
         # OpenRouter's 429 is about the account, not this request: everyone waits.
@@ -484,101 +425,43 @@ class InferenceService:
 
     # ------------------------------------------------------------------ recording
 
-    def _base_record(self, request: InferenceRequest, started: float) -> dict[str, Any]:
-        links = request.links
-        return {
-            "request_id": request.request_id,
-            "timestamp": datetime.now(UTC),
-            "level": request.level,
-            "purpose": request.purpose,
-            "model": request.model,
-            "input_hash": request.key,
-            "latency_ms": int((time.perf_counter() - started) * 1000),
-            "project_id": links.project_id,
-            "agent_id": links.agent_id,
-            "command_id": links.command_id,
-            "turn_id": links.turn_id,
-        }
-
-    def _record_fresh(
-        self, request: InferenceRequest, fetched: _Fetched, started: float
-    ) -> InferenceResult:
-        c = fetched.completion
-        base = self._base_record(request, started)
-        # To the call log's twelve decimals here, so the rollup sums exactly what rows hold.
-        upstream = (
-            Decimal(str(c.upstream_cost_usd)).quantize(USD_QUANTUM)
-            if c.upstream_cost_usd is not None
-            else None
-        )
+    def _record(
+        self,
+        request: InferenceRequest,
+        started: float,
+        status: str,
+        *,
+        answer: Answer | None = None,
+        error: BaseException | None = None,
+        attempts: int = 0,
+    ) -> int:
+        latency_ms = int((time.perf_counter() - started) * 1000)
         self.recorder.record(
-            CallRecord(
-                **base,
-                status="ok",
-                input_tokens=c.input_tokens,
-                output_tokens=c.output_tokens,
-                result_text=_clip(c.text, 1_000_000),
-                cost_usd=fetched.cost,
-                upstream_cost_usd=upstream,
-                attempts=fetched.attempts,
-                generation_id=_clip(c.generation_id, 100),
-                provider=_clip(c.provider, 100),
-                finish_reason=_clip(c.finish_reason, 32),
+            CallRecord.of(
+                request, status=status, latency_ms=latency_ms, answer=answer, error=error,
+                attempts=attempts,
             )
+        )  # fmt: skip
+        return latency_ms
+
+    def _result(
+        self, request: InferenceRequest, answer: Answer, started: float, *, attempts: int = 0
+    ) -> InferenceResult:
+        """Record a call that got an answer (fresh when it made attempts, else cached)."""
+        cached = attempts == 0
+        latency_ms = self._record(
+            request, started, "cached" if cached else "ok", answer=answer, attempts=attempts
         )
-        self._pool.observe_latency(base["latency_ms"])
+        if not cached:
+            self._pool.observe_latency(latency_ms)
         return InferenceResult(
-            text=c.text,
-            model=c.model,
-            input_tokens=c.input_tokens,
-            output_tokens=c.output_tokens,
-            latency_ms=base["latency_ms"],
-            cached=False,
-            cost_usd=_money(fetched.cost),
+            answer=answer,
             call_id=request.request_id,
             level=request.level,
             purpose=request.purpose,
-            upstream_cost_usd=c.upstream_cost_usd,
-            generation_id=c.generation_id,
-            provider=c.provider,
-            finish_reason=c.finish_reason,
-            attempts=fetched.attempts,
-        )
-
-    def _record_cached(
-        self, request: InferenceRequest, hit: CachedAnswer, started: float
-    ) -> InferenceResult:
-        base = self._base_record(request, started)
-        saved = Decimal(str(hit.cost_usd)) if hit.cost_usd is not None else None
-        self.recorder.record(
-            CallRecord(
-                **base,
-                status="cached",
-                cached=True,
-                input_tokens=hit.input_tokens,
-                output_tokens=hit.output_tokens,
-                result_text=_clip(hit.text, 1_000_000),
-                cost_usd=Decimal(0),
-                saved_cost_usd=saved,
-                generation_id=_clip(hit.generation_id, 100),
-                provider=_clip(hit.provider, 100),
-                finish_reason=_clip(hit.finish_reason, 32),
-            )
-        )
-        return InferenceResult(
-            text=hit.text,
-            model=hit.model,
-            input_tokens=hit.input_tokens,
-            output_tokens=hit.output_tokens,
-            latency_ms=base["latency_ms"],
-            cached=True,
-            cost_usd=0.0,
-            call_id=request.request_id,
-            level=request.level,
-            purpose=request.purpose,
-            generation_id=hit.generation_id,
-            provider=hit.provider,
-            finish_reason=hit.finish_reason,
+            latency_ms=latency_ms,
+            cached=cached,
+            attempts=attempts,
         )
 
     def _record_failure(
@@ -590,37 +473,13 @@ class InferenceService:
         status: str,
         attempts: int = 0,
     ) -> None:
-        self.recorder.record(
-            CallRecord(
-                **self._base_record(request, started),
-                status=status,
-                error_type=type(error).__name__[:64],
-                error_message=_clip(str(error), 2000),
-                attempts=attempts,
-            )
-        )
+        self._record(request, started, status, error=error, attempts=attempts)
 
     def _cancelled(self, request: InferenceRequest, future: Future[InferenceResult]) -> None:
         error = CancelledCallError("the inference service shut down before this call ran")
         self._record_failure(request, error, started=time.perf_counter(), status="cancelled")
         if not future.done():
             future.set_exception(error)
-
-
-def _answer(fetched: _Fetched) -> CachedAnswer:
-    c = fetched.completion
-    return CachedAnswer(
-        text=c.text,
-        model=c.model,
-        input_tokens=c.input_tokens,
-        output_tokens=c.output_tokens,
-        cost_usd=_money(fetched.cost),
-        upstream_cost_usd=c.upstream_cost_usd,
-        generation_id=c.generation_id,
-        provider=c.provider,
-        finish_reason=c.finish_reason,
-        stored_at=time.time(),
-    )
 
 
 _STOP = object()

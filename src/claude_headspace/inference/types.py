@@ -1,9 +1,22 @@
-"""The small immutable values that travel through an inference call."""
+"""The small immutable values that travel through an inference call.
+
+One call, as values: the caller's arguments become an ``InferenceRequest``; OpenRouter's
+reply is parsed, once, into an ``Answer`` (the client builds it, the cache stores it as it
+is); the caller gets an ``InferenceResult`` that wraps the answer with what this call did;
+the call log gets a ``CallRecord`` (record.py) built from the request and the outcome.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any
+
+_CHARS_PER_TOKEN = 4  # a deliberately generous estimate: reservations are reconciled later
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,41 +55,159 @@ class GenerationParams:
         return body
 
 
+class _RequestIds:
+    """Unique request ids without a system call each: a random 80-bit prefix per process
+    (renewed after a fork) and a counter. uuid4() reads os.urandom every time, which under
+    many threads costs a GIL hand-off per call."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._prefix = uuid.uuid4().hex[:20]
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+_request_ids = _RequestIds()
+
+
+def new_request_id() -> str:
+    """A unique id for one call; its row carries it (and replay uses it to skip duplicates)."""
+    return _request_ids.next()
+
+
 @dataclass(frozen=True, slots=True)
-class Completion:
-    """One parsed chat-completion answer from OpenRouter."""
+class InferenceRequest:
+    """A validated request: what to ask, at which level, about what."""
+
+    level: str
+    purpose: str
+    input_text: str
+    model: str
+    key: str
+    links: CallLinks
+    system_prompt: str | None
+    params: GenerationParams
+    request_id: str = field(default_factory=new_request_id)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat messages sent upstream."""
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": self.input_text})
+        return messages
+
+    def estimated_tokens(self, default_max_tokens: int) -> int:
+        """Tokens to reserve before the call: the input's estimate plus the answer's ceiling."""
+        chars = len(self.input_text) + len(self.system_prompt or "")
+        return chars // _CHARS_PER_TOKEN + 1 + (self.params.max_tokens or default_max_tokens)
+
+
+_MONEY = ("cost_usd", "upstream_cost_usd")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One chat-completion answer, built where OpenRouter's reply is parsed.
+
+    ``cost_usd`` is our estimate from ``openrouter.pricing`` (None for an unpriced model);
+    ``upstream_cost_usd`` is what OpenRouter itself reported. Both are exact to the call
+    log's twelve decimals.
+    """
 
     text: str
     model: str
     input_tokens: int
     output_tokens: int
-    latency_ms: int
+    cost_usd: Decimal | None = None
+    upstream_cost_usd: Decimal | None = None
     generation_id: str | None = None
     provider: str | None = None
     finish_reason: str | None = None
-    upstream_cost_usd: float | None = None
+
+    def to_json(self) -> str:
+        """The stored form (the shared cache keeps it)."""
+        data = asdict(self)
+        for name in _MONEY:
+            if data[name] is not None:
+                data[name] = str(data[name])
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Answer:
+        """The answer a stored form holds."""
+        data = json.loads(raw)
+        for name in _MONEY:
+            if data.get(name) is not None:
+                data[name] = Decimal(data[name])
+        return cls(**data)
+
+
+def _money(value: Decimal | None) -> float | None:
+    return float(value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
 class InferenceResult:
-    """What a caller of InferenceService gets back."""
+    """What a caller of InferenceService gets back: the answer, and what this call did."""
 
-    text: str
-    model: str
-    input_tokens: int
-    output_tokens: int
+    answer: Answer
+    call_id: str
+    level: str
+    purpose: str
     latency_ms: int
     cached: bool
-    cost_usd: float | None
-    call_id: str
-    level: str = ""
-    purpose: str = ""
-    upstream_cost_usd: float | None = None
-    generation_id: str | None = None
-    provider: str | None = None
-    finish_reason: str | None = None
     attempts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The model's answer."""
+        return self.answer.text
+
+    @property
+    def model(self) -> str:
+        """The model that answered."""
+        return self.answer.model
+
+    @property
+    def input_tokens(self) -> int:
+        """Prompt tokens, as OpenRouter counted them."""
+        return self.answer.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        """Completion tokens, as OpenRouter counted them."""
+        return self.answer.output_tokens
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What this call cost by our prices: 0 for a cache hit, None for an unpriced model."""
+        return 0.0 if self.cached else _money(self.answer.cost_usd)
+
+    @property
+    def upstream_cost_usd(self) -> float | None:
+        """What OpenRouter reported this call cost (None for a cache hit: nothing was sent)."""
+        return None if self.cached else _money(self.answer.upstream_cost_usd)
+
+    @property
+    def generation_id(self) -> str | None:
+        """OpenRouter's id of the generation."""
+        return self.answer.generation_id
+
+    @property
+    def provider(self) -> str | None:
+        """The provider OpenRouter routed to."""
+        return self.answer.provider
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the model stopped."""
+        return self.answer.finish_reason
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (CLI output, API answers)."""

@@ -37,10 +37,9 @@ from sqlalchemy.orm import Session
 
 from ..config import LEVELS
 from ..models import InferenceCall, UsageRollup
-from ..models.inference_call import LATENCY_BUCKETS_MS
+from ..models.inference_call import LATENCY_BUCKETS_MS, PICO
 
 HIST = [f"lat_{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
-_PICO = Decimal(10) ** 12
 _MONEY_FIELDS = ("cost_usd", "saved_cost_usd", "upstream_cost_usd")
 _INT_FIELDS = (
     "calls", "cached_calls", "error_calls", "input_tokens", "output_tokens", "latency_ms_sum",
@@ -48,7 +47,6 @@ _INT_FIELDS = (
 )  # fmt: skip
 _HOUR = timedelta(hours=1)
 _DAY = timedelta(days=1)
-SPANS = ("hour", "day")
 
 
 def latency_bucket(latency_ms: int) -> int:
@@ -262,13 +260,13 @@ def _raw_money_sum(session: Session, column: Any) -> ColumnElement[Any]:
         return func.coalesce(func.sum(column), 0)
     # SQLite stores a call's amount as a float: round each to integer picodollars (exact,
     # as amounts carry at most twelve decimals) and sum integers.
-    return func.coalesce(func.sum(cast(func.round(column * 1e12), BigInteger)), 0)
+    return func.coalesce(func.sum(cast(func.round(column * int(PICO)), BigInteger)), 0)
 
 
 def _raw_money_value(session: Session, value: Any) -> Decimal:
     if session.get_bind().dialect.name == "postgresql":
         return Decimal(value or 0)
-    return Decimal(int(value or 0)) / _PICO
+    return Decimal(int(value or 0)) / PICO
 
 
 def _merge_rows(usage: Usage, rows: Any, money_value: Callable[[Any], Decimal]) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import LEVELS
-from ..models import Agent, Command, Project, Turn
+from ..models import LINK_TABLES
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
 
@@ -20,12 +20,6 @@ log = logging.getLogger(__name__)
 
 MAX_PURPOSE_CHARS = 200
 MAX_TOKENS_LIMIT = 1_000_000
-_TABLES: dict[str, Any] = {
-    "project_id": Project,
-    "agent_id": Agent,
-    "command_id": Command,
-    "turn_id": Turn,
-}
 
 
 def _check_text(name: str, value: object, *, allow_control: bool) -> str:
@@ -143,7 +137,7 @@ class LinkChecker:
         try:
             with self._sessions() as session:
                 for name, value in missing:
-                    table = _TABLES[name]
+                    table: Any = LINK_TABLES[name]
                     found = session.scalar(select(table.id).where(table.id == value))
                     if found is None:
                         raise UnknownEntityError(f"{name} {value} does not exist")

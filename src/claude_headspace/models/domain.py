@@ -68,3 +68,12 @@ class Objective(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# The tables a call's links point at, by the call's field name.
+LINK_TABLES: dict[str, type[Base]] = {
+    "project_id": Project,
+    "agent_id": Agent,
+    "command_id": Command,
+    "turn_id": Turn,
+}

@@ -26,8 +26,11 @@ from .base import Base, UTCDateTime
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 # USD with twelve decimals: exact sums on PostgreSQL, enough for fractions of a token's price.
-Money = Numeric(20, 12, asdecimal=True)
-PICO = Decimal(10) ** 12
+# Every amount the service computes is quantized to USD_QUANTUM, so sums stay exact.
+USD_DECIMALS = 12
+USD_QUANTUM = Decimal(10) ** -USD_DECIMALS
+PICO = Decimal(10) ** USD_DECIMALS  # picodollars per dollar (SQLite keeps sums as integers)
+Money = Numeric(20, USD_DECIMALS, asdecimal=True)
 
 
 class _RawNumeric(Numeric[Decimal]):
@@ -44,14 +47,14 @@ class RollupMoney(TypeDecorator[Decimal]):
     """USD sums: NUMERIC on PostgreSQL; integer picodollars on SQLite, whose NUMERIC holds
     a float, so that sums (also ``col = col + excluded.col`` in an upsert) stay exact."""
 
-    impl = Numeric(20, 12, asdecimal=True)
+    impl = Money
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "sqlite":
             # Same DDL (NUMERIC affinity keeps integers as integers), no float conversion.
-            return dialect.type_descriptor(_RawNumeric(20, 12))
-        return dialect.type_descriptor(Numeric(20, 12, asdecimal=True))
+            return dialect.type_descriptor(_RawNumeric(20, USD_DECIMALS))
+        return dialect.type_descriptor(Money)
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None or dialect.name != "sqlite":

@@ -244,6 +244,11 @@ def test_upstream_429_pauses_the_limiter_for_everyone(make_app: AppFactory, emul
         ({"turn_id": 9}, UnknownEntityError, "turn_id 9 does not exist"),
         ({"max_tokens": 0}, InvalidRequestError, "max_tokens must be an integer"),
         ({"temperature": float("nan")}, InvalidRequestError, "temperature must be a number"),
+        # What the database or the upstream cannot take is refused too, before any spend.
+        ({"project_id": 3_000_000_000}, InvalidRequestError, "project_id must be a positive"),
+        ({"command_id": 2**63}, InvalidRequestError, "command_id must be a positive"),
+        ({"temperature": 10**400}, InvalidRequestError, "temperature must be a number"),
+        ({"max_tokens": 10**5000}, InvalidRequestError, "max_tokens must be an integer"),
     ],
 )
 def test_bad_arguments_raise_before_any_upstream_call(

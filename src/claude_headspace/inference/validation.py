@@ -8,11 +8,12 @@ import threading
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import LEVELS
-from ..models import LINK_TABLES
+from ..models import LINK_TABLES, MAX_ID
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
 
@@ -20,6 +21,14 @@ log = logging.getLogger(__name__)
 
 MAX_PURPOSE_CHARS = 200
 MAX_TOKENS_LIMIT = 1_000_000
+
+
+def _shown(value: object) -> str:
+    """A short rendering of a bad value for an error message (never a huge one whole: an
+    integer's repr past 4,300 digits even raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return f"{value!r:.40}"
 
 
 def _check_text(name: str, value: object, *, allow_control: bool) -> str:
@@ -88,16 +97,17 @@ def check_params(max_tokens: object, temperature: object) -> GenerationParams:
         or not 1 <= max_tokens <= MAX_TOKENS_LIMIT
     ):
         raise InvalidRequestError(
-            f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}; got {max_tokens!r:.40}"
+            f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}; got {_shown(max_tokens)}"
         )
     if temperature is not None and (
         isinstance(temperature, bool)
         or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature)
+        # Compared as given: float() of a huge integer raises OverflowError.
+        or (isinstance(temperature, float) and not math.isfinite(temperature))
         or not 0 <= temperature <= 2
     ):
         raise InvalidRequestError(
-            f"temperature must be a number from 0 to 2; got {temperature!r:.40}"
+            f"temperature must be a number from 0 to 2; got {_shown(temperature)}"
         )
     return GenerationParams(
         max_tokens=max_tokens,
@@ -128,8 +138,11 @@ class LinkChecker:
                 raise InvalidRequestError(
                     f"{name} must be a positive integer or None; got {type(value).__name__}"
                 )
-            if value <= 0:
-                raise InvalidRequestError(f"{name} must be a positive integer; got {value}")
+            if not 0 < value <= MAX_ID:
+                # A larger id cannot exist, and the database would refuse to even compare it.
+                raise InvalidRequestError(
+                    f"{name} must be a positive integer up to {MAX_ID}; got {_shown(value)}"
+                )
             if (name, value) not in self._known:
                 missing.append((name, value))
         if not missing:
@@ -141,7 +154,7 @@ class LinkChecker:
                     found = session.scalar(select(table.id).where(table.id == value))
                     if found is None:
                         raise UnknownEntityError(f"{name} {value} does not exist")
-        except SQLAlchemyError as exc:
+        except (OperationalError, InterfaceError, SQLAlchemyTimeoutError) as exc:
             # The database is away (the call log spools meanwhile): the call goes ahead with
             # its links unchecked and not remembered; the log's writer drops any link that
             # turns out not to exist when it writes the row.

@@ -4,7 +4,6 @@ record. It composes injected parts and does nothing else."""
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -44,6 +43,7 @@ from .validation import (
     check_purpose,
     check_system_prompt,
 )
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,12 @@ class InferenceService:
         self._links = LinkChecker(database.sessions)
         self._flights = SingleFlight()
         self._shared_flight = shared_flight
-        self._pool = _WorkerPool(self)
+        self._pool: WorkerPool[InferenceRequest, InferenceResult] = WorkerPool(
+            size=settings.inference.workers,
+            capacity=settings.inference.queue_size,
+            run=self._execute,
+            cancelled=self._cancelled,
+        )
         self._closed = False
         self._warned_request_thread = False
 
@@ -452,8 +457,6 @@ class InferenceService:
         latency_ms = self._record(
             request, started, "cached" if cached else "ok", answer=answer, attempts=attempts
         )
-        if not cached:
-            self._pool.observe_latency(latency_ms)
         return InferenceResult(
             answer=answer,
             call_id=request.request_id,
@@ -475,122 +478,5 @@ class InferenceService:
     ) -> None:
         self._record(request, started, status, error=error, attempts=attempts)
 
-    def _cancelled(self, request: InferenceRequest, future: Future[InferenceResult]) -> None:
-        error = CancelledCallError("the inference service shut down before this call ran")
+    def _cancelled(self, request: InferenceRequest, error: CancelledCallError) -> None:
         self._record_failure(request, error, started=time.perf_counter(), status="cancelled")
-        if not future.done():
-            future.set_exception(error)
-
-
-_STOP = object()
-
-
-class _WorkerPool:
-    """A fixed set of worker threads behind a bounded queue; nothing queued is ever dropped.
-
-    Workers start with the first submit(), so building the app starts no threads.
-    """
-
-    def __init__(self, service: InferenceService) -> None:
-        self._service = service
-        self._size = service.settings.inference.workers
-        # SimpleQueue is implemented in C: far cheaper than Queue's condition variables when
-        # dozens of workers wait on it. The bound is kept by hand, under the pool's lock.
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._capacity = service.settings.inference.queue_size
-        self._queued = 0
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._running = 0
-        self._latency_ms = 1000.0  # a moving average, for the retry_after of a full queue
-
-    def submit(self, request: InferenceRequest) -> Future[InferenceResult]:
-        future: Future[InferenceResult] = Future()
-        with self._lock:
-            if self._stopping:
-                raise ShuttingDownError("the inference service is shutting down")
-            if not self._threads:
-                self._start()
-            if self._queued >= self._capacity:
-                waiting = self._queued
-                retry_after = round(max(0.1, waiting / self._size * self._latency_ms / 1000), 3)
-                raise QueueFullError(
-                    f"the inference queue is full ({waiting} calls waiting for "
-                    f"{self._size} workers); retry in about {retry_after} s",
-                    retry_after=retry_after,
-                )
-            self._queued += 1
-            self._queue.put((request, future))
-        return future
-
-    def observe_latency(self, latency_ms: int) -> None:
-        self._latency_ms = 0.9 * self._latency_ms + 0.1 * latency_ms
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "workers": self._size,
-            "queue_size": self._capacity,
-            "queued": self._queued,
-            "running": self._running,
-            "started": bool(self._threads),
-        }
-
-    def _start(self) -> None:
-        for number in range(self._size):
-            thread = threading.Thread(
-                target=self._work, name=f"inference-worker-{number}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            request, future = item
-            with self._lock:
-                self._queued -= 1
-            if not future.set_running_or_notify_cancel():
-                # The caller cancelled it while queued: it never ran, but it is still logged.
-                self._service._cancelled(request, future)
-                continue
-            with self._lock:
-                self._running += 1
-            try:
-                future.set_result(self._service._execute(request))
-            except InferenceError as exc:
-                future.set_exception(exc)
-            except BaseException as exc:  # a bug must reach the caller, not kill the worker
-                log.exception("inference worker: unexpected error in call %s", request.request_id)
-                future.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._running -= 1
-
-    def shutdown(self, timeout: float) -> None:
-        with self._lock:
-            self._stopping = True
-            threads = list(self._threads)
-        # Calls still queued will not run: each is logged as cancelled and its future told so.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                request, future = item
-                with self._lock:
-                    self._queued -= 1
-                self._service._cancelled(request, future)
-        for _ in threads:
-            self._queue.put(_STOP)
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        alive = sum(t.is_alive() for t in threads)
-        if alive:
-            log.warning(
-                "inference: %d calls still running after %.1f s of shutdown", alive, timeout
-            )

@@ -15,9 +15,12 @@ import pytest
 import schemathesis
 from flask import Flask
 from hypothesis import HealthCheck, settings
+from sqlalchemy.engine import make_url
+from tests.tcp_proxy import TcpProxy
 
 from claude_headspace import create_app
 from claude_headspace.api.inference import openapi_document
+from claude_headspace.db import normalise_url
 from claude_headspace.inference.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
@@ -252,3 +255,27 @@ def test_every_response_matches_the_document_with_a_token(case: Any) -> None:
     case.validate_response(response)
     assert SECRET not in response.get_data(as_text=True)
     assert TOKEN not in response.get_data(as_text=True)
+
+
+def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
+    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    url = make_url(normalise_url(migrated_postgres_url))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    app = build_app(proxied, emulator, tmp_path)
+    client = app.test_client()
+    try:
+        assert client.get("/api/inference/usage").status_code == 200
+        proxy.cut()
+        away = client.get("/api/inference/usage")
+        assert away.status_code == 503
+        assert away.json is not None
+        jsonschema.validate(away.json, response_schema("Error"))
+        assert away.json["status"] == 503
+        assert away.json["error"].startswith("database unreachable")
+        proxy.restore()
+        assert client.get("/api/inference/usage").status_code == 200
+    finally:
+        app.extensions["inference"].close(timeout=1)
+        proxy.close()

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ..config import LEVELS, Settings
+from ..db import DATABASE_AWAY
 from ..inference.usage import UsageQuery, usage_report
 from ..models import MAX_ID
 
@@ -155,8 +156,13 @@ def usage() -> Response:
     except BadParameter as exc:
         return _error(400, str(exc))
     database = current_app.extensions["headspace.database"]
-    with database.sessions() as session:
-        return jsonify(usage_report(session, query))
+    try:
+        with database.sessions() as session:
+            return jsonify(usage_report(session, query))
+    except DATABASE_AWAY as exc:
+        # Not a 500: the service is fine, its database is not answering; say so, and when.
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        return _error(503, f"database unreachable, usage cannot be read now: {detail}")
 
 
 @bp.get("/openapi.json")
@@ -395,6 +401,10 @@ def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
                         },
                         "400": {
                             "description": "a bad parameter, named in error",
+                            "content": json_of("#/components/schemas/Error"),
+                        },
+                        "503": {
+                            "description": "the database cannot be read right now",
                             "content": json_of("#/components/schemas/Error"),
                         },
                         **responses_common,

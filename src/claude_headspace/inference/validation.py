@@ -8,11 +8,10 @@ import threading
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import LEVELS
+from ..db import DATABASE_AWAY
 from ..models import LINK_TABLES, MAX_ID
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
@@ -154,7 +153,7 @@ class LinkChecker:
                     found = session.scalar(select(table.id).where(table.id == value))
                     if found is None:
                         raise UnknownEntityError(f"{name} {value} does not exist")
-        except (OperationalError, InterfaceError, SQLAlchemyTimeoutError) as exc:
+        except DATABASE_AWAY as exc:
             # The database is away (the call log spools meanwhile): the call goes ahead with
             # its links unchecked and not remembered; the log's writer drops any link that
             # turns out not to exist when it writes the row.

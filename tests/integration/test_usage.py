@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, func, select, text
 
 from claude_headspace.config import DatabaseSettings
 from claude_headspace.db import Database, downgrade, upgrade
@@ -340,3 +340,25 @@ def test_migration_0002_converts_sqlite_rollup_money(tmp_path: Path) -> None:
             text("SELECT cost_usd FROM inference_usage_rollup")
         ).scalar() == pytest.approx(0.000123456789)
     db.dispose()
+
+
+def test_a_deleted_projects_usage_agrees_with_its_rows(database: Database) -> None:
+    # Deleting a project sets its calls' project_id to NULL; usage filtered by its id must
+    # then answer what the raw rows say (nothing), and the totals must not change.
+    rows = [call(T0 + timedelta(minutes=m), project_id=p, cost=Decimal("0.001"))
+            for m, p in ((5, 1), (50, 1), (70, 2), (24 * 60 + 5, 1))]  # fmt: skip
+    write(database, rows, 4)
+    with database.engine.begin() as conn:
+        conn.execute(text("DELETE FROM projects WHERE id = 1"))
+    with database.sessions() as session:
+        assert session.scalar(select(func.count()).where(InferenceCall.project_id == 1)) == 0
+        for q in (
+            UsageQuery(project_id=1),
+            UsageQuery(project_id=2),
+            UsageQuery(),
+            UsageQuery(project_id=1, since=T0 + timedelta(minutes=30)),
+        ):
+            assert usage_report(session, q) == usage_report_raw(session, q)
+        assert usage_report(session, UsageQuery(project_id=1))["total_calls"] == 0
+        assert usage_report(session, UsageQuery(project_id=2))["total_calls"] == 1
+        assert usage_report(session, UsageQuery())["total_calls"] == 4

@@ -5,29 +5,20 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import sys
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dotenv import load_dotenv
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from . import logsafe
-from .config import Settings, load_settings
+from .commands import register_commands
+from .config import Settings, load_env_file, load_settings
 from .db import Database
 
 log = logging.getLogger(__name__)
-
-
-def load_env_file() -> None:
-    """Load ``./.env`` into the environment; variables already set win.
-
-    Production machines keep OPENROUTER_API_KEY (and perhaps DATABASE_URL) there.
-    """
-    load_dotenv(Path.cwd() / ".env", override=False)
 
 
 def create_app(
@@ -49,7 +40,7 @@ def create_app(
     app.extensions["headspace.settings"] = settings
 
     database = Database(settings.database)
-    if (database.is_sqlite or settings.database.auto_migrate) and not _running_db_command():
+    if database.is_sqlite or settings.database.auto_migrate:
         database.upgrade()
     app.extensions["headspace.database"] = database
 
@@ -70,21 +61,8 @@ def create_app(
 
     register_blueprints(app)
 
-    from .cli import register_commands
-
     register_commands(app)
     return app
-
-
-def _running_db_command(argv: list[str] | None = None) -> bool:
-    """Whether this process runs `headspace db ...` / `flask db ...`: those commands manage
-    the schema themselves, so start-up must not migrate (a downgrade would be undone)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    while args and args[0].startswith("-"):
-        option = args.pop(0)
-        if option in ("--app", "-A", "--env-file", "-e") and args:
-            args.pop(0)
-    return bool(args) and args[0] == "db"
 
 
 def _close_at_exit(service: Any) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from dotenv import load_dotenv
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -304,6 +305,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def load_env_file() -> None:
+    """Load ``./.env`` into the environment; variables already set win.
+
+    Production machines keep OPENROUTER_API_KEY (and perhaps DATABASE_URL) there.
+    """
+    load_dotenv(Path.cwd() / ".env", override=False)
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -92,11 +92,11 @@ def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flas
         assert u == json.loads(json.dumps(usage_report(session, UsageQuery())))
 
 
-def test_status_without_a_running_service(sqlite_url: str, emulator: Any, tmp_path: Path) -> None:
+def test_status_of_a_stopped_service(sqlite_url: str, emulator: Any, tmp_path: Path) -> None:
     for enabled, state in ((True, "degraded"), (False, "disabled")):
         app = build_app(sqlite_url, emulator, tmp_path, openrouter={
             "base_url": emulator.base_url, "api_key": SECRET, "enabled": enabled})  # fmt: skip
-        app.extensions.pop("inference").close()
+        app.extensions["inference"].close()
         response = app.test_client().get("/api/inference/status")
         assert response.status_code == 200
         jsonschema.validate(response.json, response_schema("Status"))

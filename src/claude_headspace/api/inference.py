@@ -50,46 +50,8 @@ def _require_token() -> Response | None:
 @bp.get("/status")
 def status() -> Response:
     """Service health, configuration and live statistics."""
-    service = current_app.extensions.get("inference")
-    if service is None:
-        return jsonify(status_without_service(current_app.extensions["headspace.settings"]))
-    # The service answers from its cached health check: no request waits on OpenRouter.
-    return jsonify(service.status())
-
-
-def status_without_service(settings: Settings) -> dict[str, Any]:
-    """What /status can say from settings alone when no inference service runs."""
-    openrouter = settings.openrouter
-    rl = openrouter.rate_limits
-    cache = openrouter.cache
-    reason = "inference service not started"
-    return {
-        "enabled": openrouter.enabled,
-        "state": "degraded" if openrouter.enabled else "disabled",
-        "reason": reason if openrouter.enabled else "inference is disabled in configuration",
-        "openrouter": {
-            "base_url": openrouter.base_url,
-            "api_key_configured": settings.api_key is not None,
-            "state": "unknown",
-            "reachable": False,
-            "checked_at": None,
-            "latency_ms": None,
-            "error": reason,
-        },
-        "models": openrouter.models.as_dict(),
-        "rate_limits": {
-            "calls_per_minute": rl.calls_per_minute,
-            "tokens_per_minute": rl.tokens_per_minute,
-            "max_wait_seconds": rl.max_wait_seconds,
-            "window_seconds": rl.window_seconds,
-        },
-        "cache": {
-            "enabled": cache.enabled,
-            "ttl_seconds": cache.ttl_seconds,
-            "max_entries": cache.max_entries,
-        },
-        "call_log": {"state": "stopped", "pending": 0, "write_failures": 0, "last_error": None},
-    }
+    # The service answers from its cached health checks: no request waits on OpenRouter.
+    return jsonify(current_app.extensions["inference"].status())
 
 
 # A window's edges are rounded to whole hours and days; keeping a day clear of datetime's

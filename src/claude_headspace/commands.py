@@ -1,0 +1,188 @@
+"""The commands that act on the service and its database: ``db``, ``infer``, ``status`` and
+``usage``. They are installed on every app's CLI (``flask --app ... <command>``); the
+``headspace`` entry point (cli.py) offers them too."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from flask import Flask, current_app, has_app_context
+from flask.cli import with_appcontext
+
+from .config import ConfigError, load_env_file, load_settings
+from .db import Database, current_revision, downgrade, upgrade
+
+T = TypeVar("T")
+
+
+def or_exit(build: Callable[[], T]) -> T:
+    """``build()``; on a bad configuration, its one-line message on stderr and exit status 2."""
+    try:
+        return build()
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _database() -> Database:
+    """The app's database inside an app; else the configured one (``headspace db`` builds no
+    app, so it neither migrates at start-up nor starts the service's threads)."""
+    if has_app_context():
+        database: Database = current_app.extensions["headspace.database"]
+        return database
+    load_env_file()
+    return or_exit(lambda: Database(load_settings().database))
+
+
+@click.group("db", help="Database migrations.")
+def db_group() -> None:
+    """Database migrations."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    database = _database()
+    upgrade(database.engine, revision)
+    click.echo(f"database at {current_revision(database.engine) or 'base'}")
+
+
+@db_group.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION (e.g. base)."""
+    database = _database()
+    downgrade(database.engine, revision)
+    click.echo(f"database at {current_revision(database.engine) or 'base'}")
+
+
+@db_group.command("current")
+def db_current() -> None:
+    """Print the revision the database is at."""
+    click.echo(current_revision(_database().engine) or "base")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+@click.command("infer")
+@click.option("--level", required=True, help="turn, task, project or objective")
+@click.option("--purpose", required=True, help="What the call is for (stored with it).")
+@click.option("--project-id", type=int, default=None)
+@click.option("--agent-id", type=int, default=None)
+@click.option("--command-id", type=int, default=None)
+@click.option("--turn-id", type=int, default=None)
+@click.option("--system", "system_prompt", default=None, help="A system prompt.")
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.argument("text")
+@with_appcontext
+def infer_command(
+    level: str,
+    purpose: str,
+    text: str,
+    project_id: int | None,
+    agent_id: int | None,
+    command_id: int | None,
+    turn_id: int | None,
+    system_prompt: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+) -> None:
+    """Run one inference call on TEXT and print the result as JSON."""
+    from .inference.errors import InferenceError, InvalidRequestError
+
+    service = current_app.extensions["inference"]
+    try:
+        result = service.infer(
+            level,
+            purpose,
+            text,
+            project_id=project_id,
+            agent_id=agent_id,
+            command_id=command_id,
+            turn_id=turn_id,
+            system_prompt=system_prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+    except InferenceError as exc:
+        click.echo(json.dumps({"error": exc.to_dict()}), err=True)
+        service.close()
+        sys.exit(2 if isinstance(exc, InvalidRequestError) else 1)
+    service.close()
+    _echo_json(result.to_dict())
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(data, dict):
+        rows: list[tuple[str, str]] = []
+        for key, value in data.items():
+            rows += _flatten(
+                value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"
+            )
+        return rows
+    return [(prefix.rstrip("."), "-" if data is None else str(data))]
+
+
+@click.command("status")
+@click.option("--table", is_flag=True, help="A readable table instead of JSON.")
+@with_appcontext
+def status_command(table: bool) -> None:
+    """Print the service's status (as GET /api/inference/status)."""
+    service = current_app.extensions["inference"]
+    data = service.status()
+    service.close()
+    click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
+
+
+@click.command("usage")
+@click.option("--since", default=None, help="ISO 8601 start (inclusive)")
+@click.option("--until", default=None, help="ISO 8601 end (exclusive)")
+@click.option("--level", default=None)
+@click.option("--model", default=None)
+@click.option("--project-id", default=None)
+@click.option("--table", is_flag=True, help="A readable table instead of JSON.")
+@with_appcontext
+def usage_command(
+    since: str | None,
+    until: str | None,
+    level: str | None,
+    model: str | None,
+    project_id: str | None,
+    table: bool,
+) -> None:
+    """Print usage and cost (as GET /api/inference/usage, with the same options)."""
+    from werkzeug.datastructures import MultiDict
+
+    from .api.inference import BadParameter, parse_usage_query
+    from .inference.usage import usage_report
+
+    given = {"since": since, "until": until, "level": level, "model": model,
+             "project_id": project_id}  # fmt: skip
+    try:
+        query = parse_usage_query(MultiDict({k: v for k, v in given.items() if v is not None}))
+    except BadParameter as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    current_app.extensions["inference"].close()  # not needed to read usage: stop its threads
+    with _database().sessions() as session:
+        data = usage_report(session, query)
+    click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
+
+
+def register_commands(app: Flask) -> None:
+    """Install the commands on ``app.cli``."""
+    for command in (db_group, infer_command, status_command, usage_command):
+        app.cli.add_command(command)

@@ -270,34 +270,39 @@ def test_callers_during_a_probe_share_it(
     assert emulator.request_count(KEY_PATH) == 1
 
 
-def test_concurrent_checks_share_a_probe(
-    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
-) -> None:
-    checker = checker_for()
-    callers = 10
+def _all_at_once(callers: int, call: Callable[[], HealthReport]) -> list[HealthReport]:
+    """``call`` on ``callers`` threads released together; every report, or the first error."""
     start = threading.Barrier(callers)
     reports: list[HealthReport] = []
     failures: list[BaseException] = []
     lock = threading.Lock()
 
-    def call() -> None:
+    def run() -> None:
         try:
             start.wait()
-            report = checker.check()
+            report = call()
             with lock:
                 reports.append(report)
-        except BaseException as exc:
+        except BaseException as exc:  # reported below, on the test's thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(callers)]
+    threads = [threading.Thread(target=run) for _ in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-
     assert failures == []
-    assert len(reports) == callers
-    assert {r.state for r in reports} == {"healthy"}
+    return reports
+
+
+def test_concurrent_checks_share_a_probe(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
+) -> None:
+    checker = checker_for()
+
+    reports = _all_at_once(10, checker.check)
+
+    assert [r.state for r in reports] == ["healthy"] * 10
     assert emulator.request_count(KEY_PATH) <= 2
 
 
@@ -306,20 +311,9 @@ def test_concurrent_forced_checks_all_get_an_answer(
 ) -> None:
     checker = checker_for()
     checker.check()
-    callers = 10
-    start = threading.Barrier(callers)
-    states: list[str] = []
 
-    def call() -> None:
-        start.wait()
-        states.append(checker.check(force=True).state)
+    reports = _all_at_once(10, lambda: checker.check(force=True))
 
-    threads = [threading.Thread(target=call) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-
-    assert states == ["healthy"] * callers
+    assert [r.state for r in reports] == ["healthy"] * 10
     # At least one fresh probe was made; callers arriving mid-probe may share its answer.
-    assert 2 <= emulator.request_count(KEY_PATH) <= 1 + callers
+    assert 2 <= emulator.request_count(KEY_PATH) <= 1 + 10

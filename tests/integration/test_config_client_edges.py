@@ -266,9 +266,10 @@ def test_a_key_with_a_trailing_newline_is_not_shown_by_the_status_endpoint(
 def test_retry_after_ms_wins_over_an_http_date_in_the_policy_as_on_the_error(
     emulator: EmulatorServer, fake_clock: FakeClock
 ) -> None:
-    # parse_retry_after prefers retry-after-ms, so the error says retry_after == 0.5; but the
-    # client also stores the HTTP date as retry_at, and the policy prefers retry_at over
-    # retry_after: it stops (an hour is beyond the cap) while the error it raises says 0.5 s.
+    # parse_retry_after prefers retry-after-ms, so the error says retry_after == 0.5. The
+    # client once also stored the HTTP date as a second field that the policy preferred: it
+    # stopped (an hour is beyond the cap) while the error it raised said 0.5 s. Now the
+    # error carries the one value and the policy uses it as it is.
     when = datetime.fromtimestamp(fake_clock.time() + 3600, UTC)
     emulator.script(
         [Fault(status=429, retry_after_ms=500, retry_after=format_datetime(when, usegmt=True))]

@@ -1,25 +1,25 @@
 """The OpenRouter client's per-request cost against two floors, in one run.
 
-    python bench/bench_client.py [--samples N] [--warmup N]
+    python bench/bench_client.py [--samples N] [--warmup N] [--threads N --calls N]
 
 Starts the emulator in its own process (so it does not share our GIL) and times, one request
 at a time over a kept-alive connection: (a) a raw pooled httpx POST, (b) stdlib http.client,
 (c) ``OpenRouterClient.complete``; prints median and p99 of each and the ratio (c)/(a).
-Nothing is asserted: speed is measured, not tested.
+With ``--threads N`` it then shares one ``OpenRouterClient`` among N threads against an
+emulator answering after ``--latency-ms`` and prints calls/s and CPU ms per call (this
+process). Nothing is asserted: speed is measured, not tested.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
-import os
 import statistics
-import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,8 +27,10 @@ from urllib.parse import urlsplit
 import httpx
 
 # Runnable as a plain script from a checkout, with or without an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench.common import emulator_process
 from claude_headspace.config import OpenRouterSettings
 from claude_headspace.inference.client import OpenRouterClient
 from claude_headspace.inference.types import GenerationParams
@@ -36,28 +38,6 @@ from claude_headspace.inference.types import GenerationParams
 KEY = "sk-or-bench-client"
 MODEL = "anthropic/claude-haiku-4.5"
 MESSAGES = [{"role": "user", "content": "floor request for the client benchmark"}]
-
-
-@contextlib.contextmanager
-def emulator_process() -> Iterator[str]:
-    """The emulator in a child process; yields its base URL (read from its first line)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "claude_headspace.emulator", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        url = line.split()[-1] if line else ""
-        if not url.startswith("http"):
-            raise RuntimeError(f"emulator did not start: {line!r}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def timed(fn: Callable[[], Any], *, warmup: int, samples: int) -> list[float]:
@@ -85,8 +65,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=3000, help="timed calls per variant")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=0, help="then N threads share a client")
+    parser.add_argument("--calls", type=int, default=6400, help="calls made by the N threads")
+    parser.add_argument("--latency-ms", type=int, default=50, help="the emulator's, for --threads")
     args = parser.parse_args(argv)
+    single(args)
+    if args.threads:
+        concurrent(args.threads, args.calls, args.latency_ms)
 
+
+def concurrent(threads: int, calls: int, latency_ms: int) -> None:
+    """``threads`` threads share one OpenRouterClient (max_connections=threads)."""
+    per = max(1, calls // threads)
+    params = GenerationParams()
+    with emulator_process(latency_ms) as base_url:
+        settings = OpenRouterSettings(base_url=base_url, max_connections=threads)
+        client = OpenRouterClient(settings, api_key=KEY)
+
+        def work() -> None:
+            for _ in range(per):
+                client.complete(model=MODEL, messages=MESSAGES, params=params)
+
+        client.complete(model=MODEL, messages=MESSAGES, params=params)  # imports, first use
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        client.close()
+    n = per * threads
+    ideal = threads / (latency_ms / 1000) if latency_ms else float("inf")
+    print(f"\n{threads} threads, one client, emulator latency {latency_ms} ms, {n} calls")
+    print(f"{n / wall:.0f} calls/s (ideal {ideal:.0f}), {cpu / n * 1000:.3f} ms CPU per call")
+
+
+def single(args: argparse.Namespace) -> None:
+    """One request at a time: ours against the two floors."""
     body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
     headers = {
         "Authorization": f"Bearer {KEY}",

@@ -6,6 +6,7 @@ tests/conftest.py; these build on it.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -72,3 +73,19 @@ def closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def answer_body(**fields: Any) -> str:
+    """A whole 200 answer body, as OpenRouter shapes it, with ``fields`` replaced: for a
+    Fault(status=200, body=...) that sends exactly this."""
+    body: dict[str, Any] = {
+        "id": "gen-1",
+        "provider": "Anthropic",
+        "model": "anthropic/claude-haiku-4.5",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    body.update(fields)
+    return json.dumps(body)

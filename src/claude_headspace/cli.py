@@ -11,6 +11,7 @@ from .app import create_app
 from .commands import db_group, or_exit
 from .config import load_env_file, load_settings
 from .db import Database
+from .emulator.cli import emulator_command
 
 
 def _create_app_for_cli() -> Flask:
@@ -56,38 +57,6 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
         database.upgrade()
     database.dispose()
     serve(host, port, workers, threads, timeout)
-
-
-@click.command("openrouter-emulator")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8099, show_default=True, type=int, help="0 picks a free port")
-@click.option("--latency-ms", default=0, show_default=True, type=int, help="per chat answer")
-@click.option("--accept-key", multiple=True, help="A key to accept (default: any sk-or-...).")
-@click.option("--fault", multiple=True, help='A scripted fault as JSON, e.g. {"status": 429}.')
-@click.option("--chaos", type=int, default=None, help="Seed for random faults.")
-@click.option("--chaos-mix", default=None, help="outcome=weight,... e.g. ok=0.8,429=0.1,drop=0.1")
-@click.option("--chaos-hang-ms", default=3000, show_default=True, type=int)
-def emulator_command(
-    host: str,
-    port: int,
-    latency_ms: int,
-    accept_key: tuple[str, ...],
-    fault: tuple[str, ...],
-    chaos: int | None,
-    chaos_mix: str | None,
-    chaos_hang_ms: int,
-) -> None:
-    """Run the local OpenRouter emulator in the foreground; prints its URL first."""
-    # Needs neither the app nor a database, so it is registered on the group itself.
-    from .emulator.cli import build, serve
-
-    try:
-        server = build(host=host, port=port, latency_ms=latency_ms, accept_keys=accept_key,
-                       faults=fault, chaos=chaos, chaos_mix=chaos_mix,
-                       chaos_hang_ms=chaos_hang_ms)  # fmt: skip
-    except (ValueError, OSError) as exc:
-        raise click.UsageError(str(exc)) from None
-    serve(server)
 
 
 main.add_command(emulator_command)

@@ -6,7 +6,6 @@ Each test here pins a defect once found; all use the real emulator and FakeClock
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from tests.emulator_fixtures import answer_body
 
 from claude_headspace import create_app
 from claude_headspace.clock import FakeClock
@@ -138,20 +138,6 @@ def app(emulator: EmulatorServer, tmp_path: Path) -> Iterator[Flask]:
     built.extensions["inference"].close(timeout=5)
 
 
-def _answer(**fields: Any) -> str:
-    body: dict[str, Any] = {
-        "id": "gen-1",
-        "provider": "Anthropic",
-        "model": "anthropic/claude-haiku-4.5",
-        "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
-        ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-    }
-    body.update(fields)
-    return json.dumps(body)
-
-
 @pytest.mark.parametrize(
     "fields",
     [{"id": 12345}, {"provider": {"name": "Anthropic"}}],
@@ -165,7 +151,7 @@ def test_an_oddly_typed_answer_field_is_an_inference_error_or_a_result(
     # it records the call: an AttributeError escapes infer(), after the answer was cached,
     # so every identical call fails the same way until the cache entry expires.
     service = app.extensions["inference"]
-    emulator.script([Fault(status=200, body=_answer(**fields))])
+    emulator.script([Fault(status=200, body=answer_body(**fields))])
     for _ in range(2):  # the second call is served from the cache
         try:
             result = service.infer(level="turn", purpose="review", input_text="odd fields")
@@ -280,9 +266,10 @@ def test_a_key_with_a_trailing_newline_is_not_shown_by_the_status_endpoint(
 def test_retry_after_ms_wins_over_an_http_date_in_the_policy_as_on_the_error(
     emulator: EmulatorServer, fake_clock: FakeClock
 ) -> None:
-    # parse_retry_after prefers retry-after-ms, so the error says retry_after == 0.5; but the
-    # client also stores the HTTP date as retry_at, and the policy prefers retry_at over
-    # retry_after: it stops (an hour is beyond the cap) while the error it raises says 0.5 s.
+    # parse_retry_after prefers retry-after-ms, so the error says retry_after == 0.5. The
+    # client once also stored the HTTP date as a second field that the policy preferred: it
+    # stopped (an hour is beyond the cap) while the error it raised said 0.5 s. Now the
+    # error carries the one value and the policy uses it as it is.
     when = datetime.fromtimestamp(fake_clock.time() + 3600, UTC)
     emulator.script(
         [Fault(status=429, retry_after_ms=500, retry_after=format_datetime(when, usegmt=True))]
@@ -309,11 +296,11 @@ def test_retry_after_ms_wins_over_an_http_date_in_the_policy_as_on_the_error(
 # --------------------------------------------------------------------------- empty choices
 
 
-def test_a_choice_with_a_null_message_is_no_answer(emulator: EmulatorServer) -> None:
+def test_a_choice_with_a_null_message_is_noanswer_body(emulator: EmulatorServer) -> None:
     # A 200 with no choices is a retryable EmptyResponseError; a 200 whose only choice has
     # no message at all carries no answer either, yet it comes back as a successful ""
     # (which the service then caches and logs as ok).
-    body = _answer(choices=[{"index": 0, "finish_reason": None, "message": None}])
+    body = answer_body(choices=[{"index": 0, "finish_reason": None, "message": None}])
     emulator.script([Fault(status=200, body=body)])
     client = OpenRouterClient(OpenRouterSettings(base_url=emulator.base_url), api_key=KEY)
     try:

@@ -1,16 +1,17 @@
-"""The emulator itself: OpenRouter's shapes (checked by the official openai SDK), the control
-endpoints, chaos, keep-alive under concurrency, and running as a separate process."""
+"""The OpenRouter emulator as any HTTP client sees it: OpenRouter's shapes (checked by the
+official openai SDK), keys, scripted faults, the control endpoints, chaos, keep-alive under
+concurrency, and running as a separate process from either command."""
 
 from __future__ import annotations
 
-import http.client
+import http.client as http_client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +20,51 @@ import openai
 import pytest
 from tests.emulator_fixtures import TEST_KEY
 
+from claude_headspace.config import OpenRouterSettings
 from claude_headspace.emulator import EmulatorServer, Fault
 from claude_headspace.emulator.server import PRICES, count_tokens
 
 HAIKU = "anthropic/claude-haiku-4.5"
+SONNET = "anthropic/claude-sonnet-4.5"
 CHAT = "/api/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hello world"}]
+BODY: dict[str, Any] = {"model": HAIKU, "messages": MESSAGES}
 
 
 def sdk(emulator: EmulatorServer, key: str = TEST_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=emulator.base_url, api_key=key, max_retries=0, timeout=5)
 
 
-def raw_client(emulator: EmulatorServer, key: str = TEST_KEY) -> httpx.Client:
+def raw_client(emulator: EmulatorServer, key: str | None = TEST_KEY) -> httpx.Client:
+    """A plain httpx client at the emulator's root (no key: the control endpoints' way)."""
     return httpx.Client(
         base_url=emulator.base_url.removesuffix("/api/v1"),
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=5,
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        timeout=10,
     )
+
+
+@pytest.fixture
+def http(emulator: EmulatorServer) -> Iterator[httpx.Client]:
+    with raw_client(emulator) as client:
+        yield client
+
+
+@pytest.fixture
+def control(emulator: EmulatorServer) -> Iterator[httpx.Client]:
+    """A second client, with no key, that drives the control endpoints."""
+    with raw_client(emulator, key=None) as client:
+        yield client
+
+
+@pytest.fixture
+def strict_emulator(own_emulator: Any) -> EmulatorServer:
+    server: EmulatorServer = own_emulator(accept_keys={TEST_KEY})
+    return server
+
+
+def chat(client: httpx.Client, **extra: Any) -> httpx.Response:
+    return client.post(CHAT, json={**BODY, **extra})
 
 
 # --------------------------------------------------------------------------- OpenRouter's shapes
@@ -43,26 +72,42 @@ def raw_client(emulator: EmulatorServer, key: str = TEST_KEY) -> httpx.Client:
 
 def test_the_openai_sdk_parses_a_completion(emulator: EmulatorServer) -> None:
     client = sdk(emulator)
-    answer = client.chat.completions.create(
-        model=HAIKU,
-        messages=[{"role": "user", "content": "Summarise: the build is green again."}],
-        max_tokens=64,
-    )
+    answer = client.chat.completions.create(model=HAIKU, messages=MESSAGES)  # type: ignore[arg-type]
+    client.close()
     assert answer.id.startswith("gen-")
     assert answer.model == HAIKU
     assert answer.object == "chat.completion"
     assert answer.choices[0].message.role == "assistant"
-    assert "the build is green again." in (answer.choices[0].message.content or "")
+    assert answer.choices[0].message.content == "Summary by claude-haiku-4.5: hello world"
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None
-    assert answer.usage.prompt_tokens >= 1 and 1 <= answer.usage.completion_tokens <= 64
-    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (6, 10)
+    assert answer.usage.total_tokens == 16
     extra = answer.model_dump()
     assert extra["provider"] == "Anthropic"
     p_in, p_out = PRICES[HAIKU]
-    cost = (answer.usage.prompt_tokens * p_in + answer.usage.completion_tokens * p_out) / 1e6
-    assert extra["usage"]["cost"] == pytest.approx(cost)
+    assert extra["usage"]["cost"] == pytest.approx((6 * p_in + 10 * p_out) / 1e6)
+    assert emulator.request_count(CHAT) == 1
+
+
+def test_the_prices_are_configs_defaults() -> None:
+    defaults = OpenRouterSettings().pricing
+    assert {m: (p.input_per_million, p.output_per_million) for m, p in defaults.items()} == PRICES
+    assert PRICES[HAIKU] == (1.0, 5.0)
+
+
+def test_the_openai_sdk_lists_models_with_their_prices(emulator: EmulatorServer) -> None:
+    client = sdk(emulator)
+    models = {m.id: m for m in client.models.list()}
     client.close()
+    assert {HAIKU, SONNET} <= set(models)
+    for model in models.values():
+        pricing = model.model_dump()["pricing"]
+        assert float(pricing["prompt"]) > 0 and float(pricing["completion"]) > 0
+    haiku = models[HAIKU].model_dump()["pricing"]
+    assert float(haiku["prompt"]) == pytest.approx(1.0 / 1e6)
+    assert float(haiku["completion"]) == pytest.approx(5.0 / 1e6)
+    assert float(models[SONNET].model_dump()["pricing"]["prompt"]) == pytest.approx(3.0 / 1e6)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +115,7 @@ def test_the_openai_sdk_parses_a_completion(emulator: EmulatorServer) -> None:
     [
         (400, openai.BadRequestError),
         (401, openai.AuthenticationError),
+        (402, openai.APIStatusError),
         (403, openai.PermissionDeniedError),
         (404, openai.NotFoundError),
         (429, openai.RateLimitError),
@@ -82,59 +128,101 @@ def test_the_openai_sdk_reads_its_errors(
     emulator.script([Fault(status=status, retry_after=1, metadata={"reasons": ["hate"]})])
     client = sdk(emulator)
     with pytest.raises(sdk_error) as caught:
-        client.chat.completions.create(model=HAIKU, messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(model=HAIKU, messages=MESSAGES)  # type: ignore[arg-type]
+    client.close()
     assert caught.value.status_code == status
     assert isinstance(caught.value.body, dict) and caught.value.body["code"] == status
     assert caught.value.response.headers["retry-after"] == "1"
-    client.close()
 
 
 def test_answers_are_deterministic_and_token_counts_follow_the_input(
-    emulator: EmulatorServer,
+    http: httpx.Client,
 ) -> None:
-    with raw_client(emulator) as client:
+    def ask(text: str, **extra: Any) -> dict[str, Any]:
+        response = chat(http, messages=[{"role": "user", "content": text}], **extra)
+        assert response.status_code == 200
+        data: dict[str, Any] = response.json()
+        return data
 
-        def chat(text: str, **extra: Any) -> dict[str, Any]:
-            body = {"model": HAIKU, "messages": [{"role": "user", "content": text}], **extra}
-            response = client.post("/api/v1/chat/completions", json=body)
-            assert response.status_code == 200
-            data: dict[str, Any] = response.json()
-            return data
+    short, long = ask("a b c"), ask("a b c " * 400)
+    again, other = ask("a b c"), ask("something else")
+    assert again["choices"] == short["choices"] and again["usage"] == short["usage"]
+    assert again["id"] != short["id"]
+    assert other["choices"] != short["choices"]
+    assert long["usage"]["prompt_tokens"] > short["usage"]["prompt_tokens"] >= 1
+    assert long["usage"]["prompt_tokens"] >= count_tokens("a b c " * 400)
+    usage = short["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["cost"] > 0
+    capped = ask("a b c " * 400, max_tokens=3)
+    assert capped["usage"]["completion_tokens"] <= 3
+    assert capped["choices"][0]["finish_reason"] == "length"
 
-        short, long = chat("a b c"), chat("a b c " * 400)
-        assert chat("a b c")["choices"] == short["choices"]
-        assert long["usage"]["prompt_tokens"] > short["usage"]["prompt_tokens"] >= 1
-        assert long["usage"]["prompt_tokens"] >= count_tokens("a b c " * 400)
-        capped = chat("a b c " * 400, max_tokens=3)
-        assert capped["usage"]["completion_tokens"] <= 3
-        assert capped["choices"][0]["finish_reason"] == "length"
+
+def test_sonnet_costs_three_times_haiku(http: httpx.Client) -> None:
+    # an input whose answers have as many tokens for either model's name
+    messages = [{"role": "user", "content": "count the requests"}]
+    haiku = chat(http, messages=messages).json()["usage"]["cost"]
+    sonnet = chat(http, model=SONNET, messages=messages).json()["usage"]["cost"]
+    assert sonnet == pytest.approx(3 * haiku)
 
 
-def test_models_key_and_generation(emulator: EmulatorServer) -> None:
-    with raw_client(emulator) as client:
-        models = client.get("/api/v1/models").json()["data"]
-        by_id = {m["id"]: m for m in models}
-        assert float(by_id[HAIKU]["pricing"]["prompt"]) == pytest.approx(1.0 / 1e6)
-        assert float(by_id[HAIKU]["pricing"]["completion"]) == pytest.approx(5.0 / 1e6)
-        assert float(by_id["anthropic/claude-sonnet-4.5"]["pricing"]["prompt"]) == pytest.approx(
-            3.0 / 1e6
-        )
-        assert client.get("/api/v1/key").status_code == 200
-        gen = client.post(
-            "/api/v1/chat/completions",
-            json={"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]},
-        ).json()
-        found = client.get("/api/v1/generation", params={"id": gen["id"]})
-        assert found.status_code == 200
-        assert found.json()["data"]["total_cost"] == pytest.approx(gen["usage"]["cost"])
-        missing = client.get("/api/v1/generation", params={"id": "gen-nope"})
-        assert missing.status_code == 404
-        assert missing.json()["error"]["code"] == 404
-    with raw_client(emulator, key="wrong") as client:
-        rejected = client.get("/api/v1/key")
-        assert rejected.status_code == 401
-        assert set(rejected.json()["error"]) >= {"code", "message"}
-        assert client.post("/api/v1/chat/completions", json={}).status_code == 401
+def test_generation_returns_what_the_completion_reported(http: httpx.Client) -> None:
+    completion = chat(http, max_tokens=3).json()
+
+    response = http.get("/api/v1/generation", params={"id": completion["id"]})
+
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert data["id"] == completion["id"]
+    assert data["model"] == completion["model"]
+    assert data["total_cost"] == pytest.approx(completion["usage"]["cost"])
+    assert data["tokens_prompt"] == completion["usage"]["prompt_tokens"]
+    assert data["tokens_completion"] == completion["usage"]["completion_tokens"] == 3
+    assert data["finish_reason"] == completion["choices"][0]["finish_reason"] == "length"
+    assert data["provider_name"] == completion["provider"]
+    missing = http.get("/api/v1/generation", params={"id": "gen-nope"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == 404
+    assert "gen-nope" in missing.json()["error"]["message"]
+
+
+def test_bad_requests_get_openrouter_error_bodies(http: httpx.Client) -> None:
+    for body in ({"model": HAIKU}, {"model": "nonsense", "messages": []}):
+        response = http.post(CHAT, json=body)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == 400
+    assert http.get("/api/v1/nothing-here").status_code == 404
+    assert http.post("/api/v1/nothing-here", json={}).status_code == 404
+
+
+def test_requests_are_recorded_with_lowercase_headers_and_bodies(
+    emulator: EmulatorServer, http: httpx.Client
+) -> None:
+    chat(http)
+    http.get("/api/v1/models")
+
+    recorded_chat, models = emulator.requests
+    assert (recorded_chat.method, recorded_chat.path, recorded_chat.body) == ("POST", CHAT, BODY)
+    assert recorded_chat.headers["authorization"] == f"Bearer {TEST_KEY}"
+    assert all(name == name.lower() for name in recorded_chat.headers)
+    assert (models.method, models.path, models.body) == ("GET", "/api/v1/models", None)
+    assert emulator.request_count(CHAT) == 1
+    assert emulator.request_count() == 2
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_the_models_answer_without_a_key(control: httpx.Client) -> None:
+    assert control.get("/api/v1/models").status_code == 200
+
+
+def test_the_default_emulator_accepts_any_openrouter_shaped_key(emulator: EmulatorServer) -> None:
+    for key, status in (("sk-or-v1-anything", 200), ("not-a-key", 401)):
+        with raw_client(emulator, key=key) as client:
+            assert client.get("/api/v1/key").status_code == status
+            assert chat(client).status_code == status
 
 
 def test_only_the_listed_keys_are_accepted(own_emulator: Any) -> None:
@@ -142,58 +230,227 @@ def test_only_the_listed_keys_are_accepted(own_emulator: Any) -> None:
     for key, status in (("sk-or-good", 200), ("plain-good", 200), ("sk-or-other", 401)):
         with raw_client(server, key=key) as client:
             assert client.get("/api/v1/key").status_code == status
+            assert chat(client).status_code == status
 
 
-def test_bad_requests_get_openrouter_error_bodies(emulator: EmulatorServer) -> None:
-    with raw_client(emulator) as client:
-        for body in ({"model": HAIKU}, {"model": "nonsense", "messages": []}):
-            response = client.post("/api/v1/chat/completions", json=body)
-            assert response.status_code == 400
-            assert response.json()["error"]["code"] == 400
-        assert client.get("/api/v1/nowhere").status_code == 404
+def test_the_key_endpoint_answers_an_accepted_key_without_echoing_it(
+    strict_emulator: EmulatorServer,
+) -> None:
+    with raw_client(strict_emulator) as client:
+        response = client.get("/api/v1/key")
+    assert response.status_code == 200
+    assert "label" in response.json()["data"]
+    assert TEST_KEY not in response.text
 
 
-# --------------------------------------------------------------------------- control
+@pytest.mark.parametrize(
+    "headers",
+    [{"Authorization": "Bearer sk-or-v1-not-on-the-list"}, {"Authorization": TEST_KEY}, {}],
+    ids=["other-key", "no-bearer", "no-header"],
+)
+def test_the_key_endpoint_gives_401_for_a_key_not_accepted(
+    strict_emulator: EmulatorServer, headers: dict[str, str]
+) -> None:
+    response = httpx.get(f"{strict_emulator.base_url}/key", headers=headers)
+
+    assert response.status_code == 401
+    assert set(response.json()["error"]) >= {"code", "message"}
+    assert response.json()["error"]["code"] == 401
 
 
-def test_the_control_endpoints_script_a_server_from_outside(emulator: EmulatorServer) -> None:
-    chat = {"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]}
-    with raw_client(emulator) as client:
-        faults = [{"status": 503, "retry_after": 4}, {"error_in_200": True}]
-        assert client.post("/_emulator/faults", json={"faults": faults}).json() == {"ok": True}
-        first = client.post(CHAT, json=chat)
-        assert (first.status_code, first.headers["retry-after"]) == (503, "4")
-        assert first.json()["error"]["code"] == 503
-        second = client.post(CHAT, json=chat)
-        assert second.status_code == 200 and "error" in second.json()
-        assert client.post(CHAT, json=chat).json()["choices"]
-        assert client.post("/_emulator/latency", json={"ms": 1}).status_code == 200
-        assert emulator.state.latency_ms == 1
-        listed = client.get("/_emulator/requests", params={"path": CHAT}).json()
-        assert listed["count"] == 3 == emulator.request_count(CHAT)
-        assert listed["requests"][0]["body"] == chat
-        bad = client.post("/_emulator/faults", json={"faults": [{"stauts": 500}]})
-        assert bad.status_code == 400 and "stauts" in bad.json()["error"]["message"]
-        bad_mix = client.post("/_emulator/chaos", json={"seed": 1, "mix": {"boom": 1}})
-        assert bad_mix.status_code == 400
-        assert client.post("/_emulator/reset").status_code == 200
-        assert emulator.request_count() == 0 and emulator.state.latency_ms == 0
-        assert client.post("/_emulator/nothing").status_code == 404
+def test_own_emulator_listens_on_its_own_port(
+    emulator: EmulatorServer, strict_emulator: EmulatorServer
+) -> None:
+    assert strict_emulator.port != emulator.port
+    assert strict_emulator.base_url == f"http://127.0.0.1:{strict_emulator.port}/api/v1"
 
 
-def test_faults_are_consumed_in_order_one_per_chat_request(emulator: EmulatorServer) -> None:
-    emulator.script([Fault(status=500), Fault(status=429), Fault(status=502)])
-    chat = {"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]}
-    with raw_client(emulator) as client:
-        assert client.get("/api/v1/models").status_code == 200  # not a chat: takes no fault
-        codes = [client.post(CHAT, json=chat).status_code for _ in range(4)]
-    assert codes == [500, 429, 502, 200]
+# --------------------------------------------------------------------------- scripted faults
+
+
+def test_scripted_faults_answer_in_order_then_normal_answers(
+    emulator: EmulatorServer, http: httpx.Client
+) -> None:
+    emulator.script(
+        [
+            Fault(status=429, retry_after=3),
+            Fault(status=503, retry_after_ms=250),
+            Fault(error_in_200=True),
+            Fault(no_choices=True),
+            Fault(status=502, body="<html>bad gateway</html>"),
+        ]
+    )
+    assert http.get("/api/v1/models").status_code == 200  # not a chat: takes no fault
+
+    limited = chat(http)
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "3"
+    assert limited.json() == {"error": {"code": 429, "message": "Rate limit exceeded"}}
+    unavailable = chat(http)
+    assert unavailable.status_code == 503
+    assert unavailable.headers["retry-after-ms"] == "250"
+    in_200 = chat(http)
+    assert in_200.status_code == 200
+    assert "error" in in_200.json()
+    empty = chat(http)
+    assert empty.status_code == 200
+    assert empty.json()["choices"] == []
+    html = chat(http)
+    assert html.status_code == 502
+    assert html.text == "<html>bad gateway</html>"
+    assert chat(http).status_code == 200
+    assert emulator.request_count(CHAT) == 6
+
+
+def test_a_moderation_fault_carries_its_metadata(
+    emulator: EmulatorServer, http: httpx.Client
+) -> None:
+    emulator.script([Fault(status=403, metadata={"reasons": ["hate"], "flagged_input": "x"})])
+
+    error = chat(http).json()["error"]
+
+    assert error["code"] == 403
+    assert error["metadata"] == {"reasons": ["hate"], "flagged_input": "x"}
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(drop=True), Fault(raw="HTTP/1.1 200 OK\r\nnot a header line\r\n\r\n")],
+    ids=["drop", "raw"],
+)
+def test_a_dropped_or_broken_answer_then_a_normal_one(
+    emulator: EmulatorServer, http: httpx.Client, fault: Fault
+) -> None:
+    emulator.script([fault])
+
+    with pytest.raises(httpx.TransportError):
+        chat(http)
+    assert chat(http).status_code == 200
+
+
+def test_a_held_path_waits_until_released(emulator: EmulatorServer, http: httpx.Client) -> None:
+    release = emulator.hold("/api/v1/key")
+    answers: list[int] = []
+    waiting = threading.Thread(target=lambda: answers.append(http.get("/api/v1/key").status_code))
+    waiting.start()
+    with raw_client(emulator) as other:
+        assert chat(other).status_code == 200  # other paths answer meanwhile
+    assert emulator.request_count("/api/v1/key") == 1  # recorded on arrival
+    assert answers == []
+    release.set()
+    waiting.join(10)
+    assert answers == [200]
+    emulator.hold("/api/v1/key")
+    emulator.reset()  # lets held requests go, and forgets the hold
+    assert http.get("/api/v1/key", timeout=2).status_code == 200
+
+
+# --------------------------------------------------------------------------- control endpoints
+
+
+def test_the_control_endpoints_script_a_server_from_outside(
+    emulator: EmulatorServer, http: httpx.Client, control: httpx.Client
+) -> None:
+    faults = [{"status": 503, "retry_after": 4}, {"error_in_200": True}]
+    assert control.post("/_emulator/faults", json={"faults": faults}).json() == {"ok": True}
+    first = chat(http)
+    assert (first.status_code, first.headers["retry-after"]) == (503, "4")
+    assert first.json()["error"]["code"] == 503
+    second = chat(http)
+    assert second.status_code == 200 and "error" in second.json()
+    assert chat(http).json()["choices"]
+    listed = control.get("/_emulator/requests", params={"path": CHAT}).json()
+    everything = control.get("/_emulator/requests").json()
+    http.get("/api/v1/models")
+    assert listed["count"] == 3 == everything["count"] == emulator.request_count(CHAT)
+    assert control.get("/_emulator/requests").json()["count"] == 4
+    assert listed["requests"][0]["body"] == BODY
+    assert listed["requests"][0]["headers"]["authorization"] == f"Bearer {TEST_KEY}"
+    assert listed["requests"][0]["method"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/_emulator/faults", {"faults": [{"status": 503}, {"stauts": 500}]}, "stauts"),
+        ("/_emulator/chaos", {"seed": 1, "mix": {"boom": 1}}, "boom"),
+    ],
+    ids=["unknown-fault-field", "unknown-chaos-outcome"],
+)
+def test_a_bad_control_request_is_refused_and_changes_nothing(
+    http: httpx.Client, control: httpx.Client, path: str, body: dict[str, Any], named: str
+) -> None:
+    response = control.post(path, json=body)
+
+    assert response.status_code == 400
+    assert named in response.json()["error"]["message"]
+    assert chat(http).status_code == 200
+
+
+def test_control_latency_delays_chat_answers_only(
+    emulator: EmulatorServer, http: httpx.Client, control: httpx.Client
+) -> None:
+    assert control.post("/_emulator/latency", json={"ms": 1000}).status_code == 200
+    assert emulator.state.latency_ms == 1000
+    with pytest.raises(httpx.ReadTimeout):
+        http.post(CHAT, json=BODY, timeout=0.2)
+    assert http.get("/api/v1/key", timeout=0.5).status_code == 200
+    assert http.get("/api/v1/models", timeout=0.5).status_code == 200
+    assert control.post("/_emulator/latency", json={"ms": 0}).status_code == 200
+    assert emulator.state.latency_ms == 0
+    assert chat(http).status_code == 200
+
+
+def test_control_chaos_from_another_client(http: httpx.Client, control: httpx.Client) -> None:
+    assert control.post("/_emulator/chaos", json={"seed": 7, "mix": {"503": 1.0}}).is_success
+    assert [chat(http).status_code for _ in range(4)] == [503] * 4
+    assert control.post("/_emulator/chaos", json={"seed": None}).status_code == 200
+    assert chat(http).status_code == 200
+
+
+def test_control_chaos_is_reproducible_from_its_seed(
+    http: httpx.Client, control: httpx.Client
+) -> None:
+    mix = {"ok": 0.5, "500": 0.25, "429": 0.25}
+
+    runs = []
+    for _ in range(2):
+        control.post("/_emulator/chaos", json={"seed": 123, "mix": mix})
+        runs.append([chat(http).status_code for _ in range(20)])
+
+    assert runs[0] == runs[1]
+    assert set(runs[0]) <= {200, 500, 429}
+    assert len(set(runs[0])) > 1
+
+
+def test_control_reset_forgets_everything(
+    emulator: EmulatorServer, http: httpx.Client, control: httpx.Client
+) -> None:
+    chat(http)
+    control.post("/_emulator/faults", json={"faults": [{"status": 500}]})
+    control.post("/_emulator/latency", json={"ms": 250})
+    control.post("/_emulator/chaos", json={"seed": 1, "mix": {"502": 1}})
+    assert control.post("/_emulator/reset").status_code == 200
+
+    assert control.get("/_emulator/requests").json() == {"count": 0, "requests": []}
+    assert emulator.state.latency_ms == 0
+    assert chat(http).status_code == 200  # no fault, no chaos left
+
+
+def test_control_requests_are_not_recorded(emulator: EmulatorServer, control: httpx.Client) -> None:
+    control.get("/_emulator/requests")
+    control.post("/_emulator/latency", json={"ms": 0})
+    assert emulator.request_count() == 0
+    assert control.post("/_emulator/nothing", json={}).status_code == 404
+    assert control.get("/_emulator/nothing").status_code == 404
+
+
+# --------------------------------------------------------------------------- chaos
 
 
 def outcome(client: httpx.Client) -> str:
-    chat = {"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]}
     try:
-        response = client.post(CHAT, json=chat)
+        response = chat(client)
     except httpx.TimeoutException:
         return "timeout"
     except httpx.TransportError:
@@ -220,16 +477,15 @@ def test_chaos_is_seeded_and_draws_every_outcome(emulator: EmulatorServer) -> No
 
 def test_chaos_hangs_past_the_client_timeout(emulator: EmulatorServer) -> None:
     emulator.set_chaos(7, {"timeout": 1.0}, hang_ms=1000)
-    with httpx.Client(headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=0.1) as client:
-        client.base_url = httpx.URL(emulator.base_url.removesuffix("/api/v1"))
+    with raw_client(emulator) as client:
+        client.timeout = httpx.Timeout(0.1)
         assert outcome(client) == "timeout"
     emulator.set_chaos(None)
 
 
-def test_a_chaos_429_carries_retry_after(emulator: EmulatorServer) -> None:
+def test_a_chaos_429_carries_retry_after(emulator: EmulatorServer, http: httpx.Client) -> None:
     emulator.set_chaos(1, {"429": 1})
-    with raw_client(emulator) as client:
-        response = client.post(CHAT, json={"model": HAIKU, "messages": []})
+    response = chat(http)
     assert response.status_code == 429 and "retry-after" in response.headers
 
 
@@ -237,38 +493,45 @@ def test_a_chaos_429_carries_retry_after(emulator: EmulatorServer) -> None:
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(emulator: EmulatorServer) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", emulator.port, timeout=5)
-    body = json.dumps({"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]})
+    conn = http_client.HTTPConnection("127.0.0.1", emulator.port, timeout=5)
     headers = {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"}
     conn.connect()
     sock = conn.sock
     for _ in range(5):
-        conn.request("POST", CHAT, body=body, headers=headers)
+        conn.request("POST", CHAT, body=json.dumps(BODY), headers=headers)
         response = conn.getresponse()
         assert response.status == 200 and json.loads(response.read())["choices"]
     assert conn.sock is sock  # never reconnected
     conn.close()
 
 
-def test_concurrent_clients(emulator: EmulatorServer) -> None:
+def test_concurrent_keep_alive_clients(emulator: EmulatorServer) -> None:
+    threads, per_thread = 20, 20
+    statuses: list[list[int]] = [[] for _ in range(threads)]
     failures: list[BaseException] = []
+    start = threading.Barrier(threads)
 
-    def work(n: int) -> None:
+    def worker(index: int) -> None:
         try:
             with raw_client(emulator) as client:
-                for i in range(10):
-                    body = {"model": HAIKU, "messages": [{"role": "user", "content": f"{n} {i}"}]}
-                    assert client.post(CHAT, json=body).status_code == 200
-        except BaseException as exc:  # reported below, not lost in the thread
+                start.wait()
+                for n in range(per_thread):
+                    content = f"thread {index} request {n}"
+                    response = chat(client, messages=[{"role": "user", "content": content}])
+                    statuses[index].append(response.status_code)
+                    assert content in response.json()["choices"][0]["message"]["content"]
+        except BaseException as exc:  # reported below, on the test's thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=120)
+
     assert failures == []
-    assert emulator.request_count(CHAT) == 160
+    assert all(s == [200] * per_thread for s in statuses)
+    assert emulator.request_count(CHAT) == threads * per_thread
 
 
 def test_in_process_lifecycle() -> None:
@@ -279,61 +542,85 @@ def test_in_process_lifecycle() -> None:
         httpx.get(f"{server.base_url}/models")
 
 
-@contextmanager
-def process(*command: str) -> Iterator[str]:
-    """A command that prints the emulator's URL as the last word of its first line."""
+# --------------------------------------------------------------------------- the command line
+
+COMMANDS = {
+    "python-m": [sys.executable, "-m", "claude_headspace.emulator"],
+    "headspace": [str(Path(sys.executable).with_name("headspace")), "openrouter-emulator"],
+}
+
+
+@pytest.fixture(params=sorted(COMMANDS))
+def command(request: pytest.FixtureRequest) -> list[str]:
+    """Both ways to start the emulator: one click command behind them."""
+    command = COMMANDS[request.param]
+    if not Path(command[0]).exists():
+        pytest.skip(f"{command[0]} is not installed")
+    return command
+
+
+def _start(command: list[str], *args: str) -> tuple[subprocess.Popen[str], str]:
+    """The emulator in a process of its own, and its base URL (its first line's last word)."""
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("OpenRouter emulator listening on http://127.0.0.1:"), line
-        yield line.split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        [sys.executable, "-m", "claude_headspace.emulator"],
-        [str(Path(sys.executable).with_name("headspace")), "openrouter-emulator"],
-    ],
-    ids=["python-m", "headspace"],
-)
-def test_runs_as_a_separate_process(command: list[str]) -> None:
-    if not Path(command[0]).exists():
-        pytest.skip(f"{command[0]} is not installed")
-    args = [
-        *command,
-        "--port=0",
-        "--accept-key=sk-or-proc",
-        '--fault={"status": 503}',
-        "--chaos=5",
-        "--chaos-mix=ok=1",
-    ]
-    with process(*args) as url:
-        headers = {"Authorization": "Bearer sk-or-proc"}
-        chat = {"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]}
-        assert httpx.get(f"{url}/key", headers=headers).status_code == 200
-        assert (
-            httpx.get(f"{url}/key", headers={"Authorization": "Bearer sk-or-x"}).status_code == 401
-        )
-        assert httpx.post(f"{url}/chat/completions", json=chat, headers=headers).status_code == 503
-        assert httpx.post(f"{url}/chat/completions", json=chat, headers=headers).status_code == 200
-
-
-def test_a_bad_fault_flag_is_refused() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "claude_headspace.emulator", "--port=0", "--fault=nope"],
-        capture_output=True,
+        [*command, "--port=0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=30,
+        env=env,
     )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("OpenRouter emulator listening on http://127.0.0.1:"), line
+    base_url = line.split()[-1]
+    assert base_url.endswith("/api/v1") and not base_url.endswith(":0/api/v1")
+    return proc, base_url
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def test_runs_as_a_separate_process_and_ends_cleanly_on_sigterm(command: list[str]) -> None:
+    proc, base_url = _start(command)
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=10) as client:
+            assert client.get(f"{base_url}/models").status_code == 200
+            answer = client.post(f"{base_url}/chat/completions", json=BODY)
+            assert answer.status_code == 200
+            assert answer.json()["id"].startswith("gen-")
+    finally:
+        code = _stop(proc)
+    assert code == 0
+
+
+def test_the_process_takes_faults_keys_and_chaos_as_flags(command: list[str]) -> None:
+    faults = ['{"status": 429, "retry_after": 3}', '{"status": 503}']
+    flags = [f"--fault={faults[0]}", f"--fault={faults[1]}", "--chaos=5", "--chaos-mix=ok=1"]
+    proc, base_url = _start(command, f"--accept-key={TEST_KEY}", "--latency-ms=1", *flags)
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=10) as client:
+            statuses = [client.post(f"{base_url}/chat/completions", json=BODY) for _ in range(3)]
+            assert [r.status_code for r in statuses] == [429, 503, 200]
+            assert statuses[0].headers["retry-after"] == "3"
+            assert client.get(f"{base_url}/key").status_code == 200
+        other = httpx.get(f"{base_url}/key", headers={"Authorization": "Bearer sk-or-v1-other"})
+        assert other.status_code == 401
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("flag", ["--fault={nope", "--chaos-mix=boom=1"])
+def test_a_bad_flag_is_refused(command: list[str], flag: str) -> None:
+    done = subprocess.run([*command, "--port=0", flag], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "not JSON" in done.stderr
+    assert ("not JSON" if "fault" in flag else "boom") in done.stderr

@@ -1,38 +1,63 @@
-"""The health check over real HTTP: its answers, its cache (fake clock), one shared probe."""
+"""HealthChecker over real HTTP against the emulator: its answers, its cache on a FakeClock,
+forced probes, and one shared probe for concurrent callers."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from tests.emulator_fixtures import ClientFactory, settings_for
+from tests.emulator_fixtures import TEST_KEY, ClientFactory, settings_for
 
 from claude_headspace.clock import FakeClock
-from claude_headspace.emulator import EmulatorServer
-from claude_headspace.inference.client import OpenRouterClient
+from claude_headspace.emulator import EmulatorServer, Fault
 from claude_headspace.inference.health import HealthChecker, HealthReport
 
 KEY_PATH = "/api/v1/key"
 MODELS_PATH = "/api/v1/models"
 
 
+@pytest.fixture
 def checker_for(
-    client: OpenRouterClient | None, base_url: str, clock: FakeClock, **health: Any
-) -> HealthChecker:
-    settings = settings_for(base_url, health={"timeout_seconds": 2, "cache_seconds": 60, **health})
-    return HealthChecker(client, settings, clock=clock)
+    emulator: EmulatorServer, make_client: ClientFactory, fake_clock: FakeClock
+) -> Callable[..., HealthChecker]:
+    """Builds a checker (default: the shared emulator, TEST_KEY, a client on the fake clock,
+    answers cached for 60 s); its clients are closed afterwards."""
+
+    def make(
+        *,
+        base_url: str | None = None,
+        key: str | None = TEST_KEY,
+        with_client: bool = True,
+        cache_seconds: float = 60.0,
+        **extra: Any,
+    ) -> HealthChecker:
+        url = base_url or emulator.base_url
+        health = {"timeout_seconds": 2.0, "cache_seconds": cache_seconds}
+        settings = settings_for(url, health=health, **extra)
+        client = make_client(base_url=url, key=key, clock=fake_clock) if with_client else None
+        return HealthChecker(client, settings, clock=fake_clock)
+
+    return make
+
+
+# --------------------------------------------------------------------------- the answers
 
 
 def test_healthy(
-    emulator: EmulatorServer, make_client: ClientFactory, fake_clock: FakeClock
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker], fake_clock: FakeClock
 ) -> None:
-    report = checker_for(make_client(), emulator.base_url, fake_clock).check()
-    assert report.state == "healthy" and report.reachable and report.error is None
+    report = checker_for().check()
+
+    assert report.state == "healthy"
+    assert report.reachable is True
+    assert report.error is None
     assert report.checked_at == datetime.fromtimestamp(fake_clock.time(), UTC)
-    assert report.latency_ms is not None and report.latency_ms >= 0
+    assert isinstance(report.latency_ms, int) and report.latency_ms >= 0
     assert report.to_dict() == {
         "state": "healthy",
         "reachable": True,
@@ -40,105 +65,181 @@ def test_healthy(
         "latency_ms": report.latency_ms,
         "error": None,
     }
+    assert TEST_KEY not in repr(report.to_dict())
     assert emulator.request_count(KEY_PATH) == 1
+    assert emulator.requests[0].headers["authorization"] == f"Bearer {TEST_KEY}"
 
 
 def test_key_rejected(
-    emulator: EmulatorServer, make_client: ClientFactory, fake_clock: FakeClock
+    own_emulator: Callable[..., EmulatorServer], checker_for: Callable[..., HealthChecker]
 ) -> None:
-    client = make_client(key="wrong-key")
-    report = checker_for(client, emulator.base_url, fake_clock).check()
-    assert report.state == "key_rejected" and report.reachable
+    strict = own_emulator(accept_keys={"sk-or-v1-only-this-one"})
+
+    report = checker_for(base_url=strict.base_url, key="sk-or-wrong-key").check()
+
+    assert report.state == "key_rejected"
+    assert report.reachable is True
     assert report.error is not None and "401" in report.error
-    assert "wrong-key" not in report.error
+    assert "sk-or-wrong-key" not in report.error
+    assert strict.request_count(KEY_PATH) == 1
 
 
-def test_unreachable(closed_port: int, make_client: ClientFactory, fake_clock: FakeClock) -> None:
-    base_url = f"http://127.0.0.1:{closed_port}/api/v1"
-    report = checker_for(make_client(base_url=base_url), base_url, fake_clock).check()
-    assert report.state == "unreachable" and not report.reachable
+def test_unreachable(closed_port: int, checker_for: Callable[..., HealthChecker]) -> None:
+    report = checker_for(base_url=f"http://127.0.0.1:{closed_port}/api/v1").check()
+
+    assert report.state == "unreachable"
+    assert report.reachable is False
     assert report.error is not None and "ConnectError" in report.error
-
-
-def test_no_key_and_disabled_never_probe(emulator: EmulatorServer, fake_clock: FakeClock) -> None:
-    no_key = HealthChecker(None, settings_for(emulator.base_url), clock=fake_clock)
-    assert no_key.check().state == "no_key"
-    assert no_key.last() is not None and no_key.last().state == "no_key"  # type: ignore[union-attr]
-    client = OpenRouterClient(settings_for(emulator.base_url), api_key="sk-or-x")
-    disabled = HealthChecker(client, settings_for(emulator.base_url, enabled=False))
-    report = disabled.check(force=True)
-    assert (report.state, report.reachable) == ("disabled", False)
-    client.close()
-    assert emulator.request_count() == 0
-
-
-def test_falls_back_to_models_when_there_is_no_key_endpoint(
-    own_emulator: Any, make_client: ClientFactory, fake_clock: FakeClock
-) -> None:
-    server: EmulatorServer = own_emulator(key_endpoint=False)
-    client = make_client(base_url=server.base_url)
-    report = checker_for(client, server.base_url, fake_clock).check()
-    assert report.state == "healthy"
-    assert [r.path for r in server.requests] == [KEY_PATH, MODELS_PATH]
+    assert report.checked_at is not None
 
 
 def test_a_broken_configuration_is_a_report_not_an_exception(
-    make_client: ClientFactory, fake_clock: FakeClock
+    checker_for: Callable[..., HealthChecker],
 ) -> None:
-    client = make_client(base_url="http://[::1")
-    report = checker_for(client, "http://[::1", fake_clock).check()
+    report = checker_for(base_url="http://[::1").check()
     assert report.state == "unreachable" and report.error
 
 
-def test_answers_are_cached_for_cache_seconds(
-    emulator: EmulatorServer, make_client: ClientFactory, fake_clock: FakeClock
+def test_no_key_and_disabled_never_probe(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
 ) -> None:
-    checker = checker_for(make_client(), emulator.base_url, fake_clock, cache_seconds=30)
+    no_key = checker_for(with_client=False)
+    report = no_key.check()
+    assert (report.state, report.reachable) == ("no_key", False)
+    assert report.error
+    assert no_key.last() is report
+
+    disabled = checker_for(enabled=False)
+    assert (disabled.check().state, disabled.check().reachable) == ("disabled", False)
+    assert disabled.check(force=True).state == "disabled"
+    assert emulator.request_count() == 0
+
+
+def test_falls_back_to_models_without_a_key_endpoint(
+    own_emulator: Callable[..., EmulatorServer], checker_for: Callable[..., HealthChecker]
+) -> None:
+    gateway = own_emulator(key_endpoint=False)
+
+    report = checker_for(base_url=gateway.base_url).check()
+
+    assert report.state == "healthy"
+    assert [r.path for r in gateway.requests] == [KEY_PATH, MODELS_PATH]
+
+
+def test_chat_faults_do_not_affect_the_probe(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
+) -> None:
+    emulator.script([Fault(status=503)])
+    emulator.set_latency(5000)
+
+    assert checker_for().check().state == "healthy"
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_an_answer_is_cached_for_cache_seconds(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker], fake_clock: FakeClock
+) -> None:
+    checker = checker_for(cache_seconds=10)
     assert checker.last() is None
+
     first = checker.check()
-    fake_clock.advance(29.9)
-    assert checker.check() is first
     assert checker.last() is first
+    assert checker.check() is first
+    fake_clock.advance(9.99)
+    assert checker.check() is first
     assert emulator.request_count(KEY_PATH) == 1
-    fake_clock.advance(0.2)
+
+    fake_clock.advance(0.01)
     second = checker.check()
-    assert second is not first and emulator.request_count(KEY_PATH) == 2
-    assert checker.check(force=True) is not second
+    assert emulator.request_count(KEY_PATH) == 2
+    assert second is not first
+    assert second.checked_at is not None and first.checked_at is not None
+    assert second.checked_at > first.checked_at
+    fake_clock.advance(5)
+    assert checker.check() is second
+    assert emulator.request_count(KEY_PATH) == 2
+
+
+def test_a_failed_probe_is_cached_too(
+    own_emulator: Callable[..., EmulatorServer],
+    checker_for: Callable[..., HealthChecker],
+    fake_clock: FakeClock,
+) -> None:
+    strict = own_emulator(accept_keys={"sk-or-v1-other"})
+    checker = checker_for(base_url=strict.base_url)
+
+    for _ in range(5):
+        assert checker.check().state == "key_rejected"
+    assert strict.request_count(KEY_PATH) == 1
+    fake_clock.advance(60)
+    assert checker.check().state == "key_rejected"
+    assert strict.request_count(KEY_PATH) == 2
+
+
+def test_an_emulator_that_goes_away_turns_unreachable_after_the_cache(
+    own_emulator: Callable[..., EmulatorServer],
+    checker_for: Callable[..., HealthChecker],
+    fake_clock: FakeClock,
+) -> None:
+    server = own_emulator()
+    checker = checker_for(base_url=server.base_url, cache_seconds=30)
+    assert checker.check().state == "healthy"
+
+    server.stop()
+    assert checker.check().state == "healthy"  # still the cached answer: OpenRouter not asked
+    fake_clock.advance(30)
+
+    report = checker.check()
+    assert report.state == "unreachable"
+    assert report.reachable is False
+    assert checker.last() == report
+
+
+def test_zero_cache_seconds_probes_every_time(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
+) -> None:
+    checker = checker_for(cache_seconds=0)
+    for _ in range(3):
+        checker.check()
     assert emulator.request_count(KEY_PATH) == 3
 
 
-def test_a_changed_answer_shows_after_the_cache_expires(
-    own_emulator: Any, make_client: ClientFactory, fake_clock: FakeClock
+def test_force_probes_again_within_the_window(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
 ) -> None:
-    server: EmulatorServer = own_emulator()
-    checker = checker_for(make_client(base_url=server.base_url), server.base_url, fake_clock)
-    assert checker.check().state == "healthy"
-    server.stop()
-    assert checker.check().state == "healthy"  # cached: OpenRouter is not asked
-    fake_clock.advance(61)
-    assert checker.check().state == "unreachable"
+    checker = checker_for()
+
+    first = checker.check()
+    forced = checker.check(force=True)
+
+    assert emulator.request_count(KEY_PATH) == 2
+    assert forced is not first
+    assert forced.state == "healthy"
+    assert checker.check() is forced  # a forced answer refreshes the cache
+    assert emulator.request_count(KEY_PATH) == 2
 
 
-class GatedClient(OpenRouterClient):
-    """A real client whose GET /key waits at a gate first, so a probe stays in flight."""
+# --------------------------------------------------------------------------- concurrency
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.entered = threading.Event()
-        self.gate = threading.Event()
 
-    def get_key(self, *, timeout: float) -> dict[str, Any]:
-        self.entered.set()
-        assert self.gate.wait(10)
-        return super().get_key(timeout=timeout)
+def _waiting_on_a_condition(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in threading.Condition.wait, read from its stack."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code is threading.Condition.wait.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_concurrent_callers_share_one_probe(
-    force: bool, emulator: EmulatorServer, fake_clock: FakeClock
+def test_callers_during_a_probe_share_it(
+    force: bool, emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
 ) -> None:
-    client = GatedClient(settings_for(emulator.base_url), api_key="sk-or-gated")
-    checker = checker_for(client, emulator.base_url, fake_clock)
+    checker = checker_for()
+    release = emulator.hold(KEY_PATH)  # the probe's GET /key stays in flight until released
     reports: list[HealthReport] = []
     lock = threading.Lock()
 
@@ -149,21 +250,70 @@ def test_concurrent_callers_share_one_probe(
 
     prober = threading.Thread(target=call)
     prober.start()
-    assert client.entered.wait(10)
+    deadline = time.monotonic() + 10
+    while emulator.request_count(KEY_PATH) < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
     waiters = [threading.Thread(target=call) for _ in range(7)]
     for t in waiters:
         t.start()
-    # Open the gate only once all seven wait on the probe in flight (the Condition's own
-    # waiter list says so; polled, not slept on, so no timing is assumed).
-    deadline = time.monotonic() + 10
-    while len(checker._lock._waiters) < 7 and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        threading.Event().wait(0.001)
-    assert len(checker._lock._waiters) == 7  # type: ignore[attr-defined]
-    client.gate.set()
+    # Release the probe only once all seven wait for it (seen from their stacks, polled:
+    # no timing is assumed). Forced or not, they take its answer rather than probe again.
+    while not all(map(_waiting_on_a_condition, waiters)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert all(map(_waiting_on_a_condition, waiters))
+    release.set()
     for t in [prober, *waiters]:
         t.join(10)
-    client.close()
     assert len(reports) == 8
     assert all(r is reports[0] for r in reports)
     assert reports[0].state == "healthy"
     assert emulator.request_count(KEY_PATH) == 1
+
+
+def _all_at_once(callers: int, call: Callable[[], HealthReport]) -> list[HealthReport]:
+    """``call`` on ``callers`` threads released together; every report, or the first error."""
+    start = threading.Barrier(callers)
+    reports: list[HealthReport] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            start.wait()
+            report = call()
+            with lock:
+                reports.append(report)
+        except BaseException as exc:  # reported below, on the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    return reports
+
+
+def test_concurrent_checks_share_a_probe(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
+) -> None:
+    checker = checker_for()
+
+    reports = _all_at_once(10, checker.check)
+
+    assert [r.state for r in reports] == ["healthy"] * 10
+    assert emulator.request_count(KEY_PATH) <= 2
+
+
+def test_concurrent_forced_checks_all_get_an_answer(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
+) -> None:
+    checker = checker_for()
+    checker.check()
+
+    reports = _all_at_once(10, lambda: checker.check(force=True))
+
+    assert [r.state for r in reports] == ["healthy"] * 10
+    # At least one fresh probe was made; callers arriving mid-probe may share its answer.
+    assert 2 <= emulator.request_count(KEY_PATH) <= 1 + 10

@@ -17,17 +17,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..config import _default_pricing
+
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
 CONTROL = "/_emulator"
 
-# USD per million tokens (input, output): the same defaults as config.yaml.
+# USD per million tokens (input, output): the models and prices that openrouter.pricing
+# has by default, so a default configuration's estimate matches what the emulator reports.
 PRICES: dict[str, tuple[float, float]] = {
-    "anthropic/claude-haiku-4.5": (1.0, 5.0),
-    "anthropic/claude-sonnet-4.5": (3.0, 15.0),
+    model: (price.input_per_million, price.output_per_million)
+    for model, price in _default_pricing().items()
 }
-_UNKNOWN_PRICE = (1.0, 5.0)
+_UNKNOWN_PRICE = (1.0, 5.0)  # what the emulator charges for a model with no default price
 
 # The outcomes chaos draws from, and their default weights.
 DEFAULT_CHAOS_MIX: dict[str, float] = {
@@ -54,6 +57,7 @@ class Fault:
     error_in_200: bool = False  # 200 with an error object in the body
     no_choices: bool = False  # 200 with an empty choices list
     body: str | None = None  # a raw body (e.g. not JSON)
+    raw: str | None = None  # the whole answer as sent, status line and all, then a close
     metadata: dict[str, Any] | None = None  # the error's metadata (e.g. moderation reasons)
     message: str | None = None
 
@@ -125,6 +129,9 @@ _ERROR_MESSAGES = {
 }
 
 
+_HOLD_SECONDS = 60.0  # the longest hold() keeps a request, should a test never release it
+
+
 class _State:
     def __init__(self, latency_ms: int, accept_keys: set[str] | None, key_endpoint: bool) -> None:
         self.lock = threading.Lock()
@@ -137,6 +144,7 @@ class _State:
         self.chaos: random.Random | None = None
         self.chaos_mix: dict[str, float] = dict(DEFAULT_CHAOS_MIX)
         self.chaos_hang_ms = 3000
+        self.held: dict[str, threading.Event] = {}
 
     def next_fault(self) -> Fault | None:
         with self.lock:
@@ -166,8 +174,11 @@ class _State:
         self.chaos_hang_ms = hang_ms
 
     def reset(self) -> None:
-        """Forget requests, faults, chaos and latency."""
+        """Forget requests, faults, chaos and latency; let held requests go."""
         with self.lock:
+            for gate in self.held.values():
+                gate.set()
+            self.held.clear()
             self.faults.clear()
             self.requests.clear()
             self.chaos = None
@@ -224,10 +235,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": error}, headers=extra.get("headers"))
 
     def _record(self, body: Any) -> None:
+        state = self.server.state
+        path = urlsplit(self.path).path
         headers = {k.lower(): v for k, v in self.headers.items()}
-        self.server.state.requests.append(
-            ReceivedRequest(self.command, urlsplit(self.path).path, headers, body)
-        )
+        state.requests.append(ReceivedRequest(self.command, path, headers, body))
+        with state.lock:
+            gate = state.held.get(path)
+        if gate is not None:  # recorded first: a test sees the request arrive, then release it
+            gate.wait(_HOLD_SECONDS)
 
     # -------------------------------------------------------------- routes
 
@@ -338,7 +353,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fault(self, fault: Fault) -> bool:
         """Answer with the fault; False when the fault only delays a normal answer."""
-        if fault.drop:
+        if fault.drop or fault.raw is not None:
+            if fault.raw is not None:  # e.g. a broken proxy's answer that no parser accepts
+                self.wfile.write(fault.raw.encode())
+                self.wfile.flush()
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -543,6 +561,14 @@ class EmulatorServer:
         with self.state.lock:
             self.state.set_chaos(seed, checked, hang_ms)
 
+    def hold(self, path: str) -> threading.Event:
+        """Hold every request to ``path`` (e.g. "/api/v1/key") once recorded, until the
+        returned event is set (or reset(); at most a minute)."""
+        gate = threading.Event()
+        with self.state.lock:
+            self.state.held[path] = gate
+        return gate
+
     def reset(self) -> None:
-        """Forget requests, faults, chaos and latency."""
+        """Forget requests, faults, chaos and latency; let held requests go."""
         self.state.reset()

@@ -6,15 +6,16 @@ httpx errors are translated here and nowhere else; callers only see our error tr
 from __future__ import annotations
 
 import email.utils
+import http.cookiejar
 import json
 import math
-import queue
 import re
 import ssl
 import threading
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 # httpx imports httpcore lazily, when the first client is built. Our first client is built
 # on the start-up health probe's thread while the app's thread may still be importing: a
@@ -45,45 +46,29 @@ _SHOWN_BYTES = 200
 # OpenRouter back-off, and a garbled header (or a proxy's) must not pause every call for
 # years, nor put an infinity into a JSON answer.
 MAX_RETRY_AFTER_SECONDS = 86_400.0
+# RFC 9110 delta-seconds (fractions accepted, as OpenRouter's own may be); anything else,
+# such as "inf", "nan", "-5" or "1e3", is not a number of seconds.
 _DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
 
-def _delta(text: str, scale: float = 1.0) -> float | None:
-    # RFC 9110 delta-seconds (fractions accepted, as OpenRouter's own may be); anything
-    # else, such as "inf", "-5" or "1e3", is not a number of seconds.
-    text = text.strip()
-    if not _DELTA_SECONDS.fullmatch(text):
-        return None
-    return min(float(text) * scale, MAX_RETRY_AFTER_SECONDS)
-
-
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date);
-    None when absent or unreadable, at most MAX_RETRY_AFTER_SECONDS."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        seconds = _delta(millis, 0.001)
-        if seconds is not None:
-            return seconds
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    seconds = _delta(value)
-    if seconds is not None:
-        return seconds
-    when = retry_at(headers)
-    return None if when is None else min(max(0.0, when - now), MAX_RETRY_AFTER_SECONDS)
+    """Seconds to wait, from ``retry-after-ms`` (preferred, as OpenRouter's SDKs read it) or
+    ``Retry-After`` (delta-seconds or an HTTP date, measured from ``now``, epoch seconds).
 
-
-def retry_at(headers: Mapping[str, str]) -> float | None:
-    """The instant (epoch seconds) of an HTTP-date ``Retry-After``; None for other forms."""
-    value = headers.get("retry-after")
-    if not value or value.strip().replace(".", "", 1).isdigit():
+    None when both are absent or unreadable; never negative, at most MAX_RETRY_AFTER_SECONDS.
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = (headers.get(name) or "").strip()
+        if _DELTA_SECONDS.fullmatch(value):
+            return min(float(value) * scale, MAX_RETRY_AFTER_SECONDS)
+    date = headers.get("retry-after")
+    if not date:
         return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    return min(max(0.0, when - now), MAX_RETRY_AFTER_SECONDS)
 
 
 def _limit(timeout: httpx.Timeout, exc: httpx.TimeoutException) -> str:
@@ -136,11 +121,6 @@ def _text(value: str) -> str:
     return value
 
 
-def _optional_text(value: Any) -> str | None:
-    # A field OpenRouter sends as a string; any other type is not kept.
-    return _text(value) if isinstance(value, str) else None
-
-
 # A reported cost above this is not a cost of one call; it would also overflow the call
 # log's NUMERIC(20, 12) column.
 _MAX_REPORTED_COST = 1_000_000.0
@@ -173,8 +153,114 @@ def _metadata_note(metadata: Mapping[str, Any]) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
+class _Release(httpx.SyncByteStream):
+    """A response body that hands its connection back to the slots once read and closed."""
+
+    def __init__(self, stream: httpx.SyncByteStream, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._stream)
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+class ConnectionSlots(httpx.BaseTransport):
+    """At most ``max_connections`` requests at once, each over a single-connection transport
+    of its own, checked out for the request and back when its body is closed.
+
+    One shared httpcore pool would do the same with less code, but on every request it does
+    work in proportion to the requests waiting times the connections open: under many
+    threads its CPU per call, not the network, caps throughput (see BENCHMARKS.md). A
+    request that finds every slot busy waits at most its pool timeout (the health probe's
+    short one, or openrouter.timeout_seconds), then fails with httpx.PoolTimeout.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self._max = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._idle: deque[httpx.HTTPTransport] = deque()
+        self._all: list[httpx.HTTPTransport] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        # One TLS context for every connection: building one loads the CA bundle, a cost
+        # that a new context per connection would pay on the call path.
+        self._tls: ssl.SSLContext | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        wait = request.extensions.get("timeout", {}).get("pool")
+        bounded = wait is not None and math.isfinite(wait)
+        if not self._slots.acquire(timeout=wait if bounded else None):
+            raise httpx.PoolTimeout(
+                f"no free connection within {wait:g} s (openrouter.max_connections={self._max})",
+                request=request,
+            )
+        try:
+            transport = self._idle.pop() if self._idle else self._open()
+        except BaseException:
+            self._slots.release()
+            raise
+        try:
+            response = transport.handle_request(request)
+        except BaseException:
+            self._checkin(transport)
+            raise
+        stream = cast(httpx.SyncByteStream, response.stream)  # a sync transport's
+        response.stream = _Release(stream, lambda: self._checkin(transport))
+        return response
+
+    def _open(self) -> httpx.HTTPTransport:
+        with self._lock:
+            if self._closed:
+                # What httpx raises for a closed client: the caller knows it as such.
+                raise RuntimeError("Cannot send a request, as the transport has been closed.")
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            transport = httpx.HTTPTransport(verify=self._tls, limits=limits)
+            self._all.append(transport)
+        return transport
+
+    def _checkin(self, transport: httpx.HTTPTransport) -> None:
+        # No lock: close() closes every transport it ever opened, so one put back after a
+        # close is closed already, and a request that takes it fails as on a closed client.
+        self._idle.append(transport)
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            transports, self._all = self._all, []
+        self._idle.clear()
+        for transport in transports:
+            transport.close()
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing. OpenRouter's API is authenticated by the key alone,
+    and httpx's own jar takes a lock for every answer, which threads sharing the client
+    contend for."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+
 class OpenRouterClient:
-    """Chat completions and account checks against OpenRouter over one pooled connection set."""
+    """Chat completions and account checks against OpenRouter over one httpx client.
+
+    The client's transport is :class:`ConnectionSlots` unless a transport, or a whole
+    httpx.Client, is given (tests); every request takes the same path either way.
+    """
 
     def __init__(
         self,
@@ -182,38 +268,36 @@ class OpenRouterClient:
         *,
         api_key: str | None,
         http: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._settings = settings
         self._prices = PriceTable(settings.pricing)
         self._key = api_key or ""
         self._clock = clock
-        self._headers = {
+        headers = {
             "Authorization": f"Bearer {self._key}",
             "HTTP-Referer": settings.site_url,
             "X-Title": settings.app_name,
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
+        # The pool timeout bounds the wait for a free connection; a short per-call timeout
+        # (the health probe's) replaces all four, so a status request never queues behind
+        # slow calls.
         self.timeout = httpx.Timeout(
             settings.timeout_seconds,
             connect=settings.connect_timeout_seconds,
             pool=settings.timeout_seconds,
         )
-        # An injected client is used as it is. Otherwise: a set of single-connection
-        # clients, one checked out per request. httpcore's shared pool does work in
-        # proportion to the requests waiting times the connections open on every request:
-        # with 64 threads it cost 3.3 ms of CPU a call and capped throughput near 300 calls/s
-        # on this machine, against 0.9 ms and 1,000 calls/s this way (BENCHMARKS.md).
+        # A given httpx.Client is used, not owned: close() leaves it open.
+        self._owns_http = http is None
+        if http is None:
+            transport = transport or ConnectionSlots(settings.max_connections)
+            http = httpx.Client(transport=transport, timeout=self.timeout, cookies=_NoCookies())
+        http.headers.update(headers)
         self._http = http
-        self._idle: queue.LifoQueue[httpx.Client] = queue.LifoQueue()
-        self._all: list[httpx.Client] = []
-        self._slots = threading.BoundedSemaphore(settings.max_connections)
-        self._lock = threading.Lock()
         self._closed = False
-        # One TLS context for every connection: building one loads the CA bundle, about
-        # 18 ms of CPU, which a new client per connection would pay on the call path.
-        self._tls: ssl.SSLContext | None = None
         base = settings.base_url
         self._chat_url = _parsed(f"{base}/chat/completions")
         self._key_url = _parsed(f"{base}/key")
@@ -221,16 +305,9 @@ class OpenRouterClient:
 
     def close(self) -> None:
         """Close every connection this client opened; later requests fail at once."""
-        with self._lock:
-            self._closed = True
-            clients, self._all = self._all, []
-        while True:
-            try:
-                self._idle.get_nowait()
-            except queue.Empty:
-                break
-        for client in clients:
-            client.close()
+        self._closed = True
+        if self._owns_http:
+            self._http.close()
 
     def _closed_error(self, *, in_flight: bool = False) -> UpstreamError:
         # Not retryable: the service closes its client when it shuts down.
@@ -242,46 +319,6 @@ class OpenRouterClient:
         return UpstreamError(
             f"the OpenRouter client {what} (the service has shut down)", retryable=False
         )
-
-    def _checkout(self, timeout: float) -> httpx.Client:
-        if not self._slots.acquire(timeout=timeout):
-            raise UpstreamTimeoutError(
-                f"no free connection to OpenRouter within {timeout:g} s "
-                f"(openrouter.max_connections={self._settings.max_connections})"
-            )
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            return self._connect()
-        except UpstreamError:
-            self._slots.release()
-            raise
-
-    def _connect(self) -> httpx.Client:
-        with self._lock:
-            if self._closed:
-                raise self._closed_error()
-            if self._tls is None:
-                self._tls = httpx.create_ssl_context()
-            client = httpx.Client(
-                headers=self._headers,
-                timeout=self.timeout,
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                verify=self._tls,
-            )
-            self._all.append(client)
-        return client
-
-    def _checkin(self, client: httpx.Client) -> None:
-        # No lock: close() closes every client it ever made, so one put back here after a
-        # close is already closed, and a later checkout of it fails as a closed client.
-        if self._closed:
-            client.close()
-        else:
-            self._idle.put(client)
-        self._slots.release()
 
     # ------------------------------------------------------------------ requests
 
@@ -311,53 +348,73 @@ class OpenRouterClient:
         content: bytes | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
+        if self._closed:
+            raise self._closed_error()
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
-        http = self._http
-        # A short per-call timeout (the health probe's) bounds the wait for a free connection
-        # too: a status request must not queue behind slow calls.
-        pool_wait = self._settings.timeout_seconds if timeout is None else timeout
-        client = http if http is not None else self._checkout(pool_wait)
         try:
             # Not streamed: the body is read before the connection goes back for reuse.
-            # Our own clients carry the headers already; an injected one gets them per request.
-            response = client.request(method, url, content=content, timeout=wait,
-                                      headers=None if http is None else self._headers)  # fmt: skip
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(
-                f"OpenRouter did not answer in time ({type(exc).__name__} after "
-                f"{_limit(wait, exc)} on {method} {url})"
-            ) from None
-        except httpx.TransportError as exc:
-            if self._closed:
-                raise self._closed_error(in_flight=True) from None
-            raise UpstreamConnectionError(
-                f"could not talk to OpenRouter at {url}: {type(exc).__name__}: {self._clean(exc)}"
-            ) from None
-        except httpx.DecodingError as exc:
-            raise InvalidResponseError(
-                f"OpenRouter's answer to {method} {url} could not be decoded: {self._clean(exc)}"
-            ) from None
-        except RuntimeError:
-            # httpx's "the client has been closed": close() won the race with a checkout.
-            if self._closed:
-                raise self._closed_error() from None
-            raise
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            # Not the network's fault (e.g. a malformed openrouter.base_url): retrying won't help.
-            raise UpstreamError(
-                f"could not send {method} {url}: {type(exc).__name__}: {self._clean(exc)}",
-                retryable=False,
-            ) from None
-        finally:
-            if http is None:
-                self._checkin(client)
+            response = self._http.request(method, url, content=content, timeout=wait)
+        except (httpx.HTTPError, httpx.InvalidURL, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not self._closed:
+                raise  # not httpx's "the client has been closed": a bug, shown as it is
+            raise self._translate(exc, method, url, wait) from self._redacted(exc)
         if response.status_code >= 400:
             raise self._http_error(response)
         return response
 
+    def _translate(
+        self, exc: Exception, method: str, url: httpx.URL | str, wait: httpx.Timeout
+    ) -> UpstreamError:
+        """Our error for what httpx raised (its text cleaned of the key)."""
+        if isinstance(exc, RuntimeError):
+            # httpx's "the client has been closed": close() won the race with this request.
+            return self._closed_error()
+        if isinstance(exc, httpx.PoolTimeout):
+            return UpstreamTimeoutError(
+                f"no free connection to OpenRouter within {_limit(wait, exc)} "
+                f"(openrouter.max_connections={self._settings.max_connections})"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeoutError(
+                f"OpenRouter did not answer in time ({type(exc).__name__} after "
+                f"{_limit(wait, exc)} on {method} {url})"
+            )
+        if isinstance(exc, httpx.TransportError):
+            if self._closed:
+                return self._closed_error(in_flight=True)
+            return UpstreamConnectionError(
+                f"could not talk to OpenRouter at {url}: {type(exc).__name__}: {self._clean(exc)}"
+            )
+        if isinstance(exc, httpx.DecodingError):
+            return InvalidResponseError(
+                f"OpenRouter's answer to {method} {url} could not be decoded: {self._clean(exc)}"
+            )
+        # Not the network's fault (e.g. a malformed openrouter.base_url): retrying won't help.
+        return UpstreamError(
+            f"could not send {method} {url}: {type(exc).__name__}: {self._clean(exc)}",
+            retryable=False,
+        )
+
+    def _redacted(self, exc: BaseException) -> BaseException:
+        """``exc``, kept as our error's cause, with the key cleaned from its text and from
+        the text of every exception it was raised from: a traceback prints them all, and a
+        server's malformed answer that httpx quotes could echo the key back."""
+        seen: set[int] = set()
+        link: BaseException | None = exc
+        while self._key and link is not None and id(link) not in seen:
+            seen.add(id(link))
+            if any(self._key in str(arg) for arg in link.args):
+                link.args = tuple(self._clean(arg) for arg in link.args)
+            link = link.__cause__ or link.__context__
+        return exc
+
     def _clean(self, value: object) -> str:
         text = _text(str(value))
         return text.replace(self._key, "[REDACTED]") if self._key else text
+
+    def _optional_text(self, value: Any) -> str | None:
+        # A field OpenRouter sends as a string; any other type is not kept.
+        return self._clean(value) if isinstance(value, str) else None
 
     def _scrub(self, value: Any) -> Any:
         # OpenRouter's error metadata, kept on the exception for callers to inspect, with
@@ -398,30 +455,23 @@ class OpenRouterClient:
             message = f"the body is not JSON: {self._preview(response.content)}"
         else:
             message = f"{response.reason_phrase or 'error'}; body {self._preview(response.content)}"
-        headers = response.headers
-        failure = cls(
+        return cls(
             f"OpenRouter answered {status} ({cls.__name__}): {message}",
             status_code=status,
-            retry_after=parse_retry_after(headers, self._clock.time()),
+            retry_after=parse_retry_after(response.headers, self._clock.time()),
             code=code,
             metadata=metadata,
         )
-        ms_wait = _delta(headers.get("retry-after-ms") or "", 0.001)
-        if "retry-after" in headers and ms_wait is None:
-            # The instant of an HTTP-date Retry-After, unless a readable retry-after-ms
-            # (which parse_retry_after prefers) gave the wait: the two must not disagree.
-            failure.retry_at = retry_at(headers)
-        return failure
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             data = response.json()
-        except ValueError:
+        except ValueError as exc:
             raise InvalidResponseError(
                 f"OpenRouter answered {response.status_code} with a body that is not JSON: "
                 f"{self._preview(response.content)}",
                 status_code=response.status_code,
-            ) from None
+            ) from self._redacted(exc)
         if not isinstance(data, dict):
             raise InvalidResponseError(
                 f"OpenRouter answered {response.status_code} with JSON that is not an object: "
@@ -456,21 +506,25 @@ class OpenRouterClient:
         try:
             input_tokens = _token_count(usage, "prompt_tokens")
             output_tokens = _token_count(usage, "completion_tokens")
+            # Every text field is cleaned of the key, as errors are: an upstream that echoes
+            # the request could put it in any of them, and an answer is cached, logged and
+            # shown. The text too: the model never sees the key, so only an echo carries it.
             return Answer(
-                text=_text(str(message.get("content") or "")),
-                model=_text(str(data.get("model") or model)),
+                text=self._clean(message.get("content") or ""),
+                model=self._clean(data.get("model") or model),
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 cost_usd=self._prices.cost(model, input_tokens, output_tokens),
                 upstream_cost_usd=_reported_cost(usage.get("cost")),
-                generation_id=_optional_text(data.get("id")),
-                provider=_optional_text(data.get("provider")),
-                finish_reason=_optional_text(choice.get("finish_reason")),
+                generation_id=self._optional_text(data.get("id")),
+                provider=self._optional_text(data.get("provider")),
+                finish_reason=self._optional_text(choice.get("finish_reason")),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidResponseError(
-                f"OpenRouter answered 200 with a malformed completion: {exc}", status_code=200
-            ) from None
+                f"OpenRouter answered 200 with a malformed completion: {self._clean(exc)}",
+                status_code=200,
+            ) from self._redacted(exc)
 
 
-__all__ = ["InferenceError", "OpenRouterClient", "parse_retry_after", "retry_at"]
+__all__ = ["ConnectionSlots", "InferenceError", "OpenRouterClient", "parse_retry_after"]

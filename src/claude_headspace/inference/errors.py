@@ -1,5 +1,8 @@
 """Every way an inference call can fail, as one exception tree.
 
+"(retryable)" marks the classes whose ``retryable`` is true: the retry policy tries again
+(an upstream one), or the caller may (a local one); every other class is final.
+
 InferenceError                      base; carries retryable, retry_after, status_code
 ├── InvalidRequestError             the caller's arguments are wrong; nothing was sent
 │   ├── UnknownLevelError           level is not turn, task, project or objective
@@ -10,8 +13,8 @@ InferenceError                      base; carries retryable, retry_after, status
 │   ├── NotConfiguredError          no API key is configured
 │   ├── QueueFullError              submit() found the work queue full (retryable)
 │   └── ShuttingDownError           the service is stopping (or stopped) and took no new work
-├── RateLimitedError                the local limiter could not admit the call within max_wait
-├── CancelledCallError              accepted, then cancelled by shutdown before it ran
+├── RateLimitedError                no local rate-limit slot within max_wait (retryable)
+├── CancelledCallError              accepted, then cancelled by shutdown (retryable)
 └── UpstreamError                   OpenRouter, or the way to it, failed the call
     ├── TransportError              no HTTP answer at all (retryable)
     │   ├── UpstreamTimeoutError    connect, read, write or pool timeout
@@ -26,7 +29,7 @@ InferenceError                      base; carries retryable, retry_after, status
     ├── UpstreamServerError         5xx: OpenRouter or the provider failed (retryable)
     ├── ErrorInResponseError        200 whose body carries an error object (retryable)
     ├── EmptyResponseError          200 with no choices (retryable)
-    └── InvalidResponseError        a body that is not the JSON we expect
+    └── InvalidResponseError        a body that is not the JSON we expect (retryable)
 """
 
 from __future__ import annotations
@@ -85,10 +88,9 @@ class InferenceError(Exception):
         self.message = message
         if retryable is not None:
             self.retryable = retryable
+        # Seconds to wait before trying again, when known (from OpenRouter's Retry-After,
+        # or the local limiter's or queue's estimate); the retry policy uses it as it is.
         self.retry_after = retry_after
-        # When Retry-After was an HTTP date: that instant (epoch seconds), so the retry policy
-        # can measure the wait against its own clock rather than the one the client read.
-        self.retry_at: float | None = None
         self.status_code = status_code
         self.code = code
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -239,7 +241,8 @@ class InvalidResponseError(UpstreamError):
     retryable = True
 
 
-_FINAL_BY_STATUS: dict[int, type[UpstreamError]] = {
+# The statuses with a class of their own, final or retryable; error_for_status covers the rest.
+_BY_STATUS: dict[int, type[UpstreamError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     402: InsufficientCreditsError,
@@ -252,8 +255,8 @@ _FINAL_BY_STATUS: dict[int, type[UpstreamError]] = {
 
 def error_for_status(status_code: int) -> type[UpstreamError]:
     """The exception class for an HTTP error status from OpenRouter."""
-    if status_code in _FINAL_BY_STATUS:
-        return _FINAL_BY_STATUS[status_code]
+    if status_code in _BY_STATUS:
+        return _BY_STATUS[status_code]
     if status_code >= 500:
         return UpstreamServerError
     # Any other 4xx is the request's fault and will not get better by retrying.

@@ -50,25 +50,18 @@ class RetryPolicy:
         return step * (1 - JITTER * fraction)
 
     def delay_for(
-        self,
-        attempt: int,
-        error: InferenceError,
-        *,
-        rng: random.Random | None = None,
-        now: float | None = None,
+        self, attempt: int, error: InferenceError, *, rng: random.Random | None = None
     ) -> float | None:
         """Seconds to wait after failed attempt ``attempt`` (1-based), or None to stop.
 
-        Stops for a final error, after the last attempt, and when the server's Retry-After
-        is beyond ``max_delay_seconds`` (the error keeps ``retry_after`` for the caller).
-        A Retry-After within the cap is used as it is; an HTTP-date one is measured from
-        ``now`` (wall-clock epoch seconds) when given. Otherwise :meth:`backoff`.
+        Stops for a final error, after the last attempt, and when the error's
+        ``retry_after`` (the server's Retry-After, read once by the client) is beyond
+        ``max_delay_seconds``: the error keeps it for the caller. A ``retry_after`` within
+        the cap is used as it is; without one, :meth:`backoff`.
         """
         if not error.retryable or attempt >= self.max_attempts:
             return None
         wait = error.retry_after
-        if error.retry_at is not None and now is not None:
-            wait = error.retry_at - now
         if wait is not None:
             # The server said when; waiting longer than we allow means giving up now and
             # passing its answer on to the caller.
@@ -98,7 +91,7 @@ class RetryPolicy:
                 return fn(attempt), attempt
             except InferenceError as error:
                 error.attempts = attempt
-                delay = self.delay_for(attempt, error, rng=rng, now=clock.time())
+                delay = self.delay_for(attempt, error, rng=rng)
                 if on_error is not None:
                     on_error(error, attempt, delay)
                 if delay is None:

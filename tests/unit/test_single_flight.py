@@ -32,13 +32,18 @@ DEADLINE = 10.0
 
 
 def inside_single_flight(thread: threading.Thread) -> bool:
-    """Whether ``thread`` has entered a single-flight ``run`` (leading, waiting or polling)."""
+    """Whether ``thread`` has joined a flight for good: waiting in ``SingleFlight.run`` as a
+    follower (or as the leader, inside its call), or inside ``RedisSingleFlight.run``
+    (leading or polling). Merely having entered ``run`` is not enough: a thread about to
+    register could still find the flight over and start another."""
     frame = sys._current_frames().get(thread.ident or -1)
+    top = frame.f_code.co_name if frame is not None else None
+    kinds: set[type] = set()
     while frame is not None:
         if frame.f_code.co_name == "run" and frame.f_code.co_filename.endswith("singleflight.py"):
-            return True
+            kinds.add(type(frame.f_locals.get("self")))
         frame = frame.f_back
-    return False
+    return RedisSingleFlight in kinds or (SingleFlight in kinds and top == "wait")
 
 
 def wait_until(predicate: Callable[[], bool], what: str) -> None:
@@ -183,6 +188,14 @@ def test_nothing_is_kept_after_a_flight_lands() -> None:
     assert flight.in_flight() == 0
     assert flight.run("key", lambda: "after", no_load) == FlightOutcome(True, "after")
     assert flight.health() is None
+
+
+def test_a_leader_takes_an_answer_that_landed_since_its_caller_looked() -> None:
+    flight = SingleFlight()
+    calls: list[int] = []
+    outcome = flight.run("key", lambda: calls.append(1) or "made", lambda: "landed")
+    assert outcome == FlightOutcome(False, "landed")  # nobody made a call
+    assert calls == []
 
 
 def test_an_exception_that_is_not_an_exception_is_raised_in_every_caller() -> None:
@@ -331,6 +344,20 @@ def test_a_holder_slower_than_its_lock_s_life_keeps_it(sides: Callable[..., Redi
     assert b_calls == []
     assert a.flight.keeper.renewals >= 1
     assert a.flight.keeper.lost == 0
+
+
+def test_a_lock_taken_after_the_holder_landed_takes_its_answer(
+    sides: Callable[..., RedisSide],
+) -> None:
+    """Between a caller's cache lookup and its lock, the previous holder may publish and
+    release: the new holder finds the answer and makes no second call."""
+    a, b = sides(), sides()
+    assert a.flight.run("req", lambda: a.publish("from a") or "from a", a.load).led
+    b_calls: list[int] = []
+    outcome = b.flight.run("req", lambda: b_calls.append(1) or "from b", b.load)
+    assert outcome == FlightOutcome(False, "from a")
+    assert b_calls == []
+    assert b.client.exists(b.flight.lock_name("req")) == 0
 
 
 def test_one_keeper_thread_renews_every_lock_of_a_process(sides: Callable[..., RedisSide]) -> None:

@@ -68,6 +68,15 @@ def _lead(call: Callable[[], T]) -> FlightOutcome[T]:
         return FlightOutcome(True, error=exc)
 
 
+def _load_or_lead(call: Callable[[], T], load: Callable[[], T | None]) -> FlightOutcome[T]:
+    # The holder before us may have published and released between our caller's cache
+    # lookup and our lock: then its answer is ours, and no second call is made.
+    value = load()
+    if value is not None:
+        return FlightOutcome(False, value)
+    return _lead(call)
+
+
 class Flight(Protocol):
     """Identical calls in flight share one call."""
 
@@ -77,8 +86,10 @@ class Flight(Protocol):
         """Run ``call`` once for all concurrent callers of ``key``; never raises for an
         Exception of ``call``, which the outcome carries.
 
-        ``load`` reads the answer another process published (the shared cache); it is
-        polled while waiting, so it must not count as a cache lookup (``cache.peek``).
+        ``load`` reads the answer another flight published (the shared cache): polled while
+        waiting on another process, and looked at once by a leader before it calls (a
+        flight may have landed since the caller's own lookup). So it must not count as a
+        cache lookup: ``cache.peek``.
         """
         ...
 
@@ -111,7 +122,11 @@ class SingleFlight:
         self, key: str, call: Callable[[], T], load: Callable[[], T | None] | None = None
     ) -> FlightOutcome[T]:
         """``call()`` for the first caller of ``key`` (``led``); the callers that arrive while
-        it runs share its value or its exception. ``load`` is not needed in one process."""
+        it runs share its value or its exception.
+
+        The first caller looks at ``load()`` once before calling: a flight that landed
+        between the caller's own cache lookup and now has put its answer there.
+        """
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -122,8 +137,14 @@ class SingleFlight:
             if flight.fatal is not None:
                 raise flight.fatal
             return FlightOutcome(False, flight.result, flight.error)
+        made = False
         try:
-            flight.result = call()
+            found = load() if load is not None else None
+            if found is not None:
+                flight.result = found
+            else:
+                made = True
+                flight.result = call()
         except Exception as exc:
             flight.error = exc
         except BaseException as exc:
@@ -133,7 +154,7 @@ class SingleFlight:
             with self._lock:
                 del self._flights[key]
             flight.done.set()
-        return FlightOutcome(True, flight.result, flight.error)
+        return FlightOutcome(made, flight.result, flight.error)
 
     def do(self, key: str, fn: Callable[[], T]) -> tuple[T, bool]:
         """Deprecated (use run): ``(fn(), False)`` for the leader, ``(its result, True)`` for
@@ -336,11 +357,11 @@ class RedisSingleFlight:
             token = uuid.uuid4().hex
             taken = self._try(partial(self._take, name, token), None)
             if taken is None:  # no Redis: nobody to share with, make the call
-                return _lead(call)
+                return _load_or_lead(call, load)
             if taken:
                 self.keeper.hold(name, token)
                 try:
-                    return _lead(call)
+                    return _load_or_lead(call, load)
                 finally:
                     self.keeper.release(name, token)
             # Someone else is making this call: wait for its answer, or for its lock to go.
@@ -391,6 +412,7 @@ class TieredFlight:
     def run(
         self, key: str, call: Callable[[], T], load: Callable[[], T | None]
     ) -> FlightOutcome[T]:
+        # ``load`` goes to the Redis flight only, which looks once it holds the lock.
         outer = self.local.run(key, lambda: self.shared.run(key, call, load))
         if outer.error is not None:
             # Raised by the flight itself (``load``), never by ``call``, whose exceptions

@@ -1,10 +1,12 @@
 """Several real processes sharing one Redis and one PostgreSQL database: one budget,
-one cache, one upstream call per identical request, one row per call."""
+one cache, one upstream call per identical request, one row per call; and single-flight
+across real processes: a holder slower than its lock keeps it, a killed one is taken over."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -119,3 +122,70 @@ def test_processes_share_one_budget_one_cache_and_one_log(
     engine.dispose()
     assert sorted(ids) == sorted(c["id"] for c in calls)
     assert rollup == len(calls)
+
+
+# --------------------------------------------------------------------------- single-flight
+
+
+def flight_worker(
+    config: Path, start_at: float, key: str, hold: float, lock_seconds: float
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), "flight", str(start_at), key, str(hold), str(lock_seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HEADSPACE_CONFIG": str(config)},
+        text=True,
+    )
+
+
+def flight_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.fixture
+def flight_config(redis_server_url: str, redis_prefix: str, tmp_path: Path) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"redis": {"url": redis_server_url, "key_prefix": redis_prefix}}))
+    return config
+
+
+@pytest.mark.slow
+def test_processes_share_one_slow_call_whose_lock_outlives_its_life(
+    flight_config: Path, redis_server_url: str, redis_prefix: str
+) -> None:
+    """Four processes ask the same key at once; the call takes 3 s, three lives of its 1 s
+    lock. The holder's keeper renews it: one upstream call, exactly one process led."""
+    start_at = time.time() + 3
+    procs = [flight_worker(flight_config, start_at, "same", 3.0, 1.0) for _ in range(PROCESSES)]
+    results = [flight_result(p) for p in procs]
+    client = redis.Redis.from_url(redis_server_url)
+    calls = int(client.get(f"{redis_prefix}:test-upstream-calls") or 0)
+    client.close()
+    assert calls == 1
+    assert sum(r["led"] for r in results) == 1
+    assert len({r["text"] for r in results}) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_holder_is_taken_over_within_its_lock_life(
+    flight_config: Path, redis_server_url: str, redis_prefix: str
+) -> None:
+    holder = flight_worker(flight_config, time.time(), "same", 600.0, 1.0)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "holding"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    other = flight_result(flight_worker(flight_config, time.time(), "same", 0.0, 1.0))
+    client = redis.Redis.from_url(redis_server_url)
+    calls = int(client.get(f"{redis_prefix}:test-upstream-calls") or 0)
+    client.close()
+    print(f"\nFLIGHT the call after a killed holder waited {other['waited']:.2f} s (lock 1 s)")
+    assert other["led"] is True
+    assert calls == 2
+    assert other["waited"] < 10.0  # generous: the bound is the lock's life, 1 s

@@ -22,6 +22,7 @@ from claude_headspace.config import CacheSettings, RedisSettings
 from claude_headspace.inference.cache import (
     CACHE_FORMAT,
     MemoryCache,
+    NullCache,
     RedisCache,
     ResponseCache,
     TieredCache,
@@ -185,6 +186,42 @@ def test_stats_counters_are_exact_under_twenty_threads(backend: Backend) -> None
     assert stats["hit_rate"] == 0.5
 
 
+def test_peek_finds_live_answers_and_counts_nothing(backend: Backend) -> None:
+    """peek() is for polling (a single-flight waiter watching for another process's
+    answer): it must not count a miss per poll, as get() did."""
+    cache = backend.make(TTL)
+    assert cache.peek(key(1)) is None
+    cache.put(key(1), answer("one"))
+    for _ in range(50):
+        assert cache.peek(key(1)) == answer("one")
+        assert cache.peek(key(2)) is None
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (0, 0, None)
+    backend.expire(cache, key(1))
+    assert cache.peek(key(1)) is None
+    assert cache.get(key(1)) is None  # get still counts
+    assert cache.stats()["misses"] == 1
+
+
+def test_a_working_cache_reports_no_health_problem(backend: Backend) -> None:
+    cache = backend.cache
+    cache.put(key(1), answer())
+    assert cache.health() is None
+
+
+# --------------------------------------------------------------------------- disabled
+
+
+def test_the_null_cache_never_finds_and_never_keeps() -> None:
+    cache = NullCache()
+    cache.put(key(1), answer())
+    assert cache.get(key(1)) is None
+    assert cache.peek(key(1)) is None
+    cache.clear()
+    assert cache.health() is None
+    assert cache.stats() == {"backend": "disabled", "hits": 0, "misses": 0, "hit_rate": None}
+
+
 # --------------------------------------------------------------------------- request keys
 
 
@@ -289,6 +326,16 @@ def test_memory_evicts_the_least_recently_used_entry_first(fake_clock: FakeClock
     assert (stats["entries"], stats["max_entries"], stats["evictions"]) == (3, 3, 2)
 
 
+def test_a_memory_peek_is_not_a_use(fake_clock: FakeClock) -> None:
+    cache = MemoryCache(CacheSettings(max_entries=2), clock=fake_clock)
+    cache.put(key("a"), answer("a"))
+    cache.put(key("b"), answer("b"))
+    assert cache.peek(key("a")) == answer("a")  # does not make a the most recently used
+    cache.put(key("c"), answer("c"))  # so a, the least recently used, goes
+    assert cache.peek(key("a")) is None
+    assert cache.peek(key("b")) == answer("b")
+
+
 def test_memory_bound_holds_under_concurrent_puts(fake_clock: FakeClock) -> None:
     cache = MemoryCache(CacheSettings(max_entries=50), clock=fake_clock)
     threads_n, puts = 20, 200
@@ -369,7 +416,22 @@ def test_a_put_in_one_process_is_a_hit_in_another(
     assert stats["redis"]["hits"] == 1
     assert stats["redis"]["misses"] == 1
     assert stats["redis_available"] is True
-    assert two.degraded_reason() is None
+    assert two.health() is None
+
+
+def test_a_tiered_peek_reads_another_process_s_answer_without_counting(
+    redis_server_url: str, redis_prefix: str, redis_clients: Callable[[], redis.Redis]
+) -> None:
+    one = tiered(redis_server_url, redis_prefix, redis_clients(), FakeClock())
+    two = tiered(redis_server_url, redis_prefix, redis_clients(), FakeClock())
+    for _ in range(20):
+        assert two.peek(key(1)) is None
+    one.put(key(1), answer("shared"))
+    assert two.peek(key(1)) == answer("shared")
+    assert two.local.peek(key(1)) == answer("shared")  # copied to memory, like a get
+    stats = two.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 0)
+    assert (stats["redis"]["hits"], stats["redis"]["misses"]) == (0, 0)
 
 
 def test_tiered_stats_name_both_tiers(

@@ -422,8 +422,9 @@ def test_redis_limiters_with_one_prefix_share_one_budget_and_one_pause(
             c.close()
 
 
-class _GatedClock(FakeClock):
-    """A FakeClock whose sleep blocks until the test opens the gate, then advances."""
+class _SleeperClock(FakeClock):
+    """A FakeClock whose sleep blocks until the test opens the gate, then wakes at the time
+    it was meant to (start + seconds), so a test can move time on while a caller sleeps."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -431,28 +432,98 @@ class _GatedClock(FakeClock):
         self.gate = threading.Event()
 
     def sleep(self, seconds: float) -> None:
+        start = self.monotonic()
         self.entered.set()
         assert self.gate.wait(30)
-        super().sleep(seconds)
+        with self._lock:
+            self.sleeps.append(seconds)
+            self._now = max(self._now, start + seconds)
+
+
+def _waiter(limiter: RateLimiter) -> tuple[threading.Thread, list[Reservation | Exception]]:
+    got: list[Reservation | Exception] = []
+
+    def run() -> None:
+        try:
+            got.append(limiter.acquire(1))
+        except Exception as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, got
 
 
 def test_a_pause_also_holds_a_caller_already_waiting_for_its_slot(backend: Backend) -> None:
     # Found in review: a caller asleep until its booked slot used to go at that slot even
     # when a 429 paused everyone meanwhile.
-    clock = _GatedClock()
+    clock = _SleeperClock()
     settings = RateLimitSettings(
         calls_per_minute=1, tokens_per_minute=1000, window_seconds=10, max_wait_seconds=100
     )
     limiter = backend.make(settings, clock=clock)
     start = clock.monotonic()
     limiter.acquire(1)  # fills the window: the next call's slot is start + 10
-    got: list[Reservation] = []
-    waiter = threading.Thread(target=lambda: got.append(limiter.acquire(1)))
-    waiter.start()
+    waiter, got = _waiter(limiter)
     assert clock.entered.wait(30)
-    limiter.pause(30)  # OpenRouter said 429, Retry-After 30: nobody until start + 30
+    clock.advance(5)
+    limiter.pause(10)  # OpenRouter said 429, Retry-After 10: nobody until start + 15
     clock.gate.set()
     waiter.join(30)
-    assert got
-    assert clock.monotonic() >= start + 30
-    assert got[0].waited >= 30
+    [reservation] = got
+    assert isinstance(reservation, Reservation)
+    assert clock.monotonic() == pytest.approx(start + 15, abs=EPS)
+    assert reservation.waited == pytest.approx(15, abs=EPS)  # within max_wait: sat out
+    assert clock.sleeps == pytest.approx([10, 5], abs=EPS)
+
+
+def test_a_pause_beyond_max_wait_fails_a_waiting_caller_at_once_and_gives_back_its_slot(
+    backend: Backend,
+) -> None:
+    """Defect: with max_wait_seconds 5, a 429 with Retry-After 20 held a caller admitted
+    earlier (asleep towards its booked slot) for 23.9 s. No caller may wait longer than
+    max_wait; this one is told when to come back as soon as it wakes, and the admission it
+    had booked is given back."""
+    clock = _SleeperClock()
+    settings = RateLimitSettings(
+        calls_per_minute=1, tokens_per_minute=1000, window_seconds=60, max_wait_seconds=5
+    )
+    limiter = backend.make(settings, clock=clock)
+    start = clock.monotonic()
+    limiter.acquire(1)
+    clock.advance(56)
+    arrived = clock.monotonic()
+    waiter, got = _waiter(limiter)  # booked at start + 60: 4 s to wait, within max_wait
+    assert clock.entered.wait(30)
+    clock.advance(3.9)
+    limiter.pause(20)  # until start + 79.9
+    clock.gate.set()
+    waiter.join(30)
+
+    [error] = got
+    assert isinstance(error, RateLimitedError)
+    assert error.retryable is True
+    # When the pause ends (rounded up to the millisecond, so a float's last bit can add one).
+    assert error.retry_after == pytest.approx(19.9, abs=2 * EPS)
+    assert clock.sleeps == pytest.approx([4], abs=EPS)  # its slot, and not a moment more
+    assert clock.monotonic() - arrived <= settings.max_wait_seconds + EPS
+    stats = limiter.stats()
+    assert (stats["admitted"], stats["rejected"], stats["waiting"]) == (1, 1, 0)
+    assert (stats["calls_in_window"], stats["scheduled"]) == (0, 0)
+
+    # The slot it gave back is free: right after the pause, a call goes at once (had the
+    # admission stayed, the one call per window would be taken until start + 120).
+    clock.advance(error.retry_after)
+    assert limiter.acquire(1, max_wait=0).waited == 0
+    assert start + 79.9 - EPS <= clock.monotonic()
+
+
+def test_a_pause_lasts_at_most_one_window(backend: Backend) -> None:
+    """A Retry-After of a day (the most the client accepts) pauses for one window: then one
+    call may go and bring back OpenRouter's current word."""
+    limiter = backend.make(settings(window=60, max_wait=1000))
+    limiter.pause(86_400)
+    assert limiter.stats()["paused_for"] == pytest.approx(60, abs=EPS)
+    assert rejected(limiter).retry_after == pytest.approx(60, abs=EPS)
+    backend.clock.advance(60)
+    assert limiter.acquire(1, max_wait=0).waited == 0

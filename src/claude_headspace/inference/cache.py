@@ -1,5 +1,6 @@
 """The response cache, keyed by everything that decides an answer: a memory tier (TTL, LRU
-bound) and, when Redis is configured, a shared tier behind it."""
+bound) and, when Redis is configured, a shared tier behind it; or NullCache when the cache
+is disabled, so that callers never ask whether it is."""
 
 from __future__ import annotations
 
@@ -36,7 +37,12 @@ class ResponseCache(Protocol):
     """Get and put answers by request key."""
 
     def get(self, key: str) -> Answer | None:
-        """The live answer for ``key``, or None."""
+        """The live answer for ``key``, or None; counted as a hit or a miss."""
+        ...
+
+    def peek(self, key: str) -> Answer | None:
+        """Like get(), but counted as neither: for polling, e.g. by a single-flight waiter
+        watching for another process's answer (each poll is not a cache miss)."""
         ...
 
     def put(self, key: str, value: Answer) -> None:
@@ -49,6 +55,11 @@ class ResponseCache(Protocol):
 
     def clear(self) -> None:
         """Forget every entry."""
+        ...
+
+    def health(self) -> str | None:
+        """None when the cache works as configured, else a one-line reason (e.g. the shared
+        tier is out of use because Redis is unreachable)."""
         ...
 
 
@@ -97,6 +108,15 @@ class MemoryCache:
             self._counters.hits += 1
             return value
 
+    def peek(self, key: str) -> Answer | None:
+        # Neither counted nor made most recently used: a poll is not a use.
+        now = self._clock.monotonic()
+        with self._lock:
+            item = self._data.get(key)
+        if item is None or now >= item[0]:
+            return None
+        return item[1]
+
     def put(self, key: str, value: Answer, ttl: float | None = None) -> None:
         expires = self._clock.monotonic() + (self._ttl if ttl is None else ttl)
         with self._lock:
@@ -121,6 +141,9 @@ class MemoryCache:
         with self._lock:
             self._data.clear()
 
+    def health(self) -> str | None:
+        return None
+
 
 class RedisCache:
     """The shared tier: namespaced, versioned keys; Redis keeps the TTL."""
@@ -136,23 +159,27 @@ class RedisCache:
         """The Redis key for a request key."""
         return self._prefix + key
 
-    def get_with_ttl(self, key: str) -> tuple[Answer | None, float]:
-        """The answer and its remaining life in seconds."""
+    def get_with_ttl(self, key: str, *, count: bool = True) -> tuple[Answer | None, float]:
+        """The answer and its remaining life in seconds; ``count=False`` for a peek."""
         pipe = self._client.pipeline(transaction=False)
         pipe.get(self.key(key))
         pipe.pttl(self.key(key))
         raw, pttl = pipe.execute()
-        with self._lock:
-            if raw is None:
-                self._counters.misses += 1
-            else:
-                self._counters.hits += 1
+        if count:
+            with self._lock:
+                if raw is None:
+                    self._counters.misses += 1
+                else:
+                    self._counters.hits += 1
         if raw is None:
             return None, 0.0
         return Answer.from_json(raw), max(0.0, int(pttl) / 1000)
 
     def get(self, key: str) -> Answer | None:
         return self.get_with_ttl(key)[0]
+
+    def peek(self, key: str) -> Answer | None:
+        return self.get_with_ttl(key, count=False)[0]
 
     def put(self, key: str, value: Answer) -> None:
         self._client.set(self.key(key), value.to_json(), px=self._ttl_ms)
@@ -164,6 +191,11 @@ class RedisCache:
     def clear(self) -> None:
         for name in self._client.scan_iter(match=self._prefix + "*", count=1000):
             self._client.delete(name)
+
+    def health(self) -> str | None:
+        # Alone it has no fallback: a Redis failure raises from the call that met it.
+        # TieredCache, which the factory builds, reports Redis's health.
+        return None
 
 
 class TieredCache:
@@ -181,7 +213,18 @@ class TieredCache:
         value = self.local.get(key)
         if value is not None:
             return value
-        found, ttl = self._guard.run(lambda: self.shared.get_with_ttl(key), lambda: (None, 0.0))
+        return self._from_shared(key, count=True)
+
+    def peek(self, key: str) -> Answer | None:
+        value = self.local.peek(key)
+        if value is not None:
+            return value
+        return self._from_shared(key, count=False)
+
+    def _from_shared(self, key: str, *, count: bool) -> Answer | None:
+        found, ttl = self._guard.run(
+            lambda: self.shared.get_with_ttl(key, count=count), lambda: (None, 0.0)
+        )
         if found is not None and ttl > 0:
             self.local.put(key, found, ttl=ttl)
         return found
@@ -195,22 +238,51 @@ class TieredCache:
             **self.local.stats(),
             "backend": "memory+redis",
             "redis": self.shared.stats(),
-            "redis_available": self._guard.degraded_reason() is None,
+            "redis_available": self._guard.health() is None,
         }
 
     def clear(self) -> None:
         self.local.clear()
         self._guard.run(self.shared.clear, lambda: None)
 
-    def degraded_reason(self) -> str | None:
+    def health(self) -> str | None:
         """Why the shared tier is not in use, or None."""
-        return self._guard.degraded_reason()
+        return self._guard.health()
+
+    def degraded_reason(self) -> str | None:
+        """Deprecated name of :meth:`health`, kept until the service calls health()."""
+        return self.health()
+
+
+class NullCache:
+    """The cache when openrouter.cache.enabled is false: never finds, never keeps."""
+
+    def get(self, key: str) -> Answer | None:
+        return None
+
+    def peek(self, key: str) -> Answer | None:
+        return None
+
+    def put(self, key: str, value: Answer) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "disabled", "hits": 0, "misses": 0, "hit_rate": None}
+
+    def clear(self) -> None:
+        return None
+
+    def health(self) -> str | None:
+        return None
 
 
 def build_cache(
     settings: CacheSettings, redis_settings: RedisSettings, *, clock: Clock = SYSTEM_CLOCK
 ) -> MemoryCache | TieredCache:
-    """The memory cache, with a Redis tier behind it when redis.url is set."""
+    """The memory cache, with a Redis tier behind it when redis.url is set.
+
+    Deprecated: it opens a Redis client of its own; use ``backends.build_backends``, which
+    shares one client and one guard among the limiter, the cache and single-flight."""
     local = MemoryCache(settings, clock=clock)
     if redis_settings.url is None:
         return local

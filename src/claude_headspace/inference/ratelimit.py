@@ -7,6 +7,20 @@ served), at which both windows ending then have room for it. If that time is wit
 ``max_wait`` the admission is recorded at once, atomically, and the caller sleeps until
 then; otherwise nothing is recorded and the caller is told when to retry.
 
+A 429 from OpenRouter pauses everyone (``pause``). No caller ever waits longer than
+``max_wait`` in all: one already asleep towards its booked slot when a pause begins sits the
+pause out only if that still ends within ``max_wait`` of its arrival; otherwise it gets
+RateLimitedError with ``retry_after`` (the pause's end) as soon as it wakes, and its
+booked admission is given back, so it spends none of the budget.
+
+A pause lasts at most one window (``window_seconds``), whatever Retry-After said. A longer
+one, which also ended that call's own retries, is believed for a window, not for up to a
+day: when it is over one call goes upstream and, if OpenRouter still refuses, brings back a
+fresh Retry-After and a fresh pause. So a wrong or stale header (a proxy's, say) costs a
+window at most, and a real long limit costs one refused request per window. Tying the cap
+to ``openrouter.retry.max_delay_seconds`` instead would switch pausing off wherever that is
+0 and send every caller upstream into the 429s.
+
 Check and consume are one step, so concurrent callers never overshoot. The memory limiter
 does it under a lock; the Redis limiter does the same in one server-side script, so all
 processes share one budget.
@@ -57,11 +71,17 @@ class RateLimiter(Protocol):
         ...
 
     def pause(self, seconds: float) -> None:
-        """Admit nobody for ``seconds`` (OpenRouter said 429 with Retry-After)."""
+        """Admit nobody for ``seconds``, at most one window (OpenRouter said 429 with
+        Retry-After)."""
         ...
 
     def stats(self) -> dict[str, Any]:
         """Current use, for /api/inference/status."""
+        ...
+
+    def health(self) -> str | None:
+        """None when limits hold as configured, else a one-line reason (e.g. they are per
+        process because Redis is unreachable)."""
         ...
 
 
@@ -83,11 +103,31 @@ def _over(wait: float, max_wait: float) -> RateLimitedError:
     )
 
 
-def _sit_out(clock: Clock, pause_left: Callable[[], float]) -> float:
-    """Sleep out a 429 pause that began while the caller slept towards its booked slot (the
-    pause holds callers already waiting too); the seconds that took."""
-    waited = 0.0
+def _paused(remaining: float, waited: float, max_wait: float) -> RateLimitedError:
+    retry_after = math.ceil(remaining * 1000) / 1000
+    return RateLimitedError(
+        f"rate limit reached: OpenRouter asked for a pause (429) that ends in "
+        f"{retry_after:.3f} s; after the {waited:.3f} s already waited that is beyond the "
+        f"{max_wait:g} s a call may wait (openrouter.rate_limits.max_wait_seconds)",
+        retry_after=retry_after,
+    )
+
+
+def _sit_out(
+    clock: Clock,
+    waited: float,
+    max_wait: float,
+    pause_left: Callable[[], float],
+    give_back: Callable[[], None],
+) -> float:
+    """After sleeping ``waited`` s towards its booked slot, a caller sits out a 429 pause
+    that began meanwhile (the pause holds callers already waiting too), but only while its
+    whole wait stays within ``max_wait``: otherwise its admission is given back and it
+    raises RateLimitedError at once. Returns the whole wait."""
     while (remaining := pause_left()) > 0:
+        if waited + remaining > max_wait:
+            give_back()
+            raise _paused(remaining, waited, max_wait)
         clock.sleep(remaining)
         waited += remaining
     return waited
@@ -135,18 +175,29 @@ class MemoryRateLimiter:
         if wait > 0:
             try:
                 self._clock.sleep(wait)
-                wait += self._sit_out_pause()
+                wait = _sit_out(
+                    self._clock, wait, limit_wait, self._pause_left, lambda: self._give_back(entry)
+                )
             finally:
                 with self._lock:
                     self._waiting -= 1
         return Reservation(entry[2], tokens, at, wait)
 
-    def _sit_out_pause(self) -> float:
-        return _sit_out(self._clock, self._pause_left)
-
     def _pause_left(self) -> float:
         with self._lock:
             return self._paused_until - self._clock.monotonic()
+
+    def _give_back(self, entry: list[Any]) -> None:
+        # Rare (a pause cut a waiter short), so a linear search of the schedule is fine.
+        with self._lock:
+            for i, other in enumerate(self._log):
+                if other is entry:
+                    del self._log[i]
+                    self._total -= entry[1]
+                    self._by_id.pop(entry[2], None)
+                    break
+            self.admitted -= 1
+            self.rejected += 1
 
     def _prune(self, now: float) -> None:
         horizon = now - self._window
@@ -179,8 +230,12 @@ class MemoryRateLimiter:
                 entry[1] = actual_tokens
 
     def pause(self, seconds: float) -> None:
+        seconds = min(seconds, self._window)  # at most a window: see the module docstring
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock.monotonic() + seconds)
+
+    def health(self) -> str | None:
+        return None
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -258,6 +313,16 @@ redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - tonumber(old))
 return 1
 """
 
+# KEYS: admissions zset, tokens hash, token total. ARGV: id. Undoes one admission.
+_GIVE_BACK = """
+local tokens = redis.call('HGET', KEYS[2], ARGV[1])
+if not tokens then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DECRBY', KEYS[3], tonumber(tokens))
+return 1
+"""
+
 # KEYS: pause-until. ARGV: until, ttl (ms). Only ever moves the pause later.
 _PAUSE = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -291,6 +356,7 @@ class RedisRateLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._reconcile = client.register_script(_RECONCILE)
         self._pause = client.register_script(_PAUSE)
+        self._give_back_script = client.register_script(_GIVE_BACK)
         self._ttl_ms = int(settings.window_seconds * 2000 + settings.max_wait_seconds * 1000)
         self._lock = threading.Lock()
         self._waiting = 0
@@ -321,14 +387,13 @@ class RedisRateLimiter:
                 self._waiting += 1
             try:
                 self._clock.sleep(wait)
-                wait += self._sit_out_pause()
+                wait = _sit_out(
+                    self._clock, wait, limit_wait, self._pause_left, lambda: self._give_back(key)
+                )
             finally:
                 with self._lock:
                     self._waiting -= 1
         return Reservation(key, tokens, float(answer[2]), wait)
-
-    def _sit_out_pause(self) -> float:
-        return _sit_out(self._clock, self._pause_left)
 
     def _pause_left(self) -> float:
         # The pause any process set. If Redis cannot be read now, the slot granted stands.
@@ -338,10 +403,22 @@ class RedisRateLimiter:
             return 0.0
         return float(cast(Any, until)) - self._clock.time() if until else 0.0
 
+    def _give_back(self, key: str) -> None:
+        try:
+            self._give_back_script(keys=self._keys[:3], args=[key])
+        except redis.RedisError as exc:
+            # The caller is told to come back either way; the admission it leaves behind
+            # only holds its slot until it leaves the window.
+            log.debug("rate limiter: could not give back admission %s: %s", key, exc)
+        with self._lock:
+            self.admitted -= 1
+            self.rejected += 1
+
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
         self._reconcile(keys=self._keys[1:3], args=[reservation.id, actual_tokens])
 
     def pause(self, seconds: float) -> None:
+        seconds = min(seconds, self._settings.window_seconds)  # see the module docstring
         until = self._clock.time() + seconds
         self._pause(keys=[self._keys[3]], args=[repr(until), int(seconds * 1000) + 1000])
 
@@ -367,6 +444,11 @@ class RedisRateLimiter:
                 "admitted": self.admitted,
                 "rejected": self.rejected,
             }
+
+    def health(self) -> str | None:
+        # Alone it has no fallback: a Redis failure raises from the call that met it.
+        # FallbackRateLimiter, which the factory builds, reports Redis's health.
+        return None
 
 
 class FallbackRateLimiter:
@@ -398,15 +480,22 @@ class FallbackRateLimiter:
         shared = self._guard.run(self.shared.stats, lambda: None)
         return shared if shared is not None else {**self.local.stats(), "backend": "memory"}
 
-    def degraded_reason(self) -> str | None:
+    def health(self) -> str | None:
         """Why limits are per process right now, or None."""
-        return self._guard.degraded_reason()
+        return self._guard.health()
+
+    def degraded_reason(self) -> str | None:
+        """Deprecated name of :meth:`health`, kept until the service calls health()."""
+        return self.health()
 
 
 def build_rate_limiter(
     settings: RateLimitSettings, redis_settings: RedisSettings, *, clock: Clock = SYSTEM_CLOCK
 ) -> MemoryRateLimiter | FallbackRateLimiter:
-    """The memory limiter, or the Redis one with a memory stand-in when redis.url is set."""
+    """The memory limiter, or the Redis one with a memory stand-in when redis.url is set.
+
+    Deprecated: it opens a Redis client of its own; use ``backends.build_backends``, which
+    shares one client and one guard among the limiter, the cache and single-flight."""
     local = MemoryRateLimiter(settings, clock=clock)
     if redis_settings.url is None:
         return local

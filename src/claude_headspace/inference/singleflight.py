@@ -1,31 +1,114 @@
 """Single-flight: identical requests in flight share one upstream call.
 
-``SingleFlight`` does it among the threads of one process. ``RedisSingleFlight`` extends it
-to every process on the same Redis: the first process takes a short-lived lock and makes
-the call; the others watch the shared cache for its answer, and take over if the lock
-lapses (its holder crashed or gave up) so that nobody waits forever.
+``SingleFlight`` does it among the threads of one process. ``RedisSingleFlight`` does it
+among processes on one Redis: the first process takes a short lock and makes the call; the
+others watch the shared cache for its answer, and take over if the lock goes without one.
+``TieredFlight`` composes the two, and is what the service calls: one ``run`` whose
+``FlightOutcome`` says whether this caller made the upstream call (``led``) and carries the
+value or the exception.
+
+The cross-process lock lives ``lock_seconds`` (a few seconds) and is renewed, while its call
+runs, by one keeper thread per process. So a holder slower than the lock's life keeps it,
+and a holder that is gone (killed, or cut off from Redis by a blip) stops renewing and its
+lock lapses within ``lock_seconds``: an identical call elsewhere never waits longer than
+that on a holder that is no longer there. A release that fails (Redis away when the call
+ended) is retried by the keeper while the lock could still be alive.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
 
-from .redis_support import RedisGuard
+from .redis_support import REDIS_DOWN, RedisGuard
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Long enough that a busy machine's keeper (renewing every third of it, at most every
+# second) does not miss it; short enough that a call waiting on a holder that is gone gets
+# through within a few seconds.
+DEFAULT_LOCK_SECONDS = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class FlightOutcome(Generic[T]):
+    """What one caller of a flight got.
+
+    ``led`` is True for exactly the caller that ran ``call`` (made the upstream call), False
+    for callers that shared another's. Either ``error`` is set (the leader's exception,
+    which in-process followers share) or ``value`` is the result.
+    """
+
+    led: bool
+    value: T | None = None
+    error: Exception | None = None
+
+    def result(self) -> T:
+        """The value, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return cast(T, self.value)
+
+
+def _lead(call: Callable[[], T]) -> FlightOutcome[T]:
+    try:
+        return FlightOutcome(True, call())
+    except Exception as exc:
+        return FlightOutcome(True, error=exc)
+
+
+def _load_or_lead(call: Callable[[], T], load: Callable[[], T | None]) -> FlightOutcome[T]:
+    # The holder before us may have published and released between our caller's cache
+    # lookup and our lock: then its answer is ours, and no second call is made.
+    value = load()
+    if value is not None:
+        return FlightOutcome(False, value)
+    return _lead(call)
+
+
+class Flight(Protocol):
+    """Identical calls in flight share one call."""
+
+    def run(
+        self, key: str, call: Callable[[], T], load: Callable[[], T | None]
+    ) -> FlightOutcome[T]:
+        """Run ``call`` once for all concurrent callers of ``key``; never raises for an
+        Exception of ``call``, which the outcome carries.
+
+        ``load`` reads the answer another flight published (the shared cache): polled while
+        waiting on another process, and looked at once by a leader before it calls (a
+        flight may have landed since the caller's own lookup). So it must not count as a
+        cache lookup: ``cache.peek``.
+        """
+        ...
+
+    def in_flight(self) -> int:
+        """How many keys this process is running right now."""
+        ...
+
+    def health(self) -> str | None:
+        """None when calls are shared as configured, else a one-line reason (e.g. only
+        within this process because Redis is unreachable)."""
+        ...
 
 
 class _Flight(Generic[T]):
     def __init__(self) -> None:
         self.done = threading.Event()
         self.result: T | None = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
+        self.fatal: BaseException | None = None  # not an Exception: raised, not carried
 
 
 class SingleFlight:
@@ -35,9 +118,15 @@ class SingleFlight:
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight[Any]] = {}
 
-    def do(self, key: str, fn: Callable[[], T]) -> tuple[T, bool]:
-        """``(fn(), False)`` for the first caller of ``key``; ``(its result, True)`` for
-        callers that arrive while it runs. Its exception reaches every one of them."""
+    def run(
+        self, key: str, call: Callable[[], T], load: Callable[[], T | None] | None = None
+    ) -> FlightOutcome[T]:
+        """``call()`` for the first caller of ``key`` (``led``); the callers that arrive while
+        it runs share its value or its exception.
+
+        The first caller looks at ``load()`` once before calling: a flight that landed
+        between the caller's own cache lookup and now has put its answer there.
+        """
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -45,39 +134,197 @@ class SingleFlight:
                 flight = self._flights[key] = _Flight()
         if not leader:
             flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.result, True  # type: ignore[return-value]
+            if flight.fatal is not None:
+                raise flight.fatal
+            return FlightOutcome(False, flight.result, flight.error)
+        made = False
         try:
-            flight.result = fn()
-        except BaseException as exc:
+            found = load() if load is not None else None
+            if found is not None:
+                flight.result = found
+            else:
+                made = True
+                flight.result = call()
+        except Exception as exc:
             flight.error = exc
+        except BaseException as exc:
+            flight.fatal = exc
             raise
         finally:
             with self._lock:
                 del self._flights[key]
             flight.done.set()
-        return flight.result, False
+        return FlightOutcome(made, flight.result, flight.error)
+
+    def do(self, key: str, fn: Callable[[], T]) -> tuple[T, bool]:
+        """Deprecated (use run): ``(fn(), False)`` for the leader, ``(its result, True)`` for
+        the others; its exception is raised in every one of them."""
+        outcome = self.run(key, fn)
+        return outcome.result(), not outcome.led
 
     def in_flight(self) -> int:
         """How many keys are being fetched right now."""
         with self._lock:
             return len(self._flights)
 
+    def health(self) -> str | None:
+        return None
 
+
+# KEYS: lock names. ARGV[1]: ttl (ms); ARGV[i + 1]: the token held for KEYS[i].
+# Extends the locks still ours; 0 for a lock that is gone or someone else's now.
+_RENEW = """
+local kept = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    kept[i] = 1
+  else
+    kept[i] = 0
+  end
+end
+return kept
+"""
+
+# KEYS: lock names; ARGV: their tokens. Deletes the locks still ours.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
 """
 
 
-class RedisSingleFlight:
-    """Across processes: a lock per key (SET NX PX, released only by its holder), and
-    waiters that poll ``load()`` (the shared cache) until the holder's answer appears.
+class _LockKeeper:
+    """One thread per process that renews the locks held by running calls and retries
+    releases that failed. It runs only while there is something to do (so a process that
+    holds no lock, e.g. a pre-fork master, has no thread of it)."""
 
-    ``do(key, fn, load)`` returns ``(value, shared)``. A waiter whose holder's lock expires
-    without an answer (a crash, or the call failed) tries to take the lock itself. While
-    Redis is unreachable it simply runs ``fn()``.
+    def __init__(self, client: redis.Redis, guard: RedisGuard, lock_ms: int) -> None:
+        self._guard = guard
+        self._lock_ms = lock_ms
+        self.interval = min(1.0, lock_ms / 3000)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._reset()
+        self._closed = False
+
+    def _reset(self) -> None:
+        # Also after a fork: the child has none of the parent's calls, nor its thread, and
+        # must not inherit a lock the thread may have held at the fork.
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._held: dict[str, str] = {}  # token -> lock name, while the call runs
+        self._pending: dict[str, tuple[str, float]] = {}  # token -> (name, retry until)
+        self._thread: threading.Thread | None = None
+        self.renewals = 0
+        self.lost = 0
+
+    def hold(self, name: str, token: str) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            self._held[token] = name
+            self._wake()
+
+    def release(self, name: str, token: str) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            self._held.pop(token, None)
+        try:
+            released = self._guard.run(lambda: self._release_now({token: name}), lambda: False)
+        except redis.RedisError as exc:  # not an outage, but the release did not happen
+            log.warning("single-flight: releasing a lock failed (%s); will retry", exc)
+            released = False
+        if not released:
+            # Redis is away: keep trying while the lock could still be alive (nobody
+            # renews it any more, so it lapses within one lock life at the latest).
+            with self._cond:
+                self._pending[token] = (name, time.monotonic() + self._lock_ms / 1000)
+                self._wake()
+
+    def pending_releases(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _release_now(self, tokens: dict[str, str]) -> bool:
+        self._release(keys=list(tokens.values()), args=list(tokens))
+        return True
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def _wake(self) -> None:
+        # Called under the condition.
+        if self._closed:
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._loop, name="single-flight-keeper", daemon=True
+            )
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed or not (self._held or self._pending):
+                    self._thread = None
+                    return
+                self._cond.wait(self.interval)
+                if self._is_closed():  # close() may have come during the wait
+                    self._thread = None
+                    return
+                now = time.monotonic()
+                self._pending = {t: p for t, p in self._pending.items() if p[1] > now}
+                held = dict(self._held)
+                pending = {t: name for t, (name, _) in self._pending.items()}
+            if not (held or pending):
+                continue
+            # Straight to Redis, not through the guard's back-off: the keeper is off the
+            # callers' path, and a lock not renewed for one lock life is lost.
+            try:
+                if held:
+                    self._renew_all(held)
+                if pending:
+                    self._release_now(pending)
+                    with self._cond:
+                        for token in pending:
+                            self._pending.pop(token, None)
+            except REDIS_DOWN as exc:
+                self._guard.failed(exc)
+            except redis.RedisError as exc:
+                log.warning("single-flight: renewing or releasing locks failed: %s", exc)
+            else:
+                self._guard.succeeded()
+
+    def _renew_all(self, held: dict[str, str]) -> None:
+        kept = self._renew(keys=list(held.values()), args=[self._lock_ms, *held])
+        lost = [t for t, ok in zip(held, cast(list[int], kept), strict=True) if not ok]
+        with self._cond:
+            self.renewals += 1
+            for token in lost:
+                # Lapsed while Redis was away, or taken over: renewing it is pointless now.
+                if self._held.pop(token, None) is not None:
+                    self.lost += 1
+        for token in lost:
+            log.info("single-flight: lock %s lapsed while its call was still running", token)
+
+
+class RedisSingleFlight:
+    """Across processes: a lock per key (SET NX PX, renewed while its call runs, released
+    only by its holder), and waiters that poll ``load()`` (the shared cache) until the
+    holder's answer appears, taking over when the lock goes without one. While Redis is
+    unreachable it simply makes the call.
     """
 
     def __init__(
@@ -86,7 +333,7 @@ class RedisSingleFlight:
         guard: RedisGuard,
         *,
         prefix: str,
-        lock_seconds: float,
+        lock_seconds: float = DEFAULT_LOCK_SECONDS,
         poll_seconds: float = 0.02,
     ) -> None:
         self._client = client
@@ -94,31 +341,92 @@ class RedisSingleFlight:
         self._prefix = f"{prefix}:flight:"
         self._lock_ms = max(1, int(lock_seconds * 1000))
         self._poll = poll_seconds
-        self._release = client.register_script(_RELEASE)
+        self.keeper = _LockKeeper(client, guard, self._lock_ms)
 
-    def do(self, key: str, fn: Callable[[], T], load: Callable[[], T | None]) -> tuple[T, bool]:
-        """Run ``fn`` once across processes for ``key``; the others get ``load()``'s answer."""
-        name = self._prefix + key
-        token = uuid.uuid4().hex
+    def lock_name(self, key: str) -> str:
+        """The Redis key of the lock for request key ``key``."""
+        return self._prefix + key
+
+    def run(
+        self, key: str, call: Callable[[], T], load: Callable[[], T | None]
+    ) -> FlightOutcome[T]:
+        """Run ``call`` once across processes for ``key``; the others get ``load()``'s
+        answer (``led`` False). Only ``call``'s Exceptions are carried; ``load``'s raise."""
+        name = self.lock_name(key)
         while True:
-            acquired = self._guard.run(
-                lambda: bool(self._client.set(name, token, nx=True, px=self._lock_ms)),
-                lambda: True,  # no Redis: nobody to share with, make the call
-            )
-            if acquired:
+            token = uuid.uuid4().hex
+            taken = self._try(partial(self._take, name, token), None)
+            if taken is None:  # no Redis: nobody to share with, make the call
+                return _load_or_lead(call, load)
+            if taken:
+                self.keeper.hold(name, token)
                 try:
-                    return fn(), False
+                    return _load_or_lead(call, load)
                 finally:
-                    self._guard.run(lambda: self._release(keys=[name], args=[token]), lambda: 0)
+                    self.keeper.release(name, token)
             # Someone else is making this call: wait for its answer, or for its lock to go.
             while True:
                 value = load()
                 if value is not None:
-                    return value, True
-                held = self._guard.run(lambda: bool(self._client.exists(name)), lambda: False)
-                if not held:
+                    return FlightOutcome(False, value)
+                if not self._try(lambda: bool(self._client.exists(name)), False):
                     break
                 time.sleep(self._poll)
             value = load()
             if value is not None:
-                return value, True
+                return FlightOutcome(False, value)
+
+    def _take(self, name: str, token: str) -> bool | None:
+        return bool(self._client.set(name, token, nx=True, px=self._lock_ms))
+
+    def _try(self, command: Callable[[], T], fallback: T) -> T:
+        # Any Redis error, not only an outage, means no sharing: the call is still made.
+        try:
+            return self._guard.run(command, lambda: fallback)
+        except redis.RedisError as exc:
+            log.warning("single-flight: Redis refused a lock command (%s); not sharing", exc)
+            return fallback
+
+    def do(self, key: str, fn: Callable[[], T], load: Callable[[], T | None]) -> tuple[T, bool]:
+        """Deprecated (use run): ``(value, shared)``."""
+        outcome = self.run(key, fn, load)
+        return outcome.result(), not outcome.led
+
+    def health(self) -> str | None:
+        return self._guard.health()
+
+    def close(self) -> None:
+        """Stop renewing (running calls' locks then lapse within one lock life)."""
+        self.keeper.close()
+
+
+class TieredFlight:
+    """The flight the service calls when Redis is configured: threads of this process
+    share through ``SingleFlight``, and only its leader goes on to ``RedisSingleFlight``, so
+    a process takes one lock per key and polls for another process's answer once."""
+
+    def __init__(self, local: SingleFlight, shared: RedisSingleFlight) -> None:
+        self.local = local
+        self.shared = shared
+
+    def run(
+        self, key: str, call: Callable[[], T], load: Callable[[], T | None]
+    ) -> FlightOutcome[T]:
+        # ``load`` goes to the Redis flight only, which looks once it holds the lock.
+        outer = self.local.run(key, lambda: self.shared.run(key, call, load))
+        if outer.error is not None:
+            # Raised by the flight itself (``load``), never by ``call``, whose exceptions
+            # the inner outcome carries: nobody here made the upstream call.
+            return FlightOutcome(False, error=outer.error)
+        inner = cast(FlightOutcome[T], outer.value)
+        # This process's followers share what its leader got, never the lead.
+        return inner if outer.led else FlightOutcome(False, inner.value, inner.error)
+
+    def in_flight(self) -> int:
+        return self.local.in_flight()
+
+    def health(self) -> str | None:
+        return self.shared.health()
+
+    def close(self) -> None:
+        self.shared.close()

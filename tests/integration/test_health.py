@@ -32,14 +32,13 @@ def checker_for(
         *,
         base_url: str | None = None,
         key: str | None = TEST_KEY,
-        with_client: bool = True,
         cache_seconds: float = 60.0,
         **extra: Any,
     ) -> HealthChecker:
         url = base_url or emulator.base_url
         health = {"timeout_seconds": 2.0, "cache_seconds": cache_seconds}
         settings = settings_for(url, health=health, **extra)
-        client = make_client(base_url=url, key=key, clock=fake_clock) if with_client else None
+        client = make_client(base_url=url, key=key, clock=fake_clock)
         return HealthChecker(client, settings, clock=fake_clock)
 
     return make
@@ -98,21 +97,6 @@ def test_a_broken_configuration_is_a_report_not_an_exception(
 ) -> None:
     report = checker_for(base_url="http://[::1").check()
     assert report.state == "unreachable" and report.error
-
-
-def test_no_key_and_disabled_never_probe(
-    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
-) -> None:
-    no_key = checker_for(with_client=False)
-    report = no_key.check()
-    assert (report.state, report.reachable) == ("no_key", False)
-    assert report.error
-    assert no_key.last() is report
-
-    disabled = checker_for(enabled=False)
-    assert (disabled.check().state, disabled.check().reachable) == ("disabled", False)
-    assert disabled.check(force=True).state == "disabled"
-    assert emulator.request_count() == 0
 
 
 def test_falls_back_to_models_without_a_key_endpoint(

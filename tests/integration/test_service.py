@@ -292,6 +292,9 @@ def test_no_key_is_a_degraded_start_and_calls_are_refused_and_logged(
     service: InferenceService = app.extensions["inference"]
     status = service.status()
     assert status["state"] == "degraded" and "API key" in status["reason"]
+    # Nothing to probe OpenRouter with: the status says so and asks nothing.
+    assert (status["openrouter"]["state"], status["openrouter"]["reachable"]) == ("no_key", False)
+    assert status["openrouter"]["error"] and status["openrouter"]["api_key_configured"] is False
     with pytest.raises(NotConfiguredError, match="OPENROUTER_API_KEY"):
         service.infer("turn", "p", "x")
     with pytest.raises(NotConfiguredError):
@@ -303,7 +306,13 @@ def test_no_key_is_a_degraded_start_and_calls_are_refused_and_logged(
 def test_disabled_service_refuses_and_logs(make_app: AppFactory, emulator: Any) -> None:
     app = make_app(openrouter={"enabled": False})
     service: InferenceService = app.extensions["inference"]
-    assert service.status()["state"] == "disabled"
+    for _ in range(2):
+        status = service.status()
+        assert status["state"] == "disabled"
+        assert (status["openrouter"]["state"], status["openrouter"]["reachable"]) == (
+            "disabled",
+            False,
+        )
     with pytest.raises(InferenceDisabledError):
         service.infer("turn", "p", "x")
     assert [(r.status, r.error_type) for r in rows(app)] == [("refused", "InferenceDisabledError")]

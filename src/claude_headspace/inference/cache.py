@@ -13,8 +13,8 @@ from typing import Any, Protocol
 import redis
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import CacheSettings, RedisSettings
-from .redis_support import RedisGuard, make_client
+from ..config import CacheSettings
+from .redis_support import RedisGuard
 from .types import Answer, GenerationParams
 
 # Bump when Answer's shape changes: old entries are then simply never read.
@@ -249,10 +249,6 @@ class TieredCache:
         """Why the shared tier is not in use, or None."""
         return self._guard.health()
 
-    def degraded_reason(self) -> str | None:
-        """Deprecated name of :meth:`health`, kept until the service calls health()."""
-        return self.health()
-
 
 class NullCache:
     """The cache when openrouter.cache.enabled is false: never finds, never keeps."""
@@ -274,18 +270,3 @@ class NullCache:
 
     def health(self) -> str | None:
         return None
-
-
-def build_cache(
-    settings: CacheSettings, redis_settings: RedisSettings, *, clock: Clock = SYSTEM_CLOCK
-) -> MemoryCache | TieredCache:
-    """The memory cache, with a Redis tier behind it when redis.url is set.
-
-    Deprecated: it opens a Redis client of its own; use ``backends.build_backends``, which
-    shares one client and one guard among the limiter, the cache and single-flight."""
-    local = MemoryCache(settings, clock=clock)
-    if redis_settings.url is None:
-        return local
-    client = make_client(redis_settings)
-    shared = RedisCache(client, settings, prefix=redis_settings.key_prefix)
-    return TieredCache(local, shared, RedisGuard(client, redis_settings, name="response cache"))

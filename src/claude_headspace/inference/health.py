@@ -16,7 +16,9 @@ from .errors import AuthenticationError, InferenceError, ModelNotFoundError, Tra
 
 log = logging.getLogger(__name__)
 
-HealthState = Literal["healthy", "unreachable", "key_rejected", "no_key", "disabled"]
+# The last three are not a probe's answers: the status says them when the service takes no
+# calls (status.py), and then nothing is probed.
+HealthState = Literal["healthy", "unreachable", "key_rejected", "no_key", "disabled", "stopped"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class HealthChecker:
 
     def __init__(
         self,
-        client: OpenRouterClient | None,
+        client: OpenRouterClient,
         settings: OpenRouterSettings,
         *,
         clock: Clock = SYSTEM_CLOCK,
@@ -70,14 +72,6 @@ class HealthChecker:
 
         Never raises: every failure is a report.
         """
-        if not self._settings.enabled:
-            return self._remember(
-                HealthReport("disabled", False, None, None, "inference is disabled")
-            )
-        if self._client is None:
-            return self._remember(
-                HealthReport("no_key", False, None, None, "no OpenRouter API key is configured")
-            )
         timeout = self._settings.health.timeout_seconds
         with self._lock:
             if self._probing:
@@ -115,11 +109,6 @@ class HealthChecker:
             return None
         age = self._clock.monotonic() - self._last_at
         return last if age < self._settings.health.cache_seconds else None
-
-    def _remember(self, report: HealthReport) -> HealthReport:
-        with self._lock:
-            self._last = report
-        return report
 
     def _probe(self, client: OpenRouterClient, timeout: float) -> HealthReport:
         started = time.perf_counter()

@@ -41,9 +41,9 @@ from typing import Any, Protocol, cast
 import redis
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import RateLimitSettings, RedisSettings
+from ..config import RateLimitSettings
 from .errors import RateLimitedError
-from .redis_support import RedisGuard, make_client
+from .redis_support import RedisGuard
 
 log = logging.getLogger(__name__)
 
@@ -483,24 +483,3 @@ class FallbackRateLimiter:
     def health(self) -> str | None:
         """Why limits are per process right now, or None."""
         return self._guard.health()
-
-    def degraded_reason(self) -> str | None:
-        """Deprecated name of :meth:`health`, kept until the service calls health()."""
-        return self.health()
-
-
-def build_rate_limiter(
-    settings: RateLimitSettings, redis_settings: RedisSettings, *, clock: Clock = SYSTEM_CLOCK
-) -> MemoryRateLimiter | FallbackRateLimiter:
-    """The memory limiter, or the Redis one with a memory stand-in when redis.url is set.
-
-    Deprecated: it opens a Redis client of its own; use ``backends.build_backends``, which
-    shares one client and one guard among the limiter, the cache and single-flight."""
-    local = MemoryRateLimiter(settings, clock=clock)
-    if redis_settings.url is None:
-        return local
-    client = make_client(redis_settings)
-    shared = RedisRateLimiter(client, settings, prefix=redis_settings.key_prefix, clock=clock)
-    return FallbackRateLimiter(
-        shared, local, RedisGuard(client, redis_settings, name="rate limiter")
-    )

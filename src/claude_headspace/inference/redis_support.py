@@ -115,10 +115,6 @@ class RedisGuard:
             probed.wait(self._probe_timeout)
         return self._reason()
 
-    def degraded_reason(self) -> str | None:
-        """Deprecated name of :meth:`health`, kept until the service calls health()."""
-        return self.health()
-
     def _reason(self) -> str | None:
         with self._lock:
             if self._down_since is None:

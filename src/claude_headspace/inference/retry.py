@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from ..clock import Clock
 from ..config import RetrySettings
-from .errors import InferenceError
+from .errors import InferenceError, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,18 @@ class RetryPolicy:
     ) -> tuple[T, int]:
         """Call ``fn(attempt)`` until it succeeds or the policy stops; (result, attempts).
 
-        Only InferenceErrors are caught. The last one is re-raised with ``attempts`` set;
-        ``on_error`` sees every failure with the delay chosen (None when it is the last).
-        Waiting goes through ``clock.sleep``.
+        Only UpstreamErrors (OpenRouter's answers, or none) are retried; the last one is
+        re-raised with ``attempts`` set. Anything else ``fn`` raises, such as the local
+        limiter's RateLimitedError, ends the loop at once, as it is. ``on_error`` sees every
+        upstream failure with the delay chosen (None when it is the last). Waiting goes
+        through ``clock.sleep``.
         """
         attempt = 0
         while True:
             attempt += 1
             try:
                 return fn(attempt), attempt
-            except InferenceError as error:
+            except UpstreamError as error:
                 error.attempts = attempt
                 delay = self.delay_for(attempt, error, rng=rng)
                 if on_error is not None:

@@ -1,11 +1,23 @@
-"""InferenceService: validate, pick the model, cache, share identical calls, limit, retry,
-record. It composes injected parts and does nothing else."""
+"""InferenceService: the flow of one call, and nothing else.
+
+```
+infer()/submit() -> validate (level, input, ids, size) -> model for level, request key
+  -> cache -> single-flight [leader: cache again -> (limiter -> client) x retry -> cache]
+  -> CallRecord into the call log -> InferenceResult
+```
+Every part is built elsewhere and injected: the client (client.py), the limiter, cache and
+single-flight (backends.py), the call log (recorder.py), the health probe (health.py), the
+threads behind submit() (workers.py); the status answer is composed in status.py.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -15,7 +27,8 @@ from flask import has_request_context
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Settings
 from ..db import Database
-from .cache import ResponseCache, build_cache, request_key
+from .backends import Backends, build_backends
+from .cache import request_key
 from .client import OpenRouterClient
 from .errors import (
     CancelledCallError,
@@ -24,17 +37,17 @@ from .errors import (
     NotConfiguredError,
     QueueFullError,
     RateLimitedError,
+    ServiceUnavailableError,
     ShuttingDownError,
     UpstreamRateLimitError,
 )
 from .health import HealthChecker
-from .ratelimit import RateLimiter, build_rate_limiter
 from .record import CallRecord
 from .recorder import CallRecorder
-from .redis_support import RedisGuard, make_client
 from .retry import RetryPolicy
-from .singleflight import RedisSingleFlight, SingleFlight
+from .status import status_report
 from .types import Answer, CallLinks, InferenceRequest, InferenceResult
+from .usage import apply_rollup
 from .validation import (
     LinkChecker,
     check_input,
@@ -48,15 +61,6 @@ from .workers import WorkerPool
 log = logging.getLogger(__name__)
 
 
-class _StopRetrying(Exception):
-    """Carries a local limiter rejection out of the retry loop: waiting longer is not ours
-    to decide, the caller was told when to come back."""
-
-    def __init__(self, error: RateLimitedError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class InferenceService:
     """The one way Claude Headspace calls models on OpenRouter."""
 
@@ -66,27 +70,24 @@ class InferenceService:
         *,
         database: Database,
         client: OpenRouterClient | None,
-        cache: ResponseCache,
-        limiter: RateLimiter,
+        backends: Backends,
         recorder: CallRecorder,
-        health: HealthChecker,
-        shared_flight: RedisSingleFlight | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
         self._or = settings.openrouter
         self._limits = settings.inference
-        self._database = database
         self._client = client
-        self.cache = cache
-        self.limiter = limiter
+        self._backends = backends
+        self.cache = backends.cache
+        self.limiter = backends.limiter
+        self.flight = backends.flight
         self.recorder = recorder
-        self.health = health
+        # Only a service with a key can ask OpenRouter anything.
+        self.health = HealthChecker(client, self._or, clock=clock) if client else None
         self._clock = clock
         self._retry = RetryPolicy.from_settings(self._or.retry)
         self._links = LinkChecker(database.sessions)
-        self._flights = SingleFlight()
-        self._shared_flight = shared_flight
         self._pool: WorkerPool[InferenceRequest, InferenceResult] = WorkerPool(
             size=settings.inference.workers,
             capacity=settings.inference.queue_size,
@@ -95,8 +96,6 @@ class InferenceService:
         )
         self._closed = False
         self._warned_request_thread = False
-
-    # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_settings(
@@ -108,45 +107,22 @@ class InferenceService:
         clock: Clock = SYSTEM_CLOCK,
     ) -> InferenceService:
         """Build the service and its parts from settings; never touches the network."""
-        from .usage import apply_rollup
-
         api_key = settings.api_key
-        client = OpenRouterClient(settings.openrouter, api_key=api_key) if api_key else None
+        client = (
+            OpenRouterClient(settings.openrouter, api_key=api_key, clock=clock) if api_key else None
+        )
         recorder = CallRecorder(
             database.sessions,
             spool_dir,
             rollup=apply_rollup,
             batch_size=settings.inference.log_batch_size,
         ).start()
-        shared_flight = None
-        if settings.redis.url is not None:
-            or_ = settings.openrouter
-            # Long enough for a holder's whole call with its retries; a crashed holder's
-            # lock lapses after it and a waiter takes over.
-            lock_seconds = min(
-                600.0,
-                or_.timeout_seconds * or_.retry.max_attempts
-                + or_.retry.max_delay_seconds * (or_.retry.max_attempts - 1)
-                + or_.rate_limits.max_wait_seconds,
-            )
-            redis_client = make_client(settings.redis)
-            shared_flight = RedisSingleFlight(
-                redis_client,
-                RedisGuard(redis_client, settings.redis, name="single-flight"),
-                prefix=settings.redis.key_prefix,
-                lock_seconds=lock_seconds,
-            )
         return cls(
             settings,
             database=database,
             client=client,
-            shared_flight=shared_flight,
-            cache=build_cache(settings.openrouter.cache, settings.redis, clock=clock),
-            limiter=build_rate_limiter(
-                settings.openrouter.rate_limits, settings.redis, clock=clock
-            ),
+            backends=build_backends(settings, clock=clock),
             recorder=recorder,
-            health=HealthChecker(client, settings.openrouter, clock=clock),
             clock=clock,
         )
 
@@ -212,13 +188,20 @@ class InferenceService:
         try:
             return self._pool.submit(request)
         except (QueueFullError, ShuttingDownError) as exc:
-            self._record_failure(request, exc, started=time.perf_counter(), status="refused")
+            self._record(request, time.perf_counter(), "refused", error=exc)
             raise
 
+    @property
+    def is_available(self) -> bool:
+        """Whether calls are taken now: enabled, a key configured, not shut down."""
+        return self._unavailable() is None
+
     def start(self) -> None:
-        """Probe OpenRouter once in the background, so the first status request has an answer."""
-        if self._or.enabled and self._client is not None:
+        """Probe OpenRouter once in the background (so the first status request has an
+        answer), and close the service, flushing its call log, when the interpreter exits."""
+        if self.health is not None and self._unavailable() is None:
             threading.Thread(target=self.health.check, name="health-probe", daemon=True).start()
+        _close_at_exit(self)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking work, let in-flight calls finish, cancel the queued rest, flush the log."""
@@ -230,76 +213,33 @@ class InferenceService:
         self.recorder.close(timeout=max(wait, 1.0))
         if self._client is not None:
             self._client.close()
-
-    # ------------------------------------------------------------------ status
+        self._backends.close()
 
     def status(self) -> dict[str, Any]:
-        """Health, configuration and live statistics, for /api/inference/status.
-
-        Uses the health checker's cached answer; at most one short probe when it is stale.
-        """
-        enabled = self._or.enabled
-        reasons: list[str] = []
-        if not enabled:
-            report = None
-        else:
-            report = self.health.check()
-            if self._client is None:
-                reasons.append("no OpenRouter API key is configured (set OPENROUTER_API_KEY)")
-            elif report.state != "healthy":
-                reasons.append(f"OpenRouter {report.state.replace('_', ' ')}: {report.error}")
-        for part in (self.limiter, self.cache):
-            degraded = getattr(part, "degraded_reason", None)
-            reason = degraded() if callable(degraded) else None
-            if reason:
-                reasons.append(reason)
-        call_log = self.recorder.stats()
-        if call_log["state"] != "ok":
-            reasons.append(f"call log spooling: {call_log['last_error']}")
-        if self._closed:
-            reasons.append("service is shut down")
-        state = "disabled" if not enabled else ("degraded" if reasons else "healthy")
-        rl = self._or.rate_limits
-        cache = self._or.cache
-        return {
-            "enabled": enabled,
-            "state": state,
-            "reason": "; ".join(reasons) if reasons else None,
-            "openrouter": {
-                "base_url": self._or.base_url,
-                "api_key_configured": self._client is not None,
-                **(
-                    report.to_dict()
-                    if report is not None
-                    else {
-                        "state": "disabled",
-                        "reachable": False,
-                        "checked_at": None,
-                        "latency_ms": None,
-                        "error": "inference is disabled",
-                    }
-                ),
-            },
-            "models": self._or.models.as_dict(),
-            "rate_limits": {
-                "calls_per_minute": rl.calls_per_minute,
-                "tokens_per_minute": rl.tokens_per_minute,
-                "max_wait_seconds": rl.max_wait_seconds,
-                "window_seconds": rl.window_seconds,
-                "usage": self.limiter.stats(),
-            },
-            "cache": {
-                "enabled": cache.enabled,
-                "ttl_seconds": cache.ttl_seconds,
-                "max_entries": cache.max_entries,
-                "stats": self.cache.stats(),
-            },
-            "retry": self._or.retry.model_dump(),
-            "queue": self._pool.stats(),
-            "call_log": call_log,
-        }
+        """Health, configuration and live statistics, for /api/inference/status."""
+        return status_report(
+            self._or,
+            unavailable=self._unavailable(),
+            health=self.health,
+            backends=self._backends,
+            recorder=self.recorder,
+            pool=self._pool,
+        )
 
     # ------------------------------------------------------------------ the flow
+
+    def _unavailable(self) -> ServiceUnavailableError | None:
+        """Why the service takes no calls now, or None: the one place this is decided."""
+        if self._closed:
+            return ShuttingDownError("the inference service is shut down and takes no new calls")
+        if not self._or.enabled:
+            return InferenceDisabledError("inference is disabled (openrouter.enabled is false)")
+        if self._client is None:
+            return NotConfiguredError(
+                "no OpenRouter API key is configured: set OPENROUTER_API_KEY "
+                "(or openrouter.api_key in config.yaml)"
+            )
+        return None
 
     def _accept(
         self,
@@ -312,22 +252,6 @@ class InferenceService:
         temperature: object,
     ) -> InferenceRequest:
         """A validated request the service will take; raises (and logs refusals) otherwise."""
-        request = self._prepare(
-            level, purpose, input_text, links, system_prompt, max_tokens, temperature
-        )
-        self._refuse_if_unavailable(request)
-        return request
-
-    def _prepare(
-        self,
-        level: object,
-        purpose: object,
-        input_text: object,
-        links: CallLinks,
-        system_prompt: object,
-        max_tokens: object,
-        temperature: object,
-    ) -> InferenceRequest:
         level_ = check_level(level)
         purpose_ = check_purpose(purpose)
         text = check_input(input_text, self._limits.max_input_chars)
@@ -336,73 +260,56 @@ class InferenceService:
         self._links.check(links)
         model = self._or.models.for_level(level_)
         key = request_key(model=model, system_prompt=system, input_text=text, params=params)
-        return InferenceRequest(level_, purpose_, text, model, key, links, system, params)
-
-    def _refuse_if_unavailable(self, request: InferenceRequest) -> None:
-        error: InferenceError | None = None
-        if self._closed:
-            error = ShuttingDownError("the inference service is shut down and takes no new calls")
-        elif not self._or.enabled:
-            error = InferenceDisabledError("inference is disabled (openrouter.enabled is false)")
-        elif self._client is None:
-            error = NotConfiguredError(
-                "no OpenRouter API key is configured: set OPENROUTER_API_KEY "
-                "(or openrouter.api_key in config.yaml)"
-            )
-        if error is not None:
-            self._record_failure(request, error, started=time.perf_counter(), status="refused")
-            raise error
+        request = InferenceRequest(level_, purpose_, text, model, key, links, system, params)
+        refusal = self._unavailable()
+        if refusal is not None:
+            self._record(request, time.perf_counter(), "refused", error=refusal)
+            raise refusal
+        return request
 
     def _execute(self, request: InferenceRequest) -> InferenceResult:
         started = time.perf_counter()
-        if self._or.cache.enabled:
-            hit = self.cache.get(request.key)
-            if hit is not None:
-                return self._result(request, hit, started)
-        leader: list[bool] = []
+        hit = self.cache.get(request.key)
+        if hit is not None:
+            return self._result(request, hit, started)
 
-        def fetch() -> tuple[Answer, int]:
-            leader.append(True)
-            shared = self._shared_flight
-            if shared is None or not self._or.cache.enabled:
-                return self._fetch(request)
+        def load() -> tuple[Answer, int] | None:
+            # An answer another caller put in the cache meanwhile (peek: looking again is
+            # not another miss).
+            found = self.cache.peek(request.key)
+            return None if found is None else (found, 0)
 
-            # Another process may be making this very call: share its answer via the cache.
-            def load() -> tuple[Answer, int] | None:
-                hit = self.cache.get(request.key)
-                return None if hit is None else (hit, 0)
-
-            outcome, _ = shared.do(request.key, lambda: self._fetch(request), load)
-            return outcome
-
-        try:
-            (answer, attempts), shared = self._flights.do(request.key, fetch)
-        except InferenceError as exc:
-            status = "rate_limited" if isinstance(exc, RateLimitedError) else "error"
-            self._record_failure(
-                request, exc, started=started, status=status, attempts=exc.attempts if leader else 0
-            )
-            raise
-        except Exception as exc:
-            # Not an InferenceError: a bug somewhere below. The call still gets its row
-            # (error_type names the exception), and the caller still sees the exception.
-            self._record_failure(request, exc, started=started, status="error")
-            raise
-        # An identical call already in flight answered this one too: a cached call.
-        return self._result(request, answer, started, attempts=0 if shared else attempts)
+        outcome = self.flight.run(request.key, lambda: self._fetch(request), load)
+        error = outcome.error
+        if error is not None:
+            if isinstance(error, InferenceError):
+                status = "rate_limited" if isinstance(error, RateLimitedError) else "error"
+                # Only the caller that made the attempts counts them; the others shared them.
+                attempts = error.attempts if outcome.led else 0
+            else:
+                # Not an InferenceError: a bug somewhere below. The call still gets its row
+                # (error_type names the exception), and the caller still sees the exception.
+                status, attempts = "error", 0
+            self._record(request, started, status, error=error, attempts=attempts)
+            raise error
+        answer, attempts = outcome.result()
+        # An answer shared with an identical call (in flight, or just cached) is a cache hit.
+        return self._result(request, answer, started, attempts=attempts if outcome.led else 0)
 
     def _fetch(self, request: InferenceRequest) -> tuple[Answer, int]:
+        """The upstream call with its retries; (answer, attempts made)."""
         client = self._client
-        if client is None:  # checked before; kept for the type checker
+        if client is None:  # refused before; kept for the type checker
             raise NotConfiguredError("no OpenRouter API key is configured")
         estimate = request.estimated_tokens(self._limits.default_max_tokens)
         messages = request.messages()
 
-        def attempt(_number: int) -> Answer:
+        def attempt(number: int) -> Answer:
             try:
                 reservation = self.limiter.acquire(estimate)
             except RateLimitedError as exc:
-                raise _StopRetrying(exc) from None
+                exc.attempts = number - 1  # the attempts that did reach OpenRouter
+                raise
             try:
                 answer = client.complete(
                     model=request.model, messages=messages, params=request.params
@@ -413,14 +320,10 @@ class InferenceService:
             self.limiter.reconcile(reservation, answer.input_tokens + answer.output_tokens)
             return answer
 
-        try:
-            answer, attempts = self._retry.run(
-                attempt, clock=self._clock, on_error=self._on_upstream_error
-            )
-        except _StopRetrying as stop:
-            raise stop.error from None
-        if self._or.cache.enabled:
-            self.cache.put(request.key, answer)
+        answer, attempts = self._retry.run(
+            attempt, clock=self._clock, on_error=self._on_upstream_error
+        )
+        self.cache.put(request.key, answer)
         return answer, attempts
 
     def _on_upstream_error(self, error: InferenceError, attempt: int, delay: float | None) -> None:
@@ -440,6 +343,7 @@ class InferenceService:
         error: BaseException | None = None,
         attempts: int = 0,
     ) -> int:
+        """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
         self.recorder.record(
             CallRecord.of(
@@ -452,7 +356,7 @@ class InferenceService:
     def _result(
         self, request: InferenceRequest, answer: Answer, started: float, *, attempts: int = 0
     ) -> InferenceResult:
-        """Record a call that got an answer (fresh when it made attempts, else cached)."""
+        """Record a call that got an answer: fresh if it made attempts, else a cache hit."""
         cached = attempts == 0
         latency_ms = self._record(
             request, started, "cached" if cached else "ok", answer=answer, attempts=attempts
@@ -467,16 +371,20 @@ class InferenceService:
             attempts=attempts,
         )
 
-    def _record_failure(
-        self,
-        request: InferenceRequest,
-        error: Exception,
-        *,
-        started: float,
-        status: str,
-        attempts: int = 0,
-    ) -> None:
-        self._record(request, started, status, error=error, attempts=attempts)
-
     def _cancelled(self, request: InferenceRequest, error: CancelledCallError) -> None:
-        self._record_failure(request, error, started=time.perf_counter(), status="cancelled")
+        self._record(request, time.perf_counter(), "cancelled", error=error)
+
+
+def _close_at_exit(service: InferenceService) -> None:
+    # A weak reference: a service that is dropped (as tests do) is not kept alive for the
+    # hook's sake. Only in the process that built it: a child forked from this one inherits
+    # the hook but not the service's threads, and the locks they held at the fork stay held.
+    ref = weakref.ref(service)
+    owner = os.getpid()
+
+    def close() -> None:
+        live = ref()
+        if live is not None and os.getpid() == owner:
+            live.close()
+
+    atexit.register(close)

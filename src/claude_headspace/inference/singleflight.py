@@ -156,12 +156,6 @@ class SingleFlight:
             flight.done.set()
         return FlightOutcome(made, flight.result, flight.error)
 
-    def do(self, key: str, fn: Callable[[], T]) -> tuple[T, bool]:
-        """Deprecated (use run): ``(fn(), False)`` for the leader, ``(its result, True)`` for
-        the others; its exception is raised in every one of them."""
-        outcome = self.run(key, fn)
-        return outcome.result(), not outcome.led
-
     def in_flight(self) -> int:
         """How many keys are being fetched right now."""
         with self._lock:
@@ -386,11 +380,6 @@ class RedisSingleFlight:
         except redis.RedisError as exc:
             log.warning("single-flight: Redis refused a lock command (%s); not sharing", exc)
             return fallback
-
-    def do(self, key: str, fn: Callable[[], T], load: Callable[[], T | None]) -> tuple[T, bool]:
-        """Deprecated (use run): ``(value, shared)``."""
-        outcome = self.run(key, fn, load)
-        return outcome.result(), not outcome.led
 
     def health(self) -> str | None:
         return self._guard.health()

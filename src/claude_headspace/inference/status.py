@@ -1,0 +1,81 @@
+"""The answer of /api/inference/status (and ``headspace status``), composed from each part's
+own ``health()`` and ``stats()``: the service decides whether it takes calls, the health
+checker whether OpenRouter answers, the backends whether Redis does, the call log whether
+the database does. Nothing here decides any of that again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import OpenRouterSettings
+from .backends import Backends
+from .errors import (
+    InferenceDisabledError,
+    NotConfiguredError,
+    ServiceUnavailableError,
+    ShuttingDownError,
+)
+from .health import HealthChecker, HealthReport, HealthState
+from .recorder import CallRecorder
+from .workers import WorkerPool
+
+# What the OpenRouter section says when the service takes no calls, so probes nothing.
+_STATE: dict[type[ServiceUnavailableError], HealthState] = {
+    InferenceDisabledError: "disabled",
+    NotConfiguredError: "no_key",
+    ShuttingDownError: "stopped",
+}
+
+
+def status_report(
+    settings: OpenRouterSettings,
+    *,
+    unavailable: ServiceUnavailableError | None,
+    health: HealthChecker | None,
+    backends: Backends,
+    recorder: CallRecorder,
+    pool: WorkerPool[Any, Any],
+) -> dict[str, Any]:
+    """The status: ``healthy``, ``degraded`` with every reason, or ``disabled``.
+
+    OpenRouter is probed (at most one short, shared, cached probe) only while the service
+    takes calls; ``unavailable`` is the service's own answer to whether it does.
+    """
+    reasons: list[str] = []
+    if unavailable is not None or health is None:
+        error = unavailable or NotConfiguredError("no OpenRouter API key is configured")
+        report = HealthReport(_STATE.get(type(error), "unreachable"), False, None, None, str(error))
+        reasons.append(str(error))
+    else:
+        report = health.check()
+        if report.state != "healthy":
+            reasons.append(f"OpenRouter {report.state.replace('_', ' ')}: {report.error}")
+    reasons += [r for r in (backends.health(), recorder.health()) if r]
+    rl, cache = settings.rate_limits, settings.cache
+    return {
+        "enabled": settings.enabled,
+        "state": "disabled" if not settings.enabled else ("degraded" if reasons else "healthy"),
+        "reason": "; ".join(reasons) or None,
+        "openrouter": {
+            "base_url": settings.base_url,
+            "api_key_configured": health is not None,
+            **report.to_dict(),
+        },
+        "models": settings.models.as_dict(),
+        "rate_limits": {
+            "calls_per_minute": rl.calls_per_minute,
+            "tokens_per_minute": rl.tokens_per_minute,
+            "max_wait_seconds": rl.max_wait_seconds,
+            "window_seconds": rl.window_seconds,
+            "usage": backends.limiter.stats(),
+        },
+        "cache": {
+            "enabled": cache.enabled,
+            "ttl_seconds": cache.ttl_seconds,
+            "max_entries": cache.max_entries,
+            "stats": backends.cache.stats(),
+        },
+        "retry": settings.retry.model_dump(),
+        "queue": pool.stats(),
+        "call_log": recorder.stats(),
+    }

@@ -1,0 +1,200 @@
+"""The durable half of the call log: a journal of call records in a spool directory.
+
+A record is appended to this process's open segment (one ``write``, so it survives the
+process being killed) and numbered; the numbers rise in append order. Segments are files
+``calls-<pid>-<id>.jsonl``, each locked (``flock``) by the process writing it for as long as
+it lives, so a lock that can be taken marks a segment whose writer is gone: an orphan. At
+start the journal claims the orphans of dead processes and hands back their records, to be
+written again. Its owner reports, through ``release``, the number up to which every record
+is in the database; segments holding only such records are deleted. The journal knows
+nothing of the database.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .record import CallRecord
+
+log = logging.getLogger(__name__)
+
+SEGMENT_RECORDS = 2000  # records per segment before a new one is started
+_PATTERN = "calls-*.jsonl"
+
+
+@dataclass
+class _Segment:
+    """One journal file and the descriptor that holds its lock."""
+
+    path: Path
+    fd: int
+    records: int = 0
+    size: int = 0
+    last_seq: int = 0  # the number of its newest record
+
+
+def _create(directory: Path) -> _Segment:
+    path = directory / f"calls-{os.getpid()}-{uuid.uuid4().hex[:10]}.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return _Segment(path, fd)
+
+
+def _claim(directory: Path) -> list[_Segment]:
+    """Segments whose writer is gone (their lock is free), locked now by us, oldest first."""
+    claimed: list[_Segment] = []
+    for path in sorted(directory.glob(_PATTERN), key=lambda p: p.stat().st_mtime):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live process owns it
+            os.close(fd)
+            continue
+        claimed.append(_Segment(path, fd, size=os.fstat(fd).st_size))
+    return claimed
+
+
+def _read(segment: _Segment) -> list[CallRecord]:
+    records = []
+    with segment.path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(CallRecord.from_json(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                # A torn last line from a crash mid-write: report it, keep the rest.
+                log.error(
+                    "call log: unreadable journal line %s:%d skipped: %s", segment.path, number, exc
+                )
+    return records
+
+
+class Journal:
+    """Numbered call records in segment files of one spool directory, shared safely with
+    other processes."""
+
+    def __init__(self, directory: Path, *, segment_records: int = SEGMENT_RECORDS) -> None:
+        self.directory = directory
+        self._segment_records = segment_records
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._released = 0  # every record numbered up to here is in the database
+        self._open: _Segment | None = None
+        self._closed: list[_Segment] = []  # full segments of ours, oldest first
+        self._orphans: list[_Segment] = []  # claimed from dead processes
+        self._shut = False
+
+    def open(self) -> list[tuple[int, CallRecord]]:
+        """Claim what dead processes left and start our own segment; their records, numbered,
+        oldest first."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        replay: list[tuple[int, CallRecord]] = []
+        claimed = _claim(self.directory)
+        with self._lock:
+            for segment in claimed:
+                records = _read(segment)
+                for record in records:
+                    self._seq += 1
+                    replay.append((self._seq, record))
+                segment.records = len(records)
+                segment.last_seq = self._seq
+                self._orphans.append(segment)
+                if records:
+                    log.info(
+                        "call log: replaying %d records left in %s", len(records), segment.path
+                    )
+            self._open = _create(self.directory)
+        return replay
+
+    def append(self, record: CallRecord) -> int:
+        """Write the record to the open segment and return its number."""
+        line = (record.to_json() + "\n").encode("utf-8")
+        with self._lock:
+            segment = self._open
+            if segment is None:
+                raise RuntimeError("the journal is not open")
+            os.write(segment.fd, line)
+            self._seq += 1
+            segment.records += 1
+            segment.size += len(line)
+            segment.last_seq = self._seq
+            if segment.records >= self._segment_records:
+                self._closed.append(segment)
+                self._open = _create(self.directory)
+            return self._seq
+
+    def keep(self, record: CallRecord) -> Path:
+        """Write the record to a segment of its own, left for the next start to replay."""
+        line = (record.to_json() + "\n").encode("utf-8")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        segment = _create(self.directory)
+        try:
+            os.write(segment.fd, line)
+        finally:
+            os.close(segment.fd)
+        return segment.path
+
+    def sync(self) -> None:
+        """Make every appended record durable (``fsync``)."""
+        with self._lock:
+            fds = [s.fd for s in self._closed]
+            if self._open is not None:
+                fds.append(self._open.fd)
+        for fd in fds:
+            os.fsync(fd)
+
+    def release(self, through: int) -> None:
+        """Every record numbered up to ``through`` is in the database: drop the segments that
+        hold nothing else."""
+        with self._lock:
+            if self._shut or through <= self._released:
+                return
+            self._released = through
+            done = [s for s in self._closed + self._orphans if s.last_seq <= through]
+            self._closed = [s for s in self._closed if s.last_seq > through]
+            self._orphans = [s for s in self._orphans if s.last_seq > through]
+        for segment in done:
+            _delete(segment)
+
+    def size(self) -> int:
+        """Bytes in the segments this journal holds."""
+        with self._lock:
+            segments = [*self._orphans, *self._closed]
+            if self._open is not None:
+                segments.append(self._open)
+            return sum(s.size for s in segments)
+
+    def close(self) -> None:
+        """Release every segment: delete those whose records are all released, and leave the
+        others for the next start to replay."""
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
+            segments = [*self._orphans, *self._closed]
+            if self._open is not None:
+                segments.append(self._open)
+            self._orphans, self._closed, self._open = [], [], None
+            released = self._released
+        for segment in segments:
+            if segment.last_seq <= released:
+                _delete(segment)
+            else:
+                os.close(segment.fd)
+
+
+def _delete(segment: _Segment) -> None:
+    # Unlinked while still locked, so no scanner claims a file that is being deleted.
+    segment.path.unlink(missing_ok=True)
+    os.close(segment.fd)

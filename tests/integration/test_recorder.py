@@ -7,18 +7,21 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
+from tests.tcp_proxy import TcpProxy
 
 from claude_headspace.db import _sqlite_pragmas, normalise_url
 from claude_headspace.inference.record import CallRecord
-from claude_headspace.inference.recorder import CallRecorder
+from claude_headspace.inference.recorder import CallRecorder, CallWriter
 from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import apply_rollup
 from claude_headspace.models import InferenceCall, UsageRollup
@@ -266,3 +269,120 @@ def test_a_row_the_driver_cannot_bind_is_rejected_not_retried_forever(
     rejected = (spool / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == 1 and "1E+30" in rejected[0].upper()
     recorder.close()
+
+
+# --------------------------------------------------------------------------- outages
+
+
+@pytest.fixture
+def postgres_proxy(migrated_postgres_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A cuttable TCP proxy in front of a migrated PostgreSQL database, and its URL."""
+    url = make_url(normalise_url(migrated_postgres_url))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    yield proxy, proxied
+    proxy.close()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a deadline, not a speed test)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_records_arriving_during_an_outage_do_not_cut_the_backoff_short(
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    # A record used to wake the writer out of its backoff, so a steady trickle of calls
+    # during an outage made it retry without pause: 16,486 connection attempts and 7.7 s of
+    # CPU in ten seconds. With a backoff far longer than the test, the writer tries once.
+    proxy, url = postgres_proxy
+    writer = CallWriter(
+        sessions_for(url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(600.0, 600.0),
+    )
+    writer.start()
+    try:
+        proxy.cut()
+        writer.submit(1, make_record(0))
+        assert wait_for(lambda: writer.stats()["write_failures"] >= 1)
+        for seq in range(2, 302):
+            writer.submit(seq, make_record(seq))
+            if seq % 50 == 0:
+                time.sleep(0.05)  # arrivals spread out, each wakes the writer
+        writer.submit(302, make_record(302))
+        failures = writer.stats()["write_failures"]
+        connections = proxy.refused
+        proxy.restore()
+        # flush() does cut a backoff short: the database is back and everything lands.
+        assert writer.flush(timeout=30), writer.stats()
+    finally:
+        assert writer.stop(timeout=30)
+    assert failures == 1
+    assert connections == 1
+    assert count_rows(migrated_postgres_url) == 302
+    assert writer.stats()["state"] == "ok"
+
+
+def test_the_writer_retries_on_its_own_and_stop_cuts_its_backoff_short(
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    proxy, url = postgres_proxy
+    writer = CallWriter(
+        sessions_for(url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(0.01, 0.05),
+    )
+    writer.start()
+    proxy.cut()
+    writer.submit(1, make_record(1))
+    assert wait_for(lambda: writer.stats()["write_failures"] >= 3)
+    proxy.restore()
+    # No flush: the backoff ends by itself and the writer catches up.
+    assert wait_for(lambda: writer.stats()["written"] == 1)
+    assert writer.stop(timeout=30)
+
+    # During a long backoff, stop() wakes the writer, which makes its last try and ends.
+    patient = CallWriter(
+        sessions_for(url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(600.0, 600.0),
+    )
+    patient.start()
+    proxy.cut()
+    patient.submit(2, make_record(2))
+    assert wait_for(lambda: patient.stats()["write_failures"] >= 1)
+    assert patient.stop(timeout=30)
+    assert patient.stats()["pending"] == 1
+    assert count_rows(migrated_postgres_url) == 1
+
+
+def test_a_recorder_backs_off_during_an_outage_while_calls_keep_arriving(
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    # The default backoff (0.2 s doubling to 5 s), through the public API: the attempts
+    # stay a handful however many calls arrive, and everything lands after the outage.
+    proxy, url = postgres_proxy
+    recorder = recorder_for(url, tmp_path / "spool")
+    try:
+        proxy.cut()
+        started = time.monotonic()
+        for i in range(60):
+            recorder.record(make_record(i))
+            time.sleep(0.025)
+        elapsed = time.monotonic() - started
+        failures = recorder.stats()["write_failures"]
+        proxy.restore()
+        assert recorder.flush(timeout=30)
+    finally:
+        recorder.close(timeout=5)
+    assert 1 <= failures <= 5 + 2 * elapsed  # about five tries in 1.5 s; thousands before
+    assert count_rows(migrated_postgres_url) == 60

@@ -81,6 +81,7 @@ class CallWriter:
         linger_seconds: float = 0.05,
         before_write: Callable[[], None] = _nothing,
         written: Callable[[int], None] = _ignore,
+        backoff_seconds: tuple[float, float] = (_BACKOFF_START, _BACKOFF_MAX),
     ) -> None:
         self._sessions = sessions
         self._rollup = rollup
@@ -91,10 +92,14 @@ class CallWriter:
         # its last record (the journal drops what is written).
         self._before_write = before_write
         self._written = written
+        self._backoff_start, self._backoff_max = backoff_seconds
         # Set when waiting to fill a batch is pointless: a flush, a close, a full batch.
         self._hurry = threading.Event()
         self._lock = threading.Lock()
+        # Set by a new record too; ``_urgent`` only by flush() and stop(), so that a stream
+        # of records during an outage cannot cut the backoff short (it made the writer spin).
         self._wake = threading.Event()
+        self._urgent = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._pending: deque[_Pending] = deque()
         self._thread: threading.Thread | None = None
@@ -124,20 +129,26 @@ class CallWriter:
         self._wake.set()
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every queued record is written; False on timeout."""
+        """Wait until every queued record is written (retrying at once if backing off);
+        False on timeout."""
         self._hurry.set()
+        self._urgent.set()
         self._wake.set()
         with self._idle:
             return self._idle.wait_for(lambda: not self._pending and not self._busy, timeout)
 
-    def stop(self, timeout: float) -> None:
-        """Make one last pass over the queue and end the thread (waiting up to ``timeout``)."""
+    def stop(self, timeout: float) -> bool:
+        """Make one last pass over the queue and end the thread, waiting up to ``timeout``;
+        True if it has ended."""
         with self._lock:
             self._stopping = True
         self._hurry.set()
+        self._urgent.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     def pending(self) -> int:
         """How many queued records are not written yet."""
@@ -164,7 +175,7 @@ class CallWriter:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        backoff = _BACKOFF_START
+        backoff = self._backoff_start
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
@@ -189,11 +200,12 @@ class CallWriter:
                     self._failed(exc)
                     if stopping:
                         return
-                    # Wait before the next try, but wake at once for close().
-                    self._wake.wait(timeout=backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    # Wait before the next try; only flush() and close() cut it short.
+                    if self._urgent.wait(timeout=backoff):
+                        self._urgent.clear()
+                    backoff = min(backoff * 2, self._backoff_max)
                     continue
-                backoff = _BACKOFF_START
+                backoff = self._backoff_start
                 self._committed(batch)
                 with self._lock:
                     more_than_a_batch = len(self._pending) >= self._batch_size

@@ -2,17 +2,25 @@
 
 A record is appended to this process's open segment (one ``write``, so it survives the
 process being killed) and numbered; the numbers rise in append order. Segments are files
-``calls-<pid>-<id>.jsonl``, each locked (``flock``) by the process writing it for as long as
+``calls-<pid>-<n>-<id>.jsonl``, each locked (``flock``) by the process writing it for as long as
 it lives, so a lock that can be taken marks a segment whose writer is gone: an orphan. At
 start the journal claims the orphans of dead processes and hands back their records, to be
 written again. Its owner reports, through ``release``, the number up to which every record
-is in the database; segments holding only such records are deleted. The journal knows
-nothing of the database.
+is in the database; segments holding only such records are deleted, and the open segment is
+emptied (truncated) once all of its records are. The journal knows nothing of the database.
+
+The spool's size is bounded: a segment is closed once it holds ``segment_bytes`` (4 MiB) or
+``segment_records`` (2,000 records), so besides the records still waiting for the database
+the journal keeps at most the written part of one segment: less than ``segment_bytes`` plus
+one record (a record is at most a few MB: the answer is cut at a million characters). Once
+every record is written the spool holds no records at all. (Records the database refused
+stay in ``rejected.jsonl`` by design, outside this bound.)
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -25,6 +33,7 @@ from .record import CallRecord
 log = logging.getLogger(__name__)
 
 SEGMENT_RECORDS = 2000  # records per segment before a new one is started
+SEGMENT_BYTES = 4 * 1024 * 1024  # ... or bytes: what a segment can keep after it is written
 _PATTERN = "calls-*.jsonl"
 
 
@@ -39,8 +48,14 @@ class _Segment:
     last_seq: int = 0  # the number of its newest record
 
 
+# Numbers this process's segments in the order it creates them: a dead process's segments
+# often share an mtime (size rotation makes many), and are replayed in name order then.
+_created = itertools.count()
+
+
 def _create(directory: Path) -> _Segment:
-    path = directory / f"calls-{os.getpid()}-{uuid.uuid4().hex[:10]}.jsonl"
+    name = f"calls-{os.getpid()}-{next(_created):09d}-{uuid.uuid4().hex[:10]}.jsonl"
+    path = directory / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return _Segment(path, fd)
@@ -49,7 +64,7 @@ def _create(directory: Path) -> _Segment:
 def _claim(directory: Path) -> list[_Segment]:
     """Segments whose writer is gone (their lock is free), locked now by us, oldest first."""
     claimed: list[_Segment] = []
-    for path in sorted(directory.glob(_PATTERN), key=lambda p: p.stat().st_mtime):
+    for path in sorted(directory.glob(_PATTERN), key=lambda p: (p.stat().st_mtime, p.name)):
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -84,9 +99,16 @@ class Journal:
     """Numbered call records in segment files of one spool directory, shared safely with
     other processes."""
 
-    def __init__(self, directory: Path, *, segment_records: int = SEGMENT_RECORDS) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        segment_records: int = SEGMENT_RECORDS,
+        segment_bytes: int = SEGMENT_BYTES,
+    ) -> None:
         self.directory = directory
         self._segment_records = segment_records
+        self._segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._seq = 0
         self._released = 0  # every record numbered up to here is in the database
@@ -129,7 +151,7 @@ class Journal:
             segment.records += 1
             segment.size += len(line)
             segment.last_seq = self._seq
-            if segment.records >= self._segment_records:
+            if segment.records >= self._segment_records or segment.size >= self._segment_bytes:
                 self._closed.append(segment)
                 self._open = _create(self.directory)
             return self._seq
@@ -164,6 +186,12 @@ class Journal:
             done = [s for s in self._closed + self._orphans if s.last_seq <= through]
             self._closed = [s for s in self._closed if s.last_seq > through]
             self._orphans = [s for s in self._orphans if s.last_seq > through]
+            current = self._open
+            if current is not None and current.records and current.last_seq <= through:
+                # All written: empty it rather than keep up to a segment of written answers.
+                # Appends take this lock, so none can land between the check and the cut.
+                os.ftruncate(current.fd, 0)
+                current.records = current.size = 0
         for segment in done:
             _delete(segment)
 

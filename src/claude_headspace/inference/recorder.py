@@ -34,7 +34,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..models import LINK_TABLES, InferenceCall
-from .journal import Journal
+from .journal import SEGMENT_BYTES, Journal
 from .record import FIELD_NAMES, CallRecord
 
 log = logging.getLogger(__name__)
@@ -345,9 +345,10 @@ class CallRecorder:
         rollup: RollupFn,
         batch_size: int = 200,
         linger_seconds: float = 0.05,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         self._dir = spool_dir
-        self._journal = Journal(spool_dir)
+        self._journal = Journal(spool_dir, segment_bytes=segment_bytes)
         self._writer = CallWriter(
             sessions,
             rollup=rollup,

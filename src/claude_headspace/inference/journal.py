@@ -2,12 +2,20 @@
 
 A record is appended to this process's open segment (one ``write``, so it survives the
 process being killed) and numbered; the numbers rise in append order. Segments are files
-``calls-<pid>-<n>-<id>.jsonl``, each locked (``flock``) by the process writing it for as long as
-it lives, so a lock that can be taken marks a segment whose writer is gone: an orphan. At
-start the journal claims the orphans of dead processes and hands back their records, to be
-written again. Its owner reports, through ``release``, the number up to which every record
-is in the database; segments holding only such records are deleted, and the open segment is
-emptied (truncated) once all of its records are. The journal knows nothing of the database.
+``calls-<pid>-<n>-<id>.jsonl`` (mode 0600), each locked (``flock``) by the process writing it
+for as long as it lives, so a lock that can be taken marks a segment whose writer is gone:
+an orphan. At start the journal claims the orphans of dead processes and hands back their
+records, to be written again.
+
+Any number of processes may share the directory, starting, rotating and exiting at will. A
+segment is created under a name scanners pass over (``.new``), locked, and only then renamed,
+so no scanner can take a live segment for an orphan; a scanner tolerates files vanishing at
+any step, and claims a file only if it still holds that name once locked (else it was
+deleted by a process done with it, and its records are written).
+
+Its owner reports, through ``release``, the number up to which every record is in the
+database; segments holding only such records are deleted, and the open segment is emptied
+(truncated) once all of its records are. The journal knows nothing of the database.
 
 The spool's size is bounded: a segment is closed once it holds ``segment_bytes`` (4 MiB) or
 ``segment_records`` (2,000 records), so besides the records still waiting for the database
@@ -24,6 +32,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,44 +60,110 @@ class _Segment:
 # Numbers this process's segments in the order it creates them: a dead process's segments
 # often share an mtime (size rotation makes many), and are replayed in name order then.
 _created = itertools.count()
+_NEW = ".new"  # suffix of a segment being created: scanners pass it over
+_DEBRIS_SECONDS = 60.0  # a new segment older than this was left by a process that died
+_CREATE_TRIES = 100
 
 
 def _create(directory: Path) -> _Segment:
-    name = f"calls-{os.getpid()}-{next(_created):09d}-{uuid.uuid4().hex[:10]}.jsonl"
-    path = directory / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return _Segment(path, fd)
+    """A new segment, locked before it takes a name that scanners look at.
+
+    Created under a temporary name, locked, then renamed: a segment that was created under
+    its final name and locked after could be claimed as an orphan in between.
+    """
+    for _ in range(_CREATE_TRIES):
+        name = f"calls-{os.getpid()}-{next(_created):09d}-{uuid.uuid4().hex[:10]}.jsonl"
+        path = directory / name
+        new = directory / (name + _NEW)
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new, path)
+        except (BlockingIOError, FileNotFoundError):
+            # A scanner took it for a dead process's debris (it removes those, see
+            # _sweep): try again under another name.
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Segment(path, fd)
+    raise RuntimeError(f"call log: could not create a journal segment in {directory}")
+
+
+def _listed(directory: Path, pattern: str) -> list[tuple[float, str, Path]]:
+    """(mtime, name, path) of the files matching ``pattern``, oldest first; files removed by
+    another process while we look are passed over."""
+    found = []
+    for path in directory.glob(pattern):
+        try:
+            found.append((path.stat().st_mtime, path.name, path))
+        except FileNotFoundError:
+            continue
+    return sorted(found)
+
+
+def _lock(path: Path, flags: int) -> int | None:
+    """A descriptor of ``path`` holding its lock, or None if it is locked or gone.
+
+    None too if the file left its name between our open and our lock (its owner or another
+    scanner deleted it when done with it): the descriptor would hold a deleted file.
+    """
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        named = os.stat(path)
+        held = os.fstat(fd)
+        if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+    except (BlockingIOError, FileNotFoundError):  # a live process owns it, or it is gone
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def _claim(directory: Path) -> list[_Segment]:
     """Segments whose writer is gone (their lock is free), locked now by us, oldest first."""
     claimed: list[_Segment] = []
-    for path in sorted(directory.glob(_PATTERN), key=lambda p: (p.stat().st_mtime, p.name)):
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process owns it
-            os.close(fd)
-            continue
-        claimed.append(_Segment(path, fd, size=os.fstat(fd).st_size))
+    for _, _, path in _listed(directory, _PATTERN):
+        fd = _lock(path, os.O_RDONLY)
+        if fd is not None:
+            claimed.append(_Segment(path, fd, size=os.fstat(fd).st_size))
+    _sweep(directory)
     return claimed
+
+
+def _sweep(directory: Path) -> None:
+    """Remove segments a dead process left half-created (empty: records are written only
+    after the rename)."""
+    stale = time.time() - _DEBRIS_SECONDS
+    for mtime, _, path in _listed(directory, _PATTERN + _NEW):
+        if mtime < stale:
+            fd = _lock(path, os.O_RDONLY)
+            if fd is not None:
+                path.unlink(missing_ok=True)
+                os.close(fd)
 
 
 def _read(segment: _Segment) -> list[CallRecord]:
     records = []
-    with segment.path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
+    # Read through our descriptor: it is the file we locked.
+    with os.fdopen(os.dup(segment.fd), "rb") as fh:
+        fh.seek(0)
+        for number, raw in enumerate(fh, 1):
             try:
-                records.append(CallRecord.from_json(line))
+                line = raw.decode("utf-8").strip()
+                if line:
+                    records.append(CallRecord.from_json(line))
             except (ValueError, TypeError, KeyError) as exc:
-                # A torn last line from a crash mid-write: report it, keep the rest.
+                # A torn last line from a crash mid-write (even mid-character): report it,
+                # keep the rest.
                 log.error(
                     "call log: unreadable journal line %s:%d skipped: %s", segment.path, number, exc
                 )

@@ -404,3 +404,31 @@ def test_the_spool_keeps_nothing_once_every_row_is_written(
     assert on_disk == 0
     assert count_rows(database_url) == 100
     recorder.close()
+
+
+def test_every_file_that_can_hold_call_data_is_private(database_url: str, tmp_path: Path) -> None:
+    # rejected.jsonl was created 0644 (0666 less the umask) while the journals were 0600.
+    spool = tmp_path / "spool"
+    old_umask = os.umask(0)  # so that only the code's own modes count
+    try:
+        recorder = recorder_for(database_url, spool)
+        recorder.record(make_record(1, cost_usd=Decimal("1e30")))  # refused: rejected.jsonl
+        assert recorder.flush(timeout=30)
+        recorder.record(make_record(2))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in spool.iterdir()}
+        recorder.close()
+        recorder.record(make_record(3))  # after close: a journal of its own
+        modes.update({p.name: p.stat().st_mode & 0o777 for p in spool.iterdir()})
+        # A rejected.jsonl left readable by an older version is made private when written.
+        (spool / "rejected.jsonl").chmod(0o644)
+        again = recorder_for(database_url, spool)
+        again.record(make_record(4, cost_usd=Decimal("1e30")))
+        assert again.flush(timeout=30)
+        again.close()
+    finally:
+        os.umask(old_umask)
+    assert "rejected.jsonl" in modes
+    assert len([name for name in modes if name.startswith("calls-")]) >= 2
+    assert set(modes.values()) == {0o600}
+    assert (spool / "rejected.jsonl").stat().st_mode & 0o777 == 0o600
+    assert len((spool / "rejected.jsonl").read_text().splitlines()) == 2

@@ -195,7 +195,7 @@ class Journal:
     def open(self) -> list[tuple[int, CallRecord]]:
         """Claim what dead processes left and start our own segment; their records, numbered,
         oldest first."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         replay: list[tuple[int, CallRecord]] = []
         claimed = _claim(self.directory)
         with self._lock:
@@ -234,7 +234,7 @@ class Journal:
     def keep(self, record: CallRecord) -> Path:
         """Write the record to a segment of its own, left for the next start to replay."""
         line = (record.to_json() + "\n").encode("utf-8")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         segment = _create(self.directory)
         try:
             os.write(segment.fd, line)

@@ -298,8 +298,14 @@ class CallWriter:
 
     def _reject(self, record: CallRecord, exc: Exception) -> None:
         path = self._rejected_path
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(record.to_json() + "\n")
+        # Call data, so private like the journal (it was created 0644); one write per line,
+        # so processes sharing the spool append whole lines.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a file left readable by an older version, too
+            os.write(fd, (record.to_json() + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
         log.error(
             "call log: the database refused call %s (%s); kept in %s",
             record.request_id,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, func, select, text
@@ -19,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 from tests.tcp_proxy import TcpProxy
 
+from claude_headspace.clock import FakeClock
 from claude_headspace.db import _sqlite_pragmas, normalise_url
 from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.recorder import CallRecorder, CallWriter
@@ -432,3 +437,136 @@ def test_every_file_that_can_hold_call_data_is_private(database_url: str, tmp_pa
     assert set(modes.values()) == {0o600}
     assert (spool / "rejected.jsonl").stat().st_mode & 0o777 == 0o600
     assert len((spool / "rejected.jsonl").read_text().splitlines()) == 2
+
+
+# --------------------------------------------------------------------------- health
+
+
+def proxied_recorder(url: str, spool: Path, clock: FakeClock, **kw: Any) -> CallRecorder:
+    return CallRecorder(
+        sessions_for(url), spool, rollup=apply_rollup, batch_size=50, clock=clock, **kw
+    ).start()
+
+
+def test_health_reports_an_unreachable_database_before_any_write(
+    postgres_proxy: tuple[TcpProxy, str], tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    # /status said "healthy" with the database unreachable until a write failed.
+    proxy, url = postgres_proxy
+    recorder = proxied_recorder(url, tmp_path / "spool", fake_clock)
+    try:
+        assert recorder.health() is None
+        proxy.cut()
+        assert recorder.health() is None  # the answer is cached for a few seconds
+        fake_clock.advance(5.0)
+        reason = recorder.health()
+        assert reason is not None and reason.startswith("database unreachable: OperationalError")
+        assert "\n" not in reason
+        stats = recorder.stats()
+        assert (stats["written"], stats["write_failures"], stats["state"]) == (0, 0, "ok")
+        proxy.restore()
+        assert recorder.health() == reason  # still cached
+        fake_clock.advance(5.0)
+        assert recorder.health() is None
+    finally:
+        recorder.close(timeout=5)
+    assert recorder.health() == "call log stopped"
+
+
+def test_health_says_spooling_with_the_last_write_error(
+    tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    recorder = proxied_recorder("sqlite:////nonexistent-dir/x.db", tmp_path / "spool", fake_clock)
+    reason = recorder.health()
+    assert reason is not None and "unable to open database file" in reason
+    recorder.record(make_record(1))
+    assert not recorder.flush(timeout=0.5)
+    assert recorder.health() == f"call log spooling: {recorder.stats()['last_error']}"
+    recorder.close(timeout=0.5)
+
+
+def test_health_runs_one_probe_for_many_concurrent_callers(
+    postgres_proxy: tuple[TcpProxy, str], tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    proxy, url = postgres_proxy
+    # A generous wait for the probe, so a loaded machine cannot turn it into "no answer".
+    recorder = proxied_recorder(url, tmp_path / "spool", fake_clock, probe_timeout=30.0)
+    try:
+        before = proxy.accepted  # each probe opens one connection (no pool here)
+        barrier = threading.Barrier(16)
+        answers: list[str | None] = []
+
+        def ask() -> None:
+            barrier.wait()
+            answers.append(recorder.health())
+
+        threads = [threading.Thread(target=ask) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == [None] * 16
+        assert proxy.accepted - before == 1
+    finally:
+        recorder.close(timeout=5)
+
+
+def test_health_never_holds_a_caller_on_a_database_that_does_not_answer(
+    tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    # A server that accepts connections and never says a word: the driver would wait its
+    # whole connect timeout (130 s by default). The caller gets an answer after 0.2 s.
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    port = silent.getsockname()[1]
+    recorder = proxied_recorder(
+        f"postgresql://postgres@127.0.0.1:{port}/x", tmp_path / "spool", fake_clock,
+        probe_timeout=0.2,
+    )  # fmt: skip
+    try:
+        assert recorder.health() == "database unreachable: no answer within 0.2 s"
+        fake_clock.advance(60.0)
+        # The probe is still hanging: callers get that answer, and no second probe starts.
+        assert recorder.health() == "database unreachable: no answer within 0.2 s"
+        assert wait_for(lambda: len(held) >= 1)
+        assert len(held) == 1
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()  # the hanging probe fails now and ends
+        recorder.close(timeout=0.5)
+
+
+def test_an_error_without_a_message_does_not_end_the_writer(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Describing the error indexed the first line of its message: an exception with none
+    # (TimeoutError()) raised IndexError in the writer's error handling and ended the
+    # writer thread, so nothing was written again until a restart.
+    failures = [TimeoutError()]
+
+    def rollup_failing_once(session: Any, records: Any) -> None:
+        if failures:
+            raise failures.pop()
+        apply_rollup(session, records)
+
+    writer = CallWriter(
+        sessions_for(database_url),
+        rollup=rollup_failing_once,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(0.01, 0.01),
+    )
+    writer.start()
+    writer.submit(1, make_record(1))
+    assert writer.flush(timeout=30)
+    assert writer.stop(timeout=30)
+    assert writer.stats()["last_error"] == "TimeoutError"
+    assert count_rows(database_url) == 1

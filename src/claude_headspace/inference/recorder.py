@@ -33,6 +33,7 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..models import LINK_TABLES, InferenceCall
 from .journal import SEGMENT_BYTES, Journal
 from .record import FIELD_NAMES, CallRecord
@@ -58,6 +59,15 @@ class _Pending:
     seq: int
     record: CallRecord
     replayed: bool = False
+
+
+def describe(exc: BaseException) -> str:
+    """An error in one line: its class and the first line of the driver's message."""
+    detail = getattr(exc, "orig", None) or exc
+    lines = str(detail).strip().splitlines()
+    # An exception without a message (TimeoutError()) is named alone: indexing its empty
+    # message raised inside the writer's error handling and ended the writer thread.
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 def _nothing() -> None:
@@ -315,8 +325,7 @@ class CallWriter:
 
     def _failed(self, exc: Exception) -> None:
         self.write_failures += 1
-        detail = getattr(exc, "orig", None) or exc
-        self.last_error = f"{type(exc).__name__}: {str(detail).strip().splitlines()[0][:300]}"
+        self.last_error = describe(exc)
         self.last_error_at = datetime.now(UTC)
         if not self.spooling:
             self.spooling = True
@@ -340,6 +349,68 @@ class CallWriter:
             log.info("call log: database is back; every spooled call is written")
 
 
+class DatabaseProbe:
+    """A cached answer to "can the call log reach its table?", cheap to ask from any thread.
+
+    At most one probe (a ``SELECT`` of no rows from inference_calls, so an SQLite file
+    without the table fails too) runs at a time, and only when the last answer is older
+    than ``interval`` seconds; callers meanwhile get the last answer. The caller that starts
+    a probe waits for it at most ``timeout`` seconds: the probe runs on a thread of its own,
+    so a database that accepts connections and never answers cannot hold a request thread
+    past that (the driver's own timeouts are seconds long, or none).
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        interval: float = 5.0,
+        timeout: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._sessions = sessions
+        self._interval = interval
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: str | None = None
+        self._checked_at: float | None = None
+        self._running: threading.Event | None = None  # set when the running probe ends
+
+    def check(self) -> str | None:
+        """None if the database answered the last probe, else why not in one line."""
+        with self._lock:
+            fresh = (
+                self._checked_at is not None
+                and self._clock.monotonic() - self._checked_at < self._interval
+            )
+            if fresh or self._running is not None:
+                return self._answer
+            done = self._running = threading.Event()
+        threading.Thread(
+            target=self._probe, args=(done,), name="call-log-probe", daemon=True
+        ).start()
+        finished = done.wait(self._timeout)
+        with self._lock:
+            if not finished and self._running is done:
+                # Still waiting on the database: that is the answer until the probe ends.
+                self._answer = f"database unreachable: no answer within {self._timeout:g} s"
+            return self._answer
+
+    def _probe(self, done: threading.Event) -> None:
+        answer: str | None = None
+        try:
+            with self._sessions() as session:
+                session.execute(select(InferenceCall.id).limit(0))
+        except Exception as exc:  # any failure is the answer, not the caller's problem
+            answer = f"database unreachable: {describe(exc)}"
+        with self._lock:
+            self._answer = answer
+            self._checked_at = self._clock.monotonic()
+            self._running = None
+        done.set()
+
+
 class CallRecorder:
     """Takes call records on any thread and gets each into inference_calls exactly once."""
 
@@ -352,8 +423,14 @@ class CallRecorder:
         batch_size: int = 200,
         linger_seconds: float = 0.05,
         segment_bytes: int = SEGMENT_BYTES,
+        clock: Clock = SYSTEM_CLOCK,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 1.0,
     ) -> None:
         self._dir = spool_dir
+        self._probe = DatabaseProbe(
+            sessions, interval=probe_interval, timeout=probe_timeout, clock=clock
+        )
         self._journal = Journal(spool_dir, segment_bytes=segment_bytes)
         self._writer = CallWriter(
             sessions,
@@ -410,6 +487,22 @@ class CallRecorder:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is in the database; False on timeout."""
         return self._writer.flush(timeout)
+
+    def health(self) -> str | None:
+        """None when the call log is fine, else why not in one line (for /status's reason).
+
+        Spooling says so with the last write error; otherwise the database is probed (cached
+        for a few seconds, never holding the caller much over a second), so an unreachable
+        database shows before a write fails.
+        """
+        with self._lock:
+            running = self._open
+        if not running:
+            return "call log stopped"
+        writer = self._writer.stats()
+        if writer["state"] == "spooling":
+            return f"call log spooling: {writer['last_error']}"
+        return self._probe.check()
 
     def stats(self) -> dict[str, Any]:
         """Call-log health for /api/inference/status."""

@@ -234,6 +234,7 @@ def test_processes_starting_rotating_and_exiting_on_one_spool_lose_and_double_no
         for line in out.read_text().splitlines():
             kind, request_id = line.split()
             (made if kind == "made" else done).append(request_id)
+    print(f"\nFAULT spool shared by 6 processes: made={len(made)} written={len(done)}")
     assert len(made) > 1000
     duplicates = {i for i, n in Counter(done).items() if n > 1}
     assert duplicates == set()  # no live segment (or written record) was claimed

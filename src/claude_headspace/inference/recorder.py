@@ -90,7 +90,7 @@ class CallWriter:
         batch_size: int = 200,
         linger_seconds: float = 0.05,
         before_write: Callable[[], None] = _nothing,
-        written: Callable[[int], None] = _ignore,
+        on_written: Callable[[int], None] = _ignore,
         backoff_seconds: tuple[float, float] = (_BACKOFF_START, _BACKOFF_MAX),
     ) -> None:
         self._sessions = sessions
@@ -101,7 +101,7 @@ class CallWriter:
         # Called before each batch (the journal's fsync) and after it with the number of
         # its last record (the journal drops what is written).
         self._before_write = before_write
-        self._written = written
+        self._on_written = on_written
         self._backoff_start, self._backoff_max = backoff_seconds
         # Set when waiting to fill a batch is pointless: a flush, a close, a full batch.
         self._hurry = threading.Event()
@@ -189,6 +189,8 @@ class CallWriter:
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
+            # A flush() that found nothing to hurry must not cut the next outage's backoff.
+            self._urgent.clear()
             # Let a batch gather: one transaction for many rows costs the callers' threads
             # (which share the GIL with this one) far less than one per row.
             if self._pending and self._hurry.wait(timeout=self._linger):
@@ -343,7 +345,7 @@ class CallWriter:
             self.written += len(batch)
             self.replayed += replayed
             caught_up = not self._pending
-        self._written(batch[-1].seq)
+        self._on_written(batch[-1].seq)
         if self.spooling and caught_up:
             self.spooling = False
             log.info("call log: database is back; every spooled call is written")
@@ -439,7 +441,7 @@ class CallRecorder:
             batch_size=batch_size,
             linger_seconds=linger_seconds,
             before_write=self._journal.sync,
-            written=self._journal.release,
+            on_written=self._journal.release,
         )
         # Held across journal append and queueing, so the queue is in journal order.
         self._lock = threading.Lock()

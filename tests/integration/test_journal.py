@@ -265,3 +265,49 @@ def test_a_half_created_segment_of_a_dead_process_is_swept_away(tmp_path: Path) 
         os.close(fd)
     assert not dead.exists()
     assert being_made.exists() and locked.exists()
+
+
+OUT_OF_DESCRIPTORS = r"""
+import os, resource, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from claude_headspace.inference.journal import Journal
+from claude_headspace.inference.record import CallRecord
+
+spool = Path(sys.argv[1])
+journal = Journal(spool, segment_records=1)
+journal.open()
+def record(i):
+    return CallRecord(request_id=f"r{i}", timestamp=datetime.now(UTC), level="turn",
+                      purpose="p", model="m", status="ok", input_hash="0" * 64)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+seqs = [journal.append(record(i)) for i in range(3)]  # each wants a new segment, and cannot
+for fd in fillers:
+    os.close(fd)
+seqs.append(journal.append(record(3)))
+journal.close()
+replay = Journal(spool).open()
+print(seqs, [r.request_id for _, r in replay])
+"""
+
+
+def test_a_segment_that_cannot_be_started_does_not_fail_the_append(tmp_path: Path) -> None:
+    # Rotation happens after the record is written: a failure to create the next segment
+    # (no descriptors left, say) raised out of append() for a record already journalled, and
+    # left the full segment both open and closed.
+    script = tmp_path / "descriptors.py"
+    script.write_text(OUT_OF_DESCRIPTORS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "spool")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "[1, 2, 3, 4] ['r0', 'r1', 'r2', 'r3']"

@@ -227,9 +227,20 @@ class Journal:
             segment.size += len(line)
             segment.last_seq = self._seq
             if segment.records >= self._segment_records or segment.size >= self._segment_bytes:
-                self._closed.append(segment)
-                self._open = _create(self.directory)
+                self._rotate(segment)
             return self._seq
+
+    def _rotate(self, full: _Segment) -> None:
+        # The record is journalled already: failing to start the next segment (no
+        # descriptors left, say) must not fail its append. The full one stays open and
+        # rotation is tried again at the next record.
+        try:
+            fresh = _create(self.directory)
+        except OSError as exc:
+            log.warning("call log: could not start a new journal segment: %s", exc)
+            return
+        self._closed.append(full)
+        self._open = fresh
 
     def keep(self, record: CallRecord) -> Path:
         """Write the record to a segment of its own, left for the next start to replay."""

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
+from tests.tcp_proxy import TcpProxy
 
+from claude_headspace.clock import FakeClock
 from claude_headspace.db import _sqlite_pragmas, normalise_url
 from claude_headspace.inference.record import CallRecord
-from claude_headspace.inference.recorder import CallRecorder
+from claude_headspace.inference.recorder import CallRecorder, CallWriter
 from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import apply_rollup
 from claude_headspace.models import InferenceCall, UsageRollup
@@ -136,10 +144,12 @@ def test_journal_of_a_dead_process_is_replayed_once(database_url: str, tmp_path:
     for record in written:
         recorder.record(record)
     assert recorder.flush(timeout=30)
-    # A crash leaves a journal behind whose records are partly written already.
+    # A crash leaves a journal behind whose records are partly written already (killed
+    # between a commit and emptying the journal).
     (journal,) = spool.glob("calls-*.jsonl")
+    assert journal.stat().st_size == 0  # all written: nothing kept
     crashed = spool / "calls-99999-crashed.jsonl"
-    shutil.copy(journal, crashed)
+    crashed.write_text("".join(record.to_json() + "\n" for record in written))
     unwritten = [make_record(100 + i) for i in range(5)]
     with crashed.open("a") as fh:
         for record in unwritten:
@@ -266,3 +276,297 @@ def test_a_row_the_driver_cannot_bind_is_rejected_not_retried_forever(
     rejected = (spool / "rejected.jsonl").read_text().splitlines()
     assert len(rejected) == 1 and "1E+30" in rejected[0].upper()
     recorder.close()
+
+
+# --------------------------------------------------------------------------- outages
+
+
+@pytest.fixture
+def postgres_proxy(migrated_postgres_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A cuttable TCP proxy in front of a migrated PostgreSQL database, and its URL."""
+    url = make_url(normalise_url(migrated_postgres_url))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    yield proxy, proxied
+    proxy.close()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a deadline, not a speed test)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_records_arriving_during_an_outage_do_not_cut_the_backoff_short(
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    # A record used to wake the writer out of its backoff, so a steady trickle of calls
+    # during an outage made it retry without pause: 16,486 connection attempts and 7.7 s of
+    # CPU in ten seconds. With a backoff far longer than the test, the writer tries once.
+    proxy, url = postgres_proxy
+    writer = CallWriter(
+        sessions_for(url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(600.0, 600.0),
+    )
+    writer.start()
+    try:
+        proxy.cut()
+        writer.submit(1, make_record(0))
+        assert wait_for(lambda: writer.stats()["write_failures"] >= 1)
+        for seq in range(2, 302):
+            writer.submit(seq, make_record(seq))
+            if seq % 50 == 0:
+                time.sleep(0.05)  # arrivals spread out, each wakes the writer
+        writer.submit(302, make_record(302))
+        failures = writer.stats()["write_failures"]
+        connections = proxy.refused
+        proxy.restore()
+        # flush() does cut a backoff short: the database is back and everything lands.
+        assert writer.flush(timeout=30), writer.stats()
+    finally:
+        assert writer.stop(timeout=30)
+    assert failures == 1
+    assert connections == 1
+    assert count_rows(migrated_postgres_url) == 302
+    assert writer.stats()["state"] == "ok"
+
+
+def test_the_writer_retries_on_its_own_and_stop_cuts_its_backoff_short(
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    proxy, url = postgres_proxy
+    writer = CallWriter(
+        sessions_for(url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(0.01, 0.05),
+    )
+    writer.start()
+    proxy.cut()
+    writer.submit(1, make_record(1))
+    assert wait_for(lambda: writer.stats()["write_failures"] >= 3)
+    proxy.restore()
+    # No flush: the backoff ends by itself and the writer catches up.
+    assert wait_for(lambda: writer.stats()["written"] == 1)
+    assert writer.stop(timeout=30)
+
+    # During a long backoff, stop() wakes the writer, which makes its last try and ends.
+    patient = CallWriter(
+        sessions_for(url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(600.0, 600.0),
+    )
+    patient.start()
+    proxy.cut()
+    patient.submit(2, make_record(2))
+    assert wait_for(lambda: patient.stats()["write_failures"] >= 1)
+    assert patient.stop(timeout=30)
+    assert patient.stats()["pending"] == 1
+    assert count_rows(migrated_postgres_url) == 1
+
+
+def test_a_recorder_backs_off_during_an_outage_while_calls_keep_arriving(
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    # The default backoff (0.2 s doubling to 5 s), through the public API: the attempts
+    # stay a handful however many calls arrive, and everything lands after the outage.
+    proxy, url = postgres_proxy
+    recorder = recorder_for(url, tmp_path / "spool")
+    try:
+        proxy.cut()
+        started = time.monotonic()
+        for i in range(60):
+            recorder.record(make_record(i))
+            time.sleep(0.025)
+        elapsed = time.monotonic() - started
+        failures = recorder.stats()["write_failures"]
+        proxy.restore()
+        assert recorder.flush(timeout=30)
+    finally:
+        recorder.close(timeout=5)
+    assert 1 <= failures <= 5 + 2 * elapsed  # about five tries in 1.5 s; thousands before
+    assert count_rows(migrated_postgres_url) == 60
+
+
+def test_the_spool_keeps_nothing_once_every_row_is_written(
+    database_url: str, tmp_path: Path
+) -> None:
+    # 500 calls with 200 KB answers: pending 0, yet 100 MB stayed in the spool.
+    spool = tmp_path / "spool"
+    recorder = recorder_for(database_url, spool)
+    for i in range(100):
+        recorder.record(make_record(i, result_text="r" * 200_000))
+    assert recorder.flush(timeout=60)
+    on_disk = sum(p.stat().st_size for p in spool.glob("calls-*.jsonl"))
+    assert recorder.stats()["spool_bytes"] == 0
+    assert on_disk == 0
+    assert count_rows(database_url) == 100
+    recorder.close()
+
+
+def test_every_file_that_can_hold_call_data_is_private(database_url: str, tmp_path: Path) -> None:
+    # rejected.jsonl was created 0644 (0666 less the umask) while the journals were 0600.
+    spool = tmp_path / "spool"
+    old_umask = os.umask(0)  # so that only the code's own modes count
+    try:
+        recorder = recorder_for(database_url, spool)
+        recorder.record(make_record(1, cost_usd=Decimal("1e30")))  # refused: rejected.jsonl
+        assert recorder.flush(timeout=30)
+        recorder.record(make_record(2))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in spool.iterdir()}
+        recorder.close()
+        recorder.record(make_record(3))  # after close: a journal of its own
+        modes.update({p.name: p.stat().st_mode & 0o777 for p in spool.iterdir()})
+        # A rejected.jsonl left readable by an older version is made private when written.
+        (spool / "rejected.jsonl").chmod(0o644)
+        again = recorder_for(database_url, spool)
+        again.record(make_record(4, cost_usd=Decimal("1e30")))
+        assert again.flush(timeout=30)
+        again.close()
+    finally:
+        os.umask(old_umask)
+    assert "rejected.jsonl" in modes
+    assert len([name for name in modes if name.startswith("calls-")]) >= 2
+    assert set(modes.values()) == {0o600}
+    assert (spool / "rejected.jsonl").stat().st_mode & 0o777 == 0o600
+    assert len((spool / "rejected.jsonl").read_text().splitlines()) == 2
+
+
+# --------------------------------------------------------------------------- health
+
+
+def proxied_recorder(url: str, spool: Path, clock: FakeClock, **kw: Any) -> CallRecorder:
+    return CallRecorder(
+        sessions_for(url), spool, rollup=apply_rollup, batch_size=50, clock=clock, **kw
+    ).start()
+
+
+def test_health_reports_an_unreachable_database_before_any_write(
+    postgres_proxy: tuple[TcpProxy, str], tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    # /status said "healthy" with the database unreachable until a write failed.
+    proxy, url = postgres_proxy
+    recorder = proxied_recorder(url, tmp_path / "spool", fake_clock)
+    try:
+        assert recorder.health() is None
+        proxy.cut()
+        assert recorder.health() is None  # the answer is cached for a few seconds
+        fake_clock.advance(5.0)
+        reason = recorder.health()
+        assert reason is not None and reason.startswith("database unreachable: OperationalError")
+        assert "\n" not in reason
+        stats = recorder.stats()
+        assert (stats["written"], stats["write_failures"], stats["state"]) == (0, 0, "ok")
+        proxy.restore()
+        assert recorder.health() == reason  # still cached
+        fake_clock.advance(5.0)
+        assert recorder.health() is None
+    finally:
+        recorder.close(timeout=5)
+    assert recorder.health() == "call log stopped"
+
+
+def test_health_says_spooling_with_the_last_write_error(
+    tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    recorder = proxied_recorder("sqlite:////nonexistent-dir/x.db", tmp_path / "spool", fake_clock)
+    reason = recorder.health()
+    assert reason is not None and "unable to open database file" in reason
+    recorder.record(make_record(1))
+    assert not recorder.flush(timeout=0.5)
+    assert recorder.health() == f"call log spooling: {recorder.stats()['last_error']}"
+    recorder.close(timeout=0.5)
+
+
+def test_health_runs_one_probe_for_many_concurrent_callers(
+    postgres_proxy: tuple[TcpProxy, str], tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    proxy, url = postgres_proxy
+    # A generous wait for the probe, so a loaded machine cannot turn it into "no answer".
+    recorder = proxied_recorder(url, tmp_path / "spool", fake_clock, probe_timeout=30.0)
+    try:
+        before = proxy.accepted  # each probe opens one connection (no pool here)
+        barrier = threading.Barrier(16)
+        answers: list[str | None] = []
+
+        def ask() -> None:
+            barrier.wait()
+            answers.append(recorder.health())
+
+        threads = [threading.Thread(target=ask) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == [None] * 16
+        assert proxy.accepted - before == 1
+    finally:
+        recorder.close(timeout=5)
+
+
+def test_health_never_holds_a_caller_on_a_database_that_does_not_answer(
+    tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    # A server that accepts connections and never says a word: the driver would wait its
+    # whole connect timeout (130 s by default). The caller gets an answer after 0.2 s.
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    port = silent.getsockname()[1]
+    recorder = proxied_recorder(
+        f"postgresql://postgres@127.0.0.1:{port}/x", tmp_path / "spool", fake_clock,
+        probe_timeout=0.2,
+    )  # fmt: skip
+    try:
+        assert recorder.health() == "database unreachable: no answer within 0.2 s"
+        fake_clock.advance(60.0)
+        # The probe is still hanging: callers get that answer, and no second probe starts.
+        assert recorder.health() == "database unreachable: no answer within 0.2 s"
+        assert wait_for(lambda: len(held) >= 1)
+        assert len(held) == 1
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()  # the hanging probe fails now and ends
+        recorder.close(timeout=0.5)
+
+
+def test_an_error_without_a_message_does_not_end_the_writer(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Describing the error indexed the first line of its message: an exception with none
+    # (TimeoutError()) raised IndexError in the writer's error handling and ended the
+    # writer thread, so nothing was written again until a restart.
+    failures = [TimeoutError()]
+
+    def rollup_failing_once(session: Any, records: Any) -> None:
+        if failures:
+            raise failures.pop()
+        apply_rollup(session, records)
+
+    writer = CallWriter(
+        sessions_for(database_url),
+        rollup=rollup_failing_once,
+        rejected_path=tmp_path / "rejected.jsonl",
+        backoff_seconds=(0.01, 0.01),
+    )
+    writer.start()
+    writer.submit(1, make_record(1))
+    assert writer.flush(timeout=30)
+    assert writer.stop(timeout=30)
+    assert writer.stats()["last_error"] == "TimeoutError"
+    assert count_rows(database_url) == 1

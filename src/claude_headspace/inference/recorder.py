@@ -1,24 +1,29 @@
-"""Writes every call's InferenceCall row without putting a database commit on the caller's path,
-and without losing a row when the database or the process fails.
+"""The call log: every call's InferenceCall row written without putting a database commit on
+the caller's path, and without losing a row when the database or the process fails.
 
-A record is first appended to a journal file (one ``write`` to the kernel: it survives the
-process being killed) and queued in memory; a writer thread commits queued records in batches,
-each batch's rows and their usage rollup in one transaction. While the database is down the
-journal is the spool: records wait there and in memory, and are written in order when it comes
-back. A journal left by a dead process is replayed at the next start; replay skips request ids
-already in the table, so no row is ever written twice.
+Two parts, composed by ``CallRecorder``:
+
+- ``Journal`` (``journal.py``), the durable half: each record is appended to a segment file
+  in the spool directory before anything else happens to it, and numbered. Segments of dead
+  processes are claimed and read back at start; segments whose records are all in the
+  database are deleted.
+- ``CallWriter`` (here), the database half: a thread that commits queued records in batches,
+  each batch's rows and their usage rollup in one transaction; a batch the database refuses
+  is retried one row at a time (dropping links that no longer exist, moving rows that still
+  cannot be written to ``rejected.jsonl``); while the database is down it backs off and
+  retries, and the journal is the spool. It tells the journal, through a callback, the
+  number up to which every record is written.
+
+Replayed records skip request ids already in the table, so no row is ever written twice.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import threading
-import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,14 +33,15 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..models import LINK_TABLES, InferenceCall
+from .journal import SEGMENT_BYTES, Journal
 from .record import FIELD_NAMES, CallRecord
 
 log = logging.getLogger(__name__)
 
 RollupFn = Callable[[Session, Sequence[Any]], None]
 
-_SEGMENT_RECORDS = 2000  # journal records per file before a new file is started
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 5.0
 
@@ -48,28 +54,6 @@ _ONE_BY_ONE: tuple[type[Exception], ...] = (IntegrityError, *_REFUSED)
 _INSERT = insert(cast(Table, InferenceCall.__table__))
 
 
-class _Segment:
-    """One journal file, locked by this process so no other process replays it while we live."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.fd = fd
-        self.records = 0
-        self.last_seq = 0
-
-    @classmethod
-    def create(cls, directory: Path) -> _Segment:
-        path = directory / f"calls-{os.getpid()}-{uuid.uuid4().hex[:10]}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return cls(path, fd)
-
-    def close(self, *, delete: bool) -> None:
-        if delete:
-            self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-
-
 @dataclass
 class _Pending:
     seq: int
@@ -77,67 +61,58 @@ class _Pending:
     replayed: bool = False
 
 
-def _claim_orphans(directory: Path) -> list[tuple[Path, int]]:
-    """Journal files whose writer is gone (their lock is free), locked now by us, oldest first."""
-    claimed: list[tuple[Path, int]] = []
-    for path in sorted(directory.glob("calls-*.jsonl"), key=lambda p: p.stat().st_mtime):
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process owns it
-            os.close(fd)
-            continue
-        claimed.append((path, fd))
-    return claimed
+def describe(exc: BaseException) -> str:
+    """An error in one line: its class and the first line of the driver's message."""
+    detail = getattr(exc, "orig", None) or exc
+    lines = str(detail).strip().splitlines()
+    # An exception without a message (TimeoutError()) is named alone: indexing its empty
+    # message raised inside the writer's error handling and ended the writer thread.
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
-def _read_journal(path: Path) -> list[CallRecord]:
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(CallRecord.from_json(line))
-            except (ValueError, TypeError, KeyError) as exc:
-                # A torn last line from a crash mid-write: report it, keep the rest.
-                log.error("call log: unreadable journal line %s:%d skipped: %s", path, number, exc)
-    return records
+def _nothing() -> None:
+    pass
 
 
-class CallRecorder:
-    """Takes call records on any thread and gets each into inference_calls exactly once."""
+def _ignore(_seq: int) -> None:
+    pass
+
+
+class CallWriter:
+    """A thread that writes queued records into inference_calls in batches, in order."""
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        spool_dir: Path,
         *,
         rollup: RollupFn,
+        rejected_path: Path,
         batch_size: int = 200,
         linger_seconds: float = 0.05,
+        before_write: Callable[[], None] = _nothing,
+        on_written: Callable[[int], None] = _ignore,
+        backoff_seconds: tuple[float, float] = (_BACKOFF_START, _BACKOFF_MAX),
     ) -> None:
         self._sessions = sessions
-        self._dir = spool_dir
         self._rollup = rollup
+        self._rejected_path = rejected_path
         self._batch_size = batch_size
         self._linger = linger_seconds
+        # Called before each batch (the journal's fsync) and after it with the number of
+        # its last record (the journal drops what is written).
+        self._before_write = before_write
+        self._on_written = on_written
+        self._backoff_start, self._backoff_max = backoff_seconds
         # Set when waiting to fill a batch is pointless: a flush, a close, a full batch.
         self._hurry = threading.Event()
         self._lock = threading.Lock()
+        # Set by a new record too; ``_urgent`` only by flush() and stop(), so that a stream
+        # of records during an outage cannot cut the backoff short (it made the writer spin).
         self._wake = threading.Event()
+        self._urgent = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._pending: deque[_Pending] = deque()
-        self._seq = 0
-        self._closed_segments: list[_Segment] = []
-        self._orphans: list[tuple[Path, int, int]] = []  # path, fd, last seq
-        self._segment: _Segment | None = None
         self._thread: threading.Thread | None = None
-        self._owner = os.getpid()
         self._stopping = False
         self._busy = False
         self.written = 0
@@ -148,109 +123,53 @@ class CallRecorder:
         self.last_error_at: datetime | None = None
         self.spooling = False
 
-    # ------------------------------------------------------------------ life cycle
-
-    def start(self) -> CallRecorder:
-        """Open this process's journal, queue what dead processes left, start the writer."""
-        self._owner = os.getpid()
-        self._dir.mkdir(parents=True, exist_ok=True)
-        orphans = _claim_orphans(self._dir)
-        with self._lock:
-            for path, fd in orphans:
-                records = _read_journal(path)
-                for record in records:
-                    self._seq += 1
-                    self._pending.append(_Pending(self._seq, record, replayed=True))
-                self._orphans.append((path, fd, self._seq))
-                if records:
-                    log.info("call log: replaying %d records left in %s", len(records), path)
-            self._segment = _Segment.create(self._dir)
+    def start(self) -> None:
+        """Start the writer thread."""
         self._thread = threading.Thread(target=self._run, name="call-log-writer", daemon=True)
         self._thread.start()
         if self._pending:
             self._wake.set()
-        return self
 
-    def close(self, timeout: float = 10.0) -> bool:
-        """Write what is queued (up to ``timeout``), stop the writer; True if nothing is left.
-
-        Records the database did not take stay in the journal and are replayed at next start.
-        In a process forked from the one that started it, this does nothing: the journal and
-        the writer belong to that process, which is still using them.
-        """
-        if self._owner != os.getpid():
-            return False
-        drained = self.flush(timeout)
+    def submit(self, seq: int, record: CallRecord, *, replayed: bool = False) -> None:
+        """Queue a record (numbers must rise in the order records are submitted)."""
         with self._lock:
-            self._stopping = True
-        self._hurry.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=max(timeout, 1.0))
-        with self._lock:
-            everything_written = not self._pending
-            for segment in self._closed_segments:
-                segment.close(delete=everything_written)
-            self._closed_segments.clear()
-            if self._segment is not None:
-                self._segment.close(delete=everything_written)
-                self._segment = None
-            for path, fd, _ in self._orphans:
-                if everything_written:
-                    path.unlink(missing_ok=True)
-                os.close(fd)
-            self._orphans.clear()
-        return drained and everything_written
-
-    # ------------------------------------------------------------------ the caller's side
-
-    def record(self, record: CallRecord) -> None:
-        """Journal the record and queue it for the database; returns in microseconds."""
-        line = (record.to_json() + "\n").encode("utf-8")
-        with self._lock:
-            segment = self._segment
-            if segment is None:
-                # Closed (a call outlived shutdown): keep it in a journal of its own for the
-                # next start to replay, rather than lose it.
-                self._dir.mkdir(parents=True, exist_ok=True)
-                late = _Segment.create(self._dir)
-                os.write(late.fd, line)
-                late.close(delete=False)
-                log.warning(
-                    "call log: call %s finished after shutdown; journalled", record.request_id
-                )
-                return
-            os.write(segment.fd, line)
-            self._seq += 1
-            segment.records += 1
-            segment.last_seq = self._seq
-            self._pending.append(_Pending(self._seq, record))
+            self._pending.append(_Pending(seq, record, replayed))
             if len(self._pending) >= self._batch_size:
                 self._hurry.set()
-            if segment.records >= _SEGMENT_RECORDS:
-                self._closed_segments.append(segment)
-                self._segment = _Segment.create(self._dir)
         self._wake.set()
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued record is in the database; False on timeout."""
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued record is written (retrying at once if backing off);
+        False on timeout."""
         self._hurry.set()
+        self._urgent.set()
         self._wake.set()
         with self._idle:
             return self._idle.wait_for(lambda: not self._pending and not self._busy, timeout)
 
+    def stop(self, timeout: float) -> bool:
+        """Make one last pass over the queue and end the thread, waiting up to ``timeout``;
+        True if it has ended."""
+        with self._lock:
+            self._stopping = True
+        self._hurry.set()
+        self._urgent.set()
+        self._wake.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
+
+    def pending(self) -> int:
+        """How many queued records are not written yet."""
+        with self._lock:
+            return len(self._pending)
+
     def stats(self) -> dict[str, Any]:
-        """Call-log health for /api/inference/status."""
+        """The writer's state and counters (the ``stats()`` keys of ``CallRecorder``)."""
         with self._lock:
             pending = len(self._pending)
             oldest = self._pending[0].record.timestamp if pending else None
-            files = [s.path for s in self._closed_segments] + [p for p, _, _ in self._orphans]
-            if self._segment is not None:
-                files.append(self._segment.path)
-        spool_bytes = 0
-        for path in files:
-            with contextlib.suppress(FileNotFoundError):
-                spool_bytes += path.stat().st_size
         return {
             "state": "spooling" if self.spooling else "ok",
             "pending": pending,
@@ -261,17 +180,17 @@ class CallRecorder:
             "rejected": self.rejected,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at.isoformat() if self.last_error_at else None,
-            "spool_dir": str(self._dir),
-            "spool_bytes": spool_bytes,
         }
 
-    # ------------------------------------------------------------------ the writer thread
+    # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        backoff = _BACKOFF_START
+        backoff = self._backoff_start
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
+            # A flush() that found nothing to hurry must not cut the next outage's backoff.
+            self._urgent.clear()
             # Let a batch gather: one transaction for many rows costs the callers' threads
             # (which share the GIL with this one) far less than one per row.
             if self._pending and self._hurry.wait(timeout=self._linger):
@@ -286,18 +205,19 @@ class CallRecorder:
                     break
                 self._busy = True
                 try:
-                    self._fsync()
+                    self._before_write()
                     self._write(batch)
                 except Exception as exc:  # the writer must outlive any failure; it retries
                     self._busy = False
                     self._failed(exc)
                     if stopping:
                         return
-                    # Wait before the next try, but wake at once for close().
-                    self._wake.wait(timeout=backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    # Wait before the next try; only flush() and close() cut it short.
+                    if self._urgent.wait(timeout=backoff):
+                        self._urgent.clear()
+                    backoff = min(backoff * 2, self._backoff_max)
                     continue
-                backoff = _BACKOFF_START
+                backoff = self._backoff_start
                 self._committed(batch)
                 with self._lock:
                     more_than_a_batch = len(self._pending) >= self._batch_size
@@ -309,14 +229,6 @@ class CallRecorder:
             with self._lock:
                 if self._stopping:
                     return
-
-    def _fsync(self) -> None:
-        with self._lock:
-            fds = [s.fd for s in self._closed_segments]
-            if self._segment is not None:
-                fds.append(self._segment.fd)
-        for fd in fds:
-            os.fsync(fd)
 
     def _write(self, batch: list[_Pending]) -> None:
         records = [p.record for p in batch]
@@ -397,9 +309,15 @@ class CallRecorder:
         return replace(record, **changes)
 
     def _reject(self, record: CallRecord, exc: Exception) -> None:
-        path = self._dir / "rejected.jsonl"
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(record.to_json() + "\n")
+        path = self._rejected_path
+        # Call data, so private like the journal (it was created 0644); one write per line,
+        # so processes sharing the spool append whole lines.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a file left readable by an older version, too
+            os.write(fd, (record.to_json() + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
         log.error(
             "call log: the database refused call %s (%s); kept in %s",
             record.request_id,
@@ -409,40 +327,189 @@ class CallRecorder:
 
     def _failed(self, exc: Exception) -> None:
         self.write_failures += 1
-        detail = getattr(exc, "orig", None) or exc
-        self.last_error = f"{type(exc).__name__}: {str(detail).strip().splitlines()[0][:300]}"
+        self.last_error = describe(exc)
         self.last_error_at = datetime.now(UTC)
         if not self.spooling:
             self.spooling = True
             log.error(
                 "call log: database write failed (%s); spooling calls to %s until it is back",
                 self.last_error,
-                self._dir,
+                self._rejected_path.parent,
             )
 
-    def _committed(self, batch: Iterable[_Pending]) -> None:
-        count = 0
-        last = 0
-        replayed = 0
-        for item in batch:
-            count += 1
-            last = item.seq
-            replayed += item.replayed
+    def _committed(self, batch: list[_Pending]) -> None:
+        replayed = sum(1 for item in batch if item.replayed)
         with self._lock:
-            for _ in range(count):
+            for _ in batch:
                 self._pending.popleft()
-            self.written += count
+            self.written += len(batch)
             self.replayed += replayed
-            done = [s for s in self._closed_segments if s.last_seq <= last]
-            self._closed_segments = [s for s in self._closed_segments if s.last_seq > last]
-            orphans_done = [o for o in self._orphans if o[2] <= last]
-            self._orphans = [o for o in self._orphans if o[2] > last]
             caught_up = not self._pending
-        for segment in done:
-            segment.close(delete=True)
-        for path, fd, _ in orphans_done:
-            path.unlink(missing_ok=True)
-            os.close(fd)
+        self._on_written(batch[-1].seq)
         if self.spooling and caught_up:
             self.spooling = False
             log.info("call log: database is back; every spooled call is written")
+
+
+class DatabaseProbe:
+    """A cached answer to "can the call log reach its table?", cheap to ask from any thread.
+
+    At most one probe (a ``SELECT`` of no rows from inference_calls, so an SQLite file
+    without the table fails too) runs at a time, and only when the last answer is older
+    than ``interval`` seconds; callers meanwhile get the last answer. The caller that starts
+    a probe waits for it at most ``timeout`` seconds: the probe runs on a thread of its own,
+    so a database that accepts connections and never answers cannot hold a request thread
+    past that (the driver's own timeouts are seconds long, or none).
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        interval: float = 5.0,
+        timeout: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._sessions = sessions
+        self._interval = interval
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: str | None = None
+        self._checked_at: float | None = None
+        self._running: threading.Event | None = None  # set when the running probe ends
+
+    def check(self) -> str | None:
+        """None if the database answered the last probe, else why not in one line."""
+        with self._lock:
+            fresh = (
+                self._checked_at is not None
+                and self._clock.monotonic() - self._checked_at < self._interval
+            )
+            if fresh or self._running is not None:
+                return self._answer
+            done = self._running = threading.Event()
+        threading.Thread(
+            target=self._probe, args=(done,), name="call-log-probe", daemon=True
+        ).start()
+        finished = done.wait(self._timeout)
+        with self._lock:
+            if not finished and self._running is done:
+                # Still waiting on the database: that is the answer until the probe ends.
+                self._answer = f"database unreachable: no answer within {self._timeout:g} s"
+            return self._answer
+
+    def _probe(self, done: threading.Event) -> None:
+        answer: str | None = None
+        try:
+            with self._sessions() as session:
+                session.execute(select(InferenceCall.id).limit(0))
+        except Exception as exc:  # any failure is the answer, not the caller's problem
+            answer = f"database unreachable: {describe(exc)}"
+        with self._lock:
+            self._answer = answer
+            self._checked_at = self._clock.monotonic()
+            self._running = None
+        done.set()
+
+
+class CallRecorder:
+    """Takes call records on any thread and gets each into inference_calls exactly once."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spool_dir: Path,
+        *,
+        rollup: RollupFn,
+        batch_size: int = 200,
+        linger_seconds: float = 0.05,
+        segment_bytes: int = SEGMENT_BYTES,
+        clock: Clock = SYSTEM_CLOCK,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 1.0,
+    ) -> None:
+        self._dir = spool_dir
+        self._probe = DatabaseProbe(
+            sessions, interval=probe_interval, timeout=probe_timeout, clock=clock
+        )
+        self._journal = Journal(spool_dir, segment_bytes=segment_bytes)
+        self._writer = CallWriter(
+            sessions,
+            rollup=rollup,
+            rejected_path=spool_dir / "rejected.jsonl",
+            batch_size=batch_size,
+            linger_seconds=linger_seconds,
+            before_write=self._journal.sync,
+            on_written=self._journal.release,
+        )
+        # Held across journal append and queueing, so the queue is in journal order.
+        self._lock = threading.Lock()
+        self._open = False
+        self._owner = os.getpid()
+
+    def start(self) -> CallRecorder:
+        """Open this process's journal, queue what dead processes left, start the writer."""
+        self._owner = os.getpid()
+        with self._lock:
+            for seq, record in self._journal.open():
+                self._writer.submit(seq, record, replayed=True)
+            self._open = True
+        self._writer.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what is queued (up to ``timeout``), stop the writer; True if nothing is left.
+
+        Records the database did not take stay in the journal and are replayed at next start.
+        In a process forked from the one that started it, this does nothing: the journal and
+        the writer belong to that process, which is still using them.
+        """
+        if self._owner != os.getpid():
+            return False
+        drained = self._writer.flush(timeout)
+        self._writer.stop(timeout=max(timeout, 1.0))
+        with self._lock:
+            self._open = False
+            everything_written = self._writer.pending() == 0
+        self._journal.close()
+        return drained and everything_written
+
+    def record(self, record: CallRecord) -> None:
+        """Journal the record and queue it for the database; returns in microseconds."""
+        with self._lock:
+            if self._open:
+                self._writer.submit(self._journal.append(record), record)
+                return
+        # Closed (a call outlived shutdown): keep it in a journal of its own for the next
+        # start to replay, rather than lose it.
+        self._journal.keep(record)
+        log.warning("call log: call %s finished after shutdown; journalled", record.request_id)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record is in the database; False on timeout."""
+        return self._writer.flush(timeout)
+
+    def health(self) -> str | None:
+        """None when the call log is fine, else why not in one line (for /status's reason).
+
+        Spooling says so with the last write error; otherwise the database is probed (cached
+        for a few seconds, never holding the caller much over a second), so an unreachable
+        database shows before a write fails.
+        """
+        with self._lock:
+            running = self._open
+        if not running:
+            return "call log stopped"
+        writer = self._writer.stats()
+        if writer["state"] == "spooling":
+            return f"call log spooling: {writer['last_error']}"
+        return self._probe.check()
+
+    def stats(self) -> dict[str, Any]:
+        """Call-log health for /api/inference/status."""
+        return {
+            **self._writer.stats(),
+            "spool_dir": str(self._dir),
+            "spool_bytes": self._journal.size(),
+        }

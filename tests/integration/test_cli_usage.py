@@ -122,4 +122,5 @@ def test_status_of_a_stopped_service(app: Flask) -> None:
     result = app.test_cli_runner().invoke(args=["status"])
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
-    assert (status["state"], status["reason"]) == ("degraded", "service is shut down")
+    assert status["state"] == "degraded"
+    assert status["reason"].startswith("the inference service is shut down")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,9 +12,11 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from . import logsafe
+from .api import register_blueprints
 from .commands import register_commands
 from .config import Settings, load_env_file, load_settings
 from .db import Database
+from .inference.service import InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +44,18 @@ def create_app(
         database.upgrade()
     app.extensions["headspace.database"] = database
 
-    from .inference.service import InferenceService
-
     spool = settings.inference.spool_path
     spool_dir = Path(spool) if spool else Path(app.instance_path) / "call-log"
     service = InferenceService.from_settings(settings, database, spool_dir=spool_dir)
     service.start()
     app.extensions["inference"] = service
-    # Flush the call log however the process ends normally (a weak reference: an app
-    # that is dropped, as tests do, does not stay alive for the exit hook's sake).
-    _close_at_exit(service)
 
     _register_error_handlers(app)
-
-    from .api import register_blueprints
 
     register_blueprints(app)
 
     register_commands(app)
     return app
-
-
-def _close_at_exit(service: Any) -> None:
-    ref = weakref.ref(service)
-    owner = os.getpid()
-
-    def close() -> None:
-        # Only in the process that built it: a child forked from this one inherits the hook
-        # but not the service's threads, and the locks they held at the fork stay held.
-        live = ref()
-        if live is not None and os.getpid() == owner:
-            live.close()
-
-    atexit.register(close)
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -12,9 +12,13 @@ from typing import Any, TypeVar
 import click
 from flask import Flask, current_app, has_app_context
 from flask.cli import with_appcontext
+from werkzeug.datastructures import MultiDict
 
+from .api.inference import BadParameter, parse_usage_query
 from .config import ConfigError, load_env_file, load_settings
 from .db import Database, current_revision, downgrade, upgrade
+from .inference.errors import InferenceError, InvalidRequestError
+from .inference.usage import usage_report
 
 T = TypeVar("T")
 
@@ -96,8 +100,6 @@ def infer_command(
     temperature: float | None,
 ) -> None:
     """Run one inference call on TEXT and print the result as JSON."""
-    from .inference.errors import InferenceError, InvalidRequestError
-
     service = current_app.extensions["inference"]
     try:
         result = service.infer(
@@ -164,11 +166,6 @@ def usage_command(
     table: bool,
 ) -> None:
     """Print usage and cost (as GET /api/inference/usage, with the same options)."""
-    from werkzeug.datastructures import MultiDict
-
-    from .api.inference import BadParameter, parse_usage_query
-    from .inference.usage import usage_report
-
     given = {"since": since, "until": until, "level": level, "model": model,
              "project_id": project_id}  # fmt: skip
     try:

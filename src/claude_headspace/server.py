@@ -6,6 +6,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from .app import create_app
+
 
 class HeadspaceServer(BaseApplication):  # type: ignore[misc]
     """Gunicorn running create_app() in each worker (nothing is built before the fork)."""
@@ -19,8 +21,6 @@ class HeadspaceServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from .app import create_app
-
         return create_app()
 
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
@@ -264,6 +265,18 @@ def test_bad_arguments_raise_before_any_upstream_call(
     assert chat_bodies(emulator) == []
 
 
+def test_an_unknown_keyword_is_a_type_error_before_any_spend(
+    make_app: AppFactory, emulator: Any
+) -> None:
+    app = make_app()
+    service: InferenceService = app.extensions["inference"]
+    for method in (service.infer, service.submit):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'project'"):
+            method("turn", "p", "text", project=1)  # type: ignore[call-arg]
+    assert chat_bodies(emulator) == []
+    assert rows(app) == []
+
+
 def test_links_to_existing_rows_are_stored(make_app: AppFactory, emulator: Any) -> None:
     app = make_app()
     engine = app.extensions["headspace.database"].engine
@@ -452,22 +465,37 @@ def test_a_call_outliving_the_shutdown_timeout_ends_in_an_inference_error_and_a_
     assert (row.status, row.error_type, row.purpose) == ("error", "UpstreamError", "p")
 
 
-def test_an_unexpected_exception_below_the_service_still_leaves_a_row(
-    make_app: AppFactory, emulator: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Fault injection: a bug (not an InferenceError) raised where the client would answer.
-    app = make_app()
-    service: InferenceService = app.extensions["inference"]
+class _Bug(httpx.BaseTransport):
+    """A layer below the client that fails with a bug, not with anything HTTP."""
 
-    def broken(**_: Any) -> Any:
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(service._client, "complete", broken)
-    with pytest.raises(KeyError):
-        service.infer("turn", "p", "meets a bug")
-    with pytest.raises(KeyError):
-        service.submit("task", "p", "meets a bug in a worker").result(timeout=30)
-    found = rows(app)
+
+def test_an_unexpected_exception_below_the_service_still_leaves_a_row(
+    database_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    # Fault injection through httpx's transport seam: a bug (not an InferenceError) raised
+    # where OpenRouter's answer would come from.
+    settings = load_settings(
+        tmp_path / "none.yaml", overrides=settings_for(database_url, emulator, tmp_path),
+        environ={},
+    )  # fmt: skip
+    database = Database(settings.database)
+    service = InferenceService.from_settings(
+        settings, database, spool_dir=tmp_path / "spool", transport=_Bug()
+    )
+    try:
+        with pytest.raises(KeyError):
+            service.infer("turn", "p", "meets a bug")
+        with pytest.raises(KeyError):
+            service.submit("task", "p", "meets a bug in a worker").result(timeout=30)
+        assert service.recorder.flush(timeout=30)
+        with database.sessions() as session:
+            found = list(session.scalars(select(InferenceCall).order_by(InferenceCall.id)))
+    finally:
+        service.close()
+        database.dispose()
     assert [(r.level, r.status, r.error_type) for r in found] == [
         ("turn", "error", "KeyError"),
         ("task", "error", "KeyError"),

@@ -20,8 +20,9 @@ import time
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
+import httpx
 from flask import has_request_context
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -46,7 +47,14 @@ from .record import CallRecord
 from .recorder import CallRecorder
 from .retry import RetryPolicy
 from .status import status_report
-from .types import Answer, CallLinks, InferenceRequest, InferenceResult
+from .types import (
+    CALL_OPTIONS,
+    Answer,
+    CallLinks,
+    CallOptions,
+    InferenceRequest,
+    InferenceResult,
+)
 from .usage import apply_rollup
 from .validation import (
     LinkChecker,
@@ -105,12 +113,19 @@ class InferenceService:
         *,
         spool_dir: Path,
         clock: Clock = SYSTEM_CLOCK,
+        transport: httpx.BaseTransport | None = None,
     ) -> InferenceService:
-        """Build the service and its parts from settings; never touches the network."""
+        """Build the service and its parts from settings; never touches the network.
+
+        ``transport`` carries the client's requests instead of its own connections (an
+        egress proxy of the host's, or a fault injected by a test).
+        """
         api_key = settings.api_key
-        client = (
-            OpenRouterClient(settings.openrouter, api_key=api_key, clock=clock) if api_key else None
-        )
+        client = None
+        if api_key:
+            client = OpenRouterClient(
+                settings.openrouter, api_key=api_key, transport=transport, clock=clock
+            )
         recorder = CallRecorder(
             database.sessions,
             spool_dir,
@@ -129,18 +144,7 @@ class InferenceService:
     # ------------------------------------------------------------------ the public calls
 
     def infer(
-        self,
-        level: str,
-        purpose: str,
-        input_text: str,
-        *,
-        project_id: int | None = None,
-        agent_id: int | None = None,
-        command_id: int | None = None,
-        turn_id: int | None = None,
-        system_prompt: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
+        self, level: str, purpose: str, input_text: str, **options: Unpack[CallOptions]
     ) -> InferenceResult:
         """Run one inference call on this thread and return its result, or raise InferenceError.
 
@@ -155,36 +159,17 @@ class InferenceService:
                 "the whole call, up to its retries; use submit() and do not wait on the future "
                 "in the handler"
             )
-        request = self._accept(
-            level, purpose, input_text,
-            CallLinks(project_id, agent_id, command_id, turn_id),
-            system_prompt, max_tokens, temperature,
-        )  # fmt: skip
+        request = self._accept(level, purpose, input_text, options)
         return self._execute(request)
 
     def submit(
-        self,
-        level: str,
-        purpose: str,
-        input_text: str,
-        *,
-        project_id: int | None = None,
-        agent_id: int | None = None,
-        command_id: int | None = None,
-        turn_id: int | None = None,
-        system_prompt: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
+        self, level: str, purpose: str, input_text: str, **options: Unpack[CallOptions]
     ) -> Future[InferenceResult]:
         """Queue the call for the service's workers and return its Future at once.
 
         Bad arguments, a full queue or a stopping service raise here, before anything runs.
         """
-        request = self._accept(
-            level, purpose, input_text,
-            CallLinks(project_id, agent_id, command_id, turn_id),
-            system_prompt, max_tokens, temperature,
-        )  # fmt: skip
+        request = self._accept(level, purpose, input_text, options)
         try:
             return self._pool.submit(request)
         except (QueueFullError, ShuttingDownError) as exc:
@@ -242,21 +227,24 @@ class InferenceService:
         return None
 
     def _accept(
-        self,
-        level: object,
-        purpose: object,
-        input_text: object,
-        links: CallLinks,
-        system_prompt: object,
-        max_tokens: object,
-        temperature: object,
+        self, level: object, purpose: object, input_text: object, options: CallOptions
     ) -> InferenceRequest:
         """A validated request the service will take; raises (and logs refusals) otherwise."""
+        unknown = sorted(set(options) - CALL_OPTIONS)
+        if unknown:
+            # What Python says of a keyword a signature does not have.
+            raise TypeError(f"inference call got an unexpected keyword argument {unknown[0]!r}")
         level_ = check_level(level)
         purpose_ = check_purpose(purpose)
         text = check_input(input_text, self._limits.max_input_chars)
-        system = check_system_prompt(system_prompt, self._limits.max_input_chars)
-        params = check_params(max_tokens, temperature)
+        system = check_system_prompt(options.get("system_prompt"), self._limits.max_input_chars)
+        params = check_params(options.get("max_tokens"), options.get("temperature"))
+        links = CallLinks(
+            options.get("project_id"),
+            options.get("agent_id"),
+            options.get("command_id"),
+            options.get("turn_id"),
+        )
         self._links.check(links)
         model = self._or.models.for_level(level_)
         key = request_key(model=model, system_prompt=system, input_text=text, params=params)

@@ -14,9 +14,24 @@ import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 _CHARS_PER_TOKEN = 4  # a deliberately generous estimate: reservations are reconciled later
+
+
+class CallOptions(TypedDict, total=False):
+    """The optional keyword arguments of ``infer()`` and ``submit()``."""
+
+    project_id: int | None
+    agent_id: int | None
+    command_id: int | None
+    turn_id: int | None
+    system_prompt: str | None
+    max_tokens: int | None
+    temperature: float | None
+
+
+CALL_OPTIONS = frozenset(CallOptions.__annotations__)
 
 
 @dataclass(frozen=True, slots=True)

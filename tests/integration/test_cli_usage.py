@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from tests.call_rows import call, write
 
 from claude_headspace import create_app
-from claude_headspace.inference.types import new_request_id
-from claude_headspace.inference.usage import UsageQuery, apply_rollup, usage_report
-from claude_headspace.models import InferenceCall
+from claude_headspace.inference.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-CLI-USAGE-SECRET-0000"
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -33,20 +32,12 @@ def app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
         }
     )
     rows = [
-        InferenceCall(
-            request_id=new_request_id(), timestamp=T0 + timedelta(minutes=40 * i),
-            level=("turn", "project")[i % 2], purpose="cli", model="anthropic/claude-haiku-4.5",
-            status="cached" if i == 3 else "ok", input_tokens=100, output_tokens=10,
-            input_hash="h" * 64, latency_ms=120, cached=i == 3,
-            cost_usd=Decimal(0) if i == 3 else Decimal("0.00015"),
-            saved_cost_usd=Decimal("0.00015") if i == 3 else None,
-        )
+        call(T0 + timedelta(minutes=40 * i), level=("turn", "project")[i % 2], purpose="cli",
+             status="cached" if i == 3 else "ok", input_tokens=100, output_tokens=10,
+             latency_ms=120, cost=Decimal("0.00015"), saved=Decimal("0.00015"))
         for i in range(5)
     ]  # fmt: skip
-    with app.extensions["headspace.database"].sessions() as session:
-        session.add_all(rows)
-        apply_rollup(session, rows)
-        session.commit()
+    write(app.extensions["headspace.database"].sessions, rows, 5)
     yield app
     app.extensions["inference"].close()
 

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, func, select, text
+from tests.call_rows import call, write
 
 from claude_headspace.config import DatabaseSettings
 from claude_headspace.db import Database, downgrade, upgrade
-from claude_headspace.inference.types import new_request_id
+from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.usage import (
     UsageQuery,
-    apply_rollup,
     compute_usage,
     compute_usage_raw,
     latency_bucket,
@@ -34,55 +34,6 @@ T0 = datetime(2026, 10, 31, 21, 0, tzinfo=UTC)  # three hours before a day bound
 SPREAD_MINUTES = 3 * 24 * 60  # rows over three days: day rows, hour rows and raw edges
 MODELS = ["anthropic/claude-haiku-4.5", "anthropic/claude-sonnet-4.5", "acme/unpriced"]
 PICO = Decimal(10) ** -12
-
-
-def call(
-    moment: datetime,
-    *,
-    level: str = "turn",
-    model: str = MODELS[0],
-    status: str = "ok",
-    project_id: int | None = None,
-    input_tokens: int = 10,
-    output_tokens: int = 5,
-    latency_ms: int = 100,
-    cost: Decimal | None = None,
-    saved: Decimal | None = None,
-    upstream: Decimal | None = None,
-) -> InferenceCall:
-    """An InferenceCall row as the recorder writes it for ``status``."""
-    failed = status not in ("ok", "cached")
-    return InferenceCall(
-        request_id=new_request_id(),
-        timestamp=moment,
-        level=level,
-        purpose="usage test",
-        model=model,
-        status=status,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        input_hash="h" * 64,
-        result_text=None if failed else "answer",
-        latency_ms=latency_ms,
-        cost_usd=Decimal(0) if status == "cached" else cost,
-        upstream_cost_usd=upstream if status == "ok" else None,
-        saved_cost_usd=saved if status == "cached" else None,
-        error_type="UpstreamServerError" if failed else None,
-        error_message="upstream said 500" if failed else None,
-        cached=status == "cached",
-        attempts=0 if status in ("cached", "refused") else 1,
-        project_id=project_id,
-    )
-
-
-def write(db: Database, rows: list[InferenceCall], batch: int) -> None:
-    """Exactly what the recorder does: rows and their rollup, one transaction a batch."""
-    for start in range(0, len(rows), batch):
-        with db.sessions() as session:
-            chunk = rows[start : start + batch]
-            session.add_all(chunk)
-            apply_rollup(session, chunk)
-            session.commit()
 
 
 def clear(db: Database) -> None:
@@ -183,10 +134,10 @@ query_strategy = st.builds(
     queries=st.lists(query_strategy, min_size=1, max_size=8),
 )
 def test_rollup_and_raw_rows_agree_exactly(
-    database: Database, rows: list[InferenceCall], batch: int, queries: list[UsageQuery]
+    database: Database, rows: list[CallRecord], batch: int, queries: list[UsageQuery]
 ) -> None:
     clear(database)
-    write(database, rows, batch)
+    write(database.sessions, rows, batch)
     with database.sessions() as session:
         for q in [UsageQuery(), *queries]:
             assert (
@@ -220,7 +171,7 @@ def test_known_rows(database: Database) -> None:
         call(T0 + timedelta(minutes=70), level="project", model=MODELS[1], status="error",
              input_tokens=0, output_tokens=0, latency_ms=900),
     ]  # fmt: skip
-    write(database, rows, 2)
+    write(database.sessions, rows, 2)
     with database.sessions() as session:
         report = usage_report(session, UsageQuery())
         windowed = usage_report(session, UsageQuery(since=T0 + timedelta(minutes=30)))
@@ -246,7 +197,7 @@ def test_known_rows(database: Database) -> None:
 
 def test_latency_buckets_and_percentiles_past_the_last_bound(database: Database) -> None:
     assert [latency_bucket(v) for v in (0, 5, 6, 10, 11, 60_000, 60_001)] == [0, 0, 1, 1, 2, 12, 13]
-    write(database, [call(T0, latency_ms=70_000) for _ in range(3)], 3)
+    write(database.sessions, [call(T0, latency_ms=70_000) for _ in range(3)], 3)
     with database.sessions() as session:
         latency = usage_report(session, UsageQuery())["latency_ms"]["turn"]
     # Past the last bound (60 s) a percentile is unknown: null, with the mean still exact.
@@ -256,7 +207,7 @@ def test_latency_buckets_and_percentiles_past_the_last_bound(database: Database)
 def test_long_windows_use_day_rows_and_agree(database: Database) -> None:
     # One call every 20 minutes for 40 days: a window over all of it reads day rows.
     rows = [call(T0 + timedelta(minutes=20 * i), cost=Decimal("0.001")) for i in range(40 * 72)]
-    write(database, rows, 500)
+    write(database.sessions, rows, 500)
     with database.sessions() as session:
         days = session.scalar(select(UsageRollup.id).where(UsageRollup.span == "day").limit(1))
         assert days is not None
@@ -272,7 +223,11 @@ def test_large_sums_stay_exact(database: Database) -> None:
     # past what a float carries to the picodollar (SQLite's NUMERIC is a float).
     rnd = random.Random(7)
     amounts = [Decimal(rnd.randrange(10 * 10**12)) * PICO for _ in range(3000)]
-    write(database, [call(T0 + timedelta(seconds=i), cost=a) for i, a in enumerate(amounts)], 400)
+    write(
+        database.sessions,
+        [call(T0 + timedelta(seconds=i), cost=a) for i, a in enumerate(amounts)],
+        400,
+    )
     with database.sessions() as session:
         rollup = compute_usage(session, UsageQuery()).groups[("turn", MODELS[0])]
         raw = compute_usage_raw(session, UsageQuery()).groups[("turn", MODELS[0])]
@@ -288,14 +243,13 @@ def test_concurrent_writers_lose_no_update(database: Database) -> None:
         rnd = random.Random(seed)
         try:
             start.wait()
-            for _ in range(15):
-                rows = [
-                    call(T0 + timedelta(minutes=rnd.randrange(120)),
-                         level=rnd.choice(["turn", "task"]), project_id=rnd.choice([None, 1]),
-                         cost=Decimal(rnd.randrange(10**9)) * PICO)
-                    for _ in range(8)
-                ]  # fmt: skip
-                write(database, rows, len(rows))
+            rows = [
+                call(T0 + timedelta(minutes=rnd.randrange(120)),
+                     level=rnd.choice(["turn", "task"]), project_id=rnd.choice([None, 1]),
+                     cost=Decimal(rnd.randrange(10**9)) * PICO)
+                for _ in range(15 * 8)
+            ]  # fmt: skip
+            write(database.sessions, rows, 8)  # fifteen transactions of eight
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
@@ -347,7 +301,7 @@ def test_a_deleted_projects_usage_agrees_with_its_rows(database: Database) -> No
     # then answer what the raw rows say (nothing), and the totals must not change.
     rows = [call(T0 + timedelta(minutes=m), project_id=p, cost=Decimal("0.001"))
             for m, p in ((5, 1), (50, 1), (70, 2), (24 * 60 + 5, 1))]  # fmt: skip
-    write(database, rows, 4)
+    write(database.sessions, rows, 4)
     with database.engine.begin() as conn:
         conn.execute(text("DELETE FROM projects WHERE id = 1"))
     with database.sessions() as session:

@@ -210,6 +210,24 @@ def test_local_rate_limit_rejection_is_logged_with_retry_after(
     assert service.infer("turn", "p", "one").cached
 
 
+def test_a_retry_the_limiter_refuses_keeps_the_attempts_that_reached_openrouter(
+    make_app: AppFactory, emulator: Any
+) -> None:
+    # The first attempt is admitted and fails with a 500; its retry finds the limiter full.
+    # The row must say one attempt reached OpenRouter (it said 0: the refusal was carried
+    # out of the retry loop past the attempt count).
+    limits = {"calls_per_minute": 1, "max_wait_seconds": 0}
+    app = make_app(openrouter={"retry": {"max_attempts": 3}, "rate_limits": limits})
+    service: InferenceService = app.extensions["inference"]
+    emulator.script([Fault(status=500)])
+    with pytest.raises(RateLimitedError) as info:
+        service.infer("turn", "p", "fails, then waits too long")
+    assert info.value.attempts == 1
+    assert len(chat_bodies(emulator)) == 1
+    [row] = rows(app)
+    assert (row.status, row.attempts, row.error_type) == ("rate_limited", 1, "RateLimitedError")
+
+
 def test_upstream_429_pauses_the_limiter_for_everyone(make_app: AppFactory, emulator: Any) -> None:
     app = make_app(
         openrouter={

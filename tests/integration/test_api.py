@@ -5,6 +5,7 @@ honour api.token, and never show the API key."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -257,6 +258,30 @@ def test_every_response_matches_the_document_with_a_token(case: Any) -> None:
     assert TOKEN not in response.get_data(as_text=True)
 
 
+def wait_for_status(client: Any, wanted: Any, seconds: float = 20.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        status = client.get("/api/inference/status").json
+        if wanted(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_a_fresh_process_with_redis_away_says_so_at_its_first_status(
+    sqlite_url: str, emulator: Any, tmp_path: Path, closed_port: int
+) -> None:
+    app = build_app(
+        sqlite_url, emulator, tmp_path, redis={"url": f"redis://127.0.0.1:{closed_port}/0"}
+    )
+    try:
+        status = app.test_client().get("/api/inference/status").json
+        assert status["state"] == "degraded"
+        assert "Redis" in status["reason"]
+        assert status["rate_limits"]["usage"]["backend"] == "memory"
+    finally:
+        app.extensions["inference"].close()
+
+
 def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
     migrated_postgres_url: str, emulator: Any, tmp_path: Path
 ) -> None:
@@ -274,6 +299,10 @@ def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
         jsonschema.validate(away.json, response_schema("Error"))
         assert away.json["status"] == 503
         assert away.json["error"].startswith("database unreachable")
+        # The status says so too, though nothing has been written (a cached probe: within
+        # a few seconds).
+        status = wait_for_status(client, lambda s: s["state"] == "degraded")
+        assert "database" in status["reason"]
         proxy.restore()
         assert client.get("/api/inference/usage").status_code == 200
     finally:

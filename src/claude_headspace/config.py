@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from yaml.composer import ComposerError
+from yaml.nodes import Node
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +261,7 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             value = None
         elif stripped[0] in "[{":
             try:
-                value = yaml.safe_load(raw)
+                value = _load_yaml(raw)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{name}: not a valid YAML list or mapping ({exc})") from None
         _set_path(out, path, value, name)
@@ -272,6 +275,13 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# A bad value is shown as a bounded prefix, built without rendering the rest: repr() of a
+# whole value, then cut, hung start-up on a nested one.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 1, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in error.get("loc", ()))
     kind = error.get("type", "")
@@ -279,11 +289,31 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"{loc}: unknown key"
     message = f"{loc}: {error.get('msg', 'invalid')}"
     if not _SECRET_KEYS.intersection(str(p) for p in error.get("loc", ())):
-        shown = repr(error.get("input"))
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        message += f" (got {shown})"
+        message += f" (got {_SHOWN.repr(error.get('input'))})"
     return message
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases.
+
+    An alias (``*name``) stands for its anchored value, so nine nested levels of them in a
+    few hundred bytes ("billion laughs") stand for 9**9 values, and anything that walks the
+    result walks them all. A configuration of some sixty keys has no need of them.
+    """
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # stubs
+            raise ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -291,7 +321,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         # PyYAML's own text quotes the offending line, which may hold the API key: say only
         # what is wrong and where.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,3 +190,38 @@ def test_environment_override_parsing() -> None:
     }
     with pytest.raises(ConfigError, match="empty section"):
         environment_overrides({"HEADSPACE__OPENROUTER____X": "1"})
+
+
+def _yaml_bomb(levels: str = "abcdefghi") -> str:
+    """Billion laughs: nine levels of nine aliases each stand for 9**9 strings."""
+    lines = [f"{levels[0]}: &{levels[0]} [" + ",".join(["lol"] * 9) + "]"]
+    for prev, cur in itertools.pairwise(levels):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + f"\nopenrouter: {{timeout_seconds: *{levels[-1]}}}\n"
+
+
+@pytest.mark.timeout(10)
+def test_a_yaml_bomb_is_refused_at_its_first_alias(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid YAML: aliases \(\*name\) are not allowed"):
+        load_settings(write(tmp_path, _yaml_bomb()), environ={})
+    # The same in a variable holding a flow mapping.
+    flow = "{a: &a [lol, lol], b: *a}"
+    with pytest.raises(ConfigError, match=r"HEADSPACE__OPENROUTER__MODELS: .*aliases"):
+        load_settings(tmp_path / "none.yaml", environ={"HEADSPACE__OPENROUTER__MODELS": flow})
+
+
+@pytest.mark.timeout(10)
+def test_a_huge_bad_value_is_shown_as_a_short_prefix(tmp_path: Path) -> None:
+    # As the bomb would expand, but built in code: 9**9 strings behind shared references.
+    value: Any = ["lol"] * 9
+    for _ in range(8):
+        value = [value] * 9
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            tmp_path / "none.yaml",
+            overrides={"openrouter": {"timeout_seconds": value}},
+            environ={},
+        )
+    message = str(info.value)
+    assert "openrouter.timeout_seconds: Input should be a valid number (got [[" in message
+    assert len(message.partition("(got ")[2]) < 80

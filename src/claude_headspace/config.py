@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 from yaml.nodes import Node
 
 log = logging.getLogger(__name__)
@@ -254,16 +255,19 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         raw = environ[name]
         # The text as it is (pydantic turns "60", "0.25" and "false" into the field's type),
         # so that a string setting keeps its value: read as YAML, "2024" became a number and
-        # "Headspace #2" lost its "#2". Only a flow list or mapping, and null, are YAML.
+        # "Headspace #2" lost its "#2". Only a flow list or mapping, and null, are YAML; never
+        # for a secret, which is text: "{tok-..." failed as YAML, in an error quoting it.
         stripped = raw.strip()
         value: Any = raw
         if not stripped or stripped in ("null", "~"):
             value = None
-        elif stripped[0] in "[{":
+        elif stripped[0] in "[{" and path[-1] not in _SECRET_KEYS:
             try:
                 value = _load_yaml(raw)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{name}: not a valid YAML list or mapping ({exc})") from None
+                raise ConfigError(
+                    f"{name}: not a valid YAML list or mapping: {_yaml_problem(exc)}"
+                ) from None
         _set_path(out, path, value, name)
     for var, path in (
         ("OPENROUTER_API_KEY", ["openrouter", "api_key"]),
@@ -282,15 +286,29 @@ _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 1, 4, 4
 _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
 
 
+# Values never shown in an error: the secrets, and URLs (they may carry a password).
+_UNSHOWN_KEYS = _SECRET_KEYS | {"url"}
+# Errors whose input is a whole section, which may hold a secret: only its type is shown.
+_SECTION_ERRORS = frozenset({"model_type", "dict_type"})
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in error.get("loc", ()))
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return f"{loc}: unknown key"
     message = f"{loc}: {error.get('msg', 'invalid')}"
-    if not _SECRET_KEYS.intersection(str(p) for p in error.get("loc", ())):
-        message += f" (got {_SHOWN.repr(error.get('input'))})"
-    return message
+    value = error.get("input")
+    if _UNSHOWN_KEYS.intersection(str(p) for p in error.get("loc", ())):
+        return message
+    if kind in _SECTION_ERRORS:
+        return f"{message} (got {_type_name(value)})"
+    return f"{message} (got {_SHOWN.repr(value)})"
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "text", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -308,6 +326,23 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def _unknown_tag(loader: yaml.SafeLoader, node: Node) -> Any:
+    # PyYAML's own error quotes the tag, which may be a secret's text (``token: !a3f...``).
+    raise ConstructorError(None, None, "an unknown tag (!name)", node.start_mark)
+
+
+_ConfigLoader.add_constructor(None, _unknown_tag)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # What is wrong and where, never PyYAML's whole text: it quotes the offending line,
+    # which may hold a secret.
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or "a syntax error"
+    return f"{problem}{where}"
+
+
 def _load_yaml(text: str) -> Any:
     loader = _ConfigLoader(text)
     try:
@@ -323,12 +358,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        # PyYAML's own text quotes the offending line, which may hold the API key: say only
-        # what is wrong and where.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "a syntax error"
-        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

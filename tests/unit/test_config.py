@@ -225,3 +225,41 @@ def test_a_huge_bad_value_is_shown_as_a_short_prefix(tmp_path: Path) -> None:
     message = str(info.value)
     assert "openrouter.timeout_seconds: Input should be a valid number (got [[" in message
     assert len(message.partition("(got ")[2]) < 80
+
+
+CANARY = "tok-CANARY-5eb1"
+
+
+def test_a_secret_variable_is_read_as_it_is_never_as_yaml(tmp_path: Path) -> None:
+    # Read as YAML, "{tok-..." was a broken flow mapping, in an error quoting the token.
+    env = {"HEADSPACE__API__TOKEN": "{" + CANARY, "HEADSPACE__OPENROUTER__API_KEY": f"[{CANARY}]"}
+    settings = load_settings(tmp_path / "none.yaml", environ=env)
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == "{" + CANARY
+    assert settings.api_key == f"[{CANARY}]"
+
+
+@pytest.mark.parametrize(
+    ("body", "env", "key"),
+    [
+        # Broken YAML around a secret, in a variable and in the file.
+        ("", {"HEADSPACE__API": f'{{token: "{CANARY}'}, "HEADSPACE__API"),
+        ("", {"HEADSPACE__OPENROUTER": f"{{api_key: {CANARY}, x: [}}"}, "HEADSPACE__OPENROUTER"),
+        (f"api:\n  token: !{CANARY}\n", {}, "not valid YAML: an unknown tag"),
+        (f'api:\n  token: "{CANARY}\n', {}, "not valid YAML"),
+        # A secret that parses, to the wrong type, or where a section belongs.
+        (f"api: {{token: [{CANARY}]}}", {}, "api.token"),
+        (f"api: {CANARY}", {}, "api: Input should be a valid dictionary"),
+        (f"openrouter: [{CANARY}]", {}, "openrouter: Input should be a valid dictionary"),
+        ("", {"HEADSPACE__OPENROUTER__API_KEY": f"{CANARY} with spaces"}, "openrouter.api_key"),
+        # A URL may carry a password.
+        (f"database: {{url: [postgresql://u:{CANARY}@db/x]}}", {}, "database.url"),
+    ],
+)
+def test_no_error_quotes_a_secret(tmp_path: Path, body: str, env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, body), environ=env)
+    message = str(info.value)
+    assert key in message
+    assert CANARY not in message and "CANARY" not in message
+    assert "\n" not in message

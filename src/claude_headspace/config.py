@@ -325,6 +325,15 @@ class _ConfigLoader(yaml.SafeLoader):
             raise ComposerError(None, None, "aliases (*name) are not allowed", mark)
         return super().compose_node(parent, index)
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError:
+            # A number past Python's 4,300-digit limit, or a date like 2024-02-30.
+            raise ConstructorError(
+                None, None, "a number or date that cannot be read", node.start_mark
+            ) from None
+
 
 def _unknown_tag(loader: yaml.SafeLoader, node: Node) -> Any:
     # PyYAML's own error quotes the tag, which may be a secret's text (``token: !a3f...``).
@@ -347,6 +356,8 @@ def _load_yaml(text: str) -> Any:
     loader = _ConfigLoader(text)
     try:
         return loader.get_single_data()
+    except RecursionError:
+        raise yaml.MarkedYAMLError(problem="lists or mappings nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -356,7 +367,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:

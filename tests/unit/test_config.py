@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,27 @@ def test_no_error_quotes_a_secret(tmp_path: Path, body: str, env: dict[str, str]
     assert key in message
     assert CANARY not in message and "CANARY" not in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"openrouter: {app_name: caf\xe9}\n", "not UTF-8 text (at byte offset 26)"),
+        (b"openrouter: {max_connections: " + b"9" * 5000 + b"}\n", "a number or date"),
+        (b"inference: {spool_path: 2024-02-30}\n", "a number or date that cannot be read"),
+        (b"openrouter: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    ],
+    ids=["latin-1", "long-number", "no-such-date", "deep"],
+)
+def test_a_file_that_cannot_be_read_is_named(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*{re.escape(expected)}"):
+        load_settings(path, environ={})
+
+
+def test_a_directory_for_a_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(tmp_path))}: cannot be read \(Is a directory\)"
+    ):
+        load_settings(tmp_path, environ={})

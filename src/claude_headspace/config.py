@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from redis.connection import parse_url
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import Node
@@ -58,6 +59,15 @@ class DatabaseSettings(_Section):
     pool_size: PositiveInt = 10
     echo: bool = False
 
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str) -> str:
+        # Here rather than at the first connection, where it was a traceback.
+        from .db import check_url  # db imports this module
+
+        check_url(value)
+        return value
+
 
 class RedisSettings(_Section):
     """Optional Redis: when set, rate limits and the cache are shared by every process."""
@@ -66,6 +76,19 @@ class RedisSettings(_Section):
     key_prefix: str = "headspace"
     socket_timeout_seconds: PositiveFloat = 0.5
     retry_interval_seconds: PositiveFloat = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # By redis-py's own rules (what Redis.from_url reads), without quoting the URL.
+        if value is not None:
+            if not value.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("must start with redis://, rediss:// or unix://")
+            try:
+                parse_url(value)  # type: ignore[no-untyped-call]  # redis-py has no hints here
+            except ValueError:
+                raise ValueError("not a Redis URL (check its port and options)") from None
+        return value
 
 
 class ModelsSettings(_Section):

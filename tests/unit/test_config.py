@@ -288,3 +288,38 @@ def test_a_directory_for_a_file_is_named(tmp_path: Path) -> None:
         ConfigError, match=rf"^{re.escape(str(tmp_path))}: cannot be read \(Is a directory\)"
     ):
         load_settings(tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("body", "env", "expected"),
+    [
+        ("database: {url: 'not a url'}", {}, "database.url: Value error, not a database URL"),
+        ("", {"DATABASE_URL": "garbage"}, "database.url: Value error, not a database URL"),
+        (
+            "database: {url: 'postgresql://u:pw@db:port/x'}",
+            {},
+            "database.url: Value error, not a database URL",
+        ),
+        ("database: {url: 'mysql://u@db/x'}", {}, "database.url: Value error, no installed driver"),
+        ("database: {url: 'http://db/x'}", {}, "database.url: Value error, no installed driver"),
+        ("redis: {url: notaurl}", {}, "redis.url: Value error, must start with redis://"),
+        ("", {"REDIS_URL": "redis://:pw@cache:port/0"}, "redis.url: Value error, not a Redis URL"),
+        ("redis: {url: 'redis://cache/0?socket_timeout=x'}", {}, "redis.url: Value error, not a"),
+    ],
+)
+def test_an_unusable_url_is_refused_when_read(
+    tmp_path: Path, body: str, env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, body), environ=env)
+    assert expected in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_usable_urls_are_kept_as_written(tmp_path: Path) -> None:
+    for url in ("sqlite://", "sqlite:///x.db", "postgres://u:pw@db/x", "postgresql+psycopg://db/x"):
+        assert (
+            load_settings(tmp_path / "none.yaml", environ={"DATABASE_URL": url}).database.url == url
+        )
+    for url in ("redis://cache:6379/0", "rediss://:pw@cache/1", "unix:///run/redis.sock"):
+        assert load_settings(tmp_path / "none.yaml", environ={"REDIS_URL": url}).redis.url == url

@@ -12,7 +12,7 @@ import os
 import reprlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    PositiveFloat,
     PositiveInt,
     SecretStr,
     ValidationError,
@@ -38,6 +37,13 @@ Level = Literal["turn", "task", "project", "objective"]
 
 ENV_PREFIX = "HEADSPACE__"
 _SECRET_KEYS = frozenset({"api_key", "token"})
+
+# Every duration has an upper bound: 1.0e+308 s passed validation, then overflowed where it
+# became milliseconds (Redis) or was added to a clock.
+DAY = 86_400.0
+YEAR = 365 * DAY
+Seconds = Annotated[float, Field(gt=0, le=DAY)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
 
 
 class ConfigError(Exception):
@@ -74,8 +80,8 @@ class RedisSettings(_Section):
 
     url: str | None = None
     key_prefix: str = "headspace"
-    socket_timeout_seconds: PositiveFloat = 0.5
-    retry_interval_seconds: PositiveFloat = 5.0
+    socket_timeout_seconds: Seconds = 0.5
+    retry_interval_seconds: Seconds = 5.0
 
     @field_validator("url")
     @classmethod
@@ -114,15 +120,15 @@ class RateLimitSettings(_Section):
 
     calls_per_minute: PositiveInt = 30
     tokens_per_minute: PositiveInt = 10000
-    max_wait_seconds: NonNegativeFloat = 30.0
-    window_seconds: PositiveFloat = 60.0
+    max_wait_seconds: SecondsOrZero = 30.0
+    window_seconds: Seconds = 60.0
 
 
 class CacheSettings(_Section):
     """The response cache keyed by request content."""
 
     enabled: bool = True
-    ttl_seconds: PositiveFloat = 300.0
+    ttl_seconds: Annotated[float, Field(gt=0, le=YEAR)] = 300.0
     max_entries: PositiveInt = 10000
 
 
@@ -130,15 +136,15 @@ class RetrySettings(_Section):
     """How retryable upstream failures are retried."""
 
     max_attempts: PositiveInt = 3
-    base_delay_seconds: NonNegativeFloat = 1.0
-    max_delay_seconds: NonNegativeFloat = 30.0
+    base_delay_seconds: SecondsOrZero = 1.0
+    max_delay_seconds: SecondsOrZero = 30.0
 
 
 class HealthSettings(_Section):
     """The connectivity probe behind /api/inference/status."""
 
-    timeout_seconds: PositiveFloat = 5.0
-    cache_seconds: NonNegativeFloat = 60.0
+    timeout_seconds: Seconds = 5.0
+    cache_seconds: SecondsOrZero = 60.0
 
 
 class PriceSettings(_Section):
@@ -163,8 +169,8 @@ class OpenRouterSettings(_Section):
     enabled: bool = True
     base_url: str = "https://openrouter.ai/api/v1"
     api_key: SecretStr | None = None
-    timeout_seconds: PositiveFloat = 30.0
-    connect_timeout_seconds: PositiveFloat = 5.0
+    timeout_seconds: Seconds = 30.0
+    connect_timeout_seconds: Seconds = 5.0
     max_connections: PositiveInt = 64
     site_url: str = "https://github.com/claude-headspace"
     app_name: str = "Claude Headspace"
@@ -209,7 +215,7 @@ class InferenceSettings(_Section):
     workers: PositiveInt = 8
     queue_size: PositiveInt = 1000
     default_max_tokens: PositiveInt = 1024
-    shutdown_timeout_seconds: NonNegativeFloat = 10.0
+    shutdown_timeout_seconds: SecondsOrZero = 10.0
     log_batch_size: PositiveInt = 200
     spool_path: str | None = None
 

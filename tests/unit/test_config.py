@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from claude_headspace.config import ConfigError, Settings, environment_overrides, load_settings
 
@@ -323,3 +324,23 @@ def test_usable_urls_are_kept_as_written(tmp_path: Path) -> None:
         )
     for url in ("redis://cache:6379/0", "rediss://:pw@cache/1", "unix:///run/redis.sock"):
         assert load_settings(tmp_path / "none.yaml", environ={"REDIS_URL": url}).redis.url == url
+
+
+def _duration_keys(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _duration_keys(field.annotation, f"{prefix}{name}.")
+        elif name.endswith("_seconds"):
+            keys.append(prefix + name)
+    return keys
+
+
+@pytest.mark.parametrize("key", _duration_keys())
+def test_every_duration_has_an_upper_bound(tmp_path: Path, key: str) -> None:
+    # 1.0e+308 s passed, then overflowed as milliseconds or added to a clock.
+    *sections, name = key.split(".")
+    body = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections))
+    body += f"{'  ' * len(sections)}{name}: 1.0e+308\n"
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be less than or equal"):
+        load_settings(write(tmp_path, body), environ={})

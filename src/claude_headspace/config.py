@@ -22,6 +22,7 @@ from pydantic import (
     NonNegativeFloat,
     PositiveInt,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
 )
@@ -97,13 +98,16 @@ class RedisSettings(_Section):
         return value
 
 
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
 class ModelsSettings(_Section):
     """The model used for each inference level."""
 
-    turn: str = "anthropic/claude-haiku-4.5"
-    task: str = "anthropic/claude-haiku-4.5"
-    project: str = "anthropic/claude-sonnet-4.5"
-    objective: str = "anthropic/claude-sonnet-4.5"
+    turn: ModelName = "anthropic/claude-haiku-4.5"
+    task: ModelName = "anthropic/claude-haiku-4.5"
+    project: ModelName = "anthropic/claude-sonnet-4.5"
+    objective: ModelName = "anthropic/claude-sonnet-4.5"
 
     def for_level(self, level: str) -> str:
         """The model configured for ``level``."""
@@ -252,11 +256,16 @@ class Settings(_Section):
         return sorted(m for m in models if m not in self.openrouter.pricing)
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            out[key] = _merge(current, value, f"{prefix}{key}.")
+        elif isinstance(value, Mapping) and current is not None:
+            # `openrouter: 'oops'` in the file and a variable setting openrouter.api_key: the
+            # variable's mapping replaced the bad section, which fell back to its defaults.
+            raise ConfigError(f"{prefix}{key}: must be a mapping (got {_type_name(current)})")
         else:
             out[key] = value
     return out

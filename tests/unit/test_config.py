@@ -344,3 +344,25 @@ def test_every_duration_has_an_upper_bound(tmp_path: Path, key: str) -> None:
     body += f"{'  ' * len(sections)}{name}: 1.0e+308\n"
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be less than or equal"):
         load_settings(write(tmp_path, body), environ={})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"OPENROUTER_API_KEY": "sk-or-x"}, {"HEADSPACE__OPENROUTER__MODELS__TURN": "a/b"}],
+)
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path: Path, env: dict[str, str]) -> None:
+    # With a variable under it, the section fell back to its defaults (openrouter.ai) silently.
+    with pytest.raises(ConfigError, match=r"openrouter: .* \(got text\)"):
+        load_settings(write(tmp_path, "openrouter: 'oops'"), environ=env)
+    with pytest.raises(ConfigError, match=r"openrouter: .* \(got a list\)"):
+        load_settings(
+            write(tmp_path, "openrouter: [a]"),
+            overrides={"openrouter": {"enabled": False}},
+            environ={},
+        )
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"openrouter\.models\.turn: String should have at least"):
+        load_settings(write(tmp_path, f"openrouter: {{models: {{turn: '{name}'}}}}"), environ={})

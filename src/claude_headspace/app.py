@@ -16,7 +16,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from . import logsafe
-from .config import Settings, load_settings
+from .config import Settings, check_spool_dir, load_settings
 from .db import Database
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def create_app(
 
     spool = settings.inference.spool_path
     spool_dir = Path(spool) if spool else Path(app.instance_path) / "call-log"
+    check_spool_dir(spool_dir)
     service = InferenceService.from_settings(settings, database, spool_dir=spool_dir)
     service.start()
     app.extensions["inference"] = service

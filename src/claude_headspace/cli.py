@@ -219,7 +219,7 @@ def main() -> None:
 def serve_command(host: str, port: int, workers: int, threads: int, timeout: int) -> None:
     """Serve the app with gunicorn (each worker builds its own app and service)."""
     from .app import load_env_file
-    from .config import load_settings
+    from .config import check_spool_dir, load_settings
     from .db import Database
     from .server import serve
 
@@ -229,6 +229,7 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
     load_env_file()
     try:
         settings = load_settings()
+        check_spool_dir(settings.inference.spool_path or "instance/call-log")  # create_app's
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import reprlib
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -450,3 +451,20 @@ def load_settings(
             model,
         )
     return settings
+
+
+def check_spool_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the call-log spool directory and prove it writable, or raise ConfigError.
+
+    Every call is journalled there; an unwritable one ended start-up in a traceback from
+    inside the call recorder.
+    """
+    spool = Path(path)
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"inference.spool_path: cannot write to {spool} ({reason})") from None
+    return spool

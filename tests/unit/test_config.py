@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from claude_headspace.config import ConfigError, Settings, environment_overrides, load_settings
+from claude_headspace.config import (
+    ConfigError,
+    Settings,
+    check_spool_dir,
+    environment_overrides,
+    load_settings,
+)
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -366,3 +372,12 @@ def test_a_section_that_is_not_a_mapping_is_named(tmp_path: Path, env: dict[str,
 def test_an_empty_model_name_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match=r"openrouter\.models\.turn: String should have at least"):
         load_settings(write(tmp_path, f"openrouter: {{models: {{turn: '{name}'}}}}"), environ={})
+
+
+def test_the_spool_directory_is_made_and_proved_writable(tmp_path: Path) -> None:
+    spool = check_spool_dir(tmp_path / "a" / "spool")
+    assert spool.is_dir() and list(spool.iterdir()) == []  # the probe file is gone
+    (tmp_path / "a-file").write_text("")
+    # Its parent is a file: no one, root included, can make it.
+    with pytest.raises(ConfigError, match=r"^inference\.spool_path: cannot write to .*a-file/s"):
+        check_spool_dir(tmp_path / "a-file" / "spool")

@@ -198,6 +198,15 @@ class OpenRouterSettings(_Section):
     def _header_safe_key(cls, value: Any) -> Any:
         return _header_secret(value)
 
+    @field_validator("site_url", "app_name")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        # Sent as HTTP-Referer and X-Title: httpx refuses anything else there, so a newline
+        # or an accented letter passed validation and then failed every call.
+        if not all(" " <= ch <= "~" for ch in value):
+            raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
+        return value
+
 
 def _header_secret(value: Any) -> Any:
     # A secret that goes into an HTTP header. Surrounding whitespace (a key file's trailing

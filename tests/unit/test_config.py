@@ -381,3 +381,12 @@ def test_the_spool_directory_is_made_and_proved_writable(tmp_path: Path) -> None
     # Its parent is a file: no one, root included, can make it.
     with pytest.raises(ConfigError, match=r"^inference\.spool_path: cannot write to .*a-file/s"):
         check_spool_dir(tmp_path / "a-file" / "spool")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("app_name", "a\\nb"), ("site_url", "https://café.example")]
+)
+def test_a_header_setting_must_be_printable_ascii(tmp_path: Path, key: str, value: str) -> None:
+    # Sent in every request's headers, where httpx refuses anything else: every call failed.
+    with pytest.raises(ConfigError, match=rf"openrouter\.{key}: Value error, must be printable"):
+        load_settings(write(tmp_path, f'openrouter: {{{key}: "{value}"}}'), environ={})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import reprlib
 import tempfile
 from collections.abc import Mapping
@@ -397,6 +398,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     problem = getattr(exc, "problem", None) or "a syntax error"
+    # "found undefined tag handle '!x!'": a value starting with "!" is read as a tag.
+    problem = re.sub(r"tag handle '.*'", "tag handle (!name!)", problem)
     return f"{problem}{where}"
 
 

@@ -81,7 +81,7 @@ def test_every_configuration_is_accepted_or_rejected_by_key(doc: dict[str, Any])
 CANARY = "tok-CANARY-77e1"
 secret_values = st.sampled_from([
     CANARY, f"{CANARY} x", [CANARY], {"k": CANARY}, "{" + CANARY, "[" + CANARY, f"!{CANARY}",
-    f'"{CANARY}', f"{{token: {CANARY}", 7,
+    f"!{CANARY}!x", f'"{CANARY}', f"{{token: {CANARY}", 7,
 ])  # fmt: skip
 secret_places = st.sampled_from(["api.token", "openrouter.api_key", "api", "openrouter"])
 

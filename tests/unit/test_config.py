@@ -254,6 +254,7 @@ def test_a_secret_variable_is_read_as_it_is_never_as_yaml(tmp_path: Path) -> Non
         ("", {"HEADSPACE__API": f'{{token: "{CANARY}'}, "HEADSPACE__API"),
         ("", {"HEADSPACE__OPENROUTER": f"{{api_key: {CANARY}, x: [}}"}, "HEADSPACE__OPENROUTER"),
         (f"api:\n  token: !{CANARY}\n", {}, "not valid YAML: an unknown tag"),
+        (f"api:\n  token: !{CANARY}!x\n", {}, "not valid YAML: found undefined tag handle"),
         (f'api:\n  token: "{CANARY}\n', {}, "not valid YAML"),
         # A secret that parses, to the wrong type, or where a section belongs.
         (f"api: {{token: [{CANARY}]}}", {}, "api.token"),

@@ -50,7 +50,7 @@ SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message names each bad key and value."""
+    """The configuration is invalid; one line naming each bad key (and value, unless secret)."""
 
 
 class _Section(BaseModel):
@@ -342,7 +342,11 @@ _SECTION_ERRORS = frozenset({"model_type", "dict_type"})
 
 
 def _describe(error: Mapping[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error.get("loc", ()))
+    # A key from the file as written, unless it would break the one line or run long.
+    loc = ".".join(
+        s if (s := str(p)).isprintable() and len(s) <= 60 else _SHOWN.repr(s)
+        for p in error.get("loc", ())
+    )
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return f"{loc}: unknown key"

@@ -391,3 +391,11 @@ def test_a_header_setting_must_be_printable_ascii(tmp_path: Path, key: str, valu
     # Sent in every request's headers, where httpx refuses anything else: every call failed.
     with pytest.raises(ConfigError, match=rf"openrouter\.{key}: Value error, must be printable"):
         load_settings(write(tmp_path, f'openrouter: {{{key}: "{value}"}}'), environ={})
+
+
+def test_an_unknown_key_is_named_on_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f'openrouter: {{"a\\nb": 1, "{"k" * 500}": 2}}'), environ={})
+    message = str(info.value)
+    assert "openrouter.'a\\nb': unknown key" in message and "\n" not in message
+    assert "openrouter.'kkkk" in message and len(message) < 300

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from . import logsafe
 from .api import register_blueprints
 from .commands import register_commands
-from .config import Settings, load_env_file, load_settings
+from .config import Settings, check_spool_dir, load_env_file, load_settings
 from .db import Database
 from .inference.service import InferenceService
 
@@ -44,8 +44,8 @@ def create_app(
         database.upgrade()
     app.extensions["headspace.database"] = database
 
-    spool = settings.inference.spool_path
-    spool_dir = Path(spool) if spool else Path(app.instance_path) / "call-log"
+    spool_dir = settings.inference.spool_dir()
+    check_spool_dir(spool_dir)
     service = InferenceService.from_settings(settings, database, spool_dir=spool_dir)
     service.start()
     app.extensions["inference"] = service

@@ -9,7 +9,7 @@ from flask.cli import FlaskGroup
 
 from .app import create_app
 from .commands import db_group, or_exit
-from .config import load_env_file, load_settings
+from .config import check_spool_dir, load_env_file, load_settings
 from .db import Database
 from .emulator.cli import emulator_command
 
@@ -51,6 +51,7 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
     # a thread is half-way through an import leaves the workers a half-imported module.
     load_env_file()
     settings = or_exit(load_settings)
+    or_exit(lambda: check_spool_dir(settings.inference.spool_dir()))
     # Migrate once here rather than in N workers at the same moment (no threads involved).
     database = Database(settings.database)
     if database.is_sqlite or settings.database.auto_migrate:

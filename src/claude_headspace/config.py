@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import reprlib
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from dotenv import load_dotenv
@@ -20,12 +23,18 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    PositiveFloat,
     PositiveInt,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
 )
+from redis.connection import parse_url
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.nodes import Node
+
+from .db import check_url
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +44,16 @@ Level = Literal["turn", "task", "project", "objective"]
 ENV_PREFIX = "HEADSPACE__"
 _SECRET_KEYS = frozenset({"api_key", "token"})
 
+# Every duration has an upper bound: 1.0e+308 s passed validation, then overflowed where it
+# became milliseconds (Redis) or was added to a clock.
+DAY = 86_400.0
+YEAR = 365 * DAY
+Seconds = Annotated[float, Field(gt=0, le=DAY)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
+
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message names each bad key and value."""
+    """The configuration is invalid; one line naming each bad key (and value, unless secret)."""
 
 
 class _Section(BaseModel):
@@ -55,23 +71,46 @@ class DatabaseSettings(_Section):
     pool_size: PositiveInt = 10
     echo: bool = False
 
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str) -> str:
+        # Here rather than at the first connection, where it was a traceback.
+        check_url(value)
+        return value
+
 
 class RedisSettings(_Section):
     """Optional Redis: when set, rate limits and the cache are shared by every process."""
 
     url: str | None = None
     key_prefix: str = "headspace"
-    socket_timeout_seconds: PositiveFloat = 0.5
-    retry_interval_seconds: PositiveFloat = 5.0
+    socket_timeout_seconds: Seconds = 0.5
+    retry_interval_seconds: Seconds = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # By redis-py's own rules (what Redis.from_url reads), without quoting the URL.
+        if value is not None:
+            if not value.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("must start with redis://, rediss:// or unix://")
+            try:
+                parse_url(value)  # type: ignore[no-untyped-call]  # redis-py has no hints here
+            except ValueError:
+                raise ValueError("not a Redis URL (check its port and options)") from None
+        return value
+
+
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
 class ModelsSettings(_Section):
     """The model used for each inference level."""
 
-    turn: str = "anthropic/claude-haiku-4.5"
-    task: str = "anthropic/claude-haiku-4.5"
-    project: str = "anthropic/claude-sonnet-4.5"
-    objective: str = "anthropic/claude-sonnet-4.5"
+    turn: ModelName = "anthropic/claude-haiku-4.5"
+    task: ModelName = "anthropic/claude-haiku-4.5"
+    project: ModelName = "anthropic/claude-sonnet-4.5"
+    objective: ModelName = "anthropic/claude-sonnet-4.5"
 
     def for_level(self, level: str) -> str:
         """The model configured for ``level``."""
@@ -88,15 +127,15 @@ class RateLimitSettings(_Section):
 
     calls_per_minute: PositiveInt = 30
     tokens_per_minute: PositiveInt = 10000
-    max_wait_seconds: NonNegativeFloat = 30.0
-    window_seconds: PositiveFloat = 60.0
+    max_wait_seconds: SecondsOrZero = 30.0
+    window_seconds: Seconds = 60.0
 
 
 class CacheSettings(_Section):
     """The response cache keyed by request content."""
 
     enabled: bool = True
-    ttl_seconds: PositiveFloat = 300.0
+    ttl_seconds: Annotated[float, Field(gt=0, le=YEAR)] = 300.0
     max_entries: PositiveInt = 10000
 
 
@@ -104,15 +143,15 @@ class RetrySettings(_Section):
     """How retryable upstream failures are retried."""
 
     max_attempts: PositiveInt = 3
-    base_delay_seconds: NonNegativeFloat = 1.0
-    max_delay_seconds: NonNegativeFloat = 30.0
+    base_delay_seconds: SecondsOrZero = 1.0
+    max_delay_seconds: SecondsOrZero = 30.0
 
 
 class HealthSettings(_Section):
     """The connectivity probe behind /api/inference/status."""
 
-    timeout_seconds: PositiveFloat = 5.0
-    cache_seconds: NonNegativeFloat = 60.0
+    timeout_seconds: Seconds = 5.0
+    cache_seconds: SecondsOrZero = 60.0
 
 
 class PriceSettings(_Section):
@@ -122,7 +161,8 @@ class PriceSettings(_Section):
     output_per_million: NonNegativeFloat
 
 
-def _default_pricing() -> dict[str, PriceSettings]:
+def default_pricing() -> dict[str, PriceSettings]:
+    """The prices openrouter.pricing has when not configured (the emulator charges them too)."""
     return {
         "anthropic/claude-haiku-4.5": PriceSettings(input_per_million=1.0, output_per_million=5.0),
         "anthropic/claude-sonnet-4.5": PriceSettings(
@@ -137,8 +177,8 @@ class OpenRouterSettings(_Section):
     enabled: bool = True
     base_url: str = "https://openrouter.ai/api/v1"
     api_key: SecretStr | None = None
-    timeout_seconds: PositiveFloat = 30.0
-    connect_timeout_seconds: PositiveFloat = 5.0
+    timeout_seconds: Seconds = 30.0
+    connect_timeout_seconds: Seconds = 5.0
     max_connections: PositiveInt = 64
     site_url: str = "https://github.com/claude-headspace"
     app_name: str = "Claude Headspace"
@@ -147,7 +187,7 @@ class OpenRouterSettings(_Section):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
-    pricing: dict[str, PriceSettings] = Field(default_factory=_default_pricing)
+    pricing: dict[str, PriceSettings] = Field(default_factory=default_pricing)
 
     @field_validator("base_url")
     @classmethod
@@ -160,6 +200,15 @@ class OpenRouterSettings(_Section):
     @classmethod
     def _header_safe_key(cls, value: Any) -> Any:
         return _header_secret(value)
+
+    @field_validator("site_url", "app_name")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        # Sent as HTTP-Referer and X-Title: httpx refuses anything else there, so a newline
+        # or an accented letter passed validation and then failed every call.
+        if not all(" " <= ch <= "~" for ch in value):
+            raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
+        return value
 
 
 def _header_secret(value: Any) -> Any:
@@ -183,9 +232,13 @@ class InferenceSettings(_Section):
     workers: PositiveInt = 8
     queue_size: PositiveInt = 1000
     default_max_tokens: PositiveInt = 1024
-    shutdown_timeout_seconds: NonNegativeFloat = 10.0
+    shutdown_timeout_seconds: SecondsOrZero = 10.0
     log_batch_size: PositiveInt = 200
     spool_path: str | None = None
+
+    def spool_dir(self) -> Path:
+        """Where the call log's journal lives: spool_path, else ./instance/call-log."""
+        return Path(self.spool_path) if self.spool_path else Path.cwd() / "instance" / "call-log"
 
 
 class ApiSettings(_Section):
@@ -220,11 +273,16 @@ class Settings(_Section):
         return sorted(m for m in models if m not in self.openrouter.pricing)
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], extra: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            out[key] = _merge(current, value, f"{prefix}{key}.")
+        elif isinstance(value, Mapping) and current is not None:
+            # `openrouter: 'oops'` in the file and a variable setting openrouter.api_key: the
+            # variable's mapping replaced the bad section, which fell back to its defaults.
+            raise ConfigError(f"{prefix}{key}: must be a mapping (got {_type_name(current)})")
         else:
             out[key] = value
     return out
@@ -252,16 +310,19 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         raw = environ[name]
         # The text as it is (pydantic turns "60", "0.25" and "false" into the field's type),
         # so that a string setting keeps its value: read as YAML, "2024" became a number and
-        # "Headspace #2" lost its "#2". Only a flow list or mapping, and null, are YAML.
+        # "Headspace #2" lost its "#2". Only a flow list or mapping, and null, are YAML; never
+        # for a secret, which is text: "{tok-..." failed as YAML, in an error quoting it.
         stripped = raw.strip()
         value: Any = raw
         if not stripped or stripped in ("null", "~"):
             value = None
-        elif stripped[0] in "[{":
+        elif stripped[0] in "[{" and path[-1] not in _SECRET_KEYS:
             try:
-                value = yaml.safe_load(raw)
+                value = _load_yaml(raw)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{name}: not a valid YAML list or mapping ({exc})") from None
+                raise ConfigError(
+                    f"{name}: not a valid YAML list or mapping: {_yaml_problem(exc)}"
+                ) from None
         _set_path(out, path, value, name)
     for var, path in (
         ("OPENROUTER_API_KEY", ["openrouter", "api_key"]),
@@ -273,18 +334,93 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# A bad value is shown as a bounded prefix, built without rendering the rest: repr() of a
+# whole value, then cut, hung start-up on a nested one.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 1, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
+
+
+# Values never shown in an error: the secrets, and URLs (they may carry a password).
+_UNSHOWN_KEYS = _SECRET_KEYS | {"url"}
+# Errors whose input is a whole section, which may hold a secret: only its type is shown.
+_SECTION_ERRORS = frozenset({"model_type", "dict_type"})
+
+
 def _describe(error: Mapping[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error.get("loc", ()))
+    # A key from the file as written, unless it would break the one line or run long.
+    loc = ".".join(
+        s if (s := str(p)).isprintable() and len(s) <= 60 else _SHOWN.repr(s)
+        for p in error.get("loc", ())
+    )
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return f"{loc}: unknown key"
     message = f"{loc}: {error.get('msg', 'invalid')}"
-    if not _SECRET_KEYS.intersection(str(p) for p in error.get("loc", ())):
-        shown = repr(error.get("input"))
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        message += f" (got {shown})"
-    return message
+    value = error.get("input")
+    if _UNSHOWN_KEYS.intersection(str(p) for p in error.get("loc", ())):
+        return message
+    if kind in _SECTION_ERRORS:
+        return f"{message} (got {_type_name(value)})"
+    return f"{message} (got {_SHOWN.repr(value)})"
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "text", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases.
+
+    An alias (``*name``) stands for its anchored value, so nine nested levels of them in a
+    few hundred bytes ("billion laughs") stand for 9**9 values, and anything that walks the
+    result walks them all. A configuration of some sixty keys has no need of them.
+    """
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # stubs
+            raise ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        return super().compose_node(parent, index)
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError:
+            # A number past Python's 4,300-digit limit, or a date like 2024-02-30.
+            raise ConstructorError(
+                None, None, "a number or date that cannot be read", node.start_mark
+            ) from None
+
+
+def _unknown_tag(loader: yaml.SafeLoader, node: Node) -> Any:
+    # PyYAML's own error quotes the tag, which may be a secret's text (``token: !a3f...``).
+    raise ConstructorError(None, None, "an unknown tag (!name)", node.start_mark)
+
+
+_ConfigLoader.add_constructor(None, _unknown_tag)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # What is wrong and where, never PyYAML's whole text: it quotes the offending line,
+    # which may hold a secret.
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or "a syntax error"
+    # "found undefined tag handle '!x!'": a value starting with "!" is read as a tag.
+    problem = re.sub(r"tag handle '.*'", "tag handle (!name!)", problem)
+    return f"{problem}{where}"
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise yaml.MarkedYAMLError(problem="lists or mappings nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -292,14 +428,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
-        # PyYAML's own text quotes the offending line, which may hold the API key: say only
-        # what is wrong and where.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "a syntax error"
-        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -344,3 +481,20 @@ def load_settings(
             model,
         )
     return settings
+
+
+def check_spool_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the call-log spool directory and prove it writable, or raise ConfigError.
+
+    Every call is journalled there; an unwritable one ended start-up in a traceback from
+    inside the call recorder.
+    """
+    spool = Path(path)
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"inference.spool_path: cannot write to {spool} ({reason})") from None
+    return spool

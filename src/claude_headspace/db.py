@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .config import DatabaseSettings
+if TYPE_CHECKING:  # config checks URLs with check_url below, so it imports this module
+    from .config import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,25 @@ def normalise_url(url: str) -> str:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError unless ``url`` parses and names a dialect whose driver is installed.
+
+    The message never quotes the URL: it may hold a password.
+    """
+    try:
+        parsed = make_url(normalise_url(url))
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ValueError(
+            "not a database URL (e.g. sqlite:///instance/headspace.db or postgresql://user@host/db)"
+        ) from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError):
+        raise ValueError(
+            f"no installed driver for {parsed.drivername} (PostgreSQL and SQLite are)"
+        ) from None
 
 
 def is_sqlite(url: str) -> bool:

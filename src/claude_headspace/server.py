@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from gunicorn import util
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from .app import create_app
 
@@ -24,6 +27,31 @@ class HeadspaceServer(BaseApplication):  # type: ignore[misc]
         return create_app()
 
 
+def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error``, in the API's JSON error shape instead of HTML."""
+    body = json.dumps({"error": (mesg or reason)[:200], "status": status_int}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker, answering the requests it refuses itself in JSON.
+
+    gunicorn answers a request it cannot parse (a request line over its limit of 4094 bytes,
+    too many or too large headers, a malformed line) before the app sees it, with an HTML
+    page; clients of this API parse ``{"error": ..., "status": N}``.
+    """
+
+    def init_process(self) -> None:
+        # Only in the worker, after the fork: write_error's one caller is the worker's
+        # handle_error, which keeps choosing the status and logging the refusal.
+        util.write_error = _write_json_error
+        super().init_process()
+
+
 def _worker_exit(server: Any, worker: Any) -> None:
     # Flush this worker's call log before it goes (SIGTERM, reload, max-requests).
     service = getattr(worker.wsgi, "extensions", {}).get("inference")
@@ -38,7 +66,7 @@ def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> Non
             "bind": f"{host}:{port}",
             "workers": workers,
             "threads": threads,
-            "worker_class": "gthread",
+            "worker_class": f"{__name__}.JsonErrorWorker",
             "timeout": timeout,
             "graceful_timeout": timeout,
             "worker_exit": _worker_exit,

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from claude_headspace import create_app
-from claude_headspace.config import ConfigError, Settings, load_settings
+from claude_headspace.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from claude_headspace.inference import InferenceError, InvalidRequestError
 
 CHAT = "/api/v1/chat/completions"
@@ -70,11 +70,55 @@ def test_every_configuration_is_accepted_or_rejected_by_key(doc: dict[str, Any])
         settings_ = load_settings(path, environ={})
     except ConfigError as exc:
         message = str(exc)
+        assert "\n" not in message
         assert message.startswith("invalid configuration") or "YAML" in message
         # It names at least one key path that was in the document.
         assert any(part in message for part in _paths(doc)), message
     else:
         assert isinstance(settings_, Settings)
+
+
+CANARY = "tok-CANARY-77e1"
+secret_values = st.sampled_from([
+    CANARY, f"{CANARY} x", [CANARY], {"k": CANARY}, "{" + CANARY, "[" + CANARY, f"!{CANARY}",
+    f"!{CANARY}!x", f'"{CANARY}', f"{{token: {CANARY}", 7,
+])  # fmt: skip
+secret_places = st.sampled_from(["api.token", "openrouter.api_key", "api", "openrouter"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    doc=config_documents(),
+    place=secret_places,
+    value=secret_values,
+    how=st.sampled_from(["yaml", "flow", "variable"]),
+)
+def test_no_configuration_error_shows_a_secret(
+    doc: dict[str, Any], place: str, value: Any, how: str
+) -> None:
+    # A secret in the right place or the wrong one, of the right type or not, next to
+    # random other mistakes: an error may name its key, never show it.
+    environ: dict[str, str] = {}
+    if how == "variable":
+        environ[ENV_PREFIX + place.replace(".", "__").upper()] = (
+            value if isinstance(value, str) else json.dumps(value)
+        )
+        text = yaml.safe_dump(doc)
+    else:
+        *sections, key = place.split(".")
+        node = doc
+        for part in sections:
+            node = node.setdefault(part, {}) if isinstance(node.get(part), dict) else {}
+        node[key] = value
+        text = json.dumps(doc, default=str) if how == "flow" else yaml.safe_dump(doc)
+        if isinstance(value, str) and value[0] in '[{!"':  # verbatim, to break the YAML
+            text = text.replace(json.dumps(value) if how == "flow" else repr(value), value)
+    path = Path("/tmp") / "hs-config-secret.yaml"
+    path.write_text(text)
+    try:
+        load_settings(path, environ=environ)
+    except ConfigError as exc:
+        assert "CANARY" not in str(exc) and "\n" not in str(exc)
 
 
 def _paths(doc: dict[str, Any], prefix: str = "") -> list[str]:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from claude_headspace.config import ConfigError, Settings, environment_overrides, load_settings
+from claude_headspace.config import (
+    ConfigError,
+    Settings,
+    check_spool_dir,
+    environment_overrides,
+    load_settings,
+)
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -188,3 +198,204 @@ def test_environment_override_parsing() -> None:
     }
     with pytest.raises(ConfigError, match="empty section"):
         environment_overrides({"HEADSPACE__OPENROUTER____X": "1"})
+
+
+def _yaml_bomb(levels: str = "abcdefghi") -> str:
+    """Billion laughs: nine levels of nine aliases each stand for 9**9 strings."""
+    lines = [f"{levels[0]}: &{levels[0]} [" + ",".join(["lol"] * 9) + "]"]
+    for prev, cur in itertools.pairwise(levels):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + f"\nopenrouter: {{timeout_seconds: *{levels[-1]}}}\n"
+
+
+@pytest.mark.timeout(10)
+def test_a_yaml_bomb_is_refused_at_its_first_alias(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid YAML: aliases \(\*name\) are not allowed"):
+        load_settings(write(tmp_path, _yaml_bomb()), environ={})
+    # The same in a variable holding a flow mapping.
+    flow = "{a: &a [lol, lol], b: *a}"
+    with pytest.raises(ConfigError, match=r"HEADSPACE__OPENROUTER__MODELS: .*aliases"):
+        load_settings(tmp_path / "none.yaml", environ={"HEADSPACE__OPENROUTER__MODELS": flow})
+
+
+@pytest.mark.timeout(10)
+def test_a_huge_bad_value_is_shown_as_a_short_prefix(tmp_path: Path) -> None:
+    # As the bomb would expand, but built in code: 9**9 strings behind shared references.
+    value: Any = ["lol"] * 9
+    for _ in range(8):
+        value = [value] * 9
+    with pytest.raises(ConfigError) as info:
+        load_settings(
+            tmp_path / "none.yaml",
+            overrides={"openrouter": {"timeout_seconds": value}},
+            environ={},
+        )
+    message = str(info.value)
+    assert "openrouter.timeout_seconds: Input should be a valid number (got [[" in message
+    assert len(message.partition("(got ")[2]) < 80
+
+
+CANARY = "tok-CANARY-5eb1"
+
+
+def test_a_secret_variable_is_read_as_it_is_never_as_yaml(tmp_path: Path) -> None:
+    # Read as YAML, "{tok-..." was a broken flow mapping, in an error quoting the token.
+    env = {"HEADSPACE__API__TOKEN": "{" + CANARY, "HEADSPACE__OPENROUTER__API_KEY": f"[{CANARY}]"}
+    settings = load_settings(tmp_path / "none.yaml", environ=env)
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == "{" + CANARY
+    assert settings.api_key == f"[{CANARY}]"
+
+
+@pytest.mark.parametrize(
+    ("body", "env", "key"),
+    [
+        # Broken YAML around a secret, in a variable and in the file.
+        ("", {"HEADSPACE__API": f'{{token: "{CANARY}'}, "HEADSPACE__API"),
+        ("", {"HEADSPACE__OPENROUTER": f"{{api_key: {CANARY}, x: [}}"}, "HEADSPACE__OPENROUTER"),
+        (f"api:\n  token: !{CANARY}\n", {}, "not valid YAML: an unknown tag"),
+        (f"api:\n  token: !{CANARY}!x\n", {}, "not valid YAML: found undefined tag handle"),
+        (f'api:\n  token: "{CANARY}\n', {}, "not valid YAML"),
+        # A secret that parses, to the wrong type, or where a section belongs.
+        (f"api: {{token: [{CANARY}]}}", {}, "api.token"),
+        (f"api: {CANARY}", {}, "api: Input should be a valid dictionary"),
+        (f"openrouter: [{CANARY}]", {}, "openrouter: Input should be a valid dictionary"),
+        ("", {"HEADSPACE__OPENROUTER__API_KEY": f"{CANARY} with spaces"}, "openrouter.api_key"),
+        # A URL may carry a password.
+        (f"database: {{url: [postgresql://u:{CANARY}@db/x]}}", {}, "database.url"),
+    ],
+)
+def test_no_error_quotes_a_secret(tmp_path: Path, body: str, env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, body), environ=env)
+    message = str(info.value)
+    assert key in message
+    assert CANARY not in message and "CANARY" not in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"openrouter: {app_name: caf\xe9}\n", "not UTF-8 text (at byte offset 26)"),
+        (b"openrouter: {max_connections: " + b"9" * 5000 + b"}\n", "a number or date"),
+        (b"inference: {spool_path: 2024-02-30}\n", "a number or date that cannot be read"),
+        (b"openrouter: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    ],
+    ids=["latin-1", "long-number", "no-such-date", "deep"],
+)
+def test_a_file_that_cannot_be_read_is_named(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*{re.escape(expected)}"):
+        load_settings(path, environ={})
+
+
+def test_a_directory_for_a_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(tmp_path))}: cannot be read \(Is a directory\)"
+    ):
+        load_settings(tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("body", "env", "expected"),
+    [
+        ("database: {url: 'not a url'}", {}, "database.url: Value error, not a database URL"),
+        ("", {"DATABASE_URL": "garbage"}, "database.url: Value error, not a database URL"),
+        (
+            "database: {url: 'postgresql://u:pw@db:port/x'}",
+            {},
+            "database.url: Value error, not a database URL",
+        ),
+        ("database: {url: 'mysql://u@db/x'}", {}, "database.url: Value error, no installed driver"),
+        ("database: {url: 'http://db/x'}", {}, "database.url: Value error, no installed driver"),
+        ("redis: {url: notaurl}", {}, "redis.url: Value error, must start with redis://"),
+        ("", {"REDIS_URL": "redis://:pw@cache:port/0"}, "redis.url: Value error, not a Redis URL"),
+        ("redis: {url: 'redis://cache/0?socket_timeout=x'}", {}, "redis.url: Value error, not a"),
+    ],
+)
+def test_an_unusable_url_is_refused_when_read(
+    tmp_path: Path, body: str, env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, body), environ=env)
+    assert expected in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_usable_urls_are_kept_as_written(tmp_path: Path) -> None:
+    for url in ("sqlite://", "sqlite:///x.db", "postgres://u:pw@db/x", "postgresql+psycopg://db/x"):
+        assert (
+            load_settings(tmp_path / "none.yaml", environ={"DATABASE_URL": url}).database.url == url
+        )
+    for url in ("redis://cache:6379/0", "rediss://:pw@cache/1", "unix:///run/redis.sock"):
+        assert load_settings(tmp_path / "none.yaml", environ={"REDIS_URL": url}).redis.url == url
+
+
+def _duration_keys(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _duration_keys(field.annotation, f"{prefix}{name}.")
+        elif name.endswith("_seconds"):
+            keys.append(prefix + name)
+    return keys
+
+
+@pytest.mark.parametrize("key", _duration_keys())
+def test_every_duration_has_an_upper_bound(tmp_path: Path, key: str) -> None:
+    # 1.0e+308 s passed, then overflowed as milliseconds or added to a clock.
+    *sections, name = key.split(".")
+    body = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections))
+    body += f"{'  ' * len(sections)}{name}: 1.0e+308\n"
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be less than or equal"):
+        load_settings(write(tmp_path, body), environ={})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"OPENROUTER_API_KEY": "sk-or-x"}, {"HEADSPACE__OPENROUTER__MODELS__TURN": "a/b"}],
+)
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path: Path, env: dict[str, str]) -> None:
+    # With a variable under it, the section fell back to its defaults (openrouter.ai) silently.
+    with pytest.raises(ConfigError, match=r"openrouter: .* \(got text\)"):
+        load_settings(write(tmp_path, "openrouter: 'oops'"), environ=env)
+    with pytest.raises(ConfigError, match=r"openrouter: .* \(got a list\)"):
+        load_settings(
+            write(tmp_path, "openrouter: [a]"),
+            overrides={"openrouter": {"enabled": False}},
+            environ={},
+        )
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"openrouter\.models\.turn: String should have at least"):
+        load_settings(write(tmp_path, f"openrouter: {{models: {{turn: '{name}'}}}}"), environ={})
+
+
+def test_the_spool_directory_is_made_and_proved_writable(tmp_path: Path) -> None:
+    spool = check_spool_dir(tmp_path / "a" / "spool")
+    assert spool.is_dir() and list(spool.iterdir()) == []  # the probe file is gone
+    (tmp_path / "a-file").write_text("")
+    # Its parent is a file: no one, root included, can make it.
+    with pytest.raises(ConfigError, match=r"^inference\.spool_path: cannot write to .*a-file/s"):
+        check_spool_dir(tmp_path / "a-file" / "spool")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("app_name", "a\\nb"), ("site_url", "https://café.example")]
+)
+def test_a_header_setting_must_be_printable_ascii(tmp_path: Path, key: str, value: str) -> None:
+    # Sent in every request's headers, where httpx refuses anything else: every call failed.
+    with pytest.raises(ConfigError, match=rf"openrouter\.{key}: Value error, must be printable"):
+        load_settings(write(tmp_path, f'openrouter: {{{key}: "{value}"}}'), environ={})
+
+
+def test_an_unknown_key_is_named_on_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f'openrouter: {{"a\\nb": 1, "{"k" * 500}": 2}}'), environ={})
+    message = str(info.value)
+    assert "openrouter.'a\\nb': unknown key" in message and "\n" not in message
+    assert "openrouter.'kkkk" in message and len(message) < 300

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..config import _default_pricing
+from ..config import default_pricing
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ CONTROL = "/_emulator"
 # has by default, so a default configuration's estimate matches what the emulator reports.
 PRICES: dict[str, tuple[float, float]] = {
     model: (price.input_per_million, price.output_per_million)
-    for model, price in _default_pricing().items()
+    for model, price in default_pricing().items()
 }
 _UNKNOWN_PRICE = (1.0, 5.0)  # what the emulator charges for a model with no default price
 

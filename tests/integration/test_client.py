@@ -7,6 +7,7 @@ The retry loop over this client is tested in tests/unit/test_retry.py.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import random
@@ -132,21 +133,23 @@ def test_headers_are_sent_on_every_request(
     assert emulator.requests[0].headers["content-type"] == "application/json"
 
 
-def test_an_injected_httpx_client_gets_the_headers_and_is_not_closed(
+def test_an_injected_transport_gets_the_headers_and_is_not_closed(
     emulator: EmulatorServer,
 ) -> None:
-    with httpx.Client() as http:
+    with httpx.HTTPTransport() as transport:
         settings = settings_for(emulator.base_url, app_name="Injected")
-        client = OpenRouterClient(settings, api_key=TEST_KEY, http=http)
+        client = OpenRouterClient(settings, api_key=TEST_KEY, transport=transport)
         assert ask(client).text
         client.close()  # does not close what it was given...
-        assert not http.is_closed
         with pytest.raises(e.UpstreamError, match="closed; no request was sent"):
             ask(client)  # ...but is closed itself
+        again = OpenRouterClient(settings, api_key=TEST_KEY, transport=transport)
+        assert ask(again).text  # the transport still carries requests
     headers = emulator.requests[0].headers
     assert headers["authorization"] == f"Bearer {TEST_KEY}"
     assert headers["x-title"] == "Injected"
-    assert emulator.request_count(CHAT) == 1
+    assert headers["user-agent"].startswith("claude-headspace/")
+    assert emulator.request_count(CHAT) == 2
 
 
 def test_an_injected_transport_carries_every_request(emulator: EmulatorServer) -> None:
@@ -679,3 +682,20 @@ def test_a_key_echoed_in_a_successful_answer_is_redacted(
     assert answer.model == answer.provider == answer.generation_id == "Bearer [REDACTED]"
     assert answer.finish_reason == "Bearer [REDACTED]"
     assert answer.text == "you sent Bearer [REDACTED]"
+
+
+def test_a_compressed_answer_is_decoded() -> None:
+    # Requests go straight to the transport, so the answer's decoding is the client's own
+    # business: a gzip body (it asks for one) must come out as the JSON it holds.
+    choice = {"index": 0, "finish_reason": "stop", "message": {"content": "squeezed"}}
+    body = answer_body(choices=[choice]).encode()
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        assert "gzip" in request.headers["accept-encoding"]
+        return httpx.Response(
+            200, headers={"content-encoding": "gzip"}, content=gzip.compress(body)
+        )
+
+    settings = settings_for("http://openrouter.test/api/v1")
+    client = OpenRouterClient(settings, api_key=TEST_KEY, transport=httpx.MockTransport(gzipped))
+    assert ask(client).text == "squeezed"

@@ -6,7 +6,6 @@ httpx errors are translated here and nowhere else; callers only see our error tr
 from __future__ import annotations
 
 import email.utils
-import http.cookiejar
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from typing import Any, cast
 import httpcore  # noqa: F401
 import httpx
 
+from .. import __version__
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import OpenRouterSettings
 from ..models.inference_call import USD_QUANTUM
@@ -40,6 +40,7 @@ from .pricing import PriceTable
 from .types import Answer, GenerationParams
 
 _SHOWN_BYTES = 200
+_USER_AGENT = f"claude-headspace/{__version__} httpx/{httpx.__version__}"
 
 
 # A Retry-After longer than this is taken as this: a day is longer than any real
@@ -243,23 +244,13 @@ class ConnectionSlots(httpx.BaseTransport):
             transport.close()
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """A cookie jar that keeps nothing. OpenRouter's API is authenticated by the key alone,
-    and httpx's own jar takes a lock for every answer, which threads sharing the client
-    contend for."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
-
-    def add_cookie_header(self, request: Any) -> None:
-        pass
-
-
 class OpenRouterClient:
-    """Chat completions and account checks against OpenRouter over one httpx client.
+    """Chat completions and account checks against OpenRouter, over an httpx transport.
 
-    The client's transport is :class:`ConnectionSlots` unless a transport, or a whole
-    httpx.Client, is given (tests); every request takes the same path either way.
+    Requests go straight to the transport (httpx's seam): :class:`ConnectionSlots` unless
+    one is given (an egress proxy's ``httpx.HTTPTransport(proxy=...)``, or a test's). An
+    ``httpx.Client`` in between would add redirects, auth, cookies and hooks that these
+    calls never use, at about a quarter of the CPU of each request (BENCHMARKS.md).
     """
 
     def __init__(
@@ -267,7 +258,6 @@ class OpenRouterClient:
         settings: OpenRouterSettings,
         *,
         api_key: str | None,
-        http: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -275,13 +265,17 @@ class OpenRouterClient:
         self._prices = PriceTable(settings.pricing)
         self._key = api_key or ""
         self._clock = clock
-        headers = {
-            "Authorization": f"Bearer {self._key}",
-            "HTTP-Referer": settings.site_url,
-            "X-Title": settings.app_name,
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
+        self._headers = httpx.Headers(
+            {
+                "Authorization": f"Bearer {self._key}",
+                "HTTP-Referer": settings.site_url,
+                "X-Title": settings.app_name,
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
+                "User-Agent": _USER_AGENT,
+            }
+        )
         # The pool timeout bounds the wait for a free connection; a short per-call timeout
         # (the health probe's) replaces all four, so a status request never queues behind
         # slow calls.
@@ -290,13 +284,10 @@ class OpenRouterClient:
             connect=settings.connect_timeout_seconds,
             pool=settings.timeout_seconds,
         )
-        # A given httpx.Client is used, not owned: close() leaves it open.
-        self._owns_http = http is None
-        if http is None:
-            transport = transport or ConnectionSlots(settings.max_connections)
-            http = httpx.Client(transport=transport, timeout=self.timeout, cookies=_NoCookies())
-        http.headers.update(headers)
-        self._http = http
+        self._timeouts = self.timeout.as_dict()
+        # A given transport is used, not owned: close() leaves it open.
+        self._owns_transport = transport is None
+        self._transport = transport or ConnectionSlots(settings.max_connections)
         self._closed = False
         base = settings.base_url
         self._chat_url = _parsed(f"{base}/chat/completions")
@@ -306,8 +297,8 @@ class OpenRouterClient:
     def close(self) -> None:
         """Close every connection this client opened; later requests fail at once."""
         self._closed = True
-        if self._owns_http:
-            self._http.close()
+        if self._owns_transport:
+            self._transport.close()
 
     def _closed_error(self, *, in_flight: bool = False) -> UpstreamError:
         # Not retryable: the service closes its client when it shuts down.
@@ -352,11 +343,19 @@ class OpenRouterClient:
             raise self._closed_error()
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
         try:
-            # Not streamed: the body is read before the connection goes back for reuse.
-            response = self._http.request(method, url, content=content, timeout=wait)
+            request = httpx.Request(
+                method, url, headers=self._headers, content=content,
+                extensions={"timeout": self._timeouts if timeout is None else wait.as_dict()},
+            )  # fmt: skip
+            response = self._transport.handle_request(request)
+            try:
+                # Not streamed: the body is read before the connection goes back for reuse.
+                response.read()
+            finally:
+                response.close()
         except (httpx.HTTPError, httpx.InvalidURL, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not self._closed:
-                raise  # not httpx's "the client has been closed": a bug, shown as it is
+                raise  # not a closed transport's refusal: a bug, shown as it is
             raise self._translate(exc, method, url, wait) from self._redacted(exc)
         if response.status_code >= 400:
             raise self._http_error(response)

@@ -7,7 +7,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from claude_headspace.inference.errors import UpstreamServerError
 from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.recorder import CallWriter
-from claude_headspace.inference.types import Answer, CallLinks, GenerationParams, InferenceRequest
+from claude_headspace.inference.types import (
+    Answer,
+    CallLinks,
+    GenerationParams,
+    InferenceRequest,
+    new_request_id,
+)
 from claude_headspace.inference.usage import apply_rollup
 
 HAIKU = "anthropic/claude-haiku-4.5"
@@ -52,6 +58,26 @@ def call(
         record = CallRecord.of(request, status=status, latency_ms=latency_ms, error=error,
                                attempts=0 if status == "refused" else 1)  # fmt: skip
     return replace(record, timestamp=moment)
+
+
+def make_record(i: int = 0, **changes: object) -> CallRecord:
+    values: dict[str, object] = {
+        "request_id": new_request_id(),
+        "timestamp": datetime(2026, 11, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=i),
+        "level": "turn",
+        "purpose": "summarise turn",
+        "model": "anthropic/claude-haiku-4.5",
+        "status": "ok",
+        "input_hash": f"{i:064x}",
+        "input_tokens": 10 + i,
+        "output_tokens": 5,
+        "result_text": f"answer {i} — ünïcode",
+        "latency_ms": 3,
+        "cost_usd": Decimal("0.000035"),
+        "attempts": 1,
+    }
+    values.update(changes)
+    return CallRecord(**values)  # type: ignore[arg-type]
 
 
 def write(sessions: sessionmaker[Session], records: Sequence[CallRecord], batch: int) -> None:

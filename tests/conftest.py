@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from claude_headspace.clock import FakeClock
 from claude_headspace.db import normalise_url
+from tests.tcp_proxy import TcpProxy
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL")
@@ -129,6 +130,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return url
     server: _PostgresServer = request.getfixturevalue("postgres_server")
     return server.create(template=server.migrated_template())
+
+
+@pytest.fixture
+def postgres_proxy(migrated_postgres_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A cuttable TCP proxy in front of a migrated PostgreSQL database, and its URL."""
+    url = make_url(normalise_url(migrated_postgres_url))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    yield proxy, proxied
+    proxy.close()
 
 
 # --------------------------------------------------------------------------- Redis

@@ -10,8 +10,6 @@ import json
 import os
 import threading
 import time
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,8 @@ from sqlalchemy.pool import NullPool
 from claude_headspace.db import normalise_url
 from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.recorder import CallRecorder
-from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import apply_rollup
+from tests.call_rows import make_record
 from tests.tcp_proxy import TcpProxy
 
 
@@ -34,20 +32,7 @@ def report(name: str, **figures: Any) -> None:
 
 
 def a_record(i: int, answer: str = "an answer") -> CallRecord:
-    return CallRecord(
-        request_id=new_request_id(),
-        timestamp=datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=i),
-        level="turn",
-        purpose="call-log fault",
-        model="anthropic/claude-haiku-4.5",
-        status="ok",
-        input_hash=f"{i:064x}",
-        input_tokens=10,
-        output_tokens=5,
-        result_text=answer,
-        cost_usd=Decimal("0.000035"),
-        attempts=1,
-    )
+    return make_record(i, purpose="call-log fault", result_text=answer)
 
 
 def count_rows(url: str) -> int:

@@ -70,11 +70,9 @@ def app_for(url: str, emulator: Any, tmp_path: Path, **extra: Any) -> Flask:
 
 @pytest.mark.slow
 def test_database_cut_and_restored_mid_run(
-    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+    postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, emulator: Any, tmp_path: Path
 ) -> None:
-    url = make_url(normalise_url(migrated_postgres_url))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = postgres_proxy
     app = app_for(proxied, emulator, tmp_path, inference={"workers": 8})
     service: InferenceService = app.extensions["inference"]
     answered = failed = 0
@@ -95,7 +93,6 @@ def test_database_cut_and_restored_mid_run(
         after = service.status()
     finally:
         service.close()
-        proxy.close()
     rows = count_rows(migrated_postgres_url)
     report("database cut", calls=400, answered=answered, errors=failed, rows=rows,
            lost=400 - rows, spooled_while_cut=spooling["pending"],

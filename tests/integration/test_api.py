@@ -16,12 +16,10 @@ import pytest
 import schemathesis
 from flask import Flask
 from hypothesis import HealthCheck, settings
-from sqlalchemy.engine import make_url
 from tests.tcp_proxy import TcpProxy
 
 from claude_headspace import create_app
 from claude_headspace.api.inference import openapi_document
-from claude_headspace.db import normalise_url
 from claude_headspace.inference.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
@@ -283,11 +281,9 @@ def test_a_fresh_process_with_redis_away_says_so_at_its_first_status(
 
 
 def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
-    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+    postgres_proxy: tuple[TcpProxy, str], emulator: Any, tmp_path: Path
 ) -> None:
-    url = make_url(normalise_url(migrated_postgres_url))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, proxied = postgres_proxy
     app = build_app(proxied, emulator, tmp_path)
     client = app.test_client()
     try:
@@ -307,4 +303,3 @@ def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
         assert client.get("/api/inference/usage").status_code == 200
     finally:
         app.extensions["inference"].close(timeout=1)
-        proxy.close()

@@ -7,28 +7,18 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.call_rows import make_record
 
 from claude_headspace.inference.journal import Journal
 from claude_headspace.inference.record import CallRecord
-from claude_headspace.inference.types import new_request_id
 
 
 def a_record(i: int, answer: str = "an answer") -> CallRecord:
-    return CallRecord(
-        request_id=new_request_id(),
-        timestamp=datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=i),
-        level="turn",
-        purpose="journal test",
-        model="anthropic/claude-haiku-4.5",
-        status="ok",
-        input_hash=f"{i:064x}",
-        result_text=answer,
-    )
+    return make_record(i, purpose="journal test", result_text=answer)
 
 
 def line_bytes(record: CallRecord) -> int:

@@ -10,46 +10,25 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, func, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
+from tests.call_rows import make_record
 from tests.tcp_proxy import TcpProxy
 
 from claude_headspace.clock import FakeClock
 from claude_headspace.db import _sqlite_pragmas, normalise_url
 from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.recorder import CallRecorder, CallWriter
-from claude_headspace.inference.types import new_request_id
 from claude_headspace.inference.usage import apply_rollup
 from claude_headspace.models import InferenceCall, UsageRollup
-
-
-def make_record(i: int = 0, **changes: object) -> CallRecord:
-    values: dict[str, object] = {
-        "request_id": new_request_id(),
-        "timestamp": datetime(2026, 11, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=i),
-        "level": "turn",
-        "purpose": "summarise turn",
-        "model": "anthropic/claude-haiku-4.5",
-        "status": "ok",
-        "input_hash": f"{i:064x}",
-        "input_tokens": 10 + i,
-        "output_tokens": 5,
-        "result_text": f"answer {i} — ünïcode",
-        "latency_ms": 3,
-        "cost_usd": Decimal("0.000035"),
-        "attempts": 1,
-    }
-    values.update(changes)
-    return CallRecord(**values)  # type: ignore[arg-type]
 
 
 def sessions_for(url: str) -> sessionmaker:  # type: ignore[type-arg]
@@ -281,14 +260,14 @@ def test_a_row_the_driver_cannot_bind_is_rejected_not_retried_forever(
 # --------------------------------------------------------------------------- outages
 
 
-@pytest.fixture
-def postgres_proxy(migrated_postgres_url: str) -> Iterator[tuple[TcpProxy, str]]:
-    """A cuttable TCP proxy in front of a migrated PostgreSQL database, and its URL."""
-    url = make_url(normalise_url(migrated_postgres_url))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    yield proxy, proxied
-    proxy.close()
+def started_writer(url: str, tmp_path: Path, *, backoff: tuple[float, float]) -> CallWriter:
+    """A running writer on ``url`` with its backoff between tries bounded by ``backoff``."""
+    rejected = tmp_path / "rejected.jsonl"
+    writer = CallWriter(
+        sessions_for(url), rollup=apply_rollup, rejected_path=rejected, backoff_seconds=backoff
+    )
+    writer.start()
+    return writer
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
@@ -308,13 +287,7 @@ def test_records_arriving_during_an_outage_do_not_cut_the_backoff_short(
     # during an outage made it retry without pause: 16,486 connection attempts and 7.7 s of
     # CPU in ten seconds. With a backoff far longer than the test, the writer tries once.
     proxy, url = postgres_proxy
-    writer = CallWriter(
-        sessions_for(url),
-        rollup=apply_rollup,
-        rejected_path=tmp_path / "rejected.jsonl",
-        backoff_seconds=(600.0, 600.0),
-    )
-    writer.start()
+    writer = started_writer(url, tmp_path, backoff=(600.0, 600.0))
     try:
         proxy.cut()
         writer.submit(1, make_record(0))
@@ -341,13 +314,7 @@ def test_the_writer_retries_on_its_own_and_stop_cuts_its_backoff_short(
     postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
 ) -> None:
     proxy, url = postgres_proxy
-    writer = CallWriter(
-        sessions_for(url),
-        rollup=apply_rollup,
-        rejected_path=tmp_path / "rejected.jsonl",
-        backoff_seconds=(0.01, 0.05),
-    )
-    writer.start()
+    writer = started_writer(url, tmp_path, backoff=(0.01, 0.05))
     proxy.cut()
     writer.submit(1, make_record(1))
     assert wait_for(lambda: writer.stats()["write_failures"] >= 3)
@@ -357,13 +324,7 @@ def test_the_writer_retries_on_its_own_and_stop_cuts_its_backoff_short(
     assert writer.stop(timeout=30)
 
     # During a long backoff, stop() wakes the writer, which makes its last try and ends.
-    patient = CallWriter(
-        sessions_for(url),
-        rollup=apply_rollup,
-        rejected_path=tmp_path / "rejected.jsonl",
-        backoff_seconds=(600.0, 600.0),
-    )
-    patient.start()
+    patient = started_writer(url, tmp_path, backoff=(600.0, 600.0))
     proxy.cut()
     patient.submit(2, make_record(2))
     assert wait_for(lambda: patient.stats()["write_failures"] >= 1)

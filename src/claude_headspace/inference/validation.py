@@ -30,7 +30,9 @@ def _shown(value: object) -> str:
     return f"{value!r:.40}"
 
 
-def _check_text(name: str, value: object, *, allow_control: bool) -> str:
+def _check_text(
+    name: str, value: object, *, allow_control: bool, max_chars: int, setting: str = ""
+) -> str:
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -45,6 +47,11 @@ def _check_text(name: str, value: object, *, allow_control: bool) -> str:
         raise InvalidRequestError(f"{name} contains a NUL character")
     if not allow_control and any(ord(c) < 32 and c not in "\t" for c in value):
         raise InvalidRequestError(f"{name} contains control characters")
+    if len(value) > max_chars:
+        # Too large is its own error (a caller may shorten and retry), naming what sets it.
+        raise InputTooLargeError(
+            f"{name} is {len(value)} characters; the limit is {max_chars}{setting}"
+        )
     return value
 
 
@@ -56,36 +63,22 @@ def check_level(level: object) -> str:
 
 
 def check_purpose(purpose: object) -> str:
-    """A short free-text purpose, stored with the call."""
-    text = _check_text("purpose", purpose, allow_control=False)
-    if len(text) > MAX_PURPOSE_CHARS:
-        raise InvalidRequestError(
-            f"purpose is {len(text)} characters; at most {MAX_PURPOSE_CHARS} are allowed"
-        )
-    return text
+    """A short single-line purpose, stored with the call."""
+    return _check_text("purpose", purpose, allow_control=False, max_chars=MAX_PURPOSE_CHARS)
 
 
 def check_input(input_text: object, max_chars: int) -> str:
     """The input text, if it is a non-empty string within the size limit."""
-    text = _check_text("input_text", input_text, allow_control=True)
-    if len(text) > max_chars:
-        raise InputTooLargeError(
-            f"input_text is {len(text)} characters; the limit is {max_chars} "
-            "(inference.max_input_chars)"
-        )
-    return text
+    return _check_text("input_text", input_text, allow_control=True, max_chars=max_chars,
+                       setting=" (inference.max_input_chars)")  # fmt: skip
 
 
 def check_system_prompt(system_prompt: object, max_chars: int) -> str | None:
     """The system prompt, if any."""
     if system_prompt is None:
         return None
-    text = _check_text("system_prompt", system_prompt, allow_control=True)
-    if len(text) > max_chars:
-        raise InputTooLargeError(
-            f"system_prompt is {len(text)} characters; the limit is {max_chars}"
-        )
-    return text
+    return _check_text("system_prompt", system_prompt, allow_control=True, max_chars=max_chars,
+                       setting=" (inference.max_input_chars)")  # fmt: skip
 
 
 def check_params(max_tokens: object, temperature: object) -> GenerationParams:

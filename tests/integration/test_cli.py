@@ -18,6 +18,7 @@ from claude_headspace.db import head_revision
 
 BIN = Path(sys.executable).parent
 HEAD = head_revision()
+CHAT_PATH = "/api/v1/chat/completions"
 
 
 def run(
@@ -63,6 +64,13 @@ def test_infer_exit_status_and_streams(tmp_path: Path, emulator: Any) -> None:
     assert bad.returncode == 2
     assert json.loads(bad.stderr)["error"]["type"] == "UnknownLevelError"
     assert bad.stdout == ""
+    # An id no table can hold is refused before anything is spent (it called OpenRouter,
+    # exited 0, and its row was refused by PostgreSQL).
+    calls = emulator.request_count(CHAT_PATH)
+    huge = run([headspace, "infer", "--level", "turn", "--purpose", "p", "--project-id",
+                "3000000000", "x"], tmp_path, env)  # fmt: skip
+    assert huge.returncode == 2 and "project_id" in json.loads(huge.stderr)["error"]["message"]
+    assert emulator.request_count(CHAT_PATH) == calls
     negative = {**env, "HEADSPACE__OPENROUTER__RATE_LIMITS__CALLS_PER_MINUTE": "-1"}
     config_error = run([headspace, "status"], tmp_path, negative)
     assert config_error.returncode == 2

@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import traceback
+from collections.abc import Callable
 from decimal import Decimal
 from email.utils import formatdate
 from typing import Any
@@ -699,3 +700,29 @@ def test_a_compressed_answer_is_decoded() -> None:
     settings = settings_for("http://openrouter.test/api/v1")
     client = OpenRouterClient(settings, api_key=TEST_KEY, transport=httpx.MockTransport(gzipped))
     assert ask(client).text == "squeezed"
+
+
+def test_the_environments_proxy_carries_every_request(
+    own_emulator: Callable[..., EmulatorServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plain-HTTP forward proxy gets each request in absolute form; the emulator answers
+    # such a request as its own, so it can stand in for the proxy. The OpenRouter host
+    # named here does not exist: only the proxy can have answered.
+    proxy = own_emulator()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = OpenRouterClient(settings_for("http://openrouter.invalid/api/v1"), api_key=TEST_KEY)
+    try:
+        assert ask(client).text
+    finally:
+        client.close()
+    assert proxy.request_count(CHAT) == 1
+    monkeypatch.setenv("NO_PROXY", "openrouter.invalid")
+    direct = OpenRouterClient(settings_for("http://openrouter.invalid/api/v1"), api_key=TEST_KEY)
+    try:
+        with pytest.raises(e.UpstreamConnectionError):
+            ask(direct)  # NO_PROXY: straight to a host that does not exist
+    finally:
+        direct.close()
+    assert proxy.request_count(CHAT) == 1

@@ -11,6 +11,8 @@ import math
 import re
 import ssl
 import threading
+import urllib.parse
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
@@ -173,6 +175,20 @@ class _Release(httpx.SyncByteStream):
                 release()
 
 
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``ALL_PROXY``, minus ``NO_PROXY``), read as the standard library reads it."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # a malformed base URL: sending will say so, with no proxy involved
+        return None
+    if not host or urllib.request.proxy_bypass(host):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
 class ConnectionSlots(httpx.BaseTransport):
     """At most ``max_connections`` requests at once, each over a single-connection transport
     of its own, checked out for the request and back when its body is closed.
@@ -184,8 +200,9 @@ class ConnectionSlots(httpx.BaseTransport):
     short one, or openrouter.timeout_seconds), then fails with httpx.PoolTimeout.
     """
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, *, proxy: str | None = None) -> None:
         self._max = max_connections
+        self._proxy = proxy
         self._slots = threading.BoundedSemaphore(max_connections)
         self._idle: deque[httpx.HTTPTransport] = deque()
         self._all: list[httpx.HTTPTransport] = []
@@ -225,7 +242,7 @@ class ConnectionSlots(httpx.BaseTransport):
             if self._tls is None:
                 self._tls = httpx.create_ssl_context()
             limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            transport = httpx.HTTPTransport(verify=self._tls, limits=limits)
+            transport = httpx.HTTPTransport(verify=self._tls, limits=limits, proxy=self._proxy)
             self._all.append(transport)
         return transport
 
@@ -287,7 +304,9 @@ class OpenRouterClient:
         self._timeouts = self.timeout.as_dict()
         # A given transport is used, not owned: close() leaves it open.
         self._owns_transport = transport is None
-        self._transport = transport or ConnectionSlots(settings.max_connections)
+        self._transport = transport or ConnectionSlots(
+            settings.max_connections, proxy=environment_proxy(settings.base_url)
+        )
         self._closed = False
         base = settings.base_url
         self._chat_url = _parsed(f"{base}/chat/completions")

@@ -491,7 +491,8 @@ def check_spool_dir(path: str | os.PathLike[str]) -> Path:
     """
     spool = Path(path)
     try:
-        spool.mkdir(parents=True, exist_ok=True)
+        # Private, as the call log makes it: start-up now makes it first.
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=spool, prefix=".write-check-"):
             pass
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -376,8 +377,14 @@ def test_an_empty_model_name_is_refused(tmp_path: Path, name: str) -> None:
 
 
 def test_the_spool_directory_is_made_and_proved_writable(tmp_path: Path) -> None:
-    spool = check_spool_dir(tmp_path / "a" / "spool")
+    old_umask = os.umask(0)  # so that only the code's own mode counts
+    try:
+        spool = check_spool_dir(tmp_path / "a" / "spool")
+    finally:
+        os.umask(old_umask)
     assert spool.is_dir() and list(spool.iterdir()) == []  # the probe file is gone
+    # As private as the call log itself makes it (start-up makes it before the call log).
+    assert spool.stat().st_mode & 0o777 == 0o700
     (tmp_path / "a-file").write_text("")
     # Its parent is a file: no one, root included, can make it.
     with pytest.raises(ConfigError, match=r"^inference\.spool_path: cannot write to .*a-file/s"):

@@ -100,9 +100,7 @@ class RedisGuard:
         if probe:
             try:
                 self.client.ping()
-            except REDIS_DOWN as exc:
-                self.failed(exc)
-            except redis.RedisError as exc:  # e.g. NOAUTH: reachable, but not usable
+            except (*REDIS_DOWN, redis.RedisError) as exc:  # NOAUTH too: reachable, not usable
                 self.failed(exc)
             else:
                 self.succeeded()

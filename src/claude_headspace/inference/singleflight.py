@@ -106,8 +106,7 @@ class Flight(Protocol):
 class _Flight(Generic[T]):
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.result: T | None = None
-        self.error: Exception | None = None
+        self.outcome: FlightOutcome[T] = FlightOutcome(False)
         self.fatal: BaseException | None = None  # not an Exception: raised, not carried
 
 
@@ -136,17 +135,12 @@ class SingleFlight:
             flight.done.wait()
             if flight.fatal is not None:
                 raise flight.fatal
-            return FlightOutcome(False, flight.result, flight.error)
-        made = False
+            shared = flight.outcome
+            return FlightOutcome(False, shared.value, shared.error)
         try:
-            found = load() if load is not None else None
-            if found is not None:
-                flight.result = found
-            else:
-                made = True
-                flight.result = call()
-        except Exception as exc:
-            flight.error = exc
+            flight.outcome = _lead(call) if load is None else _load_or_lead(call, load)
+        except Exception as exc:  # load() failed (call()'s are in the outcome): nobody led
+            flight.outcome = FlightOutcome(False, error=exc)
         except BaseException as exc:
             flight.fatal = exc
             raise
@@ -154,7 +148,7 @@ class SingleFlight:
             with self._lock:
                 del self._flights[key]
             flight.done.set()
-        return FlightOutcome(made, flight.result, flight.error)
+        return flight.outcome
 
     def in_flight(self) -> int:
         """How many keys are being fetched right now."""

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from ..config import LEVELS, Settings
 from ..db import DATABASE_AWAY
 from ..inference.usage import UsageQuery, usage_report
-from ..models import MAX_ID
+from ..models import MAX_INTEGER
 
 bp = Blueprint("inference_api", __name__, url_prefix="/api/inference")
 
@@ -102,9 +102,9 @@ def parse_usage_query(args: Any) -> UsageQuery:
         raw = args["project_id"]
         # Project ids are 32-bit (projects.id): a larger one cannot exist, and PostgreSQL
         # would refuse to compare it with the column.
-        if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_ID:
+        if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_INTEGER:
             raise BadParameter(
-                f"project_id: must be an integer from 1 to {MAX_ID}, got {raw!r:.40}"
+                f"project_id: must be an integer from 1 to {MAX_INTEGER}, got {raw!r:.40}"
             )
         project_id = int(raw)
     return UsageQuery(since, until, level, model, project_id)
@@ -352,7 +352,7 @@ def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
                             "schema": {
                                 "type": "integer",
                                 "minimum": 1,
-                                "maximum": MAX_ID,
+                                "maximum": MAX_INTEGER,
                             },
                         },
                     ],

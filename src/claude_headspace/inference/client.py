@@ -27,6 +27,7 @@ import httpx
 from .. import __version__
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import OpenRouterSettings
+from ..models import MAX_INTEGER
 from ..models.inference_call import USD_QUANTUM
 from .errors import (
     EmptyResponseError,
@@ -95,9 +96,6 @@ def _parsed(url: str) -> httpx.URL | str:
         return url
 
 
-_MAX_TOKENS_REPORTED = 2**31 - 1  # the call log's token columns are 32-bit
-
-
 def _token_count(usage: Mapping[str, Any], name: str) -> int:
     # Token counts drive the rate limiter's budget and the cost: a negative, fractional or
     # absurd one is a malformed answer, not a number to trust (a negative count would hand
@@ -109,8 +107,8 @@ def _token_count(usage: Mapping[str, Any], name: str) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"usage.{name} is {value!r}, not a whole number of tokens")
-    if not 0 <= value <= _MAX_TOKENS_REPORTED:
-        raise ValueError(f"usage.{name} is {value}, outside 0..{_MAX_TOKENS_REPORTED}")
+    if not 0 <= value <= MAX_INTEGER:
+        raise ValueError(f"usage.{name} is {value}, outside 0..{MAX_INTEGER}")
     return value
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import LEVELS
 from ..db import DATABASE_AWAY
-from ..models import LINK_TABLES, MAX_ID
+from ..models import LINK_TABLES, MAX_INTEGER
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
 
@@ -130,10 +130,10 @@ class LinkChecker:
                 raise InvalidRequestError(
                     f"{name} must be a positive integer or None; got {type(value).__name__}"
                 )
-            if not 0 < value <= MAX_ID:
+            if not 0 < value <= MAX_INTEGER:
                 # A larger id cannot exist, and the database would refuse to even compare it.
                 raise InvalidRequestError(
-                    f"{name} must be a positive integer up to {MAX_ID}; got {_shown(value)}"
+                    f"{name} must be a positive integer up to {MAX_INTEGER}; got {_shown(value)}"
                 )
             if (name, value) not in self._known:
                 missing.append((name, value))

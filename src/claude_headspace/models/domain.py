@@ -70,9 +70,6 @@ class Objective(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-# The largest id a link can hold: the id columns are INTEGER, 32-bit on PostgreSQL.
-MAX_ID = 2**31 - 1
-
 # The tables a call's links point at, by the call's field name.
 LINK_TABLES: dict[str, type[Base]] = {
     "project_id": Project,

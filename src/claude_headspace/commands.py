@@ -42,6 +42,10 @@ def _database() -> Database:
     return or_exit(lambda: Database(load_settings().database))
 
 
+def _revision(database: Database) -> str:
+    return current_revision(database.engine) or "base"
+
+
 @click.group("db", help="Database migrations.")
 def db_group() -> None:
     """Database migrations."""
@@ -53,7 +57,7 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
     database = _database()
     upgrade(database.engine, revision)
-    click.echo(f"database at {current_revision(database.engine) or 'base'}")
+    click.echo(f"database at {_revision(database)}")
 
 
 @db_group.command("downgrade")
@@ -62,13 +66,13 @@ def db_downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (e.g. base)."""
     database = _database()
     downgrade(database.engine, revision)
-    click.echo(f"database at {current_revision(database.engine) or 'base'}")
+    click.echo(f"database at {_revision(database)}")
 
 
 @db_group.command("current")
 def db_current() -> None:
     """Print the revision the database is at."""
-    click.echo(current_revision(_database().engine) or "base")
+    click.echo(_revision(_database()))
 
 
 def _echo_json(data: Any) -> None:

@@ -162,7 +162,7 @@ def main() -> None:
                 }
             )
             client = app.test_client()
-            database = app.extensions["headspace.database"]
+            database = app.extensions["inference"].database
             engine = database.engine
             for total in sorted(args.rows):
                 # Each size starts from an empty table, so its rows cover the same DAYS days.

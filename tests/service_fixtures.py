@@ -61,7 +61,7 @@ def make_app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[AppFa
 def rows(app: Flask) -> list[InferenceCall]:
     service: InferenceService = app.extensions["inference"]
     assert service.recorder.flush(timeout=30)
-    url = app.extensions["headspace.database"].url
+    url = app.extensions["inference"].database.url
     engine = create_engine(normalise_url(url), poolclass=NullPool)
     with Session(engine) as session:
         found = list(session.scalars(select(InferenceCall).order_by(InferenceCall.id)))

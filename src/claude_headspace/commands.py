@@ -36,7 +36,7 @@ def _database() -> Database:
     """The app's database inside an app; else the configured one (``headspace db`` builds no
     app, so it neither migrates at start-up nor starts the service's threads)."""
     if has_app_context():
-        database: Database = current_app.extensions["headspace.database"]
+        database: Database = current_app.extensions["inference"].database
         return database
     load_env_file()
     return or_exit(lambda: Database(load_settings().database))
@@ -80,7 +80,7 @@ def _echo_json(data: Any) -> None:
 
 
 @click.command("infer")
-@click.option("--level", required=True, help="turn, task, project or objective")
+@click.option("--level", required=True, help="a level: a key of openrouter.models")
 @click.option("--purpose", required=True, help="What the call is for (stored with it).")
 @click.option("--project-id", type=int, default=None)
 @click.option("--agent-id", type=int, default=None)
@@ -172,12 +172,15 @@ def usage_command(
     """Print usage and cost (as GET /api/inference/usage, with the same options)."""
     given = {"since": since, "until": until, "level": level, "model": model,
              "project_id": project_id}  # fmt: skip
+    service = current_app.extensions["inference"]
     try:
-        query = parse_usage_query(MultiDict({k: v for k, v in given.items() if v is not None}))
+        query = parse_usage_query(
+            MultiDict({k: v for k, v in given.items() if v is not None}), service.settings.levels
+        )
     except BadParameter as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    current_app.extensions["inference"].close()  # not needed to read usage: stop its threads
+    service.close()  # not needed to read usage: stop its threads
     with _database().sessions() as session:
         data = usage_report(session, query)
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))

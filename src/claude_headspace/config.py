@@ -14,7 +14,7 @@ import reprlib
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from dotenv import load_dotenv
@@ -38,8 +38,14 @@ from .db import check_url
 
 log = logging.getLogger(__name__)
 
-LEVELS: tuple[str, ...] = ("turn", "task", "project", "objective")
-Level = Literal["turn", "task", "project", "objective"]
+# The levels and their models when openrouter.models is not configured; a configured
+# mapping replaces them all (the host's has `command` where this has `task`).
+DEFAULT_MODELS: dict[str, str] = {
+    "turn": "anthropic/claude-haiku-4.5",
+    "task": "anthropic/claude-haiku-4.5",
+    "project": "anthropic/claude-sonnet-4.5",
+    "objective": "anthropic/claude-sonnet-4.5",
+}
 
 ENV_PREFIX = "HEADSPACE__"
 _SECRET_KEYS = frozenset({"api_key", "token"})
@@ -102,24 +108,8 @@ class RedisSettings(_Section):
 
 
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-
-
-class ModelsSettings(_Section):
-    """The model used for each inference level."""
-
-    turn: ModelName = "anthropic/claude-haiku-4.5"
-    task: ModelName = "anthropic/claude-haiku-4.5"
-    project: ModelName = "anthropic/claude-sonnet-4.5"
-    objective: ModelName = "anthropic/claude-sonnet-4.5"
-
-    def for_level(self, level: str) -> str:
-        """The model configured for ``level``."""
-        model: str = getattr(self, level)
-        return model
-
-    def as_dict(self) -> dict[str, str]:
-        """Level -> model, in level order."""
-        return {level: self.for_level(level) for level in LEVELS}
+# A level is a name callers pass and the call log stores (a 16-character column).
+LevelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
 
 
 class RateLimitSettings(_Section):
@@ -182,7 +172,10 @@ class OpenRouterSettings(_Section):
     max_connections: PositiveInt = 64
     site_url: str = "https://github.com/claude-headspace"
     app_name: str = "Claude Headspace"
-    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    # Level -> model; its keys are the levels callers may use, in this order.
+    models: dict[LevelName, ModelName] = Field(
+        default_factory=lambda: dict(DEFAULT_MODELS), min_length=1
+    )
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
@@ -267,9 +260,14 @@ class Settings(_Section):
         key = self.openrouter.api_key
         return key.get_secret_value() if key is not None else None
 
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The inference levels: the keys of openrouter.models, in their order."""
+        return tuple(self.openrouter.models)
+
     def models_without_pricing(self) -> list[str]:
         """Configured models that have no price, so no estimated cost."""
-        models = set(self.openrouter.models.as_dict().values())
+        models = set(self.openrouter.models.values())
         return sorted(m for m in models if m not in self.openrouter.pricing)
 
 

@@ -20,10 +20,13 @@ from tests.tcp_proxy import TcpProxy
 
 from claude_headspace import create_app
 from claude_headspace.api.inference import openapi_document
+from claude_headspace.config import DEFAULT_MODELS
 from claude_headspace.inference.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
 TOKEN = "operator-token-123"
+
+DEFAULT_LEVELS = tuple(DEFAULT_MODELS)
 
 
 def build_app(url: str, emulator: Any, tmp_path: Path, **overrides: Any) -> Flask:
@@ -57,7 +60,7 @@ def nullable_to_jsonschema(schema: Any) -> Any:
 
 
 def response_schema(name: str) -> Any:
-    return nullable_to_jsonschema(openapi_document()["components"]["schemas"][name])
+    return nullable_to_jsonschema(openapi_document(DEFAULT_LEVELS)["components"]["schemas"][name])
 
 
 def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flask) -> None:
@@ -75,7 +78,7 @@ def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flas
         assert SECRET not in response.get_data(as_text=True)
     jsonschema.validate(status.json, response_schema("Status"))
     jsonschema.validate(usage.json, response_schema("Usage"))
-    assert doc.json == json.loads(json.dumps(openapi_document()))
+    assert doc.json == json.loads(json.dumps(openapi_document(DEFAULT_LEVELS)))
     s = status.json
     assert s["enabled"] is True and s["state"] == "healthy" and s["reason"] is None
     assert s["openrouter"]["reachable"] is True
@@ -87,7 +90,7 @@ def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flas
     assert (u["total_calls"], u["cache_hits"], u["errors"]) == (2, 1, 0)
     assert u["calls_by_level"] == {"turn": 2}
     assert u["saved_cost"] == u["total_cost"] > 0
-    with app.extensions["headspace.database"].sessions() as session:
+    with app.extensions["inference"].database.sessions() as session:
         assert u == json.loads(json.dumps(usage_report(session, UsageQuery())))
 
 
@@ -187,7 +190,9 @@ def test_api_token_guards_both_endpoints(sqlite_url: str, emulator: Any, tmp_pat
         # The document is public: it describes the API, not its data, and declares the token.
         doc = client.get("/api/inference/openapi.json")
         assert doc.status_code == 200
-        assert doc.json == json.loads(json.dumps(openapi_document(token_required=True)))
+        assert doc.json == json.loads(
+            json.dumps(openapi_document(DEFAULT_LEVELS, token_required=True))
+        )
         assert doc.json["paths"]["/api/inference/usage"]["get"]["security"] == [{"bearerToken": []}]
     finally:
         app.extensions["inference"].close()

@@ -78,7 +78,7 @@ def test_upstream_costs_with_more_than_twelve_decimals_keep_usage_and_raw_rows_e
     raw_sum = sum((r.upstream_cost_usd for r in stored if r.upstream_cost_usd), Decimal(0))
     assert raw_sum == Decimal("0.000024691250")
     answer = app.test_client().get("/api/inference/usage").json
-    database = app.extensions["headspace.database"]
+    database = app.extensions["inference"].database
     with database.sessions() as session:
         raw = usage_report_raw(session, UsageQuery())
     assert answer["upstream_reported_cost"] == raw["upstream_reported_cost"]

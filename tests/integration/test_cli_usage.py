@@ -37,7 +37,7 @@ def app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
              latency_ms=120, cost=Decimal("0.00015"), saved=Decimal("0.00015"))
         for i in range(5)
     ]  # fmt: skip
-    write(app.extensions["headspace.database"].sessions, rows, 5)
+    write(app.extensions["inference"].database.sessions, rows, 5)
     yield app
     app.extensions["inference"].close()
 
@@ -53,7 +53,7 @@ def test_usage_prints_what_the_endpoint_answers(app: Flask) -> None:
     )
     assert printed == endpoint.json
     q = UsageQuery(since=T0 + timedelta(minutes=30), until=T0 + timedelta(hours=3), level="turn")
-    with app.extensions["headspace.database"].sessions() as session:
+    with app.extensions["inference"].database.sessions() as session:
         assert printed == json.loads(json.dumps(usage_report(session, q)))
     assert (printed["total_calls"], printed["cache_hits"]) == (2, 0)  # turns at 10:20 and 11:40
     everything = json.loads(runner.invoke(args=["usage"]).output)

@@ -41,7 +41,7 @@ def test_canary_key_never_leaks(
     service = app.extensions["inference"]
     client = app.test_client()
     try:
-        seen.append(repr(app.extensions["headspace.settings"]))
+        seen.append(repr(app.extensions["inference"].settings))
         seen.append(service.infer("turn", "p", "a good call").text)
         for fault in (
             Fault(status=400),

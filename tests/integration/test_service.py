@@ -297,7 +297,7 @@ def test_an_unknown_keyword_is_a_type_error_before_any_spend(
 
 def test_links_to_existing_rows_are_stored(make_app: AppFactory, emulator: Any) -> None:
     app = make_app()
-    engine = app.extensions["headspace.database"].engine
+    engine = app.extensions["inference"].database.engine
     with engine.begin() as conn:
         now = {"t": "2026-01-01 00:00:00"}
         conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'p', :t)"), now)
@@ -444,7 +444,7 @@ def test_shutdown_finishes_running_cancels_queued_and_flushes(
         service.submit("turn", "p", "too late")
     with pytest.raises(ShuttingDownError):
         service.infer("turn", "p", "too late")
-    url = app.extensions["headspace.database"].url
+    url = app.extensions["inference"].database.url
     engine = create_engine(normalise_url(url), poolclass=NullPool)
     with Session(engine) as session:
         statuses = sorted(session.scalars(select(InferenceCall.status)))

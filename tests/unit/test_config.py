@@ -30,7 +30,7 @@ def write(tmp_path: Path, body: str) -> Path:
 def test_missing_file_means_defaults(tmp_path: Path) -> None:
     settings = load_settings(tmp_path / "nope.yaml", environ={})
     assert settings == Settings()
-    assert settings.openrouter.models.as_dict() == {
+    assert settings.openrouter.models == {
         "turn": "anthropic/claude-haiku-4.5",
         "task": "anthropic/claude-haiku-4.5",
         "project": "anthropic/claude-sonnet-4.5",
@@ -39,6 +39,34 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
     assert settings.openrouter.rate_limits.calls_per_minute == 30
     assert settings.openrouter.retry.max_attempts == 3
     assert settings.openrouter.cache.ttl_seconds == 300
+
+
+def test_a_configured_models_mapping_replaces_the_four_levels(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "openrouter:\n  models:\n    turn: a/light\n    command: a/light\n"
+        "    project: a/big\n    objective: a/big\n",
+    )
+    settings = load_settings(path, environ={})
+    assert settings.levels == ("turn", "command", "project", "objective")
+    assert settings.openrouter.models["command"] == "a/light"
+    assert "task" not in settings.openrouter.models
+
+
+@pytest.mark.parametrize(
+    ("models", "named"),
+    [
+        ("{}", "openrouter.models: Dictionary should have at least 1 item"),
+        ("{Turn: a/m}", "openrouter.models.Turn.[key]: String should match pattern"),
+        ("{a_level_name_too_long: a/m}", "openrouter.models.a_level_name_too_long.[key]"),
+        ("{turn: ''}", "openrouter.models.turn: String should have at least 1 character"),
+    ],
+)
+def test_a_bad_level_or_model_is_named(tmp_path: Path, models: str, named: str) -> None:
+    path = write(tmp_path, f"openrouter:\n  models: {models}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert named in str(caught.value)
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:
@@ -129,7 +157,7 @@ def test_headspace_config_variable_names_the_file(
         ("openrouter: {retry: {max_attempts: 0}}", {}, "openrouter.retry.max_attempts"),
         ("openrouter: {cache: {ttl_seconds: -5}}", {}, "openrouter.cache.ttl_seconds"),
         ("openrouter: {colour: blue}", {}, "openrouter.colour: unknown key"),
-        ("openrouter: {models: {epic: some/model}}", {}, "openrouter.models.epic: unknown key"),
+        ("openrouter: {models: {Epic: some/model}}", {}, "openrouter.models.Epic.[key]: String"),
         ("databse: {url: x}", {}, "databse: unknown key"),
         ("openrouter: {base_url: ftp://x}", {}, "openrouter.base_url: Value error, must start"),
         ("openrouter: {enabled: perhaps}", {}, "openrouter.enabled: Input should be a valid bool"),

@@ -45,13 +45,16 @@ def test_non_string_input_names_its_type(value: object) -> None:
         check_input(value, 200)
 
 
-@given(st.text(max_size=20))
-def test_only_the_four_levels_pass(level: str) -> None:
-    if level in ("turn", "task", "project", "objective"):
-        assert check_level(level) == level
+HOST_LEVELS = ("turn", "command", "project", "objective")
+
+
+@given(st.one_of(st.text(max_size=20), st.sampled_from((*HOST_LEVELS, "task"))))
+def test_only_the_configured_levels_pass(level: str) -> None:
+    if level in HOST_LEVELS:
+        assert check_level(level, HOST_LEVELS) == level
     else:
-        with pytest.raises(UnknownLevelError, match="level must be one of"):
-            check_level(level)
+        with pytest.raises(UnknownLevelError, match="level must be one of turn, command, proj"):
+            check_level(level, HOST_LEVELS)
 
 
 @given(st.text(max_size=250))

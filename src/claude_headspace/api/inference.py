@@ -12,8 +12,8 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from ..config import LEVELS, Settings
 from ..db import DATABASE_AWAY
+from ..inference.service import InferenceService
 from ..inference.usage import UsageQuery, usage_report
 from ..models import MAX_INTEGER
 
@@ -32,10 +32,15 @@ def _error(status: int, message: str) -> Response:
     return response
 
 
+def _service() -> InferenceService:
+    """This app's service (the extension's, or create_app()'s)."""
+    service: InferenceService = current_app.extensions["inference"]
+    return service
+
+
 @bp.before_request
 def _require_token() -> Response | None:
-    settings: Settings = current_app.extensions["headspace.settings"]
-    token = settings.api.token
+    token = _service().settings.api.token
     if token is None or request.endpoint == "inference_api.openapi":
         return None
     header = request.headers.get("Authorization", "")
@@ -51,7 +56,7 @@ def _require_token() -> Response | None:
 def status() -> Response:
     """Service health, configuration and live statistics."""
     # The service answers from its cached health checks: no request waits on OpenRouter.
-    return jsonify(current_app.extensions["inference"].status())
+    return jsonify(_service().status())
 
 
 # A window's edges are rounded to whole hours and days; keeping a day clear of datetime's
@@ -77,8 +82,9 @@ def parse_time(name: str, raw: str) -> datetime:
     return moment
 
 
-def parse_usage_query(args: Any) -> UsageQuery:
-    """The usage query the request's parameters describe; BadParameter names a bad one."""
+def parse_usage_query(args: Any, levels: tuple[str, ...]) -> UsageQuery:
+    """The usage query the request's parameters describe; BadParameter names a bad one.
+    ``levels`` are the configured ones."""
     unknown = sorted(set(args) - set(USAGE_PARAMS))
     if unknown:
         raise BadParameter(f"{unknown[0]}: unknown parameter (known: {', '.join(USAGE_PARAMS)})")
@@ -90,8 +96,8 @@ def parse_usage_query(args: Any) -> UsageQuery:
     if since is not None and until is not None and since > until:
         raise BadParameter("since: must not be later than until")
     level = args.get("level")
-    if level is not None and level not in LEVELS:
-        raise BadParameter(f"level: must be one of {', '.join(LEVELS)}, got {level!r:.40}")
+    if level is not None and level not in levels:
+        raise BadParameter(f"level: must be one of {', '.join(levels)}, got {level!r:.40}")
     model = args.get("model")
     if model is not None and not (0 < len(model) <= 200):
         raise BadParameter("model: must be 1 to 200 characters")
@@ -113,13 +119,13 @@ def parse_usage_query(args: Any) -> UsageQuery:
 @bp.get("/usage")
 def usage() -> Response:
     """Calls, tokens, cost, cache hits, errors and latency over a window."""
+    service = _service()
     try:
-        query = parse_usage_query(request.args)
+        query = parse_usage_query(request.args, service.settings.levels)
     except BadParameter as exc:
         return _error(400, str(exc))
-    database = current_app.extensions["headspace.database"]
     try:
-        with database.sessions() as session:
+        with service.database.sessions() as session:
             return jsonify(usage_report(session, query))
     except DATABASE_AWAY as exc:
         # Not a 500: the service is fine, its database is not answering; say so, and when.
@@ -130,13 +136,13 @@ def usage() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3 document of these endpoints."""
-    settings: Settings = current_app.extensions["headspace.settings"]
-    return jsonify(openapi_document(token_required=settings.api.token is not None))
+    settings = _service().settings
+    return jsonify(openapi_document(settings.levels, token_required=settings.api.token is not None))
 
 
-def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.0 description of /status and /usage; with ``token_required`` (api.token
-    set) both declare bearer authentication and their 401 answer."""
+def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.0 description of /status and /usage for the configured ``levels``; with
+    ``token_required`` (api.token set) both declare bearer authentication and their 401."""
     number = {"type": "number"}
     integer = {"type": "integer"}
     nullable_int = {"type": "integer", "nullable": True}
@@ -186,8 +192,8 @@ def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
             },
             "models": {
                 "type": "object",
-                "required": list(LEVELS),
-                "properties": {level: {"type": "string"} for level in LEVELS},
+                "required": list(levels),
+                "properties": {level: {"type": "string"} for level in levels},
             },
             "rate_limits": {
                 "type": "object",
@@ -339,7 +345,7 @@ def openapi_document(*, token_required: bool = False) -> dict[str, Any]:
                         {
                             "name": "level",
                             "in": "query",
-                            "schema": {"type": "string", "enum": list(LEVELS)},
+                            "schema": {"type": "string", "enum": list(levels)},
                         },
                         {
                             "name": "model",

@@ -83,6 +83,7 @@ class InferenceService:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.database = database
         self._or = settings.openrouter
         self._limits = settings.inference
         self._client = client
@@ -234,7 +235,7 @@ class InferenceService:
         if unknown:
             # What Python says of a keyword a signature does not have.
             raise TypeError(f"inference call got an unexpected keyword argument {unknown[0]!r}")
-        level_ = check_level(level)
+        level_ = check_level(level, self.settings.levels)
         purpose_ = check_purpose(purpose)
         text = check_input(input_text, self._limits.max_input_chars)
         system = check_system_prompt(options.get("system_prompt"), self._limits.max_input_chars)
@@ -246,7 +247,7 @@ class InferenceService:
             options.get("turn_id"),
         )
         self._links.check(links)
-        model = self._or.models.for_level(level_)
+        model = self._or.models[level_]
         key = request_key(model=model, system_prompt=system, input_text=text, params=params)
         request = InferenceRequest(level_, purpose_, text, model, key, links, system, params)
         refusal = self._unavailable()

@@ -61,7 +61,7 @@ def status_report(
             "api_key_configured": health is not None,
             **report.to_dict(),
         },
-        "models": settings.models.as_dict(),
+        "models": dict(settings.models),
         "rate_limits": {
             "calls_per_minute": rl.calls_per_minute,
             "tokens_per_minute": rl.tokens_per_minute,

@@ -35,7 +35,6 @@ from sqlalchemy import BigInteger, ColumnElement, Table, and_, case, cast, exist
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ..config import LEVELS
 from ..models import InferenceCall, Project, UsageRollup
 from ..models.inference_call import LATENCY_BUCKETS_MS, PICO
 
@@ -400,7 +399,6 @@ def usage_report_raw(session: Session, q: UsageQuery) -> dict[str, Any]:
 
 
 __all__ = [
-    "LEVELS",
     "Usage",
     "UsageQuery",
     "apply_rollup",

@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..config import LEVELS
 from ..db import DATABASE_AWAY
 from ..models import LINK_TABLES, MAX_INTEGER
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
@@ -55,10 +54,10 @@ def _check_text(
     return value
 
 
-def check_level(level: object) -> str:
-    """The level, if it is one of turn, task, project, objective."""
-    if not isinstance(level, str) or level not in LEVELS:
-        raise UnknownLevelError(f"level must be one of {', '.join(LEVELS)}; got {level!r:.60}")
+def check_level(level: object, levels: tuple[str, ...]) -> str:
+    """The level, if it is one of the configured ``levels`` (openrouter.models' keys)."""
+    if not isinstance(level, str) or level not in levels:
+        raise UnknownLevelError(f"level must be one of {', '.join(levels)}; got {level!r:.60}")
     return level
 
 

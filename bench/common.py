@@ -95,7 +95,8 @@ def postgres_database() -> Iterator[str]:
     from sqlalchemy.engine import make_url
 
     from claude_headspace.config import DatabaseSettings
-    from claude_headspace.db import Database, normalise_url
+    from claude_headspace.db import normalise_url
+    from claude_headspace.standalone.database import standalone_database
 
     base = make_url(normalise_url(PG_URL))
     name = f"hs_bench_{uuid.uuid4().hex[:10]}"
@@ -104,7 +105,7 @@ def postgres_database() -> Iterator[str]:
         conn.execute(text(f"CREATE DATABASE {name}"))
     url = base.set(database=name).render_as_string(hide_password=False)
     try:
-        db = Database(DatabaseSettings(url=url))
+        db = standalone_database(DatabaseSettings(url=url))
         db.upgrade()
         db.dispose()
         yield url

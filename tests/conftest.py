@@ -70,10 +70,10 @@ class _PostgresServer:
     def migrated_template(self) -> str:
         if self.template is None:
             from claude_headspace.config import DatabaseSettings
-            from claude_headspace.db import Database
+            from claude_headspace.standalone.database import standalone_database
 
             url = self.create()
-            db = Database(DatabaseSettings(url=url))
+            db = standalone_database(DatabaseSettings(url=url))
             db.upgrade()
             db.dispose()
             self.template = make_url(url).database
@@ -121,10 +121,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh database with every migration applied, on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
         from claude_headspace.config import DatabaseSettings
-        from claude_headspace.db import Database
+        from claude_headspace.standalone.database import standalone_database
 
         url = f"sqlite:///{tmp_path / 'headspace.db'}"
-        db = Database(DatabaseSettings(url=url))
+        db = standalone_database(DatabaseSettings(url=url))
         db.upgrade()
         db.dispose()
         return url

@@ -10,8 +10,8 @@ from flask.cli import FlaskGroup
 from .app import create_app
 from .commands import db_group, or_exit
 from .config import check_spool_dir, load_env_file, load_settings
-from .db import Database
 from .emulator.cli import emulator_command
+from .standalone.database import standalone_database
 
 
 def _create_app_for_cli() -> Flask:
@@ -53,7 +53,7 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
     settings = or_exit(load_settings)
     or_exit(lambda: check_spool_dir(settings.inference.spool_dir()))
     # Migrate once here rather than in N workers at the same moment (no threads involved).
-    database = Database(settings.database)
+    database = standalone_database(settings.database)
     if database.is_sqlite or settings.database.auto_migrate:
         database.upgrade()
     database.dispose()

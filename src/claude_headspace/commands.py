@@ -1,6 +1,7 @@
 """The commands that act on the service and its database: ``db``, ``infer``, ``status`` and
-``usage``. They are installed on every app's CLI (``flask --app ... <command>``); the
-``headspace`` entry point (cli.py) offers them too."""
+``usage``. The extension puts them in an ``inference`` group on every app's CLI (``flask
+--app HOST inference ...``); the standalone app also has them at the top (``flask --app
+claude_headspace infer``), and so does the ``headspace`` entry point (cli.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from werkzeug.datastructures import MultiDict
 
 from .api.inference import BadParameter, parse_usage_query
 from .config import ConfigError, load_env_file, load_settings
-from .db import Database, current_revision, downgrade, upgrade
+from .db import Database
 from .inference.errors import InferenceError, InvalidRequestError
 from .inference.usage import usage_report
 
@@ -33,17 +34,32 @@ def or_exit(build: Callable[[], T]) -> T:
 
 
 def _database() -> Database:
-    """The app's database inside an app; else the configured one (``headspace db`` builds no
-    app, so it neither migrates at start-up nor starts the service's threads)."""
+    """The app's database inside an app (the host's, with the service's history; or the
+    standalone app's, with both); else the standalone one configured (``headspace db``
+    builds no app, so it neither migrates at start-up nor starts the service's threads)."""
     if has_app_context():
         database: Database = current_app.extensions["inference"].database
         return database
+    from .standalone.database import standalone_database
+
     load_env_file()
-    return or_exit(lambda: Database(load_settings().database))
+    return or_exit(lambda: standalone_database(load_settings().database))
 
 
 def _revision(database: Database) -> str:
-    return current_revision(database.engine) or "base"
+    revisions = database.revisions()
+    if len(revisions) == 1:
+        return next(iter(revisions.values())) or "base"
+    return ", ".join(f"{name} {rev or 'base'}" for name, rev in revisions.items())
+
+
+def _migrate(database: Database, move: Callable[[str], None], revision: str) -> None:
+    try:
+        move(revision)
+    except ValueError as exc:  # a revision that is none of the histories'
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"database at {_revision(database)}")
 
 
 @click.group("db", help="Database migrations.")
@@ -56,8 +72,7 @@ def db_group() -> None:
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
     database = _database()
-    upgrade(database.engine, revision)
-    click.echo(f"database at {_revision(database)}")
+    _migrate(database, database.upgrade, revision)
 
 
 @db_group.command("downgrade")
@@ -65,8 +80,7 @@ def db_upgrade(revision: str) -> None:
 def db_downgrade(revision: str) -> None:
     """Revert migrations down to REVISION (e.g. base)."""
     database = _database()
-    downgrade(database.engine, revision)
-    click.echo(f"database at {_revision(database)}")
+    _migrate(database, database.downgrade, revision)
 
 
 @db_group.command("current")
@@ -186,7 +200,19 @@ def usage_command(
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
 
 
+COMMANDS = (db_group, infer_command, status_command, usage_command)
+
+
+@click.group("inference", help="The inference service: its migrations, status, usage, a call.")
+def inference_group() -> None:
+    """The inference service's commands."""
+
+
+for _command in COMMANDS:
+    inference_group.add_command(_command)
+
+
 def register_commands(app: Flask) -> None:
-    """Install the commands on ``app.cli``."""
-    for command in (db_group, infer_command, status_command, usage_command):
+    """Install the commands at the top of ``app.cli`` too (the standalone app)."""
+    for command in COMMANDS:
         app.cli.add_command(command)

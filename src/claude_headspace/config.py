@@ -14,7 +14,7 @@ import reprlib
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from dotenv import load_dotenv
@@ -69,13 +69,28 @@ class _Section(BaseModel):
     )
 
 
-class DatabaseSettings(_Section):
-    """Where the call log and the domain tables live."""
+class DatabaseOptions(_Section):
+    """How the service uses its database (inside a host: ``inference.database``)."""
 
-    url: str = "sqlite:///instance/headspace.db"
     auto_migrate: bool = False
     pool_size: PositiveInt = 10
     echo: bool = False
+
+    def with_url(self, url: str, *, source: str) -> DatabaseSettings:
+        """These options on the database at ``url``; ConfigError names ``source`` (where the
+        URL came from) and never quotes the URL, which may hold a password."""
+        options = self.model_dump(include=set(DatabaseOptions.model_fields))
+        try:
+            return DatabaseSettings(url=url, **options)
+        except ValidationError as exc:
+            problems = "; ".join(e["msg"] for e in exc.errors())
+            raise ConfigError(f"{source}: {problems}") from None
+
+
+class DatabaseSettings(DatabaseOptions):
+    """Where the call log (and, standalone, the domain tables) live."""
+
+    url: str = "sqlite:///instance/headspace.db"
 
     @field_validator("url")
     @classmethod
@@ -182,6 +197,10 @@ class OpenRouterSettings(_Section):
     health: HealthSettings = Field(default_factory=HealthSettings)
     pricing: dict[str, PriceSettings] = Field(default_factory=default_pricing)
 
+    def models_without_pricing(self) -> list[str]:
+        """Configured models that have no price, so no estimated cost."""
+        return sorted(m for m in set(self.models.values()) if m not in self.pricing)
+
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -229,9 +248,12 @@ class InferenceSettings(_Section):
     log_batch_size: PositiveInt = 200
     spool_path: str | None = None
 
-    def spool_dir(self) -> Path:
-        """Where the call log's journal lives: spool_path, else ./instance/call-log."""
-        return Path(self.spool_path) if self.spool_path else Path.cwd() / "instance" / "call-log"
+    def spool_dir(self, instance: Path | None = None) -> Path:
+        """Where the call log's journal lives: spool_path, else call-log/ in the app's
+        instance folder (./instance by default)."""
+        if self.spool_path:
+            return Path(self.spool_path)
+        return (Path.cwd() / "instance" if instance is None else instance) / "call-log"
 
 
 class ApiSettings(_Section):
@@ -243,6 +265,41 @@ class ApiSettings(_Section):
     @classmethod
     def _header_safe_token(cls, value: Any) -> Any:
         return _header_secret(value)
+
+
+class HostInferenceSettings(InferenceSettings):
+    """A host's ``inference:`` section: the service's own limits, and what a standalone
+    file keeps in its ``redis:``, ``api:`` and ``database:`` sections (the host has its own
+    of those, of another shape). The database's URL is not here: it is the host's."""
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    database: DatabaseOptions = Field(default_factory=DatabaseOptions)
+
+
+class HostSettings(_Section):
+    """What the service reads from a host's config file: ``openrouter`` and ``inference``.
+    Every other top-level section is the host's own, and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    openrouter: OpenRouterSettings = Field(default_factory=OpenRouterSettings)
+    inference: HostInferenceSettings = Field(default_factory=HostInferenceSettings)
+
+    def settings(self, database_url: str, *, source: str) -> Settings:
+        """The service's settings on the host's database; ``source`` names where its URL came
+        from, for the error when it cannot be used."""
+        database = self.inference.database.with_url(database_url, source=source)
+        own = InferenceSettings.model_validate(
+            self.inference.model_dump(exclude={"redis", "api", "database"})
+        )
+        return Settings(
+            database=database,
+            redis=self.inference.redis,
+            openrouter=self.openrouter,
+            inference=own,
+            api=self.inference.api,
+        )
 
 
 class Settings(_Section):
@@ -267,8 +324,7 @@ class Settings(_Section):
 
     def models_without_pricing(self) -> list[str]:
         """Configured models that have no price, so no estimated cost."""
-        models = set(self.openrouter.models.values())
-        return sorted(m for m in models if m not in self.openrouter.pricing)
+        return self.openrouter.models_without_pricing()
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -296,8 +352,24 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any, name: str) ->
     node[path[-1]] = value
 
 
-def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The nested settings that ``HEADSPACE__SECTION__KEY`` variables and the named ones set."""
+# The variables that name a setting, and where it lives: in the standalone file's shape,
+# and in a host's (whose database URL is chosen by the extension, not read from its file).
+NAMED_VARIABLES: dict[str, list[str]] = {
+    "OPENROUTER_API_KEY": ["openrouter", "api_key"],
+    "DATABASE_URL": ["database", "url"],
+    "REDIS_URL": ["redis", "url"],
+}
+HOST_NAMED_VARIABLES: dict[str, list[str]] = {
+    "OPENROUTER_API_KEY": ["openrouter", "api_key"],
+    "REDIS_URL": ["inference", "redis", "url"],
+}
+
+
+def environment_overrides(
+    environ: Mapping[str, str], named: Mapping[str, list[str]] = NAMED_VARIABLES
+) -> dict[str, Any]:
+    """The nested settings that ``HEADSPACE__SECTION__KEY`` variables and the ``named`` ones
+    set."""
     out: dict[str, Any] = {}
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX):
@@ -322,11 +394,7 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                     f"{name}: not a valid YAML list or mapping: {_yaml_problem(exc)}"
                 ) from None
         _set_path(out, path, value, name)
-    for var, path in (
-        ("OPENROUTER_API_KEY", ["openrouter", "api_key"]),
-        ("DATABASE_URL", ["database", "url"]),
-        ("REDIS_URL", ["redis", "url"]),
-    ):
+    for var, path in named.items():
         if environ.get(var):
             _set_path(out, path, environ[var], var)
     return out
@@ -468,17 +536,51 @@ def load_settings(
     data = _merge(data, environment_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
+    settings = _validated(Settings, data, source)
+    _warn_unpriced(settings.openrouter)
+    return settings
+
+
+def load_host_settings(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    redis_url: str | None = None,
+) -> HostSettings:
+    """The ``openrouter`` and ``inference`` sections of a host's config file, merged with
+    ``HEADSPACE__...``, OPENROUTER_API_KEY and REDIS_URL (below ``redis_url``, below
+    ``overrides``, which have the file's shape) and validated as strictly as load_settings."""
+    source = config_path(path)
+    data = {k: v for k, v in read_yaml(source).items() if k in HostSettings.model_fields}
+    env = os.environ if environ is None else environ
+    data = _merge(data, environment_overrides(env, HOST_NAMED_VARIABLES))
+    if redis_url is not None:
+        data = _merge(data, {"inference": {"redis": {"url": redis_url}}})
+    if overrides:
+        data = _merge(data, overrides)
+    host = _validated(HostSettings, data, source)
+    _warn_unpriced(host.openrouter)
+    return host
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _validated(model: type[_Model], data: dict[str, Any], source: Path) -> _Model:
     try:
-        settings = Settings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise ConfigError(f"invalid configuration ({source}): {problems}") from None
-    for model in settings.models_without_pricing():
+
+
+def _warn_unpriced(openrouter: OpenRouterSettings) -> None:
+    for model in openrouter.models_without_pricing():
         log.warning(
             "openrouter.pricing has no entry for model %s: its calls will have no estimated cost",
             model,
         )
-    return settings
 
 
 def check_spool_dir(path: str | os.PathLike[str]) -> Path:

@@ -14,10 +14,13 @@ from typing import Any
 
 import httpx
 
-from claude_headspace.db import head_revision
+from claude_headspace.db import SERVICE_HISTORY
+from claude_headspace.standalone.database import APP_HISTORY
 
 BIN = Path(sys.executable).parent
-HEAD = head_revision()
+# The standalone app's database: its own history, then the service's.
+HEAD = f"app {APP_HISTORY.head()}, inference {SERVICE_HISTORY.head()}"
+BASE = "app base, inference base"
 CHAT_PATH = "/api/v1/chat/completions"
 
 
@@ -32,12 +35,14 @@ def run(
 
 def test_db_commands_on_the_embedded_database(tmp_path: Path) -> None:
     headspace = str(BIN / "headspace")
-    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "base"
+    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == BASE
     assert f"database at {HEAD}" in run([headspace, "db", "upgrade"], tmp_path).stdout
     assert run([headspace, "db", "current"], tmp_path).stdout.strip() == HEAD
-    assert "database at base" in run([headspace, "db", "downgrade", "base"], tmp_path).stdout
+    assert f"database at {BASE}" in run([headspace, "db", "downgrade", "base"], tmp_path).stdout
     # A downgrade stays down: db commands do not migrate at start-up.
-    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == "base"
+    assert run([headspace, "db", "current"], tmp_path).stdout.strip() == BASE
+    bad = run([headspace, "db", "downgrade", "nope"], tmp_path)
+    assert bad.returncode == 2 and "revision 'nope' is not one of the histories" in bad.stderr
     flask = run([str(BIN / "flask"), "--app", "claude_headspace", "db", "upgrade"], tmp_path)
     assert flask.returncode == 0 and f"database at {HEAD}" in flask.stdout
     assert (tmp_path / "instance" / "headspace.db").exists()
@@ -46,7 +51,7 @@ def test_db_commands_on_the_embedded_database(tmp_path: Path) -> None:
 def test_db_upgrade_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     env = {"DATABASE_URL": postgres_url}
     headspace = str(BIN / "headspace")
-    assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == "base"
+    assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == BASE
     assert run([headspace, "db", "upgrade"], tmp_path, env).returncode == 0
     assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == HEAD
 

@@ -29,6 +29,7 @@ from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.recorder import CallRecorder, CallWriter
 from claude_headspace.inference.usage import apply_rollup
 from claude_headspace.models import InferenceCall, UsageRollup
+from claude_headspace.standalone.database import standalone_database
 
 
 def sessions_for(url: str) -> sessionmaker:  # type: ignore[type-arg]
@@ -78,9 +79,8 @@ def test_outage_spools_then_catches_up_in_order(
     tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from claude_headspace.config import DatabaseSettings
-    from claude_headspace.db import Database
 
-    database = Database(DatabaseSettings(url=sqlite_url))
+    database = standalone_database(DatabaseSettings(url=sqlite_url))
     database.upgrade()
     database.dispose()  # checkpoints the WAL into the file we are about to move
     db_file = Path(sqlite_url.removeprefix("sqlite:///"))

@@ -19,7 +19,7 @@ from tests.service_fixtures import CHAT, AppFactory, rows, settings_for
 from claude_headspace import create_app
 from claude_headspace.clock import FakeClock
 from claude_headspace.config import load_settings
-from claude_headspace.db import Database, normalise_url
+from claude_headspace.db import normalise_url
 from claude_headspace.emulator import Fault
 from claude_headspace.inference import (
     CancelledCallError,
@@ -37,6 +37,7 @@ from claude_headspace.inference import (
 )
 from claude_headspace.inference.service import InferenceService
 from claude_headspace.models import InferenceCall
+from claude_headspace.standalone.database import standalone_database
 
 
 def chat_bodies(emulator: Any) -> list[dict[str, Any]]:
@@ -132,7 +133,7 @@ def test_cache_entry_expires_on_the_injected_clock(
     )
     clock = FakeClock()
     service = InferenceService.from_settings(
-        settings, Database(settings.database), spool_dir=tmp_path / "spool", clock=clock
+        settings, standalone_database(settings.database), spool_dir=tmp_path / "spool", clock=clock
     )
     try:
         assert not service.infer("turn", "p", "ttl text").cached
@@ -499,7 +500,7 @@ def test_an_unexpected_exception_below_the_service_still_leaves_a_row(
         tmp_path / "none.yaml", overrides=settings_for(database_url, emulator, tmp_path),
         environ={},
     )  # fmt: skip
-    database = Database(settings.database)
+    database = standalone_database(settings.database)
     service = InferenceService.from_settings(
         settings, database, spool_dir=tmp_path / "spool", transport=_Bug()
     )

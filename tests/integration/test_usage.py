@@ -8,7 +8,6 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +16,7 @@ from sqlalchemy import delete, func, select, text
 from tests.call_rows import call, write
 
 from claude_headspace.config import DatabaseSettings
-from claude_headspace.db import Database, downgrade, upgrade
+from claude_headspace.db import Database
 from claude_headspace.inference.record import CallRecord
 from claude_headspace.inference.usage import (
     UsageQuery,
@@ -29,6 +28,7 @@ from claude_headspace.inference.usage import (
 )
 from claude_headspace.models import InferenceCall, UsageRollup
 from claude_headspace.models.inference_call import LATENCY_BUCKETS_MS
+from claude_headspace.standalone.database import standalone_database
 
 T0 = datetime(2026, 10, 31, 21, 0, tzinfo=UTC)  # three hours before a day boundary
 SPREAD_MINUTES = 3 * 24 * 60  # rows over three days: day rows, hour rows and raw edges
@@ -45,7 +45,7 @@ def clear(db: Database) -> None:
 
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
-    db = Database(DatabaseSettings(url=database_url, pool_size=8))
+    db = standalone_database(DatabaseSettings(url=database_url, pool_size=8))
     with db.engine.begin() as conn:
         for pid in (1, 2, 3):
             conn.execute(
@@ -264,36 +264,6 @@ def test_concurrent_writers_lose_no_update(database: Database) -> None:
         rollup = compute_usage(session, UsageQuery())
         assert rollup.comparable() == compute_usage_raw(session, UsageQuery()).comparable()
         assert sum(s.ints["calls"] for s in rollup.groups.values()) == 4 * 15 * 8
-
-
-def test_migration_0002_converts_sqlite_rollup_money(tmp_path: Path) -> None:
-    db = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'm.db'}"))
-    upgrade(db.engine, "0001")
-    with db.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO inference_usage_rollup (span, bucket_start, level, model,"
-                " project_key, calls, cached_calls, error_calls, input_tokens, output_tokens,"
-                " cost_usd, saved_cost_usd, upstream_cost_usd, latency_ms_sum,"
-                " lat_00, lat_01, lat_02, lat_03, lat_04, lat_05, lat_06, lat_07, lat_08,"
-                " lat_09, lat_10, lat_11, lat_12, lat_13)"
-                " VALUES ('hour', '2026-11-01 00:00:00.000000', 'turn', 'm', 0, 1, 0, 0,"
-                " 1, 1, 0.000123456789, 0, 0.5, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)"
-            )
-        )
-    upgrade(db.engine, "head")
-    with db.sessions() as session:
-        row = session.scalars(select(UsageRollup)).one()
-        assert (row.cost_usd, row.upstream_cost_usd) == (Decimal("0.000123456789"), Decimal("0.5"))
-        assert (
-            session.scalar(text("SELECT typeof(cost_usd) FROM inference_usage_rollup")) == "integer"
-        )
-    downgrade(db.engine, "0001")
-    with db.engine.connect() as conn:
-        assert conn.execute(
-            text("SELECT cost_usd FROM inference_usage_rollup")
-        ).scalar() == pytest.approx(0.000123456789)
-    db.dispose()
 
 
 def test_a_deleted_projects_usage_agrees_with_its_rows(database: Database) -> None:

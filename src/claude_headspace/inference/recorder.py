@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..models import LINK_TABLES, InferenceCall
+from ..models.links import link_exists
 from .journal import SEGMENT_BYTES, Journal
 from .record import FIELD_NAMES, CallRecord
 
@@ -296,9 +297,9 @@ class CallWriter:
     def _drop_missing_links(self, record: CallRecord) -> CallRecord:
         changes: dict[str, Any] = {}
         with self._sessions() as session:
-            for name, model in LINK_TABLES.items():
+            for name in LINK_TABLES:
                 value = getattr(record, name)
-                if value is not None and session.get(model, value) is None:
+                if value is not None and not link_exists(session, name, value):
                     changes[name] = None
         if changes:
             log.warning(

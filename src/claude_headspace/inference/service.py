@@ -189,6 +189,10 @@ class InferenceService:
             threading.Thread(target=self.health.check, name="health-probe", daemon=True).start()
         _close_at_exit(self)
 
+    def stop(self, timeout: float | None = None) -> None:
+        """The same as close() (the host's code calls stop() at exit)."""
+        self.close(timeout)
+
     def close(self, timeout: float | None = None) -> None:
         """Stop taking work, let in-flight calls finish, cancel the queued rest, flush the log."""
         if self._closed:

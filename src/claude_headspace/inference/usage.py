@@ -31,12 +31,13 @@ from decimal import Decimal
 from typing import Any
 from typing import cast as typing_cast
 
-from sqlalchemy import BigInteger, ColumnElement, Table, and_, case, cast, exists, func, select
+from sqlalchemy import BigInteger, ColumnElement, Table, and_, case, cast, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ..models import InferenceCall, Project, UsageRollup
+from ..models import LINK_TABLES, InferenceCall, UsageRollup
 from ..models.inference_call import LATENCY_BUCKETS_MS, PICO
+from ..models.links import has_table, linked_row_exists
 
 HIST = [f"lat_{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
 _MONEY_FIELDS = ("cost_usd", "saved_cost_usd", "upstream_cost_usd")
@@ -311,11 +312,11 @@ def _from_rollup(
 ) -> None:
     r = UsageRollup
     conditions = [r.span == span, *_filters(q, r.bucket_start, start, end, r.project_key)]
-    if q.project_id is not None:
+    if q.project_id is not None and has_table(session.connection(), LINK_TABLES["project_id"]):
         # A deleted project's calls keep their rows with project_id NULL (ON DELETE SET NULL),
         # but its rollup rows keep its key: they count for the project only while it exists,
         # so the rollup answers exactly what the raw rows do.
-        conditions.append(exists().where(Project.id == r.project_key))
+        conditions.append(linked_row_exists("project_id", r.project_key))
     columns = [func.coalesce(func.sum(getattr(r, name)), 0) for name in _INT_FIELDS]
     # Typed by RollupMoney, so both databases answer Decimal dollars.
     money = [func.coalesce(func.sum(getattr(r, name)), 0) for name in _MONEY_FIELDS]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..db import DATABASE_AWAY
 from ..models import LINK_TABLES, MAX_INTEGER
+from ..models.links import link_exists
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
 
@@ -141,9 +140,13 @@ class LinkChecker:
         try:
             with self._sessions() as session:
                 for name, value in missing:
-                    table: Any = LINK_TABLES[name]
-                    found = session.scalar(select(table.id).where(table.id == value))
+                    found = link_exists(session, name, value)
                     if found is None:
+                        raise UnknownEntityError(
+                            f"{name} {value} cannot be linked: the database has no "
+                            f"{LINK_TABLES[name]} table"
+                        )
+                    if not found:
                         raise UnknownEntityError(f"{name} {value} does not exist")
         except DATABASE_AWAY as exc:
             # The database is away (the call log spools meanwhile): the call goes ahead with

@@ -1,18 +1,14 @@
-"""Database tables: the domain the call log points at, and the call log itself."""
+"""The service's own tables: the call log and its usage rollup. The tables a call links to
+(projects, agents, commands, turns) belong to the host, or to the standalone app."""
 
 from .base import MAX_INTEGER, Base
-from .domain import LINK_TABLES, Agent, Command, Objective, Project, Turn
-from .inference_call import InferenceCall, UsageRollup
+from .inference_call import LINK_TABLES, SERVICE_TABLES, InferenceCall, UsageRollup
 
 __all__ = [
     "LINK_TABLES",
     "MAX_INTEGER",
-    "Agent",
+    "SERVICE_TABLES",
     "Base",
-    "Command",
     "InferenceCall",
-    "Objective",
-    "Project",
-    "Turn",
     "UsageRollup",
 ]

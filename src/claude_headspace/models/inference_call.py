@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    ForeignKey,
     Index,
     Integer,
     Numeric,
@@ -70,6 +69,18 @@ class RollupMoney(TypeDecorator[Decimal]):
         return Decimal(value)
 
 
+# The tables a call's links refer to, by the call's field name: the host's tables (or the
+# standalone app's). They are not the service's: the link columns carry no ForeignKey here,
+# and the database constraint (ON DELETE SET NULL) is added by migrations.links wherever the
+# table exists. Ids are integers.
+LINK_TABLES: dict[str, str] = {
+    "project_id": "projects",
+    "agent_id": "agents",
+    "command_id": "commands",
+    "turn_id": "turns",
+}
+
+
 class InferenceCall(Base):
     """One inference call's outcome: success, cache hit, failure, refusal or cancellation."""
 
@@ -98,18 +109,10 @@ class InferenceCall(Base):
     generation_id: Mapped[str | None] = mapped_column(String(100))
     provider: Mapped[str | None] = mapped_column(String(100))
     finish_reason: Mapped[str | None] = mapped_column(String(32))
-    project_id: Mapped[int | None] = mapped_column(
-        ForeignKey("projects.id", ondelete="SET NULL"), index=True
-    )
-    agent_id: Mapped[int | None] = mapped_column(
-        ForeignKey("agents.id", ondelete="SET NULL"), index=True
-    )
-    command_id: Mapped[int | None] = mapped_column(
-        ForeignKey("commands.id", ondelete="SET NULL"), index=True
-    )
-    turn_id: Mapped[int | None] = mapped_column(
-        ForeignKey("turns.id", ondelete="SET NULL"), index=True
-    )
+    project_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    agent_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    command_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    turn_id: Mapped[int | None] = mapped_column(Integer, index=True)
 
     __table_args__ = (
         Index("ix_inference_calls_level_timestamp", "level", "timestamp"),
@@ -174,3 +177,8 @@ class UsageRollup(Base):
             name="uq_inference_usage_rollup_bucket",
         ),
     )
+
+
+# Every table the service's migrations create, and nothing else: a host excludes these
+# from its own autogenerate (see claude_headspace.include_name).
+SERVICE_TABLES: frozenset[str] = frozenset(Base.metadata.tables)

@@ -1,13 +1,21 @@
-"""The domain tables inference calls link to (minimal: the rest of Headspace owns them)."""
+"""The standalone app's own domain tables: the minimal projects, agents, commands, turns
+and objectives a call can link to. Inside the host these are the host's tables, never
+these; the service's tables (claude_headspace.models) do not depend on them."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .base import Base, UTCDateTime, utcnow
+from ..models.base import NAMING_CONVENTION, UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    """Base of the standalone app's tables (a metadata apart from the service's)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 class Project(Base):
@@ -68,12 +76,3 @@ class Objective(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-
-
-# The tables a call's links point at, by the call's field name.
-LINK_TABLES: dict[str, type[Base]] = {
-    "project_id": Project,
-    "agent_id": Agent,
-    "command_id": Command,
-    "turn_id": Turn,
-}

@@ -1,0 +1,174 @@
+"""``Inference``: the service as a Flask extension, in the ecosystem's usual shape.
+
+```python
+inference = Inference()
+
+def create_app():
+    app = Flask(__name__)
+    ...
+    inference.init_app(app, config_path="config.yaml")
+    return app
+```
+``init_app`` builds one InferenceService per app (``app.extensions["inference"]``) from the
+host's config file (its ``openrouter`` and ``inference`` sections), on the host's database,
+and gives the app the service's routes (/api/inference/...) and CLI group (``flask
+inference ...``). ``create_app()`` (app.py) builds the standalone app on this same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from flask import Flask, current_app
+from sqlalchemy import Engine
+
+from . import logsafe
+from .api import register_blueprints
+from .commands import inference_group
+from .config import ConfigError, Settings, check_spool_dir, load_host_settings
+from .db import DATABASE_AWAY, Database
+from .inference.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "inference"
+
+
+class Inference:
+    """The inference service for one or more Flask apps.
+
+    ``Inference(app, **options)`` initialises ``app`` at once; ``Inference(**options)`` then
+    ``init_app(app, ...)`` does it later, for each app (options given to ``init_app`` win).
+    The extension object keeps no app's state: each app's service is
+    ``app.extensions["inference"]``, and ``inference.service`` is the current app's.
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        self._options = options
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(
+        self,
+        app: Flask,
+        *,
+        config_path: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        settings: Settings | None = None,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        engine: Engine | None = None,
+        database: Database | None = None,
+        transport: httpx.BaseTransport | None = None,
+        routes: bool | None = None,
+    ) -> InferenceService:
+        """Build ``app``'s service, start it, and give the app its routes and CLI group.
+
+        - The configuration is ``settings`` if given, else the ``openrouter`` and
+          ``inference`` sections of ``config_path`` (default $HEADSPACE_CONFIG, else
+          ./config.yaml), with ``overrides`` in the file's shape; every other section of
+          the file is the host's and ignored. ConfigError names a bad key.
+        - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the
+          host's), else ``database_url``, else $DATABASE_URL, else the app's
+          ``SQLALCHEMY_DATABASE_URI``. Redis is ``redis_url``, else $REDIS_URL, else
+          ``inference.redis.url``.
+        - ``database`` (a claude_headspace.db.Database) is what create_app() passes: its own
+          engine and migration histories. ``transport`` carries OpenRouter requests (an
+          egress proxy of the host's). ``routes=False`` leaves out /api/inference/....
+        """
+        given = {
+            "config_path": config_path, "overrides": overrides, "settings": settings,
+            "database_url": database_url, "redis_url": redis_url, "engine": engine,
+            "database": database, "transport": transport, "routes": routes,
+        }  # fmt: skip
+        options = {**self._options, **{k: v for k, v in given.items() if v is not None}}
+        with_routes = options.pop("routes", True)
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(f"app {app.name!r} already has an inference service")
+        settings_, database_ = _configure(app, **options)
+        logsafe.protect(settings_.api_key)
+        if settings_.api.token is not None:
+            logsafe.protect(settings_.api.token.get_secret_value())
+        spool_dir = check_spool_dir(settings_.inference.spool_dir(Path(app.instance_path)))
+        if settings_.database.auto_migrate:
+            database_.upgrade()
+        else:
+            _warn_if_behind(database_)
+        service = InferenceService.from_settings(
+            settings_, database_, spool_dir=spool_dir, transport=options.get("transport")
+        )
+        service.start()
+        app.extensions[EXTENSION_KEY] = service
+        if with_routes:
+            register_blueprints(app)
+        app.cli.add_command(inference_group)
+        return service
+
+    @property
+    def service(self) -> InferenceService:
+        """The current app's service (inside an app context)."""
+        service: InferenceService = current_app.extensions[EXTENSION_KEY]
+        return service
+
+
+def _configure(
+    app: Flask,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
+    database_url: str | None = None,
+    redis_url: str | None = None,
+    engine: Engine | None = None,
+    database: Database | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> tuple[Settings, Database]:
+    """The settings and the database ``init_app``'s options describe."""
+    if engine is not None and database_url is not None:
+        raise ConfigError("database_url and engine: give one of them, not both")
+    if settings is None:
+        host = load_host_settings(config_path, overrides, redis_url=redis_url)
+        url, source = _database_url(app, database_url, engine)
+        settings = host.settings(url, source=source)
+    elif engine is not None or database_url is not None:
+        url, source = _database_url(app, database_url, engine)
+        database_settings = settings.database.with_url(url, source=source)
+        settings = settings.model_copy(update={"database": database_settings})
+    if database is None:
+        database = Database(settings.database, engine=engine)
+    return settings, database
+
+
+def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple[str, str]:
+    """The host's database URL and what it came from (named in errors)."""
+    if engine is not None:
+        return engine.url.render_as_string(hide_password=False), "engine"
+    if given is not None:
+        return given, "database_url"
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"], "DATABASE_URL"
+    configured = app.config.get("SQLALCHEMY_DATABASE_URI")
+    if configured:
+        return str(configured), "SQLALCHEMY_DATABASE_URI"
+    raise ConfigError(
+        "no database for the call log: pass database_url= or engine=, set DATABASE_URL, "
+        "or set the app's SQLALCHEMY_DATABASE_URI"
+    )
+
+
+def _warn_if_behind(database: Database) -> None:
+    try:
+        behind = database.behind()
+    except DATABASE_AWAY:
+        return  # the call log spools until the database is back; its status says so
+    if behind:
+        log.warning(
+            "inference: the database is behind the service's migrations: %s; "
+            "run `flask inference db upgrade` (the call log spools until then)",
+            ", ".join(behind),
+        )

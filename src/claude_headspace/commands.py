@@ -62,31 +62,40 @@ def _migrate(database: Database, move: Callable[[str], None], revision: str) -> 
     click.echo(f"database at {_revision(database)}")
 
 
-@click.group("db", help="Database migrations.")
-def db_group() -> None:
-    """Database migrations."""
+def make_db_group(*, in_app: bool) -> click.Group:
+    """The ``db`` commands: on the app's database (``in_app``: ``flask inference db``), or on
+    the standalone one configured, building no app (``headspace db``)."""
+    group = click.Group("db", help="Database migrations.")
+
+    def command(name: str) -> Callable[[Callable[..., None]], click.Command]:
+        def register(f: Callable[..., None]) -> click.Command:
+            return group.command(name)(with_appcontext(f) if in_app else f)
+
+        return register
+
+    @command("upgrade")
+    @click.argument("revision", default="head")
+    def db_upgrade(revision: str) -> None:
+        """Apply migrations up to REVISION (default: head)."""
+        database = _database()
+        _migrate(database, database.upgrade, revision)
+
+    @command("downgrade")
+    @click.argument("revision")
+    def db_downgrade(revision: str) -> None:
+        """Revert migrations down to REVISION (e.g. base)."""
+        database = _database()
+        _migrate(database, database.downgrade, revision)
+
+    @command("current")
+    def db_current() -> None:
+        """Print the revision the database is at."""
+        click.echo(_revision(_database()))
+
+    return group
 
 
-@db_group.command("upgrade")
-@click.argument("revision", default="head")
-def db_upgrade(revision: str) -> None:
-    """Apply migrations up to REVISION (default: head)."""
-    database = _database()
-    _migrate(database, database.upgrade, revision)
-
-
-@db_group.command("downgrade")
-@click.argument("revision")
-def db_downgrade(revision: str) -> None:
-    """Revert migrations down to REVISION (e.g. base)."""
-    database = _database()
-    _migrate(database, database.downgrade, revision)
-
-
-@db_group.command("current")
-def db_current() -> None:
-    """Print the revision the database is at."""
-    click.echo(_revision(_database()))
+db_group = make_db_group(in_app=False)
 
 
 def _echo_json(data: Any) -> None:
@@ -200,7 +209,7 @@ def usage_command(
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
 
 
-COMMANDS = (db_group, infer_command, status_command, usage_command)
+COMMANDS = (infer_command, status_command, usage_command)
 
 
 @click.group("inference", help="The inference service: its migrations, status, usage, a call.")
@@ -208,11 +217,11 @@ def inference_group() -> None:
     """The inference service's commands."""
 
 
-for _command in COMMANDS:
+for _command in (make_db_group(in_app=True), *COMMANDS):
     inference_group.add_command(_command)
 
 
 def register_commands(app: Flask) -> None:
     """Install the commands at the top of ``app.cli`` too (the standalone app)."""
-    for command in COMMANDS:
+    for command in (db_group, *COMMANDS):
         app.cli.add_command(command)

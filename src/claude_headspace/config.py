@@ -7,6 +7,7 @@ to :func:`load_settings` by code. Nothing inward of this module reads a dict of 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -83,7 +84,7 @@ class DatabaseOptions(_Section):
         try:
             return DatabaseSettings(url=url, **options)
         except ValidationError as exc:
-            problems = "; ".join(e["msg"] for e in exc.errors())
+            problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
             raise ConfigError(f"{source}: {problems}") from None
 
 
@@ -421,7 +422,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     )
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return f"{loc}: unknown key{_suggestion(str(error.get('loc', ('',))[-1]))}"
     message = f"{loc}: {error.get('msg', 'invalid')}"
     value = error.get("input")
     if _UNSHOWN_KEYS.intersection(str(p) for p in error.get("loc", ())):
@@ -429,6 +430,22 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind in _SECTION_ERRORS:
         return f"{message} (got {_type_name(value)})"
     return f"{message} (got {_SHOWN.repr(value)})"
+
+
+def _keys(model: type[BaseModel]) -> set[str]:
+    out = set(model.model_fields)
+    for field in model.model_fields.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= _keys(field.annotation)
+    return out
+
+
+def _suggestion(key: str) -> str:
+    # A host's file says `timeout: 30` where this one says timeout_seconds.
+    known = _keys(Settings) | _keys(HostSettings)
+    longer = sorted(k for k in known if k.startswith(f"{key}_"))
+    close = longer or difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _type_name(value: Any) -> str:

@@ -154,12 +154,21 @@ def host_app(apps: list[Flask], url: str | None = None, name: str = "host") -> F
 
 
 def test_the_service_drops_into_a_host(
-    host_url: str, host_config: Path, host_env: None, apps: list[Flask]
+    host_url: str,
+    host_config: Path,
+    host_env: None,
+    apps: list[Flask],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     make_host_tables(host_url)
     app = host_app(apps, host_url)
     inference = Inference()
-    service = inference.init_app(app, config_path=host_config)
+    with caplog.at_level("WARNING", logger="claude_headspace.extension"):
+        service = inference.init_app(app, config_path=host_config)
+    # Not migrated yet: said once, with the command to run.
+    assert "behind the service's migrations: inference (at base, head i0001); run `flask inf" in (
+        caplog.text
+    )
     assert app.extensions["inference"] is service
     with app.app_context():
         assert inference.service is service
@@ -222,6 +231,8 @@ def test_the_service_drops_into_a_host(
     level = next(p for p in doc["paths"]["/api/inference/usage"]["get"]["parameters"]
                  if p["name"] == "level")  # fmt: skip
     assert level["schema"]["enum"] == list(HOST_LEVELS)
+    # The service's errors are JSON; the host's own pages stay the host's.
+    assert client.get("/nowhere").mimetype == "text/html"
 
     # The host's exit path.
     service.stop()

@@ -1,0 +1,246 @@
+"""The example host (examples/host_app) adopting the service, on SQLite and PostgreSQL: its
+own Flask-SQLAlchemy models, Flask-Migrate history and config.yaml; the service's
+migrations beside its own in both orders; calls linked to its rows; its deletes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from flask import Flask
+from sqlalchemy import Engine, inspect, select, text
+
+from claude_headspace import SERVICE_TABLES, include_name
+from claude_headspace.db import SERVICE_HISTORY
+from claude_headspace.models import InferenceCall
+from host_app import create_app, score_priorities
+from host_app.models import Agent, Command, Project, Turn, db
+from tests.service_fixtures import rows
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "host_app"
+KEY = "sk-or-example-host"
+HOST_TABLES = {"projects", "agents", "commands", "turns"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_url(request: pytest.FixtureRequest) -> str:
+    """An empty database for the host (nothing migrated)."""
+    return str(
+        request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    )
+
+
+@pytest.fixture
+def operator_env(monkeypatch: pytest.MonkeyPatch, emulator: Any, tmp_path: Path) -> dict[str, str]:
+    """How an operator points the host's service at OpenRouter (here the emulator)."""
+    env = {
+        "OPENROUTER_API_KEY": KEY,
+        "HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
+        "HEADSPACE__OPENROUTER__RETRY__BASE_DELAY_SECONDS": "0",
+        "HEADSPACE__INFERENCE__SPOOL_PATH": str(tmp_path / "spool"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("DATABASE_URL", "REDIS_URL", "HEADSPACE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    return env
+
+
+@pytest.fixture
+def host(empty_url: str, operator_env: dict[str, str]) -> Iterator[Flask]:
+    app = create_app(database_url=empty_url)
+    yield app
+    app.extensions["inference"].close(timeout=5)
+    with app.app_context():
+        db.engine.dispose()
+
+
+def cli(app: Flask, *args: str) -> str:
+    result = app.test_cli_runner().invoke(args=list(args))
+    assert result.exit_code == 0, result.output
+    return str(result.output)
+
+
+def host_engine(app: Flask) -> Engine:
+    with app.app_context():
+        engine: Engine = db.engine
+        return engine
+
+
+def autogenerate_diff(app: Flask, **opts: Any) -> list[Any]:
+    """What the host's `flask db migrate` would write, with the host's options."""
+    with app.app_context(), db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, **opts})
+        return list(compare_metadata(context, db.metadata))
+
+
+def host_versions(engine: Engine) -> list[tuple[Any, ...]]:
+    """The host's own Alembic version table."""
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
+
+
+def columns(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    engine.dispose()  # SQLite's PRAGMAs read a connection's schema as it was
+    inspector = inspect(engine)
+    return {
+        t: [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(t)]
+        for t in sorted(HOST_TABLES)
+    }
+
+
+@pytest.mark.parametrize("order", ["host first", "service first"])
+def test_both_histories_coexist_in_either_order(host: Flask, order: str) -> None:
+    engine = host_engine(host)
+    if order == "host first":
+        cli(host, "db", "upgrade")
+        host_only = columns(engine)
+        cli(host, "inference", "db", "upgrade")
+    else:
+        cli(host, "inference", "db", "upgrade")
+        cli(host, "db", "upgrade")
+        host_only = None
+        # The links to the host's tables, made after the service's migration, come with the
+        # service's next upgrade (the README says: run it after the host's).
+        cli(host, "inference", "db", "upgrade")
+    assert host_versions(engine) == [("h0001",)]
+    assert cli(host, "inference", "db", "current").strip() == SERVICE_HISTORY.head()
+    engine.dispose()
+    inspector = inspect(engine)
+    assert set(inspector.get_table_names()) == (
+        HOST_TABLES | SERVICE_TABLES | {"alembic_version", "alembic_version_inference"}
+    )
+    fks = {f["constrained_columns"][0]: (f["referred_table"], f["options"].get("ondelete"))
+           for f in inspector.get_foreign_keys("inference_calls")}  # fmt: skip
+    assert fks == {
+        "project_id": ("projects", "SET NULL"),
+        "agent_id": ("agents", "SET NULL"),
+        "command_id": ("commands", "SET NULL"),
+        "turn_id": ("turns", "SET NULL"),
+    }
+    if host_only is not None:  # the service's migration left the host's tables as they were
+        assert columns(engine) == host_only
+    # The host's autogenerate, with include_name as the example wires it, sees nothing to do;
+    # without it, it would drop the service's tables.
+    assert autogenerate_diff(host, include_name=include_name) == []
+    dropped = {d[1].name for d in autogenerate_diff(host) if d[0] == "remove_table"}
+    assert dropped == SERVICE_TABLES | {"alembic_version_inference"}
+
+    # Down again: the service's downgrade leaves the host's history and tables alone.
+    cli(host, "inference", "db", "downgrade", "base")
+    engine.dispose()
+    assert set(inspect(engine).get_table_names()) == HOST_TABLES | {
+        "alembic_version",
+        "alembic_version_inference",
+    }
+    assert host_versions(engine) == [("h0001",)]
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met within the timeout")
+
+
+def test_the_host_s_call_sites_log_linked_and_unlinked_calls(host: Flask) -> None:
+    cli(host, "db", "upgrade")
+    cli(host, "inference", "db", "upgrade")
+    with host.app_context():
+        project = Project(name="headspace", inference_paused=False)
+        db.session.add(project)
+        db.session.flush()
+        agent = Agent(project_id=project.id)
+        db.session.add(agent)
+        db.session.flush()
+        command = Command(agent_id=agent.id)
+        db.session.add(command)
+        db.session.flush()
+        turn = Turn(command_id=command.id, text="The agent fixed the failing test.")
+        db.session.add(turn)
+        db.session.commit()
+        ids = (project.id, agent.id, command.id, turn.id)
+
+    client = host.test_client()
+    assert client.post(f"/turns/{ids[3]}/summarise").status_code == 202
+    assert client.post(f"/commands/{ids[2]}/summarise").status_code == 202
+
+    def summary() -> str | None:
+        with host.app_context():
+            return db.session.scalar(select(Turn.summary).where(Turn.id == ids[3]))
+
+    assert wait_for(summary)
+    with host.app_context():
+        score_priorities()
+    logged = wait_for(lambda: (found := rows(host)) and len(found) == 3 and found)
+    by_purpose = {r.purpose: r for r in logged}
+    turn_row = by_purpose["summarise_turn"]
+    assert (turn_row.level, turn_row.project_id, turn_row.agent_id, turn_row.command_id,
+            turn_row.turn_id) == ("turn", *ids)  # fmt: skip
+    command_row = by_purpose["summarise_command"]
+    assert (command_row.level, command_row.command_id, command_row.turn_id) == (
+        "command", ids[2], None,
+    )  # fmt: skip
+    scoring = by_purpose["priority_scoring"]
+    assert (scoring.level, scoring.project_id, scoring.status) == ("objective", None, "ok")
+
+    usage_before = cli(host, "inference", "usage", "--project-id", str(ids[0]))
+    assert '"total_calls": 2' in usage_before
+
+    # The host deletes the project (its agents, commands and turns go with it, by its own
+    # cascades): the calls stay, their links set to NULL; usage still counts them all.
+    with host.app_context():
+        db.session.delete(db.session.get(Project, ids[0]))
+        db.session.commit()
+    after = {r.purpose: r for r in rows(host)}
+    assert all(
+        (r.project_id, r.agent_id, r.command_id, r.turn_id) == (None, None, None, None)
+        for r in after.values()
+    )
+    assert '"total_calls": 3' in cli(host, "inference", "usage")
+    assert '"total_calls": 0' in cli(host, "inference", "usage", "--project-id", str(ids[0]))
+    with host.app_context():
+        assert db.session.scalar(select(InferenceCall.id).limit(1)) is not None
+
+
+def test_the_commands_on_the_host_s_flask_group(
+    empty_url: str, operator_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        **operator_env,
+        # The host reads its database from its own config; here its test URL.
+        "DATABASE_URL": empty_url,
+        "PYTHONPATH": str(EXAMPLE),
+    }
+
+    def flask(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "flask"), "--app", "host_app", *args],
+            cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    assert flask("inference", "db", "upgrade").stdout.strip() == (
+        f"database at {SERVICE_HISTORY.head()}"
+    )
+    called = flask("inference", "infer", "--level", "command", "--purpose", "cli", "Fix CI.")
+    assert called.returncode == 0, called.stderr
+    assert '"level": "command"' in called.stdout
+    wrong = flask("inference", "infer", "--level", "task", "--purpose", "cli", "x")
+    assert wrong.returncode == 2
+    assert "level must be one of turn, command, project, objective" in wrong.stderr
+    status = flask("inference", "status", "--table")
+    assert status.returncode == 0 and "models.command" in status.stdout
+    usage = flask("inference", "usage", "--level", "command")
+    assert usage.returncode == 0 and '"total_calls": 1' in usage.stdout

@@ -4,6 +4,7 @@ and Flask-Migrate on top of this; here the host is a bare Flask app and a few ta
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,16 @@ def test_the_service_drops_into_a_host(
     assert level["schema"]["enum"] == list(HOST_LEVELS)
     # The service's errors are JSON; the host's own pages stay the host's.
     assert client.get("/nowhere").mimetype == "text/html"
+
+    # A threading.Timer callback with no app context, as the host's debounced scoring.
+    done: list[str] = []
+    timer = threading.Timer(
+        0.01, lambda: done.append(service.infer(level="objective", purpose="timer",
+                                                input_text="from a timer").text)
+    )  # fmt: skip
+    timer.start()
+    timer.join(30)
+    assert done and done[0]
 
     # The host's exit path.
     service.stop()

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 from flask import Flask, current_app
@@ -39,72 +39,67 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "inference"
 
 
+class InferenceOptions(TypedDict, total=False):
+    """What ``Inference(...)`` and ``init_app(...)`` take, all optional.
+
+    - ``settings`` replaces the configuration file altogether; else the ``openrouter`` and
+      ``inference`` sections of ``config_path`` (default $HEADSPACE_CONFIG, else
+      ./config.yaml) are read, with ``overrides`` in the file's shape; every other section
+      of the file is the host's, and ignored. ConfigError names a bad key.
+    - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the host's),
+      else ``database_url``, else $DATABASE_URL, else the app's ``SQLALCHEMY_DATABASE_URI``.
+      Redis is ``redis_url``, else $REDIS_URL, else ``inference.redis.url``.
+    - ``database`` (a claude_headspace.db.Database: an engine and its migration histories)
+      is what create_app() passes. ``transport`` carries the requests to OpenRouter (an
+      egress proxy of the host's). ``routes=False`` leaves out /api/inference/....
+    """
+
+    config_path: str | os.PathLike[str]
+    overrides: Mapping[str, Any]
+    settings: Settings
+    database_url: str
+    redis_url: str
+    engine: Engine
+    database: Database
+    transport: httpx.BaseTransport
+    routes: bool
+
+
 class Inference:
     """The inference service for one or more Flask apps.
 
     ``Inference(app, **options)`` initialises ``app`` at once; ``Inference(**options)`` then
-    ``init_app(app, ...)`` does it later, for each app (options given to ``init_app`` win).
-    The extension object keeps no app's state: each app's service is
+    ``init_app(app, **options)`` does it later, for each app (options given to ``init_app``
+    win). The extension object keeps no app's state: each app's service is
     ``app.extensions["inference"]``, and ``inference.service`` is the current app's.
     """
 
-    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+    def __init__(self, app: Flask | None = None, **options: Unpack[InferenceOptions]) -> None:
         self._options = options
         if app is not None:
             self.init_app(app)
 
-    def init_app(
-        self,
-        app: Flask,
-        *,
-        config_path: str | os.PathLike[str] | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        settings: Settings | None = None,
-        database_url: str | None = None,
-        redis_url: str | None = None,
-        engine: Engine | None = None,
-        database: Database | None = None,
-        transport: httpx.BaseTransport | None = None,
-        routes: bool | None = None,
-    ) -> InferenceService:
-        """Build ``app``'s service, start it, and give the app its routes and CLI group.
-
-        - The configuration is ``settings`` if given, else the ``openrouter`` and
-          ``inference`` sections of ``config_path`` (default $HEADSPACE_CONFIG, else
-          ./config.yaml), with ``overrides`` in the file's shape; every other section of
-          the file is the host's and ignored. ConfigError names a bad key.
-        - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the
-          host's), else ``database_url``, else $DATABASE_URL, else the app's
-          ``SQLALCHEMY_DATABASE_URI``. Redis is ``redis_url``, else $REDIS_URL, else
-          ``inference.redis.url``.
-        - ``database`` (a claude_headspace.db.Database) is what create_app() passes: its own
-          engine and migration histories. ``transport`` carries OpenRouter requests (an
-          egress proxy of the host's). ``routes=False`` leaves out /api/inference/....
-        """
-        given = {
-            "config_path": config_path, "overrides": overrides, "settings": settings,
-            "database_url": database_url, "redis_url": redis_url, "engine": engine,
-            "database": database, "transport": transport, "routes": routes,
-        }  # fmt: skip
-        options = {**self._options, **{k: v for k, v in given.items() if v is not None}}
-        with_routes = options.pop("routes", True)
+    def init_app(self, app: Flask, **options: Unpack[InferenceOptions]) -> InferenceService:
+        """Build ``app``'s service from the options (see InferenceOptions), start it, and give
+        the app its routes and the ``flask inference`` commands."""
+        given: InferenceOptions = {**self._options, **options}
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(f"app {app.name!r} already has an inference service")
-        settings_, database_ = _configure(app, **options)
-        logsafe.protect(settings_.api_key)
-        if settings_.api.token is not None:
-            logsafe.protect(settings_.api.token.get_secret_value())
-        spool_dir = check_spool_dir(settings_.inference.spool_dir(Path(app.instance_path)))
-        if settings_.database.auto_migrate:
-            database_.upgrade()
+        settings, database = _configure(app, given)
+        logsafe.protect(settings.api_key)
+        if settings.api.token is not None:
+            logsafe.protect(settings.api.token.get_secret_value())
+        spool_dir = check_spool_dir(settings.inference.spool_dir(Path(app.instance_path)))
+        if settings.database.auto_migrate:
+            database.upgrade()
         else:
-            _warn_if_behind(database_)
+            _warn_if_behind(database)
         service = InferenceService.from_settings(
-            settings_, database_, spool_dir=spool_dir, transport=options.get("transport")
+            settings, database, spool_dir=spool_dir, transport=given.get("transport")
         )
         service.start()
         app.extensions[EXTENSION_KEY] = service
-        if with_routes:
+        if given.get("routes", True):
             register_blueprints(app)
         app.cli.add_command(inference_group)
         return service
@@ -116,31 +111,23 @@ class Inference:
         return service
 
 
-def _configure(
-    app: Flask,
-    *,
-    config_path: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    settings: Settings | None = None,
-    database_url: str | None = None,
-    redis_url: str | None = None,
-    engine: Engine | None = None,
-    database: Database | None = None,
-    transport: httpx.BaseTransport | None = None,
-) -> tuple[Settings, Database]:
+def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Database]:
     """The settings and the database ``init_app``'s options describe."""
+    settings = options.get("settings")
+    engine, database_url = options.get("engine"), options.get("database_url")
     if engine is not None and database_url is not None:
         raise ConfigError("database_url and engine: give one of them, not both")
     if settings is None:
-        host = load_host_settings(config_path, overrides, redis_url=redis_url)
+        host = load_host_settings(
+            options.get("config_path"), options.get("overrides"), redis_url=options.get("redis_url")
+        )
         url, source = _database_url(app, database_url, engine)
         settings = host.settings(url, source=source)
     elif engine is not None or database_url is not None:
         url, source = _database_url(app, database_url, engine)
         database_settings = settings.database.with_url(url, source=source)
         settings = settings.model_copy(update={"database": database_settings})
-    if database is None:
-        database = Database(settings.database, engine=engine)
+    database = options.get("database") or Database(settings.database, engine=engine)
     return settings, database
 
 

@@ -415,3 +415,21 @@ def test_the_host_s_own_sections_of_any_shape_are_ignored(
     service = Inference().init_app(app, config_path=path, overrides=overrides)
     assert service.settings.redis.url is None and service.settings.api.token is None
     assert service.settings.levels == ("turn", "task", "project", "objective")
+
+
+def test_a_linked_table_the_host_drops_is_refused_by_name(
+    host_url: str, host_config: Path, host_env: None, apps: list[Flask]
+) -> None:
+    make_host_tables(host_url)
+    app = host_app(apps, host_url)
+    service = Inference().init_app(app, config_path=host_config)
+    app.test_cli_runner().invoke(args=["inference", "db", "upgrade"])
+    service.infer(level="turn", purpose="p", input_text="linked", turn_id=4)  # table seen
+    with service.database.engine.begin() as conn:
+        cascade = "" if service.database.is_sqlite else " CASCADE"  # PG: drops only our key
+        conn.execute(text(f"DROP TABLE turns{cascade}"))
+    with pytest.raises(
+        UnknownEntityError, match="turn_id 5 cannot be linked: the database has no turns table"
+    ):
+        service.infer(level="turn", purpose="p", input_text="after the drop", turn_id=5)
+    assert service.infer(level="turn", purpose="p", input_text="no link").text

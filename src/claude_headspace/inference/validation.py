@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..db import DATABASE_AWAY
@@ -109,11 +110,13 @@ class LinkChecker:
     """Checks that linked project/agent/command/turn ids exist, remembering the ones that do.
 
     Ids are rarely deleted; when one is deleted after being remembered, the call log's
-    writer records the call without that link instead of failing.
+    writer records the call without that link instead of failing. The linked tables are
+    the host's: whether one exists is asked once and remembered while it does.
     """
 
     def __init__(self, sessions: sessionmaker[Session], *, capacity: int = 100_000) -> None:
         self._sessions = sessions
+        self._tables: set[str] = set()  # linked tables seen to exist
         self._known: set[tuple[str, int]] = set()
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -140,7 +143,7 @@ class LinkChecker:
         try:
             with self._sessions() as session:
                 for name, value in missing:
-                    found = link_exists(session, name, value)
+                    found = self._exists(session, name, value)
                     if found is None:
                         raise UnknownEntityError(
                             f"{name} {value} cannot be linked: the database has no "
@@ -162,3 +165,18 @@ class LinkChecker:
             if len(self._known) + len(missing) > self._capacity:
                 self._known.clear()
             self._known.update(missing)
+
+    def _exists(self, session: Session, name: str, value: int) -> bool | None:
+        """Whether the row exists; None when its table does not."""
+        table = LINK_TABLES[name]
+        if table in self._tables:
+            try:
+                return link_exists(session, name, value, table_known=True)
+            except DBAPIError:
+                # The host dropped the table since (or the database went: asked again below).
+                session.rollback()
+                self._tables.discard(table)
+        found = link_exists(session, name, value)
+        if found is not None:
+            self._tables.add(table)
+        return found

@@ -26,9 +26,12 @@ def has_table(connection: Connection, name: str) -> bool:
     return inspect(connection).has_table(name)
 
 
-def link_exists(session: Session, name: str, value: int) -> bool | None:
-    """Whether row ``value`` of the link's table exists; None when the table itself does not."""
-    if not has_table(session.connection(), LINK_TABLES[name]):
+def link_exists(
+    session: Session, name: str, value: int, *, table_known: bool = False
+) -> bool | None:
+    """Whether row ``value`` of the link's table exists; None when the table itself does not
+    (asked first, unless ``table_known``)."""
+    if not table_known and not has_table(session.connection(), LINK_TABLES[name]):
         return None
     target = link_table(name)
     return session.scalar(select(exists().where(target.c.id == value))) is True

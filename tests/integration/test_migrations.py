@@ -133,3 +133,30 @@ def test_sqlite_enforces_foreign_keys_and_uses_wal(sqlite_url: str) -> None:
     with pytest.raises(Exception, match="FOREIGN KEY"), db.engine.begin() as conn:
         conn.execute(text("INSERT INTO agents (project_id, created_at) VALUES (999, '2026-01-01')"))
     db.dispose()
+
+
+def test_0003_keeps_existing_rows_with_zero_token_details(empty_db: Database) -> None:
+    empty_db.upgrade("0002")
+    with empty_db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO inference_calls (request_id, timestamp, level, purpose, model,"
+                " status, input_tokens, output_tokens, input_hash, latency_ms, cached, attempts)"
+                " VALUES ('r1', :t, 'turn', 'p', 'm', 'ok', 3, 2, 'h', 1, false, 1)"
+            ),
+            {"t": "2026-01-01 00:00:00"},
+        )
+    empty_db.upgrade()
+    with empty_db.engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT model, requested_model, cached_input_tokens, cache_write_tokens,"
+                " reasoning_tokens, cache_discount_usd FROM inference_calls"
+            )
+        ).one()
+    assert tuple(row) == ("m", None, 0, 0, 0, None)
+    from claude_headspace.db import downgrade
+
+    downgrade(empty_db.engine, "0002")
+    columns = {c["name"] for c in inspect(empty_db.engine).get_columns("inference_calls")}
+    assert "requested_model" not in columns and "reasoning_tokens" not in columns

@@ -12,6 +12,7 @@ from .commands import db_group, or_exit
 from .config import check_spool_dir, load_env_file, load_settings
 from .db import Database
 from .emulator.cli import emulator_command
+from .pricing_sync import pricing_group
 
 
 def _create_app_for_cli() -> Flask:
@@ -61,3 +62,4 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
 
 
 main.add_command(emulator_command)
+main.add_command(pricing_group)

@@ -71,6 +71,29 @@ def render(r: dict[str, Any]) -> str:
         "- p99 of fresh calls is dominated by the moments the call-log writer commits a batch",
         "  (it shares the GIL with callers).",
     ]
+    st = r.get("structured")
+    if st:
+        out += [
+            "",
+            "## A structured call over a plain one",
+            "",
+            "The host's priority-scoring answer (three `{agent_id, score, reason}` in a list",
+            "wrapper, fence-wrapped as Haiku writes it) asked for with",
+            "`response_format=Scores` (a pydantic model), against a plain fresh call through",
+            "the same service, timed right after it:",
+            "",
+            f"- Added per call: **{st['added_us']:.0f} µs, {st['added_ratio_to_floor']:.3f}×"
+            " the floor** (the difference of the two medians). It holds everything a",
+            "  structured call does differently end to end: the schema encoded into a larger",
+            "  request, the emulator building a schema-valid answer in its own process (its",
+            "  time is in the wall clock), the longer answer, then the fence stripped and the",
+            "  answer parsed and validated. How it splits was not measured, except that last",
+            "  part:",
+            f"- Parse + validate alone: {st['parse_validate_model_ratio_to_floor']:.3f}× the"
+            " floor for the pydantic model,",
+            f"  {st['parse_validate_dict_ratio_to_floor']:.3f}× for the same schema as a dict"
+            " (jsonschema).",
+        ]
     tp = r["throughput"]
     out += [
         "",

@@ -115,6 +115,7 @@ def per_call(run: Run, base_url: str, work: Path) -> None:
         lambda i: service.infer("turn", "bench", f"fresh sqlite {i} {uuid.uuid4().hex}"),
     )
     run.time("ours: infer(), cache hit, SQLite log", lambda i: service.infer("turn", "b", "hit"))
+    structured(run, service)
     service.close()
 
     with postgres_database() as pg_url:
@@ -184,6 +185,60 @@ def per_call(run: Run, base_url: str, work: Path) -> None:
         ),
         samples=max(60, run.samples // 4),
     )
+
+
+# --------------------------------------------------------------------------- structured
+
+
+def structured(run: Run, service: Any) -> None:
+    """A structured call next to a plain one (same service, same emulator), and the parse
+    and validation it adds, alone: the host's priority-scoring answer, three agents."""
+    from pydantic import BaseModel, Field
+
+    from claude_headspace.inference.structured import answer_schema
+
+    class Score(BaseModel):
+        agent_id: int
+        score: int = Field(ge=0, le=100)
+        reason: str
+
+    class Scores(BaseModel):
+        scores: list[Score]
+
+    schema_dict = Scores.model_json_schema()
+    run.time(
+        "ours: infer(response_format=model), fresh, SQLite",
+        lambda i: service.infer(
+            "turn", "bench", f"structured {i} {uuid.uuid4().hex}", response_format=Scores
+        ),
+    )
+    # The plain fresh call again, right after: the two are compared within the same minute.
+    run.time(
+        "ours: infer(), fresh, SQLite (again)",
+        lambda i: service.infer("turn", "bench", f"plain again {i} {uuid.uuid4().hex}"),
+    )
+    answer = json.dumps(
+        {"scores": [{"agent_id": n, "score": 10 * n, "reason": "blocked on review"}
+                    for n in range(1, 4)]}
+    )  # fmt: skip
+    fenced = f"```json\n{answer}\n```"
+    by_model, by_dict = answer_schema(Scores), answer_schema(schema_dict)
+    run.time("structured: parse + validate, pydantic model", lambda i: by_model.parse(fenced))
+    run.time("structured: parse + validate, JSON Schema dict", lambda i: by_dict.parse(fenced))
+    lat = run.latency
+    floor = lat["floor: httpx pooled"].median_us
+    plain = lat["ours: infer(), fresh, SQLite (again)"].median_us
+    added = lat["ours: infer(response_format=model), fresh, SQLite"].median_us - plain
+    run.other["structured"] = {
+        "added_us": round(added, 1),
+        "added_ratio_to_floor": round(added / floor, 3),
+        "parse_validate_model_ratio_to_floor": round(
+            lat["structured: parse + validate, pydantic model"].median_us / floor, 4
+        ),
+        "parse_validate_dict_ratio_to_floor": round(
+            lat["structured: parse + validate, JSON Schema dict"].median_us / floor, 4
+        ),
+    }
 
 
 # --------------------------------------------------------------------------- throughput

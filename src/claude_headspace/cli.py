@@ -11,6 +11,7 @@ from .app import create_app
 from .commands import db_group, or_exit
 from .config import check_spool_dir, load_env_file, load_settings
 from .emulator.cli import emulator_command
+from .pricing_sync import pricing_group
 from .standalone.database import standalone_database
 
 
@@ -61,3 +62,4 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
 
 
 main.add_command(emulator_command)
+main.add_command(pricing_group)

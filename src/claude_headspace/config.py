@@ -15,18 +15,20 @@ import reprlib
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from dotenv import load_dotenv
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeFloat,
     PositiveInt,
     SecretStr,
     StringConstraints,
+    Tag,
     ValidationError,
     field_validator,
 )
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # The levels and their models when openrouter.models is not configured; a configured
 # mapping replaces them all (the host's has `command` where this has `task`).
-DEFAULT_MODELS: dict[str, str] = {
+DEFAULT_MODELS: dict[str, str | list[str]] = {
     "turn": "anthropic/claude-haiku-4.5",
     "task": "anthropic/claude-haiku-4.5",
     "project": "anthropic/claude-sonnet-4.5",
@@ -124,6 +126,14 @@ class RedisSettings(_Section):
 
 
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# A level's models: one name, or the primary then OpenRouter's fallbacks, in order. Told
+# apart by type, so an error is about the form given; the tags (with a space, so never a
+# key) are left out of error messages.
+_ONE, _LIST = "one model", "model list"
+LevelModels = Annotated[
+    Annotated[ModelName, Tag(_ONE)] | Annotated[list[ModelName], Field(min_length=1), Tag(_LIST)],
+    Discriminator(lambda v: _LIST if isinstance(v, list) else _ONE),
+]
 # A level is a name callers pass and the call log stores (a 16-character column).
 LevelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
 
@@ -161,18 +171,63 @@ class HealthSettings(_Section):
 
 
 class PriceSettings(_Section):
-    """USD per million tokens for one model."""
+    """USD per million tokens for one model; a cache price not given is the input price."""
 
     input_per_million: NonNegativeFloat
     output_per_million: NonNegativeFloat
+    cache_read_per_million: NonNegativeFloat | None = None
+    cache_write_per_million: NonNegativeFloat | None = None
+
+
+# OpenRouter's documented provider preferences (provider routing), each typed as documented.
+Quantization = Literal["int4", "int8", "fp4", "fp6", "fp8", "fp16", "bf16", "fp32", "unknown"]
+ProviderName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class MaxPriceSettings(_Section):
+    """The most to pay, USD per million tokens (per request or image for those two)."""
+
+    prompt: NonNegativeFloat | None = None
+    completion: NonNegativeFloat | None = None
+    request: NonNegativeFloat | None = None
+    image: NonNegativeFloat | None = None
+
+
+class ProviderSettings(_Section):
+    """OpenRouter's ``provider`` routing preferences, sent as they are; an unknown key is
+    refused by name (a typo would otherwise route every call as if it were not there)."""
+
+    order: list[ProviderName] | None = None
+    allow_fallbacks: bool | None = None
+    require_parameters: bool | None = None
+    data_collection: Literal["allow", "deny"] | None = None
+    zdr: bool | None = None
+    only: list[ProviderName] | None = None
+    ignore: list[ProviderName] | None = None
+    quantizations: list[Quantization] | None = None
+    sort: Literal["price", "throughput", "latency"] | None = None
+    max_price: MaxPriceSettings | None = None
+
+    def as_body(self) -> dict[str, Any]:
+        """The preferences set, as OpenRouter's ``provider`` object."""
+        return self.model_dump(exclude_none=True)
 
 
 def default_pricing() -> dict[str, PriceSettings]:
     """The prices openrouter.pricing has when not configured (the emulator charges them too)."""
+    # Anthropic's cache reads cost a tenth of the input price, its (5-minute) writes 1.25x.
     return {
-        "anthropic/claude-haiku-4.5": PriceSettings(input_per_million=1.0, output_per_million=5.0),
+        "anthropic/claude-haiku-4.5": PriceSettings(
+            input_per_million=1.0,
+            output_per_million=5.0,
+            cache_read_per_million=0.1,
+            cache_write_per_million=1.25,
+        ),
         "anthropic/claude-sonnet-4.5": PriceSettings(
-            input_per_million=3.0, output_per_million=15.0
+            input_per_million=3.0,
+            output_per_million=15.0,
+            cache_read_per_million=0.3,
+            cache_write_per_million=3.75,
         ),
     }
 
@@ -188,19 +243,45 @@ class OpenRouterSettings(_Section):
     max_connections: PositiveInt = 64
     site_url: str = "https://github.com/claude-headspace"
     app_name: str = "Claude Headspace"
-    # Level -> model; its keys are the levels callers may use, in this order.
-    models: dict[LevelName, ModelName] = Field(
+    # Level -> model, or models (primary first, then fallbacks); its keys are the levels
+    # callers may use, in this order.
+    models: dict[LevelName, LevelModels] = Field(
         default_factory=lambda: dict(DEFAULT_MODELS), min_length=1
     )
+    provider: ProviderSettings | None = None
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     pricing: dict[str, PriceSettings] = Field(default_factory=default_pricing)
+    # Prices read from OpenRouter's /models by `headspace pricing sync` (openrouter.pricing
+    # wins over them); default ./instance/openrouter-pricing.json.
+    pricing_file: str | None = None
+
+    def route(self, level: str) -> tuple[str, tuple[str, ...]]:
+        """The level's primary model and its fallbacks (empty when it has none)."""
+        models = self.models[level]
+        if isinstance(models, str):
+            return models, ()
+        return models[0], tuple(models[1:])
+
+    def all_models(self) -> list[str]:
+        """Every configured model, primaries and fallbacks, once each, sorted."""
+        found: set[str] = set()
+        for level in self.models:
+            primary, fallbacks = self.route(level)
+            found.update((primary, *fallbacks))
+        return sorted(found)
+
+    def pricing_path(self) -> Path:
+        """Where synced prices are kept: pricing_file, else ./instance/openrouter-pricing.json."""
+        if self.pricing_file:
+            return Path(self.pricing_file)
+        return Path.cwd() / "instance" / "openrouter-pricing.json"
 
     def models_without_pricing(self) -> list[str]:
-        """Configured models that have no price, so no estimated cost."""
-        return sorted(m for m in set(self.models.values()) if m not in self.pricing)
+        """Configured models (fallbacks too) with no price in openrouter.pricing."""
+        return [m for m in self.all_models() if m not in self.pricing]
 
     @field_validator("base_url")
     @classmethod
@@ -324,7 +405,7 @@ class Settings(_Section):
         return tuple(self.openrouter.models)
 
     def models_without_pricing(self) -> list[str]:
-        """Configured models that have no price, so no estimated cost."""
+        """Configured models (fallbacks too) with no price in openrouter.pricing."""
         return self.openrouter.models_without_pricing()
 
 
@@ -419,6 +500,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     loc = ".".join(
         s if (s := str(p)).isprintable() and len(s) <= 60 else _SHOWN.repr(s)
         for p in error.get("loc", ())
+        if p not in (_ONE, _LIST)
     )
     kind = error.get("type", "")
     if kind == "extra_forbidden":
@@ -554,7 +636,8 @@ def load_settings(
     if overrides:
         data = _merge(data, overrides)
     settings = _validated(Settings, data, source)
-    _warn_unpriced(settings.openrouter)
+    # A model with no price is warned of when the service builds its price table, which
+    # also knows the prices `headspace pricing sync` stored.
     return settings
 
 
@@ -577,7 +660,6 @@ def load_host_settings(
     if overrides:
         data = _merge(data, overrides)
     host = _validated(HostSettings, data, source)
-    _warn_unpriced(host.openrouter)
     return host
 
 
@@ -590,14 +672,6 @@ def _validated(model: type[_Model], data: dict[str, Any], source: Path) -> _Mode
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise ConfigError(f"invalid configuration ({source}): {problems}") from None
-
-
-def _warn_unpriced(openrouter: OpenRouterSettings) -> None:
-    for model in openrouter.models_without_pricing():
-        log.warning(
-            "openrouter.pricing has no entry for model %s: its calls will have no estimated cost",
-            model,
-        )
 
 
 def check_spool_dir(path: str | os.PathLike[str]) -> Path:

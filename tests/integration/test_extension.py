@@ -167,7 +167,8 @@ def test_the_service_drops_into_a_host(
     with caplog.at_level("WARNING", logger="claude_headspace.extension"):
         service = inference.init_app(app, config_path=host_config)
     # Not migrated yet: said once, with the command to run.
-    assert "behind the service's migrations: inference (at base, head i0001); run `flask inf" in (
+    head = SERVICE_HISTORY.head()
+    assert f"migrations: inference (at base, head {head}); run `flask inference db upgrade`" in (
         caplog.text
     )
     assert app.extensions["inference"] is service

@@ -286,3 +286,28 @@ def test_a_database_of_the_combined_history_is_adopted_unchanged(
         "alembic_version",
         "alembic_version_inference",
     }
+
+
+def test_i0002_keeps_existing_rows_with_zero_token_details(empty_db: Database) -> None:
+    empty_db.upgrade("i0001")
+    with empty_db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO inference_calls (request_id, timestamp, level, purpose, model,"
+                " status, input_tokens, output_tokens, input_hash, latency_ms, cached, attempts)"
+                " VALUES ('r1', :t, 'turn', 'p', 'm', 'ok', 3, 2, 'h', 1, false, 1)"
+            ),
+            {"t": "2026-01-01 00:00:00"},
+        )
+    empty_db.upgrade()
+    with empty_db.engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT model, requested_model, cached_input_tokens, cache_write_tokens,"
+                " reasoning_tokens, cache_discount_usd FROM inference_calls"
+            )
+        ).one()
+    assert tuple(row) == ("m", None, 0, 0, 0, None)
+    empty_db.downgrade("i0001")
+    columns = {c["name"] for c in inspect(empty_db.engine).get_columns("inference_calls")}
+    assert "requested_model" not in columns and "reasoning_tokens" not in columns

@@ -181,7 +181,8 @@ def test_known_rows(database: Database) -> None:
     assert report["calls_by_model"] == {MODELS[0]: 2, MODELS[1]: 1}
     # A cache hit's tokens were not sent upstream: they are not counted again.
     assert (report["total_input_tokens"], report["total_output_tokens"]) == (100, 20)
-    assert report["tokens_by_level"]["turn"] == {"input": 100, "output": 20}
+    tokens = {"input": 100, "output": 20, "cached_input": 0, "cache_write": 0, "reasoning": 0}
+    assert report["tokens_by_level"]["turn"] == tokens
     assert report["total_cost"] == 0.0002
     assert report["cost_by_model"] == {MODELS[0]: 0.0002, MODELS[1]: 0.0}
     assert report["cost_by_level"] == {"project": 0.0, "turn": 0.0002}

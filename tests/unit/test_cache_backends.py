@@ -246,6 +246,9 @@ BASE = {
         {"params": GenerationParams(max_tokens=200, temperature=0.3)},
         {"params": GenerationParams(max_tokens=200, temperature=None)},
         {"params": GenerationParams(max_tokens=200, temperature=0.0)},
+        {"fallbacks": ("openai/gpt-4o-mini",)},
+        {"provider": {"quantizations": ["fp8"]}},
+        {"schema": "f" * 64},
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
@@ -253,6 +256,12 @@ def test_anything_that_decides_the_answer_changes_the_request_key(
     change: dict[str, object],
 ) -> None:
     assert request_key(**{**BASE, **change}) != request_key(**BASE)  # type: ignore[arg-type]
+
+
+def test_provider_key_order_does_not_change_the_request_key() -> None:
+    one = request_key(**BASE, provider={"order": ["A"], "zdr": True})  # type: ignore[arg-type]
+    two = request_key(**BASE, provider={"zdr": True, "order": ["A"]})  # type: ignore[arg-type]
+    assert one == two
 
 
 def test_request_keys_are_stable_and_opaque() -> None:

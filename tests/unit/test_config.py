@@ -19,6 +19,7 @@ from claude_headspace.config import (
     environment_overrides,
     load_settings,
 )
+from claude_headspace.inference.pricing import PriceTable
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -206,13 +207,22 @@ def test_api_key_never_shown(tmp_path: Path) -> None:
 def test_model_without_pricing_warns_once_per_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = write(tmp_path, "openrouter: {models: {turn: acme/tiny, task: acme/tiny}}")
+    # Fallbacks count too; the warning comes when the service builds its price table (which
+    # also knows the synced prices), and a call to the model later does not repeat it.
+    path = write(
+        tmp_path,
+        "openrouter: {models: {turn: acme/tiny, task: [acme/tiny, acme/spare]},"
+        f" pricing_file: {tmp_path / 'absent.json'}}}",
+    )
+    settings = load_settings(path, environ={})
+    assert settings.models_without_pricing() == ["acme/spare", "acme/tiny"]
     with caplog.at_level(logging.WARNING):
-        settings = load_settings(path, environ={})
-    assert settings.models_without_pricing() == ["acme/tiny"]
-    warnings = [r.getMessage() for r in caplog.records if "acme/tiny" in r.getMessage()]
-    assert len(warnings) == 1
-    assert "no estimated cost" in warnings[0]
+        table = PriceTable.from_settings(settings.openrouter)
+        assert table.charge("acme/tiny", 10, 10) is None
+    for model in ("acme/tiny", "acme/spare"):
+        warnings = [r.getMessage() for r in caplog.records if model in r.getMessage()]
+        assert len(warnings) == 1
+        assert "no estimated cost" in warnings[0]
 
 
 def test_environment_override_parsing() -> None:

@@ -157,6 +157,15 @@ def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -
             k: {"type": "number", "nullable": True} for k in ("mean", "p50", "p90", "p99")
         },
     }
+    kinds = ("input", "output", "cached_input", "cache_write", "reasoning")
+    tokens = {
+        "type": "object",
+        "required": list(kinds),
+        "properties": dict.fromkeys(kinds, integer),
+    }
+    disagreement = dict.fromkeys(
+        ("estimated", "reported", "difference", "reported_without_estimate"), number
+    )
     error = {
         "type": "object",
         "required": ["error", "status"],
@@ -195,6 +204,12 @@ def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -
                 "required": list(levels),
                 "properties": {level: {"type": "string"} for level in levels},
             },
+            "fallback_models": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": {"type": "string"}},
+            },
+            "provider": {"type": "object", "nullable": True},
+            "unpriced_models": {"type": "array", "items": {"type": "string"}},
             "rate_limits": {
                 "type": "object",
                 "required": ["calls_per_minute", "tokens_per_minute", "max_wait_seconds"],
@@ -273,18 +288,27 @@ def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -
             "calls_by_model": counts,
             "total_input_tokens": integer,
             "total_output_tokens": integer,
-            "tokens_by_level": {
-                "type": "object",
-                "additionalProperties": {
-                    "type": "object",
-                    "required": ["input", "output"],
-                    "properties": {"input": integer, "output": integer},
-                },
-            },
+            "total_cached_input_tokens": integer,
+            "total_cache_write_tokens": integer,
+            "total_reasoning_tokens": integer,
+            "tokens_by_level": {"type": "object", "additionalProperties": tokens},
+            "tokens_by_model": {"type": "object", "additionalProperties": tokens},
             "total_cost": number,
             "cost_by_model": money,
             "cost_by_level": money,
             "upstream_reported_cost": number,
+            "cache_discount": number,
+            "cache_discount_by_model": money,
+            # Models whose estimate and OpenRouter's figure differ (over the calls with both)
+            # by more than 1%, or that OpenRouter charged for calls without an estimate.
+            "cost_disagreements": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": list(disagreement),
+                    "properties": disagreement,
+                },
+            },
             "cache_hits": integer,
             "saved_cost": number,
             "errors": integer,

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..config import default_pricing
+from ..config import PriceSettings, default_pricing
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,22 @@ PRICES: dict[str, tuple[float, float]] = {
     model: (price.input_per_million, price.output_per_million)
     for model, price in default_pricing().items()
 }
-_UNKNOWN_PRICE = (1.0, 5.0)  # what the emulator charges for a model with no default price
+# Every model the emulator lists at /models, with its full price (cache reads and writes
+# too): the defaults, and one non-Anthropic model to fall back to.
+CATALOGUE: dict[str, PriceSettings] = {
+    **default_pricing(),
+    "openai/gpt-4o-mini": PriceSettings(
+        input_per_million=0.15, output_per_million=0.6, cache_read_per_million=0.075
+    ),
+}
+# OpenRouter's canonical slugs (dated names) of the listed models.
+CANONICAL = {
+    "anthropic/claude-haiku-4.5": "anthropic/claude-4.5-haiku-20251001",
+    "anthropic/claude-sonnet-4.5": "anthropic/claude-4.5-sonnet-20250929",
+    "openai/gpt-4o-mini": "openai/gpt-4o-mini-2024-07-18",
+}
+# What the emulator charges for a model it does not list.
+_UNKNOWN_PRICE = PriceSettings(input_per_million=1.0, output_per_million=5.0)
 
 # The outcomes chaos draws from, and their default weights.
 DEFAULT_CHAOS_MIX: dict[str, float] = {
@@ -60,6 +75,8 @@ class Fault:
     raw: str | None = None  # the whole answer as sent, status line and all, then a close
     metadata: dict[str, Any] | None = None  # the error's metadata (e.g. moderation reasons)
     message: str | None = None
+    content: str | None = None  # the answer's text exactly (e.g. invalid JSON for a schema)
+    reasoning_tokens: int = 0  # reasoning tokens the answer reports (counted as output)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fault:
@@ -108,6 +125,58 @@ def count_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
+def content_text(content: Any) -> str:
+    """A message's text: its string, or its text blocks joined (the content-blocks form)."""
+    if isinstance(content, list):
+        return " ".join(str(block.get("text", "")) for block in content if isinstance(block, dict))
+    return str(content if content is not None else "")
+
+
+def example_of(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """A small deterministic JSON value valid for ``schema`` (the usual keywords: $ref to
+    $defs, const, enum, anyOf/oneOf/allOf, type with properties, items and bounds)."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 20:
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return example_of(target, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return example_of(schema[key][0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        return {name: example_of(sub, root, depth + 1) for name, sub in props.items()}
+    if kind == "array":
+        item = example_of(schema.get("items") or {}, root, depth + 1)
+        return [item] * max(1, int(schema.get("minItems") or 0))
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
+        high = schema.get("maximum", schema.get("exclusiveMaximum", low + 2) - 1)
+        value = max(low, min(high, 42))
+        return int(value) if kind == "integer" else float(value)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    text = "example"
+    return text.ljust(int(schema.get("minLength") or 0), "x")[: schema.get("maxLength") or None]
+
+
+def _price(model: str) -> PriceSettings:
+    return CATALOGUE.get(model, _UNKNOWN_PRICE)
+
+
 def answer_text(model: str, prompt: str) -> str:
     """A deterministic answer derived from the prompt."""
     words = prompt.split()
@@ -145,6 +214,10 @@ class _State:
         self.chaos_mix: dict[str, float] = dict(DEFAULT_CHAOS_MIX)
         self.chaos_hang_ms = 3000
         self.held: dict[str, threading.Event] = {}
+        # Models that fail every request (downtime): OpenRouter falls back past them.
+        self.down: set[str] = set()
+        # Prompt prefixes marked with cache_control that a request has written (warm).
+        self.prompt_cache: set[str] = set()
 
     def next_fault(self) -> Fault | None:
         with self.lock:
@@ -183,6 +256,8 @@ class _State:
             self.requests.clear()
             self.chaos = None
             self.latency_ms = 0
+            self.down.clear()
+            self.prompt_cache.clear()
 
     def key_ok(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):
@@ -254,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(None)
         state = self.server.state
         if parts.path == f"{API}/models":
-            self._send(200, {"data": [_model_entry(m) for m in PRICES]})
+            self._send(200, {"data": [_model_entry(m) for m in CATALOGUE]})
         elif parts.path == f"{API}/key" and state.key_endpoint:
             if not state.key_ok(self.headers.get("Authorization")):
                 self._error(401, "No auth credentials found")
@@ -301,27 +376,60 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             self._error(400, 'Input required: specify "messages"')
             return
-        model = body.get("model")
-        if not isinstance(model, str) or "/" not in model:
-            self._error(400, f"{model!r} is not a valid model ID")
+        route = body.get("models") or [body.get("model")]
+        if not isinstance(route, list):
+            self._error(400, "models must be a list of model IDs")
+            return
+        for candidate in route:
+            if not isinstance(candidate, str) or "/" not in candidate:
+                self._error(400, f"{candidate!r} is not a valid model ID")
+                return
+        with state.lock:
+            # OpenRouter's fallbacks: the first model of the list that is up answers.
+            model = next((m for m in route if m not in state.down), None)
+        if model is None:
+            self._error(502, f"{route[-1]} is down (emulated), and no fallback is left")
             return
         messages = body["messages"]
-        prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        prompt = " ".join(content_text(m.get("content")) for m in messages if isinstance(m, dict))
         prompt_tokens = count_tokens(prompt) + 3 * len(messages)
-        text = answer_text(model, str(messages[-1].get("content", "")) if messages else "")
-        completion_tokens = count_tokens(text)
+        cached, written = self._prompt_cache(model, messages)
+        last = content_text(messages[-1].get("content")) if messages else ""
+        schema = _schema_of(body.get("response_format"))
+        if fault is not None and fault.content is not None:
+            text = fault.content
+        elif schema is not None:
+            text = json.dumps(example_of(schema))
+        else:
+            text = answer_text(model, last)
+        reasoning = fault.reasoning_tokens if fault is not None else 0
+        completion_tokens = count_tokens(text) + reasoning
         finish = "stop"
         max_tokens = body.get("max_tokens")
         if isinstance(max_tokens, int) and 0 < max_tokens < completion_tokens:
             text = text[: max_tokens * 4]
             completion_tokens = max_tokens
             finish = "length"
-        p_in, p_out = PRICES.get(model, _UNKNOWN_PRICE)
-        cost = (prompt_tokens * p_in + completion_tokens * p_out) / 1_000_000
+        price = _price(model)
+        read = price.cache_read_per_million
+        write = price.cache_write_per_million
+        p_in = price.input_per_million
+        cost = (
+            (prompt_tokens - cached - written) * p_in
+            + cached * (p_in if read is None else read)
+            + written * (p_in if write is None else write)
+            + completion_tokens * price.output_per_million
+        ) / 1_000_000
+        preferences = body.get("provider")
+        provider = "Anthropic" if model.startswith("anthropic/") else model.split("/")[0].title()
+        if isinstance(preferences, dict):
+            named = preferences.get("order") or preferences.get("only")
+            if isinstance(named, list) and named:
+                provider = str(named[0])  # the provider asked for first answers
         gen_id = f"gen-{int(time.time())}-{uuid.uuid4().hex[:20]}"
         payload = {
             "id": gen_id,
-            "provider": "Anthropic",
+            "provider": provider,
             "model": model,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -339,6 +447,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
                 "cost": round(cost, 12),
+                "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+                "completion_tokens_details": {"reasoning_tokens": reasoning},
             },
         }  # fmt: skip
         with state.lock:
@@ -347,9 +457,34 @@ class _Handler(BaseHTTPRequestHandler):
             state.generations[gen_id] = {
                 "id": gen_id, "model": model, "total_cost": round(cost, 12),
                 "tokens_prompt": prompt_tokens, "tokens_completion": completion_tokens,
-                "provider_name": "Anthropic", "finish_reason": finish,
+                "native_tokens_cached": cached, "native_tokens_reasoning": reasoning,
+                "provider_name": provider, "finish_reason": finish,
             }  # fmt: skip
         self._send(200, payload)
+
+    def _prompt_cache(self, model: str, messages: list[Any]) -> tuple[int, int]:
+        """(cached, cache-write) tokens: a prefix up to a block marked ``cache_control`` is
+        written on first sight and read afterwards, per model (as Anthropic's cache is)."""
+        prefix: list[str] = []
+        marked = ""
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            blocks = content if isinstance(content, list) else [{"text": content}]
+            for block in blocks:
+                if not isinstance(block, dict):
+                    continue
+                prefix.append(str(block.get("text", "")))
+                if block.get("cache_control"):
+                    marked = " ".join(prefix)
+        if not marked:
+            return 0, 0
+        tokens = count_tokens(marked)
+        key = f"{model}\x00{marked}"
+        with self.server.state.lock:
+            if key in self.server.state.prompt_cache:
+                return tokens, 0
+            self.server.state.prompt_cache.add(key)
+        return 0, tokens
 
     def _fault(self, fault: Fault) -> bool:
         """Answer with the fault; False when the fault only delays a normal answer."""
@@ -410,6 +545,12 @@ class _Handler(BaseHTTPRequestHandler):
                 faults = [Fault.from_dict(f) for f in body.get("faults", [])]
                 with state.lock:
                     state.faults.extend(faults)
+            elif path == f"{CONTROL}/down":
+                down = body.get("models", [])
+                if not isinstance(down, list) or not all(isinstance(m, str) for m in down):
+                    raise ValueError("models must be a list of model IDs")
+                with state.lock:
+                    state.down = set(down)
             elif path == f"{CONTROL}/latency":
                 ms = int(body.get("ms", 0))
                 with state.lock:
@@ -430,13 +571,59 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"ok": True})
 
 
+def _schema_of(response_format: Any) -> Any:
+    # The schema of a json_schema response_format (OpenRouter's and OpenAI's shape).
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    return spec.get("schema") if isinstance(spec, dict) else None
+
+
+def _per_token(per_million: float) -> str:
+    # OpenRouter's form: USD per token, as a decimal string.
+    return f"{per_million / 1e6:.12f}".rstrip("0").rstrip(".") or "0"
+
+
 def _model_entry(model: str) -> dict[str, Any]:
-    p_in, p_out = PRICES[model]
+    """One /models entry in OpenRouter's shape (prices are strings of USD per token)."""
+    price = CATALOGUE[model]
+    pricing = {
+        "prompt": _per_token(price.input_per_million),
+        "completion": _per_token(price.output_per_million),
+        "request": "0",
+        "image": "0",
+        "web_search": "0",
+        "internal_reasoning": "0",
+    }
+    if price.cache_read_per_million is not None:
+        pricing["input_cache_read"] = _per_token(price.cache_read_per_million)
+    if price.cache_write_per_million is not None:
+        pricing["input_cache_write"] = _per_token(price.cache_write_per_million)
     return {
         "id": model,
+        "canonical_slug": CANONICAL.get(model, model),
         "name": model,
+        "created": 1_760_000_000,
+        "description": f"{model}, as the emulator serves it",
         "context_length": 200_000,
-        "pricing": {"prompt": f"{p_in / 1e6:.10f}", "completion": f"{p_out / 1e6:.10f}"},
+        "architecture": {
+            "modality": "text->text",
+            "input_modalities": ["text"],
+            "output_modalities": ["text"],
+            "tokenizer": "Claude" if model.startswith("anthropic/") else "GPT",
+        },
+        "top_provider": {
+            "context_length": 200_000,
+            "max_completion_tokens": 64_000,
+            "is_moderated": False,
+        },
+        "supported_parameters": [
+            "max_tokens",
+            "temperature",
+            "response_format",
+            "structured_outputs",
+        ],
+        "pricing": pricing,
     }
 
 
@@ -547,6 +734,12 @@ class EmulatorServer:
         """Answer the next chat requests with these faults, one each, in order."""
         with self.state.lock:
             self.state.faults.extend(faults)
+
+    def set_down(self, *models: str) -> None:
+        """Fail every request to these models (none: all are up); a request with fallbacks
+        is answered by the first of its ``models`` that is up."""
+        with self.state.lock:
+            self.state.down = set(models)
 
     def set_latency(self, ms: int) -> None:
         """Delay every chat answer by ``ms``."""

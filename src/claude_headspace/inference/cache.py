@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import redis
@@ -18,18 +19,29 @@ from .redis_support import RedisGuard
 from .types import Answer, GenerationParams
 
 # Bump when Answer's shape changes: old entries are then simply never read.
-CACHE_FORMAT = "v2"
+CACHE_FORMAT = "v3"
 
 
 def request_key(
-    *, model: str, system_prompt: str | None, input_text: str, params: GenerationParams
+    *,
+    model: str,
+    system_prompt: str | None,
+    input_text: str,
+    params: GenerationParams,
+    fallbacks: Sequence[str] = (),
+    provider: Mapping[str, Any] | None = None,
+    schema: str | None = None,
 ) -> str:
-    """SHA-256 of every input that decides the answer (never the input text alone)."""
+    """SHA-256 of every input that decides the answer (never the input text alone): the
+    models that may answer, the provider preferences (a quantization changes answers) and
+    the response format's fingerprint included."""
     canonical = json.dumps(
-        [CACHE_FORMAT, model, system_prompt, input_text, params.max_tokens, params.temperature],
+        [CACHE_FORMAT, model, system_prompt, input_text, params.max_tokens, params.temperature,
+         list(fallbacks), provider or None, schema],
         ensure_ascii=False,
         separators=(",", ":"),
-    )
+        sort_keys=True,
+    )  # fmt: skip
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -14,7 +14,8 @@ import threading
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, cast
 
@@ -34,12 +35,14 @@ from .errors import (
     ErrorInResponseError,
     InferenceError,
     InvalidResponseError,
+    StructuredAnswerError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
     error_for_status,
 )
 from .pricing import PriceTable
+from .structured import AnswerFormatError, AnswerSchema
 from .types import Answer, GenerationParams
 
 _SHOWN_BYTES = 200
@@ -96,10 +99,17 @@ def _parsed(url: str) -> httpx.URL | str:
         return url
 
 
-def _token_count(usage: Mapping[str, Any], name: str) -> int:
+def _token_count(usage: Mapping[str, Any], name: str, detail: str | None = None) -> int:
     # Token counts drive the rate limiter's budget and the cost: a negative, fractional or
     # absurd one is a malformed answer, not a number to trust (a negative count would hand
-    # budget back to the limiter).
+    # budget back to the limiter). ``detail``: a count inside usage's ``name`` object.
+    if detail is not None:
+        details = usage.get(name)
+        if details is None:
+            return 0
+        if not isinstance(details, Mapping):
+            raise ValueError(f"usage.{name} is {details!r:.60}, not an object")
+        return _token_count(details, detail)
     value = usage.get(name)
     if value is None:
         return 0
@@ -275,14 +285,18 @@ class OpenRouterClient:
         api_key: str | None,
         transport: httpx.BaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        prices: PriceTable | None = None,
     ) -> None:
         self._settings = settings
-        self._prices = PriceTable(settings.pricing)
+        # The service passes the table it built at start (synced prices, start-up warnings).
+        self.prices = prices or PriceTable(settings.pricing)
         self._key = api_key or ""
         self._clock = clock
+        # No key, no Authorization header: GET /models needs none (`headspace pricing sync`).
+        authorization = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._headers = httpx.Headers(
             {
-                "Authorization": f"Bearer {self._key}",
+                **authorization,
                 "HTTP-Referer": settings.site_url,
                 "X-Title": settings.app_name,
                 "Content-Type": "application/json",
@@ -331,12 +345,41 @@ class OpenRouterClient:
     # ------------------------------------------------------------------ requests
 
     def complete(
-        self, *, model: str, messages: list[dict[str, str]], params: GenerationParams
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: GenerationParams,
+        fallbacks: Sequence[str] = (),
+        provider: Mapping[str, Any] | None = None,
+        schema: AnswerSchema | None = None,
     ) -> Answer:
-        """One chat completion, priced; raises an UpstreamError subclass on any failure."""
+        """One chat completion, priced by the model that answered; raises an UpstreamError
+        subclass on any failure. ``fallbacks`` go as OpenRouter's ``models`` after ``model``;
+        with ``schema`` the answer is parsed into ``data``, or StructuredAnswerError raised."""
         body: dict[str, Any] = {"model": model, "messages": messages, **params.as_body()}
+        if fallbacks:
+            body["models"] = [model, *fallbacks]
+        if provider:
+            body["provider"] = provider
+        if schema is not None:
+            body["response_format"] = schema.response_format()
         response = self._send("POST", self._chat_url, content=json.dumps(body).encode())
-        return self._answer(self._json(response), model)
+        answer = self._answer(self._json(response), model, fallbacks=bool(fallbacks))
+        return answer if schema is None else self.structured(answer, schema)
+
+    @staticmethod
+    def structured(answer: Answer, schema: AnswerSchema) -> Answer:
+        """``answer`` with its text parsed against ``schema`` into ``data``; raises
+        StructuredAnswerError (retryable, keeping the answer) when it does not fit."""
+        try:
+            return replace(answer, data=schema.parse(answer.text))
+        except AnswerFormatError as exc:
+            raise StructuredAnswerError(
+                f"OpenRouter answered 200 but {exc} (response_format {schema.name})",
+                status_code=200,
+                answer=answer,
+            ) from None
 
     def get_key(self, *, timeout: float) -> dict[str, Any]:
         """GET /key: the key's account details (proves the key works)."""
@@ -496,7 +539,7 @@ class OpenRouterClient:
             )
         return data
 
-    def _answer(self, data: dict[str, Any], model: str) -> Answer:
+    def _answer(self, data: dict[str, Any], model: str, *, fallbacks: bool) -> Answer:
         error = data.get("error")
         if error is not None:
             detail = error if isinstance(error, dict) else {"message": error}
@@ -522,19 +565,36 @@ class OpenRouterClient:
         try:
             input_tokens = _token_count(usage, "prompt_tokens")
             output_tokens = _token_count(usage, "completion_tokens")
+            cached = _token_count(usage, "prompt_tokens_details", "cached_tokens")
+            written = _token_count(usage, "prompt_tokens_details", "cache_write_tokens")
             # Every text field is cleaned of the key, as errors are: an upstream that echoes
             # the request could put it in any of them, and an answer is cached, logged and
             # shown. The text too: the model never sees the key, so only an echo carries it.
+            answered = self._clean(data.get("model") or model)
+            # Priced by the model that answered. Without fallbacks that is the model asked
+            # for, perhaps under a dated name (OpenRouter's canonical slug) with no price
+            # of its own; with fallbacks an unpriced one has no cost rather than a wrong one.
+            priced = answered if fallbacks or self.prices.has(answered) else model
+            charge = self.prices.charge(
+                priced, input_tokens, output_tokens,
+                cached_tokens=cached, cache_write_tokens=written,
+            )  # fmt: skip
             return Answer(
                 text=self._clean(message.get("content") or ""),
-                model=self._clean(data.get("model") or model),
+                model=answered,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
-                cost_usd=self._prices.cost(model, input_tokens, output_tokens),
+                cost_usd=None if charge is None else charge.cost,
                 upstream_cost_usd=_reported_cost(usage.get("cost")),
                 generation_id=self._optional_text(data.get("id")),
                 provider=self._optional_text(data.get("provider")),
                 finish_reason=self._optional_text(choice.get("finish_reason")),
+                cached_input_tokens=cached,
+                cache_write_tokens=written,
+                reasoning_tokens=_token_count(
+                    usage, "completion_tokens_details", "reasoning_tokens"
+                ),
+                cache_discount_usd=None if charge is None else charge.cache_discount,
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise InvalidResponseError(

@@ -30,12 +30,17 @@ InferenceError                      base; carries retryable, retry_after, status
     ├── ErrorInResponseError        200 whose body carries an error object (retryable)
     ├── EmptyResponseError          200 with no choices (retryable)
     └── InvalidResponseError        a body that is not the JSON we expect (retryable)
+        └── StructuredAnswerError   an answer that does not parse or validate against
+                                    response_format (retryable; carries the answer)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .types import Answer
 
 __all__ = [
     "AuthenticationError",
@@ -57,6 +62,7 @@ __all__ = [
     "RequestTimeoutError",
     "ServiceUnavailableError",
     "ShuttingDownError",
+    "StructuredAnswerError",
     "TransportError",
     "UnknownEntityError",
     "UnknownLevelError",
@@ -239,6 +245,15 @@ class InvalidResponseError(UpstreamError):
     """A body that is not the JSON an OpenRouter answer should be."""
 
     retryable = True
+
+
+class StructuredAnswerError(InvalidResponseError):
+    """An answer that does not parse or validate against the call's response_format;
+    ``answer`` is what came back (its raw text, tokens and cost: it was paid for)."""
+
+    def __init__(self, message: str, *, answer: Answer, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.answer = answer
 
 
 # The statuses with a class of their own, final or retryable; error_for_status covers the rest.

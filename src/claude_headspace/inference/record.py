@@ -12,13 +12,14 @@ from typing import Any, cast
 from sqlalchemy import String, Table
 
 from ..models import InferenceCall
+from .errors import StructuredAnswerError
 from .types import Answer, InferenceRequest
 
 # How much of a long answer or error message the log keeps (policy, not a column width).
 MAX_RESULT_CHARS = 1_000_000
 MAX_ERROR_CHARS = 2000
 
-_MONEY = ("cost_usd", "upstream_cost_usd", "saved_cost_usd")
+_MONEY = ("cost_usd", "upstream_cost_usd", "saved_cost_usd", "cache_discount_usd")
 _COLUMNS = cast(Table, InferenceCall.__table__).columns
 # The width of every bounded text column, read from the table's own definition.
 _WIDTHS: dict[str, int] = {
@@ -52,6 +53,11 @@ class CallRecord:
     cost_usd: Decimal | None = None
     upstream_cost_usd: Decimal | None = None
     saved_cost_usd: Decimal | None = None
+    requested_model: str | None = None
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_discount_usd: Decimal | None = None
     error_type: str | None = None
     error_message: str | None = None
     cached: bool = False
@@ -78,34 +84,45 @@ class CallRecord:
         """The row of one call: ``answer`` for ``ok`` and ``cached``, ``error`` otherwise.
 
         A cached row costs nothing; what its answer cost when it was fetched is what it saved.
+        ``model`` is the model that answered; an answer that failed its response_format was
+        answered (and paid for) too, so its row keeps it, raw text, tokens and cost, beside
+        the error.
         """
         links = request.links
         outcome: dict[str, Any] = {}
+        if answer is None and isinstance(error, StructuredAnswerError):
+            answer = error.answer
         if answer is not None:
             cached = status == "cached"
             outcome = {
+                "model": _clip("model", answer.model),
                 "input_tokens": answer.input_tokens,
                 "output_tokens": answer.output_tokens,
+                "cached_input_tokens": answer.cached_input_tokens,
+                "cache_write_tokens": answer.cache_write_tokens,
+                "reasoning_tokens": answer.reasoning_tokens,
                 "result_text": _clip("result_text", answer.text, MAX_RESULT_CHARS),
                 "cost_usd": Decimal(0) if cached else answer.cost_usd,
                 "upstream_cost_usd": None if cached else answer.upstream_cost_usd,
                 "saved_cost_usd": answer.cost_usd if cached else None,
+                "cache_discount_usd": None if cached else answer.cache_discount_usd,
                 "cached": cached,
                 "generation_id": _clip("generation_id", answer.generation_id),
                 "provider": _clip("provider", answer.provider),
                 "finish_reason": _clip("finish_reason", answer.finish_reason),
             }
-        elif error is not None:
-            outcome = {
+        if error is not None:
+            outcome |= {
                 "error_type": _clip("error_type", type(error).__name__),
                 "error_message": _clip("error_message", str(error), MAX_ERROR_CHARS),
             }
+        outcome.setdefault("model", request.model)
         return cls(
             request_id=request.request_id,
             timestamp=datetime.now(UTC),
             level=request.level,
             purpose=request.purpose,
-            model=request.model,
+            requested_model=request.model,
             status=status,
             input_hash=request.key,
             latency_ms=latency_ms,

@@ -35,18 +35,22 @@ from .errors import (
     CancelledCallError,
     InferenceDisabledError,
     InferenceError,
+    InvalidRequestError,
     NotConfiguredError,
     QueueFullError,
     RateLimitedError,
     ServiceUnavailableError,
     ShuttingDownError,
+    StructuredAnswerError,
     UpstreamRateLimitError,
 )
 from .health import HealthChecker
+from .pricing import PriceTable
 from .record import CallRecord
 from .recorder import CallRecorder
 from .retry import RetryPolicy
 from .status import status_report
+from .structured import answer_schema
 from .types import (
     CALL_OPTIONS,
     Answer,
@@ -58,6 +62,7 @@ from .types import (
 from .usage import apply_rollup
 from .validation import (
     LinkChecker,
+    check_flag,
     check_input,
     check_level,
     check_params,
@@ -67,6 +72,8 @@ from .validation import (
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
+
+ANTHROPIC = "anthropic/"  # the models whose prompt cache needs cache_control marks
 
 
 class InferenceService:
@@ -87,6 +94,9 @@ class InferenceService:
         self._or = settings.openrouter
         self._limits = settings.inference
         self._client = client
+        # The price table the client prices with (built with the synced prices at start).
+        self.prices = client.prices if client else PriceTable.from_settings(self._or)
+        self._provider = self._or.provider.as_body() if self._or.provider else None
         self._backends = backends
         self.cache = backends.cache
         self.limiter = backends.limiter
@@ -125,8 +135,9 @@ class InferenceService:
         client = None
         if api_key:
             client = OpenRouterClient(
-                settings.openrouter, api_key=api_key, transport=transport, clock=clock
-            )
+                settings.openrouter, api_key=api_key, transport=transport, clock=clock,
+                prices=PriceTable.from_settings(settings.openrouter),
+            )  # fmt: skip
         recorder = CallRecorder(
             database.sessions,
             spool_dir,
@@ -214,6 +225,7 @@ class InferenceService:
             backends=self._backends,
             recorder=self.recorder,
             pool=self._pool,
+            prices=self.prices,
         )
 
     # ------------------------------------------------------------------ the flow
@@ -244,6 +256,11 @@ class InferenceService:
         text = check_input(input_text, self._limits.max_input_chars)
         system = check_system_prompt(options.get("system_prompt"), self._limits.max_input_chars)
         params = check_params(options.get("max_tokens"), options.get("temperature"))
+        spec = options.get("response_format")
+        schema = None if spec is None else answer_schema(spec)
+        cache_prompt = check_flag("cache_system_prompt", options.get("cache_system_prompt"))
+        if cache_prompt and system is None:
+            raise InvalidRequestError("cache_system_prompt needs a system_prompt to cache")
         links = CallLinks(
             options.get("project_id"),
             options.get("agent_id"),
@@ -251,9 +268,18 @@ class InferenceService:
             options.get("turn_id"),
         )
         self._links.check(links)
-        model = self._or.models[level_]
-        key = request_key(model=model, system_prompt=system, input_text=text, params=params)
-        request = InferenceRequest(level_, purpose_, text, model, key, links, system, params)
+        model, fallbacks = self._or.route(level_)
+        key = request_key(
+            model=model, system_prompt=system, input_text=text, params=params,
+            fallbacks=fallbacks, provider=self._provider,
+            schema=None if schema is None else schema.fingerprint,
+        )  # fmt: skip
+        request = InferenceRequest(
+            level_, purpose_, text, model, key, links, system, params,
+            fallbacks=fallbacks, provider=self._provider, schema=schema,
+            # Anthropic's cache_control; other providers cache long prefixes by themselves.
+            cache_system_prompt=cache_prompt and model.startswith(ANTHROPIC),
+        )  # fmt: skip
         refusal = self._unavailable()
         if refusal is not None:
             self._record(request, time.perf_counter(), "refused", error=refusal)
@@ -305,8 +331,15 @@ class InferenceService:
                 raise
             try:
                 answer = client.complete(
-                    model=request.model, messages=messages, params=request.params
-                )
+                    model=request.model, messages=messages, params=request.params,
+                    fallbacks=request.fallbacks, provider=request.provider,
+                    schema=request.schema,
+                )  # fmt: skip
+            except StructuredAnswerError as exc:
+                # Answered, so spent, even though the answer does not fit.
+                spent = exc.answer.input_tokens + exc.answer.output_tokens
+                self.limiter.reconcile(reservation, spent)
+                raise
             except InferenceError:
                 self.limiter.reconcile(reservation, 0)
                 raise
@@ -351,6 +384,10 @@ class InferenceService:
     ) -> InferenceResult:
         """Record a call that got an answer: fresh if it made attempts, else a cache hit."""
         cached = attempts == 0
+        if request.schema is not None and answer.data is None:
+            # From the shared cache, which stores the text: parsed again (it validated when
+            # it was fetched, against this same schema, as the request key says).
+            answer = OpenRouterClient.structured(answer, request.schema)
         latency_ms = self._record(
             request, started, "cached" if cached else "ok", answer=answer, attempts=attempts
         )

@@ -16,6 +16,7 @@ from .errors import (
     ShuttingDownError,
 )
 from .health import HealthChecker, HealthReport, HealthState
+from .pricing import PriceTable
 from .recorder import CallRecorder
 from .workers import WorkerPool
 
@@ -35,6 +36,7 @@ def status_report(
     backends: Backends,
     recorder: CallRecorder,
     pool: WorkerPool[Any, Any],
+    prices: PriceTable,
 ) -> dict[str, Any]:
     """The status: ``healthy``, ``degraded`` with every reason, or ``disabled``.
 
@@ -61,7 +63,16 @@ def status_report(
             "api_key_configured": health is not None,
             **report.to_dict(),
         },
-        "models": dict(settings.models),
+        # Each level's primary model; its fallbacks, for the levels that have some.
+        "models": {level: settings.route(level)[0] for level in settings.models},
+        "fallback_models": {
+            level: list(fallbacks)
+            for level in settings.models
+            if (fallbacks := settings.route(level)[1])
+        },
+        "provider": settings.provider.as_body() if settings.provider else None,
+        # Configured models with no price at all: their calls record no estimated cost.
+        "unpriced_models": prices.unpriced(settings.all_models()),
         "rate_limits": {
             "calls_per_minute": rl.calls_per_minute,
             "tokens_per_minute": rl.tokens_per_minute,

@@ -12,9 +12,12 @@ import itertools
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from .structured import AnswerSchema
 
 _CHARS_PER_TOKEN = 4  # a deliberately generous estimate: reservations are reconciled later
 
@@ -29,6 +32,10 @@ class CallOptions(TypedDict, total=False):
     system_prompt: str | None
     max_tokens: int | None
     temperature: float | None
+    # A JSON Schema dict or a pydantic model class: the answer is parsed into result.data.
+    response_format: Any
+    # Mark the system prompt for Anthropic's prompt cache (a long prefix shared by calls).
+    cache_system_prompt: bool | None
 
 
 CALL_OPTIONS = frozenset(CallOptions.__annotations__)
@@ -95,6 +102,10 @@ def new_request_id() -> str:
     return _request_ids.next()
 
 
+# Anthropic's marker for the end of a cacheable prefix.
+CACHE_CONTROL = {"type": "ephemeral"}
+
+
 @dataclass(frozen=True, slots=True)
 class InferenceRequest:
     """A validated request: what to ask, at which level, about what."""
@@ -108,12 +119,23 @@ class InferenceRequest:
     system_prompt: str | None
     params: GenerationParams
     request_id: str = field(default_factory=new_request_id)
+    # OpenRouter's fallbacks after ``model``, and its provider preferences.
+    fallbacks: tuple[str, ...] = ()
+    provider: dict[str, Any] | None = None
+    schema: AnswerSchema | None = None
+    cache_system_prompt: bool = False
 
-    def messages(self) -> list[dict[str, str]]:
-        """The chat messages sent upstream."""
-        messages = []
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat messages sent upstream; a system prompt to cache goes as a content block
+        marked with ``cache_control`` (the form Anthropic's prompt cache needs)."""
+        messages: list[dict[str, Any]] = []
         if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
+            content: Any = self.system_prompt
+            if self.cache_system_prompt:
+                content = [
+                    {"type": "text", "text": self.system_prompt, "cache_control": CACHE_CONTROL}
+                ]
+            messages.append({"role": "system", "content": content})
         messages.append({"role": "user", "content": self.input_text})
         return messages
 
@@ -123,16 +145,21 @@ class InferenceRequest:
         return chars // _CHARS_PER_TOKEN + 1 + (self.params.max_tokens or default_max_tokens)
 
 
-_MONEY = ("cost_usd", "upstream_cost_usd")
+_MONEY = ("cost_usd", "upstream_cost_usd", "cache_discount_usd")
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
     """One chat-completion answer, built where OpenRouter's reply is parsed.
 
-    ``cost_usd`` is our estimate from ``openrouter.pricing`` (None for an unpriced model);
-    ``upstream_cost_usd`` is what OpenRouter itself reported. Both are exact to the call
-    log's twelve decimals.
+    ``model`` is the model that answered (OpenRouter's ``model``: a fallback, when the
+    primary failed). ``cost_usd`` is our estimate by that model's price (None for an
+    unpriced model); ``upstream_cost_usd`` is what OpenRouter itself reported;
+    ``cache_discount_usd`` what prompt caching took off our estimate. All are exact to the
+    call log's twelve decimals. ``input_tokens`` is OpenRouter's ``prompt_tokens``, cached
+    and cache-write tokens included; ``reasoning_tokens`` are part of ``output_tokens``.
+    ``data`` is the parsed value of a structured answer (None without ``response_format``);
+    it is not part of the stored form: a stored answer is parsed again from ``text``.
     """
 
     text: str
@@ -144,10 +171,15 @@ class Answer:
     generation_id: str | None = None
     provider: str | None = None
     finish_reason: str | None = None
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_discount_usd: Decimal | None = None
+    data: Any = field(default=None, compare=False)
 
     def to_json(self) -> str:
-        """The stored form (the shared cache keeps it)."""
-        data = asdict(self)
+        """The stored form (the shared cache keeps it), without ``data``."""
+        data = {name: getattr(self, name) for name in _STORED}
         for name in _MONEY:
             if data[name] is not None:
                 data[name] = str(data[name])
@@ -161,6 +193,9 @@ class Answer:
             if data.get(name) is not None:
                 data[name] = Decimal(data[name])
         return cls(**data)
+
+
+_STORED = tuple(f.name for f in fields(Answer) if f.name != "data")
 
 
 def _money(value: Decimal | None) -> float | None:
@@ -185,8 +220,14 @@ class InferenceResult:
         return self.answer.text
 
     @property
+    def data(self) -> Any:
+        """The parsed answer of a call with ``response_format`` (an instance when a model
+        class was given), else None."""
+        return self.answer.data
+
+    @property
     def model(self) -> str:
-        """The model that answered."""
+        """The model that answered (a fallback, when the primary failed)."""
         return self.answer.model
 
     @property
@@ -208,6 +249,21 @@ class InferenceResult:
     def upstream_cost_usd(self) -> float | None:
         """What OpenRouter reported this call cost (None for a cache hit: nothing was sent)."""
         return None if self.cached else _money(self.answer.upstream_cost_usd)
+
+    @property
+    def cached_input_tokens(self) -> int:
+        """Prompt tokens read from the provider's prompt cache (part of input_tokens)."""
+        return self.answer.cached_input_tokens
+
+    @property
+    def cache_write_tokens(self) -> int:
+        """Prompt tokens written to the provider's prompt cache (part of input_tokens)."""
+        return self.answer.cache_write_tokens
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Reasoning tokens (part of output_tokens)."""
+        return self.answer.reasoning_tokens
 
     @property
     def generation_id(self) -> str | None:
@@ -242,4 +298,14 @@ class InferenceResult:
             "provider": self.provider,
             "finish_reason": self.finish_reason,
             "attempts": self.attempts,
+            "cached_input_tokens": self.cached_input_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "data": _plain(self.data),
         }
+
+
+def _plain(value: Any) -> Any:
+    # A model instance as its JSON form; a JSON value as it is.
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else value

@@ -16,7 +16,13 @@ the same transaction as the rows it sums, so both always agree, exactly:
   computation builds the same way, so a percentile is the upper bound of its bucket.
 
 Token totals count what was sent upstream: a cache hit's tokens are not counted again
-(its row carries them for the record, and ``saved_cost`` says what it saved).
+(its row carries them for the record, and ``saved_cost`` says what it saved). Calls are
+grouped by the model that answered (a fallback, when the primary failed).
+
+Our estimate and OpenRouter's reported cost are compared like for like: over the calls
+that have both (``compared_*``), so a model is listed in ``cost_disagreements`` when the
+two differ by more than ``DISAGREEMENT``, or when OpenRouter charged for calls we could not
+price.
 """
 
 from __future__ import annotations
@@ -40,11 +46,17 @@ from ..models.inference_call import LATENCY_BUCKETS_MS, PICO
 from ..models.links import has_table, linked_row_exists
 
 HIST = [f"lat_{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
-_MONEY_FIELDS = ("cost_usd", "saved_cost_usd", "upstream_cost_usd")
-_INT_FIELDS = (
-    "calls", "cached_calls", "error_calls", "input_tokens", "output_tokens", "latency_ms_sum",
-    *HIST,
+# A row's amounts; then the rollup's like-for-like sums over rows with both costs.
+_ROW_MONEY = ("cost_usd", "saved_cost_usd", "upstream_cost_usd", "cache_discount_usd")
+_MONEY_FIELDS = (*_ROW_MONEY, "compared_cost_usd", "compared_upstream_cost_usd")
+# The token kinds a row carries, summed for calls that went upstream.
+_TOKEN_FIELDS = (
+    "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
+    "reasoning_tokens",
 )  # fmt: skip
+_INT_FIELDS = ("calls", "cached_calls", "error_calls", *_TOKEN_FIELDS, "latency_ms_sum", *HIST)
+# Our estimate and OpenRouter's figure disagree when they differ by more than this share.
+DISAGREEMENT = Decimal("0.01")
 _HOUR = timedelta(hours=1)
 _DAY = timedelta(days=1)
 
@@ -92,17 +104,21 @@ class _Sums:
         if call.status == "cached":
             ints["cached_calls"] += 1
         else:
-            ints["input_tokens"] += call.input_tokens or 0
-            ints["output_tokens"] += call.output_tokens or 0
+            for name in _TOKEN_FIELDS:
+                ints[name] += getattr(call, name) or 0
         if call.status not in ("ok", "cached"):
             ints["error_calls"] += 1
         latency = call.latency_ms or 0
         ints["latency_ms_sum"] += latency
         ints[HIST[latency_bucket(latency)]] += 1
-        for name in _MONEY_FIELDS:
+        money = self.money
+        for name in _ROW_MONEY:
             value = getattr(call, name)
             if value is not None:
-                self.money[name] += Decimal(value)
+                money[name] += Decimal(value)
+        if call.cost_usd is not None and call.upstream_cost_usd is not None:
+            money["compared_cost_usd"] += Decimal(call.cost_usd)
+            money["compared_upstream_cost_usd"] += Decimal(call.upstream_cost_usd)
 
 
 _Key = tuple[str, datetime, str, str, int]
@@ -217,19 +233,54 @@ class Usage:
             "calls_by_model": {k: v.ints["calls"] for k, v in sorted(by_model.items())},
             "total_input_tokens": total.ints["input_tokens"],
             "total_output_tokens": total.ints["output_tokens"],
-            "tokens_by_level": {
-                k: {"input": v.ints["input_tokens"], "output": v.ints["output_tokens"]}
-                for k, v in sorted(by_level.items())
-            },
+            "total_cached_input_tokens": total.ints["cached_input_tokens"],
+            "total_cache_write_tokens": total.ints["cache_write_tokens"],
+            "total_reasoning_tokens": total.ints["reasoning_tokens"],
+            "tokens_by_level": {k: _tokens(v) for k, v in sorted(by_level.items())},
+            "tokens_by_model": {k: _tokens(v) for k, v in sorted(by_model.items())},
             "total_cost": money(total.money["cost_usd"]),
             "cost_by_model": {k: money(v.money["cost_usd"]) for k, v in sorted(by_model.items())},
             "cost_by_level": {k: money(v.money["cost_usd"]) for k, v in sorted(by_level.items())},
             "upstream_reported_cost": money(total.money["upstream_cost_usd"]),
+            "cache_discount": money(total.money["cache_discount_usd"]),
+            "cache_discount_by_model": {
+                k: money(v.money["cache_discount_usd"]) for k, v in sorted(by_model.items())
+            },
+            "cost_disagreements": {
+                k: d for k, v in sorted(by_model.items()) if (d := _disagreement(v, money))
+            },
             "cache_hits": total.ints["cached_calls"],
             "saved_cost": money(total.money["saved_cost_usd"]),
             "errors": total.ints["error_calls"],
             "latency_ms": {k: _latency(v) for k, v in sorted(by_level.items())},
         }
+
+
+def _tokens(sums: _Sums) -> dict[str, int]:
+    ints = sums.ints
+    return {
+        "input": ints["input_tokens"],
+        "output": ints["output_tokens"],
+        "cached_input": ints["cached_input_tokens"],
+        "cache_write": ints["cache_write_tokens"],
+        "reasoning": ints["reasoning_tokens"],
+    }
+
+
+def _disagreement(sums: _Sums, money: Callable[[Decimal], float]) -> dict[str, float] | None:
+    """Where our estimate and OpenRouter's figure part for one model, or None."""
+    m = sums.money
+    ours, theirs = m["compared_cost_usd"], m["compared_upstream_cost_usd"]
+    # What OpenRouter charged for calls that have no estimate (an unpriced model).
+    unpriced = m["upstream_cost_usd"] - theirs
+    if abs(theirs - ours) <= DISAGREEMENT * max(ours, theirs) and unpriced <= 0:
+        return None
+    return {
+        "estimated": money(ours),
+        "reported": money(theirs),
+        "difference": money(theirs - ours),
+        "reported_without_estimate": money(unpriced),
+    }
 
 
 def _latency(sums: _Sums) -> dict[str, Any]:
@@ -335,8 +386,7 @@ def _from_raw(
         func.count(),
         func.sum(case((c.status == "cached", 1), else_=0)),
         func.sum(case((c.status.not_in(["ok", "cached"]), 1), else_=0)),
-        func.sum(case((not_cached, c.input_tokens), else_=0)),
-        func.sum(case((not_cached, c.output_tokens), else_=0)),
+        *(func.sum(case((not_cached, getattr(c, name)), else_=0)) for name in _TOKEN_FIELDS),
         func.sum(c.latency_ms),
     ]
     lower = None
@@ -348,7 +398,10 @@ def _from_raw(
             cond.append(c.latency_ms <= bound)
         ints.append(func.sum(case((and_(True, *cond), 1), else_=0)))
         lower = bound
-    money = [_raw_money_sum(session, getattr(c, name)) for name in _MONEY_FIELDS]
+    both = and_(c.cost_usd.is_not(None), c.upstream_cost_usd.is_not(None))
+    amounts = [getattr(c, name) for name in _ROW_MONEY]
+    amounts += [case((both, c.cost_usd)), case((both, c.upstream_cost_usd))]
+    money = [_raw_money_sum(session, amount) for amount in amounts]
     stmt = select(c.level, c.model, *ints, *money).where(and_(True, *conditions))
     rows = session.execute(stmt.group_by(c.level, c.model))
     _merge_rows(usage, rows, lambda v: _raw_money_value(session, v))

@@ -54,6 +54,15 @@ def _check_text(
     return value
 
 
+def check_flag(name: str, value: object) -> bool:
+    """An optional yes/no option: True, False or None (False)."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be true or false, got {_shown(value)}")
+    return value
+
+
 def check_level(level: object, levels: tuple[str, ...]) -> str:
     """The level, if it is one of the configured ``levels`` (openrouter.models' keys)."""
     if not isinstance(level, str) or level not in levels:

@@ -91,10 +91,18 @@ class InferenceCall(Base):
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     level: Mapped[str] = mapped_column(String(16), index=True)
     purpose: Mapped[str] = mapped_column(String(200))
+    # The model that answered (a fallback, when the primary failed); requested_model is
+    # the primary asked for (what ``model`` is too when nothing answered).
     model: Mapped[str] = mapped_column(String(200))
+    requested_model: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16))
+    # input_tokens is OpenRouter's prompt_tokens, cached and cache-write tokens included;
+    # reasoning tokens are part of output_tokens.
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0)
     input_hash: Mapped[str] = mapped_column(String(64), index=True)
     result_text: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
@@ -102,6 +110,8 @@ class InferenceCall(Base):
     upstream_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
     # On a cache hit: what the answer cost when it was fetched, i.e. what the hit saved.
     saved_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # What the provider's prompt cache took off cost_usd (negative: writing cost more).
+    cache_discount_usd: Mapped[Decimal | None] = mapped_column(Money)
     error_type: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     cached: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -145,9 +155,17 @@ class UsageRollup(Base):
     error_calls: Mapped[int] = mapped_column(BigInteger, default=0)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
     saved_cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
     upstream_cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
+    cache_discount_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
+    # Cost sums over the calls that have both our estimate and OpenRouter's figure, so the
+    # two can be compared like for like (/usage's cost_disagreements).
+    compared_cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
+    compared_upstream_cost_usd: Mapped[Decimal] = mapped_column(RollupMoney, default=Decimal(0))
     latency_ms_sum: Mapped[int] = mapped_column(BigInteger, default=0)
     # Latency histogram: lat_00 counts calls with latency_ms <= LATENCY_BUCKETS_MS[0], ...
     # the last bucket everything slower. Percentiles are read from these counts, both here

@@ -1,0 +1,123 @@
+"""Structured answers without the network: the schema checks, the fence, the fingerprint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, Field
+
+from claude_headspace.emulator.server import example_of
+from claude_headspace.inference.errors import InvalidRequestError
+from claude_headspace.inference.structured import AnswerFormatError, answer_schema, strip_fence
+
+
+class Score(BaseModel):
+    agent_id: int
+    score: int = Field(ge=0, le=100)
+    reason: str
+
+
+class Scores(BaseModel):
+    scores: list[Score]
+
+
+FRUSTRATION: dict[str, Any] = {
+    "title": "frustration",
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string"},
+        "frustration_score": {"type": "integer", "minimum": 0, "maximum": 10},
+    },
+    "required": ["summary", "frustration_score"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "body"),
+    [
+        ('```json\n{"a": 1}\n```', '{"a": 1}'),
+        ('```\n{"a": 1}\n```\n', '{"a": 1}'),
+        ("  ```JSON \n[1, 2]\n  ```  ", "[1, 2]"),
+        ('{"a": "```"}', '{"a": "```"}'),  # a fence inside is not a fence around
+        ('Here:\n```json\n{"a": 1}\n```', 'Here:\n```json\n{"a": 1}\n```'),
+    ],
+)
+def test_only_a_fence_around_the_whole_answer_is_stripped(text: str, body: str) -> None:
+    assert strip_fence(text) == body
+
+
+def test_a_model_class_parses_to_an_instance_and_is_sent_strict() -> None:
+    schema = answer_schema(Scores)
+    value = schema.parse('```json\n{"scores": [{"agent_id": 3, "score": 70, "reason": "r"}]}\n```')
+    assert value == Scores(scores=[Score(agent_id=3, score=70, reason="r")])
+    fmt = schema.response_format()
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["name"] == "Scores"
+    assert fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"] == Scores.model_json_schema()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("not json", "Scores"),
+        ('{"scores": [{"agent_id": 3, "score": 170, "reason": "r"}]}', "scores.0.score"),
+        ('{"scores": [{"agent_id": 3, "reason": "r"}]}', "scores.0.score: Field required"),
+    ],
+)
+def test_a_model_class_refuses_what_does_not_fit(text: str, problem: str) -> None:
+    with pytest.raises(AnswerFormatError, match=problem):
+        answer_schema(Scores).parse(text)
+
+
+def test_a_dict_is_validated_as_json_schema() -> None:
+    schema = answer_schema(FRUSTRATION)
+    assert schema.parse('{"summary": "s", "frustration_score": 4}') == {
+        "summary": "s",
+        "frustration_score": 4,
+    }
+    assert schema.name == "frustration"
+    with pytest.raises(AnswerFormatError, match=r"\$\.frustration_score.*maximum"):
+        schema.parse('{"summary": "s", "frustration_score": 11}')
+    with pytest.raises(AnswerFormatError, match="not JSON"):
+        schema.parse("{'summary': 's'}")
+    with pytest.raises(AnswerFormatError, match="Additional properties"):
+        schema.parse('{"summary": "s", "frustration_score": 1, "x": 1}')
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"type": "objekt"}, "not a valid JSON Schema"),
+        ({"type": "object", "required": "summary"}, "not a valid JSON Schema"),
+        ({"type": "object", "default": {1, 2}}, "JSON-serialisable"),
+        ("{}", "a JSON Schema dict or a pydantic model class, got str"),
+        (Score(agent_id=1, score=1, reason="r"), "got Score"),
+        (int, "got type"),
+    ],
+)
+def test_a_bad_response_format_is_refused_by_name(spec: object, problem: str) -> None:
+    with pytest.raises(InvalidRequestError, match=problem):
+        answer_schema(spec)
+
+
+def test_the_fingerprint_follows_the_schema_not_its_key_order() -> None:
+    reordered = dict(reversed(list(FRUSTRATION.items())))
+    assert answer_schema(reordered).fingerprint == answer_schema(FRUSTRATION).fingerprint
+    other = {**FRUSTRATION, "required": ["summary"]}
+    assert answer_schema(other).fingerprint != answer_schema(FRUSTRATION).fingerprint
+    assert answer_schema(Scores).fingerprint != answer_schema(Score).fingerprint
+
+
+def test_a_name_openrouter_would_refuse_is_made_safe() -> None:
+    assert answer_schema({"title": "priority scores!", "type": "object"}).name == "priority_scores_"
+    assert answer_schema({"type": "object"}).name == "answer"
+
+
+@pytest.mark.parametrize("spec", [Scores, Score, FRUSTRATION])
+def test_the_emulators_answer_for_a_schema_validates(spec: Any) -> None:
+    schema = answer_schema(spec)
+    schema.parse(json.dumps(example_of(schema.schema)))

@@ -8,7 +8,8 @@ from flask import Flask
 from flask.cli import FlaskGroup
 
 from .app import create_app
-from .commands import db_group, or_exit
+from .clitools import or_exit
+from .commands import db_group
 from .config import check_spool_dir, load_env_file, load_settings
 from .emulator.cli import emulator_command
 from .pricing_sync import pricing_group

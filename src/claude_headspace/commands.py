@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from flask import Flask, current_app, has_app_context
@@ -16,21 +16,12 @@ from flask.cli import with_appcontext
 from werkzeug.datastructures import MultiDict
 
 from .api.inference import BadParameter, parse_usage_query
-from .config import ConfigError, load_env_file, load_settings
+from .clitools import or_exit
+from .config import load_env_file, load_settings
 from .db import Database
 from .inference.errors import InferenceError, InvalidRequestError
 from .inference.usage import usage_report
-
-T = TypeVar("T")
-
-
-def or_exit(build: Callable[[], T]) -> T:
-    """``build()``; on a bad configuration, its one-line message on stderr and exit status 2."""
-    try:
-        return build()
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+from .pricing_sync import make_pricing_group
 
 
 def _database() -> Database:
@@ -217,7 +208,7 @@ def inference_group() -> None:
     """The inference service's commands."""
 
 
-for _command in (make_db_group(in_app=True), *COMMANDS):
+for _command in (make_db_group(in_app=True), make_pricing_group(in_app=True), *COMMANDS):
     inference_group.add_command(_command)
 
 

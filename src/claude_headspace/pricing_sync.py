@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from flask import current_app
+from flask.cli import with_appcontext
 
-from .commands import or_exit
+from .clitools import or_exit
 from .config import OpenRouterSettings, PriceSettings, load_env_file, load_settings
 from .inference.client import OpenRouterClient
 from .inference.errors import InferenceError
@@ -129,17 +131,28 @@ def sync(settings: OpenRouterSettings, *, timeout: float = 30.0) -> tuple[Path, 
     return path, problems, len(models) - len(problems)
 
 
-@click.group("pricing", help="Model prices.")
-def pricing_group() -> None:
-    """Model prices."""
+def make_pricing_group(*, in_app: bool) -> click.Group:
+    """``pricing sync``: with the app's settings (``in_app``: ``flask inference pricing
+    sync`` in a host), or the standalone configuration's (``headspace pricing sync``)."""
+    group = click.Group("pricing", help="Model prices.")
+
+    def pricing_sync() -> None:
+        """Store the configured models' prices from OpenRouter's /models (openrouter.pricing
+        still wins); exit status 1 when OpenRouter cannot be read, 0 otherwise."""
+        if in_app:
+            _sync_and_report(current_app.extensions["inference"].settings.openrouter)
+        else:
+            load_env_file()
+            _sync_and_report(or_exit(load_settings).openrouter)
+
+    group.command("sync")(with_appcontext(pricing_sync) if in_app else pricing_sync)
+    return group
 
 
-@pricing_group.command("sync")
-def pricing_sync() -> None:
-    """Store the configured models' prices from OpenRouter's /models (openrouter.pricing
-    still wins); exit status 1 when OpenRouter cannot be read, 0 otherwise."""
-    load_env_file()
-    settings = or_exit(load_settings).openrouter
+pricing_group = make_pricing_group(in_app=False)
+
+
+def _sync_and_report(settings: OpenRouterSettings) -> None:
     try:
         path, problems, priced = sync(settings, timeout=settings.timeout_seconds)
     except (InferenceError, PricingError) as exc:

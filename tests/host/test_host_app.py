@@ -244,3 +244,8 @@ def test_the_commands_on_the_host_s_flask_group(
     assert status.returncode == 0 and "models.command" in status.stdout
     usage = flask("inference", "usage", "--level", "command")
     assert usage.returncode == 0 and '"total_calls": 1' in usage.stdout
+    env["HEADSPACE__OPENROUTER__PRICING_FILE"] = str(tmp_path / "prices.json")
+    synced = flask("inference", "pricing", "sync")
+    assert synced.returncode == 0, synced.stderr
+    assert "2 model(s) priced" in synced.stdout  # haiku and sonnet, for the four levels
+    assert "anthropic/claude-haiku-4.5" in (tmp_path / "prices.json").read_text()

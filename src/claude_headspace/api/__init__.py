@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint, Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from . import calls  # noqa: F401  (its routes are on bp)
 from .inference import bp
 
 log = logging.getLogger(__name__)

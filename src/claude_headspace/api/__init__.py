@@ -8,7 +8,8 @@ from typing import Any
 from flask import Blueprint, Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from . import calls  # noqa: F401  (its routes are on bp)
+from ..console import register_console
+from . import calls, events  # noqa: F401  (their routes are on bp)
 from .inference import bp
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 def register_blueprints(app: Flask) -> None:
     """Attach every blueprint to ``app``."""
     app.register_blueprint(bp)
+    register_console(app)
 
 
 def register_error_handlers(target: Flask | Blueprint) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,26 @@ def test_the_token_guards_both(sqlite_url: str, emulator: Any, tmp_path: Path) -
         assert ok.status_code == 200
     finally:
         app.extensions["inference"].close()
+
+
+def test_daily_cost_sums_the_day_rows_and_names_a_bad_days(app: Flask) -> None:
+    today = datetime.now(UTC)
+    records = [
+        call(today, cost=Decimal("0.5")),
+        call(today, cost=Decimal("0.25"), model="m/other"),
+        call(today - timedelta(days=2), cost=Decimal("1")),
+        call(today - timedelta(days=20), cost=Decimal("7")),  # outside a 14-day window
+    ]
+    write(sessions(app), records, batch=4)
+    client = app.test_client()
+    answer = client.get("/api/inference/usage/daily?days=14").json
+    assert len(answer["days"]) == 14
+    by_day = {d["day"]: d["cost_by_model"] for d in answer["days"] if d["cost_by_model"]}
+    assert by_day == {
+        today.date().isoformat(): {"anthropic/claude-haiku-4.5": 0.5, "m/other": 0.25},
+        (today - timedelta(days=2)).date().isoformat(): {"anthropic/claude-haiku-4.5": 1.0},
+    }
+    for bad in ("days=0", "days=367", "days=x", "weeks=2"):
+        response = client.get(f"/api/inference/usage/daily?{bad}")
+        assert response.status_code == 400
+        assert response.json["error"].startswith(bad.split("=")[0] + ":")

@@ -9,7 +9,7 @@ from flask import Blueprint, Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from ..console import register_console
-from . import calls, events  # noqa: F401  (their routes are on bp)
+from . import calls, daily, events  # noqa: F401  (their routes are on bp)
 from .inference import bp
 
 log = logging.getLogger(__name__)

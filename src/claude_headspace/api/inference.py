@@ -305,8 +305,10 @@ def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -
         security["security"] = [{"bearerToken": []}]
     time_param = {"type": "string", "format": "date-time"}
     from .calls import calls_openapi  # the call log's endpoints (calls.py imports this module)
+    from .daily import daily_openapi
 
     calls_paths, calls_schemas = calls_openapi(levels, security, responses_common)
+    calls_paths.update(daily_openapi(security, responses_common))
     return {
         "openapi": "3.0.3",
         "info": {"title": "Claude Headspace inference API", "version": "1.0.0"},

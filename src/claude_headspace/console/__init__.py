@@ -15,6 +15,7 @@ from flask import Flask, current_app
 
 from ..inference.service import InferenceService
 from .feed import Feed, transport_for
+from .views import console_bp
 
 EXTENSION_KEY = "inference_console"
 
@@ -88,6 +89,8 @@ def current_console() -> Console:
 
 
 def register_console(app: Flask) -> None:
-    """Hook the app's service to the console now, so no committed call is missed."""
+    """Give the app the page, and hook its service to the console now, so no committed
+    call is missed."""
+    app.register_blueprint(console_bp)
     if "inference" in app.extensions:
         console_for(app)

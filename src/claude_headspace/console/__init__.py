@@ -15,6 +15,7 @@ from flask import Flask, current_app
 
 from ..inference.service import InferenceService
 from .feed import Feed, transport_for
+from .metrics import Metrics, metrics_bp
 from .views import console_bp
 
 EXTENSION_KEY = "inference_console"
@@ -26,7 +27,7 @@ DEFAULT_MAX_STREAMS = 4
 
 
 class Console:
-    """One app's console state: its service's live feed (and metrics)."""
+    """One app's console state: its service's live feed and its metrics."""
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class Console:
             keepalive_seconds=keepalive_seconds,
         )
         service.recorder.on_committed(self.feed.committed)
+        self.metrics = Metrics(service)
         _drain_at_exit(self)
 
     def close(self) -> None:
@@ -91,6 +93,13 @@ def current_console() -> Console:
 def register_console(app: Flask) -> None:
     """Give the app the page, and hook its service to the console now, so no committed
     call is missed."""
+    from ..api import register_error_handlers  # the api package imports this module
+
+    # Once per process, before the blueprint's first registration (the API's error shape).
+    if not getattr(metrics_bp, "_headspace_error_handlers", False):
+        register_error_handlers(metrics_bp)
+        metrics_bp._headspace_error_handlers = True  # type: ignore[attr-defined]
     app.register_blueprint(console_bp)
+    app.register_blueprint(metrics_bp)
     if "inference" in app.extensions:
         console_for(app)

@@ -95,6 +95,10 @@ class LocalTransport:
             log.warning("event feed: local inbox full; %d events dropped", len(request_ids))
 
     def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+        # What was published while nobody listened is older than every open stream.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._inbox.get_nowait()
         ready()
         while not stop():
             try:
@@ -237,6 +241,9 @@ class Feed:
         """The call-log writer's hook: publish the rows' ids (or queue them for the
         publisher thread when the transport is a service of its own), and return."""
         if self.transport.synchronous:
+            # In process, no stream means nobody to tell; across processes, anyone may listen.
+            if isinstance(self.transport, LocalTransport) and not self.open_streams():
+                return
             self._publish([r.request_id for r in records])
             return
         with self._lock:

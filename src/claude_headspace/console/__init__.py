@@ -45,11 +45,14 @@ class Console:
         )
         service.recorder.on_committed(self.feed.committed)
         self.metrics = Metrics(service)
+        service.recorder.on_close(self.close)
         _drain_at_exit(self)
 
     def close(self) -> None:
-        """End the feed's threads and streams."""
+        """End the feed's and the metrics' threads and every stream (with the service)."""
+        self.feed.drain()
         self.feed.close()
+        self.metrics.close()
 
     def drain(self, timeout: float = 5.0) -> None:
         """Get the calls recorded so far into the database and their events published."""

@@ -225,6 +225,8 @@ class Feed:
         self._streams: set[Stream] = set()
         self._outbox: deque[str] = deque()
         self._outbox_ready = threading.Event()
+        # Held while ids taken from the outbox are being published (drain() waits for it).
+        self._publishing = threading.Lock()
         self._publisher: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
@@ -255,12 +257,18 @@ class Feed:
                 self._publisher = _start(self._publish_loop, "event-feed-publisher")
         self._outbox_ready.set()
 
-    def drain(self) -> None:
-        """Publish what is queued now, on this thread (at exit: the publisher is a daemon)."""
-        with self._lock:
-            ids = list(self._outbox)
-            self._outbox.clear()
-        self._publish(ids)
+    def drain(self, timeout: float = 5.0) -> None:
+        """Publish what is queued now, on this thread, after what the publisher thread is
+        publishing (at exit: the publisher is a daemon, stopped mid-publish by the exit)."""
+        if not self._publishing.acquire(timeout=timeout):
+            return
+        try:
+            with self._lock:
+                ids = list(self._outbox)
+                self._outbox.clear()
+            self._publish(ids)
+        finally:
+            self._publishing.release()
 
     def _publish(self, ids: list[str]) -> None:
         if not ids:
@@ -277,15 +285,16 @@ class Feed:
         while not self._stop.is_set():
             self._outbox_ready.wait(timeout=1.0)
             self._outbox_ready.clear()
-            with self._lock:
-                ids = list(self._outbox)
-                self._outbox.clear()
-                if not ids and time.monotonic() - idle_since > _THREAD_IDLE_SECONDS:
-                    self._publisher = None  # the next commit starts another
-                    return
-            if ids:
-                idle_since = time.monotonic()
-                self._publish(ids)
+            with self._publishing:
+                with self._lock:
+                    ids = list(self._outbox)
+                    self._outbox.clear()
+                    if not ids and time.monotonic() - idle_since > _THREAD_IDLE_SECONDS:
+                        self._publisher = None  # the next commit starts another
+                        return
+                if ids:
+                    idle_since = time.monotonic()
+                    self._publish(ids)
 
     # ------------------------------------------------------------------ the streams' side
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -120,7 +119,14 @@ class Metrics:
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
         service.recorder.on_committed(self.committed)
-        _sample_in_background(self)
+        self._stop = threading.Event()
+        self._sampler = _sample_in_background(self, self._stop)
+
+    def close(self) -> None:
+        """End the sampler thread (with the service)."""
+        self._stop.set()
+        if self._sampler is not threading.current_thread():
+            self._sampler.join(timeout=5)
 
     def committed(self, records: Sequence[CallRecord]) -> None:
         """The call-log writer's hook: count the committed rows."""
@@ -173,13 +179,13 @@ class Metrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def _sample_in_background(metrics: Metrics) -> None:
-    # Weakly held: the thread ends with the app that owns the metrics (tests make many).
+def _sample_in_background(metrics: Metrics, stop: threading.Event) -> threading.Thread:
+    # Weakly held: the thread ends with the service (stop), or with the app that owns the
+    # metrics if that goes first.
     ref = weakref.ref(metrics)
 
     def run() -> None:
-        while True:
-            time.sleep(SAMPLE_SECONDS)
+        while not stop.wait(SAMPLE_SECONDS):
             live = ref()
             if live is None:
                 return
@@ -189,7 +195,9 @@ def _sample_in_background(metrics: Metrics) -> None:
                 log.debug("metrics: sampling failed: %s", exc)
             del live
 
-    threading.Thread(target=run, name="metrics-sampler", daemon=True).start()
+    thread = threading.Thread(target=run, name="metrics-sampler", daemon=True)
+    thread.start()
+    return thread
 
 
 @metrics_bp.get("/metrics")

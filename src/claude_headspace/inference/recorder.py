@@ -465,6 +465,7 @@ class CallRecorder:
         self._lock = threading.Lock()
         self._open = False
         self._owner = os.getpid()
+        self._on_close: list[Callable[[], None]] = []
 
     def start(self) -> CallRecorder:
         """Open this process's journal, queue what dead processes left, start the writer."""
@@ -486,6 +487,11 @@ class CallRecorder:
         if self._owner != os.getpid():
             return False
         drained = self._writer.flush(timeout)
+        for listener in self._on_close:
+            try:
+                listener()
+            except Exception:  # a listener's failure is its own; closing goes on
+                log.exception("call log: a close listener failed")
         self._writer.stop(timeout=max(timeout, 1.0))
         with self._lock:
             self._open = False
@@ -514,6 +520,11 @@ class CallRecorder:
         It runs on the writer's thread, so it must hand the records on and return at once.
         """
         self._writer.committed.append(listener)
+
+    def on_close(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when the recorder closes, once what was queued is written (the
+        console ends its threads with the service)."""
+        self._on_close.append(listener)
 
     def health(self) -> str | None:
         """None when the call log is fine, else why not in one line (for /status's reason).

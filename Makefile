@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo run test lint bench bench-smoke clean
+.PHONY: demo console run test lint bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed-base
 	$(BIN)/python -m claude_headspace.demo
+
+# The operator page at http://127.0.0.1:5050/inference, live against the emulator (Ctrl-C).
+console: $(VENV)/.installed-base
+	$(BIN)/python -m claude_headspace.console.demo
 
 run: $(VENV)/.installed-base
 	$(BIN)/headspace serve

@@ -228,6 +228,9 @@ def render(r: dict[str, Any]) -> str:
             f"{int(sizes[0]):,}: {growth}× ({_verdict(growth is not None and growth <= 1.5)}).",
             "The answer reads a few hundred day and hour rows whatever the table's size.",
         ]
+    console = r.get("console")
+    if console:
+        out += _console(console)
     fp = r["footprint"]
     out += [
         "",
@@ -248,6 +251,48 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _console(c: dict[str, Any]) -> list[str]:
+    """The operator console's section: calls pages, the feed's delay, a /metrics scrape."""
+    pages = c["calls"]["rows"]
+    out = [
+        "",
+        "## The operator console",
+        "",
+        "`GET /api/inference/calls?limit=50` on PostgreSQL through the Flask test client, median",
+        "of 50: the first page, a deep page (a cursor 90 % down the table) and the same with",
+        "`level=task`. Keyset pages (never OFFSET): an index range scan from the cursor.",
+        "`python bench/bench_console.py --rows 1000000 3000000`.",
+        "",
+        _row("Rows", "first page ms", "deep page ms", "deep page, level filter ms"),
+        _row("---:", "---:", "---:", "---:"),
+    ]
+    for rows, p in sorted(pages.items(), key=lambda kv: int(kv[0])):
+        out.append(
+            _row(f"{int(rows):,}", p["first_page_ms"], p["deep_page_ms"], p["deep_page_level_ms"])
+        )
+    worst = max(max(p.values()) for p in pages.values())
+    growth = c["calls"].get("deep_growth")
+    out += [
+        "",
+        f"Target: < 20 ms median at every size and depth ({_verdict(worst < 20)}); the deep "
+        f"page at the largest size is {growth}× the smallest's "
+        f"({_verdict(growth is not None and growth <= 1.5)}: flat).",
+    ]
+    feed, metrics = c["feed"], c["metrics"]
+    out += [
+        "",
+        f"Live feed ({feed['transport']} LISTEN/NOTIFY, one open stream): from a call's "
+        f"return to its `inference_call` event, median {feed['median_ms']} ms, p90 "
+        f"{feed['p90_ms']} ms over {feed['events']} calls. Most of it is the call log's batch "
+        "linger (50 ms): an event is sent only once its row is committed.",
+        "",
+        f"`GET /metrics` from `headspace serve --workers {metrics['workers']}` (multiprocess "
+        f"mode), after {metrics['calls']} calls spread over the workers ({metrics['series']} "
+        f"series): median {metrics['median_ms']} ms a scrape over HTTP.",
+    ]
+    return out
 
 
 def main() -> None:

@@ -501,6 +501,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="few samples (CI smoke run)")
     parser.add_argument("--skip-usage", action="store_true", help="skip the /usage benchmark")
+    parser.add_argument(
+        "--skip-console", action="store_true", help="skip the operator console's benchmarks"
+    )
     args = parser.parse_args()
     run = Run(args.quick)
     started = time.time()
@@ -525,6 +528,17 @@ def main() -> None:
         print(out.stdout.strip() and out.stdout.strip().splitlines()[-1][:2000], flush=True)
         with contextlib.suppress(ValueError, IndexError):
             run.other["usage"] = json.loads(out.stdout.strip().splitlines()[-1])
+    if not args.skip_console:
+        print("\nthe operator console on PostgreSQL: calls pages, feed delay, /metrics", flush=True)
+        sizes = [] if args.quick else ["--rows", "1000000", "3000000"]
+        quick = ["--quick"] if args.quick else []
+        out = subprocess.run(
+            [sys.executable, "bench/bench_console.py", "--json", *quick, *sizes],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        print(out.stdout.strip() and out.stdout.strip().splitlines()[-1][:2000], flush=True)
+        with contextlib.suppress(ValueError, IndexError):
+            run.other["console"] = json.loads(out.stdout.strip().splitlines()[-1])
     ru = resource.getrusage(resource.RUSAGE_SELF)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from gunicorn import util
@@ -59,8 +62,36 @@ def _worker_exit(server: Any, worker: Any) -> None:
         service.close()
 
 
+def prepare_metrics_dir() -> str:
+    """PROMETHEUS_MULTIPROC_DIR for the workers' metrics, emptied of an earlier run's values
+    (a fresh temporary directory unless the variable names one). It must be set before any
+    worker imports prometheus_client, which reads it at import time."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    else:
+        path = Path(tempfile.mkdtemp(prefix="headspace-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return str(path)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    # A dead worker's gauges leave the live sums; its counters stay counted.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
 def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> None:
-    """Run gunicorn in the foreground until it is stopped."""
+    """Run gunicorn in the foreground until it is stopped.
+
+    Each open /api/inference/events stream holds one of a worker's ``threads`` while it is
+    open; the app serves at most INFERENCE_EVENT_STREAMS (4) of them per worker.
+    """
+    prepare_metrics_dir()
     HeadspaceServer(
         {
             "bind": f"{host}:{port}",
@@ -70,6 +101,7 @@ def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> Non
             "timeout": timeout,
             "graceful_timeout": timeout,
             "worker_exit": _worker_exit,
+            "child_exit": _child_exit,
             "accesslog": "-",
         }
     ).run()

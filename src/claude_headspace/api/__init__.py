@@ -8,6 +8,8 @@ from typing import Any
 from flask import Blueprint, Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from ..console import register_console
+from . import calls, daily, events  # noqa: F401  (their routes are on bp)
 from .inference import bp
 
 log = logging.getLogger(__name__)
@@ -16,6 +18,7 @@ log = logging.getLogger(__name__)
 def register_blueprints(app: Flask) -> None:
     """Attach every blueprint to ``app``."""
     app.register_blueprint(bp)
+    register_console(app)
 
 
 def register_error_handlers(target: Flask | Blueprint) -> None:

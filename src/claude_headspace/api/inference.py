@@ -328,6 +328,11 @@ def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -
         }
         security["security"] = [{"bearerToken": []}]
     time_param = {"type": "string", "format": "date-time"}
+    from .calls import calls_openapi  # the call log's endpoints (calls.py imports this module)
+    from .daily import daily_openapi
+
+    calls_paths, calls_schemas = calls_openapi(levels, security, responses_common)
+    calls_paths.update(daily_openapi(security, responses_common))
     return {
         "openapi": "3.0.3",
         "info": {"title": "Claude Headspace inference API", "version": "1.0.0"},
@@ -403,9 +408,15 @@ def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -
                     },
                 }
             },
+            **calls_paths,
         },
         "components": {
-            "schemas": {"Status": status_schema, "Usage": usage_schema, "Error": error},
+            "schemas": {
+                "Status": status_schema,
+                "Usage": usage_schema,
+                "Error": error,
+                **calls_schemas,
+            },
             # The document itself is public: it describes the API, not its data.
             "securitySchemes": {"bearerToken": {"type": "http", "scheme": "bearer"}},
         },

@@ -103,6 +103,9 @@ class CallWriter:
         # its last record (the journal drops what is written).
         self._before_write = before_write
         self._on_written = on_written
+        # Called on this thread with the records of each committed batch (rows that are in
+        # the database now): the event feed and the metrics. Each must return at once.
+        self.committed: list[Callable[[Sequence[CallRecord]], None]] = []
         self._backoff_start, self._backoff_max = backoff_seconds
         # Set when waiting to fill a batch is pointless: a flush, a close, a full batch.
         self._hurry = threading.Event()
@@ -207,7 +210,7 @@ class CallWriter:
                 self._busy = True
                 try:
                     self._before_write()
-                    self._write(batch)
+                    written = self._write(batch)
                 except Exception as exc:  # the writer must outlive any failure; it retries
                     self._busy = False
                     self._failed(exc)
@@ -220,6 +223,7 @@ class CallWriter:
                     continue
                 backoff = self._backoff_start
                 self._committed(batch)
+                self._tell(written)
                 with self._lock:
                     more_than_a_batch = len(self._pending) >= self._batch_size
                 if not (more_than_a_batch or self._hurry.is_set() or stopping):
@@ -231,19 +235,21 @@ class CallWriter:
                 if self._stopping:
                     return
 
-    def _write(self, batch: list[_Pending]) -> None:
+    def _write(self, batch: list[_Pending]) -> list[CallRecord]:
+        """Write the batch; the records that are now rows (as written)."""
         records = [p.record for p in batch]
         if any(p.replayed for p in batch):
             records = self._skip_existing(records)
         if not records:
-            return
+            return []
         try:
             self._insert(records)
         except _ONE_BY_ONE:
             # One bad row (a duplicate, a link deleted since validation, a value the
             # database refuses) must not block the batch: one by one, repairing what can be.
-            for record in records:
-                self._insert_one(record)
+            written = (self._insert_one(record) for record in records)
+            return [record for record in written if record is not None]
+        return records
 
     def _insert(self, records: Sequence[CallRecord]) -> None:
         with self._sessions() as session:
@@ -265,24 +271,35 @@ class CallWriter:
             self._rollup(session, records)
             session.commit()
 
-    def _insert_one(self, record: CallRecord) -> None:
+    def _insert_one(self, record: CallRecord) -> CallRecord | None:
         if not self._skip_existing([record]):
-            return
+            return None
         try:
             self._insert([record])
-            return
+            return record
         except IntegrityError:
             pass
         except _REFUSED as exc:
             self.rejected += 1
             self._reject(record, exc)
-            return
+            return None
         repaired = self._drop_missing_links(record)
         try:
             self._insert([repaired])
         except _ONE_BY_ONE as exc:
             self.rejected += 1
             self._reject(record, exc)
+            return None
+        return repaired
+
+    def _tell(self, records: list[CallRecord]) -> None:
+        if not records:
+            return
+        for listener in list(self.committed):
+            try:
+                listener(records)
+            except Exception:  # a listener's failure is its own; the writer goes on
+                log.exception("call log: a committed-rows listener failed")
 
     def _skip_existing(self, records: list[CallRecord]) -> list[CallRecord]:
         ids = [r.request_id for r in records]
@@ -448,6 +465,7 @@ class CallRecorder:
         self._lock = threading.Lock()
         self._open = False
         self._owner = os.getpid()
+        self._on_close: list[Callable[[], None]] = []
 
     def start(self) -> CallRecorder:
         """Open this process's journal, queue what dead processes left, start the writer."""
@@ -469,6 +487,11 @@ class CallRecorder:
         if self._owner != os.getpid():
             return False
         drained = self._writer.flush(timeout)
+        for listener in self._on_close:
+            try:
+                listener()
+            except Exception:  # a listener's failure is its own; closing goes on
+                log.exception("call log: a close listener failed")
         self._writer.stop(timeout=max(timeout, 1.0))
         with self._lock:
             self._open = False
@@ -490,6 +513,18 @@ class CallRecorder:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is in the database; False on timeout."""
         return self._writer.flush(timeout)
+
+    def on_committed(self, listener: Callable[[Sequence[CallRecord]], None]) -> None:
+        """Call ``listener`` with the records of every batch once its rows are committed.
+
+        It runs on the writer's thread, so it must hand the records on and return at once.
+        """
+        self._writer.committed.append(listener)
+
+    def on_close(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when the recorder closes, once what was queued is written (the
+        console ends its threads with the service)."""
+        self._on_close.append(listener)
 
     def health(self) -> str | None:
         """None when the call log is fine, else why not in one line (for /status's reason).

@@ -1,0 +1,213 @@
+"""GET /api/inference/calls and /calls/<id>: newest first, keyset pages with no row twice
+and none missed (also across equal timestamps and rows written between pages), filters,
+the detail, and bad parameters as 400s naming them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import text
+
+from claude_headspace import create_app
+from claude_headspace.api.calls import encode_cursor
+from tests.call_rows import call, make_record, write
+
+T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+
+
+def build(url: str, emulator: Any, tmp_path: Path, **overrides: Any) -> Flask:
+    return create_app(
+        overrides={
+            "database": {"url": url},
+            "openrouter": {"base_url": emulator.base_url, "api_key": "sk-or-calls-api"},
+            "inference": {"spool_path": str(tmp_path / "spool")},
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture
+def app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
+    app = build(database_url, emulator, tmp_path)
+    yield app
+    app.extensions["inference"].close()
+
+
+def sessions(app: Flask) -> Any:
+    return app.extensions["inference"].database.sessions
+
+
+def all_pages(
+    client: Any, query: str = "", limit: int = 4, cursor: str | None = None
+) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    url = f"/api/inference/calls?limit={limit}{query}"
+    if cursor is not None:
+        url += f"&cursor={cursor}"
+    while True:
+        page = client.get(url)
+        assert page.status_code == 200, page.json
+        assert len(page.json["calls"]) <= limit
+        seen += page.json["calls"]
+        cursor = page.json["next_cursor"]
+        if cursor is None:
+            return seen
+        url = f"/api/inference/calls?limit={limit}{query}&cursor={cursor}"
+
+
+def test_pages_cover_every_row_once_newest_first_across_equal_timestamps(app: Flask) -> None:
+    # 23 rows over 5 timestamps: most pages end in the middle of a run of equal timestamps.
+    records = [make_record(i, timestamp=T0 + timedelta(seconds=i % 5)) for i in range(23)]
+    write(sessions(app), records, batch=7)
+    got = all_pages(app.test_client())
+    assert len(got) == 23
+    assert len({c["id"] for c in got}) == 23
+    keys = [(c["timestamp"], c["id"]) for c in got]
+    assert keys == sorted(keys, reverse=True)
+    assert {c["call_id"] for c in got} == {r.request_id for r in records}
+
+
+def test_rows_written_between_pages_neither_repeat_nor_hide_older_ones(app: Flask) -> None:
+    write(sessions(app), [make_record(i) for i in range(10)], batch=10)
+    client = app.test_client()
+    first = client.get("/api/inference/calls?limit=4").json
+    # Newer rows arrive: the next page still continues after the last row shown.
+    write(sessions(app), [make_record(100 + i) for i in range(5)], batch=5)
+    rest = all_pages(client, cursor=first["next_cursor"])
+    ids = [c["id"] for c in first["calls"] + rest]
+    assert len(ids) == len(set(ids)) == 10
+
+
+def test_a_call_has_the_promised_fields_and_the_detail_its_answer(app: Flask) -> None:
+    record = replace(
+        call(T0, status="ok", project_id=None, cost=None), result_text="the answer text"
+    )
+    write(sessions(app), [record], batch=1)
+    client = app.test_client()
+    (listed,) = client.get("/api/inference/calls").json["calls"]
+    for name in ("id", "call_id", "timestamp", "level", "purpose", "model", "status",
+                 "input_tokens", "output_tokens", "cost_usd", "latency_ms", "cached",
+                 "error_message", "project_id", "agent_id", "command_id", "turn_id"):  # fmt: skip
+        assert name in listed
+    assert "result_text" not in listed
+    assert listed["call_id"] == record.request_id
+    assert listed["timestamp"] == "2026-05-01T09:00:00Z"
+    detail = client.get(f"/api/inference/calls/{listed['id']}")
+    assert detail.status_code == 200
+    assert detail.json["result_text"] == "the answer text"
+    assert detail.json["input_hash"] == record.input_hash
+    assert {k: detail.json[k] for k in listed} == listed
+    missing = client.get(f"/api/inference/calls/{listed['id'] + 1}")
+    assert (missing.status_code, missing.json["status"]) == (404, 404)
+
+
+def add_projects(app: Flask, *ids: int) -> None:
+    with app.extensions["inference"].database.engine.begin() as conn:
+        for i in ids:
+            conn.execute(
+                text("INSERT INTO projects (id, name, created_at) VALUES (:i, :n, :t)"),
+                {"i": i, "n": f"project {i}", "t": T0.replace(tzinfo=None)},
+            )
+
+
+def test_filters_narrow_the_pages(app: Flask) -> None:
+    add_projects(app, 1, 2)
+    records = [
+        call(T0, level="turn", status="ok", project_id=1),
+        call(T0 + timedelta(minutes=1), level="task", status="error", project_id=2),
+        call(T0 + timedelta(minutes=2), level="turn", status="cached", model="m/other"),
+        call(T0 + timedelta(minutes=3), level="project", status="rate_limited", project_id=1),
+        call(T0 + timedelta(hours=2), level="turn", status="refused"),
+    ]
+    write(sessions(app), records, batch=5)
+    client = app.test_client()
+
+    def ids(query: str) -> list[str]:
+        return [c["call_id"] for c in all_pages(client, query, limit=2)]
+
+    rid = [r.request_id for r in records]
+    assert ids("") == rid[::-1]
+    assert ids("&level=turn") == [rid[4], rid[2], rid[0]]
+    assert ids("&status=error") == [rid[1]]
+    assert ids("&model=m/other") == [rid[2]]
+    assert ids("&project_id=1") == [rid[3], rid[0]]
+    assert ids("&since=2026-05-01T09:01:00Z&until=2026-05-01T09:03:00Z") == [rid[2], rid[1]]
+    assert ids("&level=turn&since=2026-05-01T10:00:00") == [rid[4]]
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=ten", "limit"),
+        ("cursor=not-a-cursor", "cursor"),
+        ("cursor=" + encode_cursor(T0, 1)[:-3], "cursor"),
+        ("level=nonsense", "level"),
+        ("status=fine", "status"),
+        ("project_id=0", "project_id"),
+        ("project_id=99999999999", "project_id"),
+        ("since=yesterday", "since"),
+        ("until=2026-13-01", "until"),
+        ("since=2026-05-02&until=2026-05-01", "since"),
+        ("model=", "model"),
+        ("colour=red", "colour"),
+        ("limit=5&limit=6", "limit"),
+    ],
+)
+def test_bad_parameters_are_400_naming_them(app: Flask, query: str, named: str) -> None:
+    response = app.test_client().get(f"/api/inference/calls?{query}")
+    assert response.status_code == 400
+    assert response.json["error"].startswith(f"{named}:")
+
+
+def test_limit_bounds_and_default(app: Flask) -> None:
+    write(sessions(app), [make_record(i) for i in range(60)], batch=60)
+    client = app.test_client()
+    assert len(client.get("/api/inference/calls").json["calls"]) == 50
+    assert len(client.get("/api/inference/calls?limit=1").json["calls"]) == 1
+    whole = client.get("/api/inference/calls?limit=500").json
+    assert (len(whole["calls"]), whole["next_cursor"]) == (60, None)
+
+
+def test_the_token_guards_both(sqlite_url: str, emulator: Any, tmp_path: Path) -> None:
+    app = build(sqlite_url, emulator, tmp_path, api={"token": "tok-calls"})
+    try:
+        client = app.test_client()
+        for path in ("/api/inference/calls", "/api/inference/calls/1"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = client.get("/api/inference/calls", headers={"Authorization": "Bearer tok-calls"})
+        assert ok.status_code == 200
+    finally:
+        app.extensions["inference"].close()
+
+
+def test_daily_cost_sums_the_day_rows_and_names_a_bad_days(app: Flask) -> None:
+    today = datetime.now(UTC)
+    records = [
+        call(today, cost=Decimal("0.5")),
+        call(today, cost=Decimal("0.25"), model="m/other"),
+        call(today - timedelta(days=2), cost=Decimal("1")),
+        call(today - timedelta(days=20), cost=Decimal("7")),  # outside a 14-day window
+    ]
+    write(sessions(app), records, batch=4)
+    client = app.test_client()
+    answer = client.get("/api/inference/usage/daily?days=14").json
+    assert len(answer["days"]) == 14
+    by_day = {d["day"]: d["cost_by_model"] for d in answer["days"] if d["cost_by_model"]}
+    assert by_day == {
+        today.date().isoformat(): {"anthropic/claude-haiku-4.5": 0.5, "m/other": 0.25},
+        (today - timedelta(days=2)).date().isoformat(): {"anthropic/claude-haiku-4.5": 1.0},
+    }
+    for bad in ("days=0", "days=367", "days=x", "weeks=2"):
+        response = client.get(f"/api/inference/usage/daily?{bad}")
+        assert response.status_code == 400
+        assert response.json["error"].startswith(bad.split("=")[0] + ":")

@@ -1,0 +1,200 @@
+"""GET /metrics: Prometheus text whose call counters equal the call log's rows, in one
+process and summed over two gunicorn workers after a mixed run (ok, cached, error,
+rate-limited); the sampled gauges and counters; the token rule."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from flask import Flask
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.pool import NullPool
+
+from claude_headspace import create_app
+from claude_headspace.console import console_for
+from claude_headspace.db import normalise_url
+from claude_headspace.emulator.server import Fault
+from claude_headspace.inference import InferenceError
+from claude_headspace.models import InferenceCall
+from tests.service_fixtures import settings_for
+
+GUNICORN_APP = Path(__file__).with_name("gunicorn_app.py")
+
+Key = tuple[str, str, str]
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def calls_by_key(text: str) -> Counter[Key]:
+    counted: Counter[Key] = Counter()
+    for labels, value in samples(text, "headspace_inference_calls_total").items():
+        d = dict(labels)
+        counted[(d["level"], d["model"], d["status"])] += int(value)
+    return counted
+
+
+def rows_by_key(url: str) -> Counter[Key]:
+    engine = create_engine(normalise_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    InferenceCall.level, InferenceCall.model, InferenceCall.status, func.count()
+                ).group_by(InferenceCall.level, InferenceCall.model, InferenceCall.status)
+            ).all()
+    finally:
+        engine.dispose()
+    return Counter({(level, model, status): n for level, model, status, n in rows})
+
+
+def mixed_run(call: Any, emulator: Any) -> None:
+    """ok, cached, error (a 400 from upstream) and rate-limited calls; with the limit at 4
+    to 6 calls a minute per process, on one process or two."""
+    emulator.script([Fault(status=400, message="bad request")])
+    call("task", "this one fails")  # first: no limit reached yet
+    for i in range(3):
+        call("turn", f"fresh {i}")
+    for _ in range(3):
+        call("turn", "fresh 0")  # a cache hit on a process that answered it before
+    for i in range(8):
+        call("project", f"over the limit {i}")
+
+
+@pytest.fixture
+def app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
+    limits = {"calls_per_minute": 6, "tokens_per_minute": 10_000_000, "max_wait_seconds": 0}
+    settings = settings_for(database_url, emulator, tmp_path, openrouter={"rate_limits": limits})
+    app = create_app(overrides=settings)
+    yield app
+    console_for(app).close()
+    app.extensions["inference"].close(timeout=5)
+
+
+def test_one_process_counts_equal_the_rows(app: Flask, database_url: str, emulator: Any) -> None:
+    service = app.extensions["inference"]
+
+    def call(level: str, text: str) -> None:
+        with contextlib.suppress(InferenceError):
+            service.infer(level, "metrics", text)
+
+    mixed_run(call, emulator)
+    assert service.recorder.flush(timeout=30)
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    counted = calls_by_key(text)
+    assert counted == rows_by_key(database_url)
+    statuses = {status for _, _, status in counted}
+    assert statuses == {"ok", "cached", "error", "rate_limited"}
+    # Sampled from the parts: the cache and the limiter.
+    cached = sum(n for (_, _, status), n in counted.items() if status == "cached")
+    assert samples(text, "headspace_inference_cache_hits_total")[()] == cached == 3
+    rejected = sum(n for (_, _, status), n in counted.items() if status == "rate_limited")
+    assert samples(text, "headspace_inference_limiter_rejections_total")[()] == rejected
+    tokens = samples(text, "headspace_inference_tokens_total")
+    assert {dict(k)["kind"] for k in tokens} == {"input", "output"}
+    latency = samples(text, "headspace_inference_latency_seconds_count")
+    assert sum(latency.values()) == sum(counted.values())
+    assert samples(text, "headspace_inference_call_log_pending")[()] == 0
+    assert samples(text, "headspace_inference_call_log_spooling")[()] == 0
+    assert "headspace_inference_calls_created" in text  # this process' own registry
+
+
+def test_metrics_follow_the_token_rule(sqlite_url: str, emulator: Any, tmp_path: Path) -> None:
+    app = create_app(overrides=settings_for(sqlite_url, emulator, tmp_path, api={"token": "m-t"}))
+    try:
+        client = app.test_client()
+        assert client.get("/metrics").status_code == 401
+        ok = client.get("/metrics", headers={"Authorization": "Bearer m-t"})
+        assert ok.status_code == 200
+        assert ok.content_type.startswith("text/plain")
+    finally:
+        console_for(app).close()
+        app.extensions["inference"].close(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.postgres
+def test_two_gunicorn_workers_sum_to_the_rows(
+    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    limits = {"calls_per_minute": 4, "tokens_per_minute": 10_000_000, "max_wait_seconds": 0}
+    config = settings_for(
+        migrated_postgres_url, emulator, tmp_path, openrouter={"rate_limits": limits}
+    )
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {**os.environ, "HEADSPACE_CONFIG": str(config_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(GUNICORN_APP), str(port), "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.get("/api/inference/status")
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                    assert time.monotonic() < deadline, "gunicorn did not start"
+                    time.sleep(0.2)
+            outcomes: Counter[str] = Counter()
+
+            def call(level: str, text: str) -> None:
+                # A new connection each time, so both workers get calls.
+                response = httpx.post(f"{base}/test/call", json={"level": level, "text": text})
+                outcomes[response.json()["outcome"]] += 1
+
+            mixed_run(call, emulator)
+            expected_rows = sum(outcomes.values())
+            # The writers commit within moments; poll until the table and the scrape agree.
+            deadline = time.monotonic() + 60
+            while True:
+                rows = rows_by_key(migrated_postgres_url)
+                counted = calls_by_key(client.get("/metrics").text)
+                if sum(rows.values()) == expected_rows and counted == rows:
+                    break
+                assert time.monotonic() < deadline, (outcomes, rows, counted)
+                time.sleep(0.2)
+            assert {s for _, _, s in counted} == {"ok", "cached", "error", "rate_limited"}
+            # Read through the multiprocess directory (one process' registry has _created).
+            assert "headspace_inference_calls_created" not in client.get("/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

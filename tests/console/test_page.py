@@ -1,0 +1,162 @@
+"""The operator page in a real browser: Debian's headless Chromium driven by Playwright.
+
+With api.token set, the page asks for the token; then the chart shows the seeded log's cost
+per day by model, a call made after the page opened arrives in the live table, the filters
+narrow the table, and a row opens the call's detail; no console error along the way. A
+screenshot of each state is kept under instance/console/ (CI keeps them as artifacts).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from claude_headspace import create_app
+from claude_headspace.console import console_for
+from tests.call_rows import call, write
+from tests.console.live_server import serving
+from tests.service_fixtures import settings_for
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parents[2] / "instance" / "console"
+TOKEN = "page-token-7"
+WAIT_MS = 20_000
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture
+def app(sqlite_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
+    app = create_app(overrides=settings_for(sqlite_url, emulator, tmp_path, api={"token": TOKEN}))
+    yield app
+    console_for(app).close()
+    app.extensions["inference"].close(timeout=5)
+
+
+def seed(app: Flask) -> dict[tuple[str, str], Decimal]:
+    """Calls on three recent days with two models; their cost per (day, model)."""
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    plan = [
+        (today - timedelta(days=3), "anthropic/claude-haiku-4.5", "turn", Decimal("0.0125")),
+        (today - timedelta(days=3), "anthropic/claude-sonnet-4.5", "task", Decimal("0.0400")),
+        (today - timedelta(days=1), "anthropic/claude-haiku-4.5", "turn", Decimal("0.0075")),
+        (today - timedelta(days=1), "anthropic/claude-haiku-4.5", "task", Decimal("0.0025")),
+        (today - timedelta(hours=1), "anthropic/claude-sonnet-4.5", "project", Decimal("0.02")),
+    ]
+    records = [
+        replace(call(at, level=level, model=model, cost=cost), result_text=f"seeded {i}")
+        for i, (at, model, level, cost) in enumerate(plan)
+    ]
+    write(app.extensions["inference"].database.sessions, records, batch=10)
+    expected: dict[tuple[str, str], Decimal] = {}
+    for at, model, _, cost in plan:
+        key = (at.date().isoformat(), model)
+        expected[key] = expected.get(key, Decimal(0)) + cost
+    return expected
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+
+
+def test_the_operator_page_live(app: Flask, browser: Any) -> None:
+    expected = seed(app)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    service = app.extensions["inference"]
+    errors: list[str] = []
+    with serving(app) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        expect = sync_api.expect
+        page.goto(f"{base}/inference")
+
+        # The token is asked for, kept in the tab, and sent as a header.
+        expect(page.locator("#token-form")).to_be_visible(timeout=WAIT_MS)
+        page.screenshot(path=str(SHOTS / "1-token.png"))
+        page.fill("#token-input", TOKEN)
+        page.click("#token-form button")
+
+        # The chart: one bar per seeded (day, model), with its cost.
+        bars = page.locator("#cost-chart rect.bar")
+        expect(bars).to_have_count(len(expected), timeout=WAIT_MS)
+        drawn = {
+            (b.get_attribute("data-day"), b.get_attribute("data-model")): Decimal(
+                b.get_attribute("data-cost")
+            )
+            for b in bars.all()
+        }
+        assert drawn == expected
+        expect(page.locator("#state")).to_have_attribute("data-state", "healthy", timeout=WAIT_MS)
+        expect(page.locator("#calls-by-level tr[data-level=turn] td.num")).to_have_text("2")
+        expect(page.locator("#call-table tbody tr")).to_have_count(5)
+        expect(page.locator("#live")).to_have_attribute("data-live", "true", timeout=WAIT_MS)
+        page.screenshot(path=str(SHOTS / "2-chart.png"), full_page=True)
+
+        # A call made after the page opened arrives in the live table.
+        result = service.infer("objective", "live on the page", "appear in the table, please")
+        live_row = page.locator(f'#call-table tr[data-call-id="{result.call_id}"]')
+        expect(live_row).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator("#call-table tbody tr").first).to_have_attribute(
+            "data-call-id", result.call_id
+        )
+        page.screenshot(path=str(SHOTS / "3-live-call.png"), full_page=True)
+
+        # The filters narrow the table: only the task calls, and new turn calls stay out.
+        page.select_option("#filters select[name=level]", "task")
+        page.click("#filters button")
+        rows = page.locator("#call-table tbody tr")
+        expect(rows).to_have_count(2, timeout=WAIT_MS)
+        for text in rows.locator("td:nth-child(2)").all_inner_texts():
+            assert text == "task"
+        later = service.infer("task", "filtered live", "a task call after the filter")
+        expect(page.locator(f'#call-table tr[data-call-id="{later.call_id}"]')).to_be_visible(
+            timeout=WAIT_MS
+        )
+        expect(rows).to_have_count(3)
+        page.screenshot(path=str(SHOTS / "4-filtered.png"), full_page=True)
+
+        # A row opens the call's detail, with its answer.
+        page.locator(f'#call-table tr[data-call-id="{later.call_id}"]').click()
+        expect(page.locator("#detail")).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator('#detail dd[data-field="call_id"]')).to_have_text(later.call_id)
+        expect(page.locator("#detail-result")).to_have_text(later.text)
+        page.screenshot(path=str(SHOTS / "5-detail.png"), full_page=True)
+        page.close()
+    assert errors == []
+
+
+def test_the_page_needs_no_token_when_none_is_set(
+    sqlite_url: str, emulator: Any, tmp_path: Path, browser: Any
+) -> None:
+    app = create_app(overrides=settings_for(sqlite_url, emulator, tmp_path))
+    try:
+        app.test_client()  # the page's own HTML is public either way
+        with serving(app) as base:
+            page = browser.new_page()
+            page.goto(f"{base}/inference")
+            sync_api.expect(page.locator("#live")).to_have_attribute(
+                "data-live", "true", timeout=WAIT_MS
+            )
+            assert page.locator("#token-form").is_hidden()
+            sync_api.expect(page.locator("#cost-chart .legend")).to_contain_text(
+                "no cost in this window"
+            )
+            page.close()
+    finally:
+        console_for(app).close()
+        app.extensions["inference"].close(timeout=5)

@@ -51,6 +51,7 @@ from .recorder import CallRecorder
 from .retry import RetryPolicy
 from .status import status_report
 from .structured import answer_schema
+from .tracing import Tracing
 from .types import (
     CALL_OPTIONS,
     Answer,
@@ -106,6 +107,7 @@ class InferenceService:
         self.health = HealthChecker(client, self._or, clock=clock) if client else None
         self._clock = clock
         self._retry = RetryPolicy.from_settings(self._or.retry)
+        self._tracing = Tracing()
         self._links = LinkChecker(database.sessions)
         self._pool: WorkerPool[InferenceRequest, InferenceResult] = WorkerPool(
             size=settings.inference.workers,
@@ -371,12 +373,12 @@ class InferenceService:
     ) -> int:
         """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
-        self.recorder.record(
-            CallRecord.of(
-                request, status=status, latency_ms=latency_ms, answer=answer, error=error,
-                attempts=attempts,
-            )
+        record = CallRecord.of(
+            request, status=status, latency_ms=latency_ms, answer=answer, error=error,
+            attempts=attempts,
         )  # fmt: skip
+        self.recorder.record(record)
+        self._tracing.record(request, record, started)
         return latency_ms
 
     def _result(

@@ -149,7 +149,7 @@ class Metrics:
         cache = service.cache.stats()
         limiter = service.limiter.stats()
         log_stats = service.recorder.stats()
-        queue = service._pool.stats()  # the service exposes its pool's stats only in status()
+        queue = service.pool.stats()
         with self._lock:
             for name, counter, value in (
                 ("hits", self.cache_hits, cache.get("hits", 0)),

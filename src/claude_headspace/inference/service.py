@@ -109,7 +109,7 @@ class InferenceService:
         self._retry = RetryPolicy.from_settings(self._or.retry)
         self._tracing = Tracing()
         self._links = LinkChecker(database.sessions)
-        self._pool: WorkerPool[InferenceRequest, InferenceResult] = WorkerPool(
+        self.pool: WorkerPool[InferenceRequest, InferenceResult] = WorkerPool(
             size=settings.inference.workers,
             capacity=settings.inference.queue_size,
             run=self._execute,
@@ -185,7 +185,7 @@ class InferenceService:
         """
         request = self._accept(level, purpose, input_text, options)
         try:
-            return self._pool.submit(request)
+            return self.pool.submit(request)
         except (QueueFullError, ShuttingDownError) as exc:
             self._record(request, time.perf_counter(), "refused", error=exc)
             raise
@@ -212,7 +212,7 @@ class InferenceService:
             return
         self._closed = True
         wait = self._limits.shutdown_timeout_seconds if timeout is None else timeout
-        self._pool.shutdown(wait)
+        self.pool.shutdown(wait)
         self.recorder.close(timeout=max(wait, 1.0))
         if self._client is not None:
             self._client.close()
@@ -226,7 +226,7 @@ class InferenceService:
             health=self.health,
             backends=self._backends,
             recorder=self.recorder,
-            pool=self._pool,
+            pool=self.pool,
             prices=self.prices,
         )
 

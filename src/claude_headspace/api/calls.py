@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from ..db import DATABASE_AWAY
 from ..models import MAX_INTEGER, InferenceCall
-from .inference import BadParameter, _error, _service, bp, parse_time
+from .inference import BadParameter, _error, _service, bp, parse_filters
 
 STATUSES = ("ok", "cached", "error", "rate_limited", "refused", "cancelled")
 CALLS_PARAMS = ("limit", "cursor", "level", "model", "status", "project_id", "since", "until")
@@ -118,12 +118,7 @@ def decode_cursor(raw: str) -> tuple[datetime, int]:
 
 def parse_calls_query(args: Any, levels: tuple[str, ...]) -> CallsQuery:
     """The page the request's parameters describe; BadParameter names a bad one."""
-    unknown = sorted(set(args) - set(CALLS_PARAMS))
-    if unknown:
-        raise BadParameter(f"{unknown[0]}: unknown parameter (known: {', '.join(CALLS_PARAMS)})")
-    for name in args:
-        if len(args.getlist(name)) > 1:
-            raise BadParameter(f"{name}: given more than once")
+    f = parse_filters(args, CALLS_PARAMS, levels)
     limit = DEFAULT_LIMIT
     if "limit" in args:
         raw = args["limit"]
@@ -131,30 +126,10 @@ def parse_calls_query(args: Any, levels: tuple[str, ...]) -> CallsQuery:
             raise BadParameter(f"limit: must be an integer from 1 to {MAX_LIMIT}, got {raw!r:.40}")
         limit = int(raw)
     after = decode_cursor(args["cursor"]) if "cursor" in args else None
-    since = parse_time("since", args["since"]) if "since" in args else None
-    until = parse_time("until", args["until"]) if "until" in args else None
-    if since is not None and until is not None and since > until:
-        raise BadParameter("since: must not be later than until")
-    level = args.get("level")
-    if level is not None and level not in levels:
-        raise BadParameter(f"level: must be one of {', '.join(levels)}, got {level!r:.40}")
     status = args.get("status")
     if status is not None and status not in STATUSES:
         raise BadParameter(f"status: must be one of {', '.join(STATUSES)}, got {status!r:.40}")
-    model = args.get("model")
-    if model is not None and not (0 < len(model) <= 200):
-        raise BadParameter("model: must be 1 to 200 characters")
-    if model is not None and "\x00" in model:  # PostgreSQL refuses NUL in any string
-        raise BadParameter("model: must not contain NUL characters")
-    project_id = None
-    if "project_id" in args:
-        raw = args["project_id"]
-        if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_INTEGER:
-            raise BadParameter(
-                f"project_id: must be an integer from 1 to {MAX_INTEGER}, got {raw!r:.40}"
-            )
-        project_id = int(raw)
-    return CallsQuery(limit, after, level, model, status, project_id, since, until)
+    return CallsQuery(limit, after, f.level, f.model, status, f.project_id, f.since, f.until)
 
 
 def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:

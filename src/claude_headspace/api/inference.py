@@ -7,6 +7,7 @@ short, shared, cached probe.
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -82,12 +83,23 @@ def parse_time(name: str, raw: str) -> datetime:
     return moment
 
 
-def parse_usage_query(args: Any, levels: tuple[str, ...]) -> UsageQuery:
-    """The usage query the request's parameters describe; BadParameter names a bad one.
-    ``levels`` are the configured ones."""
-    unknown = sorted(set(args) - set(USAGE_PARAMS))
+@dataclass(frozen=True)
+class Filters:
+    """The filters /usage and /calls share: a window [since, until), level, model, project."""
+
+    since: datetime | None
+    until: datetime | None
+    level: str | None
+    model: str | None
+    project_id: int | None
+
+
+def parse_filters(args: Any, known: tuple[str, ...], levels: tuple[str, ...]) -> Filters:
+    """The shared filters among ``args``, which may hold only ``known`` parameters, each
+    once; BadParameter names a bad one. ``levels`` are the configured ones."""
+    unknown = sorted(set(args) - set(known))
     if unknown:
-        raise BadParameter(f"{unknown[0]}: unknown parameter (known: {', '.join(USAGE_PARAMS)})")
+        raise BadParameter(f"{unknown[0]}: unknown parameter (known: {', '.join(known)})")
     for name in args:
         if len(args.getlist(name)) > 1:
             raise BadParameter(f"{name}: given more than once")
@@ -113,7 +125,14 @@ def parse_usage_query(args: Any, levels: tuple[str, ...]) -> UsageQuery:
                 f"project_id: must be an integer from 1 to {MAX_INTEGER}, got {raw!r:.40}"
             )
         project_id = int(raw)
-    return UsageQuery(since, until, level, model, project_id)
+    return Filters(since, until, level, model, project_id)
+
+
+def parse_usage_query(args: Any, levels: tuple[str, ...]) -> UsageQuery:
+    """The usage query the request's parameters describe; BadParameter names a bad one.
+    ``levels`` are the configured ones."""
+    f = parse_filters(args, USAGE_PARAMS, levels)
+    return UsageQuery(f.since, f.until, f.level, f.model, f.project_id)
 
 
 @bp.get("/usage")

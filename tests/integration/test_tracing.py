@@ -91,6 +91,23 @@ def test_a_failed_call_s_span_is_an_error_naming_its_type(
     assert "gen_ai.usage.input_tokens" not in attributes
 
 
+def test_with_the_api_alone_no_span_is_made() -> None:
+    # A process with the API but no SDK configured: nothing is built for a span that would
+    # go nowhere (building its attributes is what a call would pay for).
+    code = (
+        "from claude_headspace.inference import tracing\n"
+        "assert tracing.ENABLED is True\n"
+        "def refuse(*args): raise AssertionError('attributes built')\n"
+        "tracing._attributes = refuse\n"
+        "tracing.Tracing().record(None, None, 0.0)\n"
+        "print('nothing made')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "nothing made"
+
+
 def test_without_the_package_nothing_runs() -> None:
     # A process where opentelemetry cannot be imported: the service builds and calls as ever.
     code = (

@@ -5,8 +5,8 @@ The span is made when the call is recorded, from its CallRecord (the row that ev
 outcome, success or failure, already has), with the call's real start and end times, so it
 says exactly what the call log says. A call made with ``infer()`` is a child of the caller's
 current span; one made with ``submit()`` runs on a worker thread and starts a trace of its
-own. The API alone records nothing: spans go where the host's configured SDK sends them
-(``opentelemetry-sdk`` and an exporter). Without the package nothing here runs at all.
+own. Spans go where the host's configured SDK sends them (``opentelemetry-sdk`` and an
+exporter); until one is configured, and without the package, no span is made at all.
 Prompts and answers are never put on a span: they are users' text.
 """
 
@@ -21,11 +21,19 @@ from .types import InferenceRequest
 
 try:  # an optional extra
     from opentelemetry import trace
-    from opentelemetry.trace import SpanKind, Status, StatusCode
+    from opentelemetry.trace import (
+        NoOpTracerProvider,
+        ProxyTracerProvider,
+        SpanKind,
+        Status,
+        StatusCode,
+    )
 except ImportError:  # pragma: no cover - exercised by a test that hides the package
     trace = None  # type: ignore[assignment]
 
 ENABLED = trace is not None
+# The providers in place until the host configures an SDK's.
+_UNSET = (ProxyTracerProvider, NoOpTracerProvider) if ENABLED else ()
 PROVIDER = "openrouter"
 ANSWERED = frozenset({"ok", "cached"})
 
@@ -41,8 +49,8 @@ class Tracing:
 
     def record(self, request: InferenceRequest, record: CallRecord, started: float) -> None:
         """The span of a call that began at ``started`` (perf_counter) and ends now."""
-        if self._tracer is None:
-            return
+        if self._tracer is None or isinstance(trace.get_tracer_provider(), _UNSET):
+            return  # no SDK configured: a span would go nowhere, so none is made
         end = time.time_ns()
         start = end - int((time.perf_counter() - started) * 1e9)
         requested = record.requested_model or request.model

@@ -81,15 +81,23 @@ def build_rollup(engine: Engine) -> None:
                 text(f"""
                 INSERT INTO inference_usage_rollup (span, bucket_start, level, model,
                     project_key, calls, cached_calls, error_calls, input_tokens, output_tokens,
-                    cost_usd, saved_cost_usd, upstream_cost_usd, latency_ms_sum, {hist_cols})
+                    cached_input_tokens, cache_write_tokens, reasoning_tokens,
+                    cost_usd, saved_cost_usd, upstream_cost_usd, cache_discount_usd,
+                    compared_cost_usd, compared_upstream_cost_usd, latency_ms_sum, {hist_cols})
                 SELECT '{span}', date_trunc('{span}', timestamp), level, model,
                     coalesce(project_id, 0), count(*),
                     sum(CASE WHEN status = 'cached' THEN 1 ELSE 0 END),
                     sum(CASE WHEN status NOT IN ('ok', 'cached') THEN 1 ELSE 0 END),
                     sum(CASE WHEN status <> 'cached' THEN input_tokens ELSE 0 END),
                     sum(CASE WHEN status <> 'cached' THEN output_tokens ELSE 0 END),
+                    sum(CASE WHEN status <> 'cached' THEN cached_input_tokens ELSE 0 END),
+                    sum(CASE WHEN status <> 'cached' THEN cache_write_tokens ELSE 0 END),
+                    sum(CASE WHEN status <> 'cached' THEN reasoning_tokens ELSE 0 END),
                     coalesce(sum(cost_usd), 0), coalesce(sum(saved_cost_usd), 0),
-                    coalesce(sum(upstream_cost_usd), 0), sum(latency_ms), {", ".join(buckets)}
+                    coalesce(sum(upstream_cost_usd), 0), coalesce(sum(cache_discount_usd), 0),
+                    coalesce(sum(CASE WHEN upstream_cost_usd IS NOT NULL THEN cost_usd END), 0),
+                    coalesce(sum(CASE WHEN cost_usd IS NOT NULL THEN upstream_cost_usd END), 0),
+                    sum(latency_ms), {", ".join(buckets)}
                 FROM inference_calls GROUP BY 2, 3, 4, 5
                 """)
             )

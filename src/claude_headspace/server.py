@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,18 @@ def prepare_metrics_dir() -> str:
     return str(path)
 
 
-def _child_exit(server: Any, worker: Any) -> None:
-    # A dead worker's gauges leave the live sums; its counters stay counted.
+def child_exit_hook() -> Callable[[Any, Any], None]:
+    """gunicorn's child_exit: a dead worker's gauges leave the live sums (its counters stay
+    counted). prometheus_client is imported here, in the master before any fork, not in the
+    hook: the hook runs in the SIGCHLD handler, and a second worker's exit re-entered it
+    half-way through the first one's import ("cannot import name 'Gauge' from partially
+    initialized module"), failing the master's shutdown."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    def child_exit(server: Any, worker: Any) -> None:
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+    return child_exit
 
 
 def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> None:
@@ -92,6 +100,7 @@ def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> Non
     open; the app serves at most INFERENCE_EVENT_STREAMS (4) of them per worker.
     """
     prepare_metrics_dir()
+    child_exit = child_exit_hook()  # after the directory is set: the import reads it
     HeadspaceServer(
         {
             "bind": f"{host}:{port}",
@@ -101,7 +110,7 @@ def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> Non
             "timeout": timeout,
             "graceful_timeout": timeout,
             "worker_exit": _worker_exit,
-            "child_exit": _child_exit,
+            "child_exit": child_exit,
             "accesslog": "-",
         }
     ).run()

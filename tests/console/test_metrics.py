@@ -198,3 +198,21 @@ def test_two_gunicorn_workers_sum_to_the_rows(
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_the_child_exit_hook_imports_nothing_when_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It runs in gunicorn's SIGCHLD handler: a second worker's exit re-entered an import
+    # begun there, and the master's shutdown failed on a half-imported prometheus_client.
+    from types import SimpleNamespace
+
+    from claude_headspace.server import child_exit_hook
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    (tmp_path / "gauge_livesum_12345.db").write_bytes(b"")
+    hook = child_exit_hook()
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # any import now fails
+    monkeypatch.setitem(sys.modules, "prometheus_client.multiprocess", None)
+    hook(None, SimpleNamespace(pid=12345))
+    assert not (tmp_path / "gauge_livesum_12345.db").exists()  # the dead worker's gauge left

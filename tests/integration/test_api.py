@@ -299,7 +299,16 @@ def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
         assert away.json is not None
         jsonschema.validate(away.json, response_schema("Error"))
         assert away.json["status"] == 503
-        assert away.json["error"].startswith("database unreachable")
+        assert away.json["error"].startswith("database unreachable, usage cannot be read now: ")
+        # Every reader of the database answers so, naming what it could not do.
+        for path, what in (
+            ("/api/inference/usage/daily", "usage cannot be read now"),
+            ("/api/inference/calls", "the call log cannot be read now"),
+            ("/api/inference/calls/1", "the call log cannot be read now"),
+        ):
+            answer = client.get(path)
+            assert (answer.status_code, answer.json["status"]) == (503, 503), path
+            assert answer.json["error"].startswith(f"database unreachable, {what}: "), path
         # The status says so too, though nothing has been written (a cached probe: within
         # a few seconds).
         status = wait_for_status(client, lambda s: s["state"] == "degraded")

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from ..db import DATABASE_AWAY
 from ..models import MAX_INTEGER, InferenceCall
-from .inference import BadParameter, _error, _service, bp, parse_filters
+from .inference import BadParameter, _error, _service, bp, database_away, parse_filters
 
 STATUSES = ("ok", "cached", "error", "rate_limited", "refused", "cancelled")
 CALLS_PARAMS = ("limit", "cursor", "level", "model", "status", "project_id", "since", "until")
@@ -168,11 +168,6 @@ def call_detail(session: Session, row_id: int) -> dict[str, Any] | None:
     return None if row is None else call_json(row, (*CALL_FIELDS, *DETAIL_FIELDS))
 
 
-def _database_away(exc: Exception) -> Response:
-    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-    return _error(503, f"database unreachable, the call log cannot be read now: {detail}")
-
-
 @bp.get("/calls")
 def calls() -> Response:
     """The call log, newest first, one page at a time."""
@@ -185,7 +180,7 @@ def calls() -> Response:
         with service.database.sessions() as session:
             return jsonify(calls_page(session, query))
     except DATABASE_AWAY as exc:
-        return _database_away(exc)
+        return database_away(exc, "the call log cannot be read now")
 
 
 @bp.get("/calls/<int:row_id>")
@@ -201,7 +196,7 @@ def call(row_id: int) -> Response:
         with service.database.sessions() as session:
             found = call_detail(session, row_id)
     except DATABASE_AWAY as exc:
-        return _database_away(exc)
+        return database_away(exc, "the call log cannot be read now")
     if found is None:
         return _error(404, f"no call with id {row_id}")
     return jsonify(found)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ..db import DATABASE_AWAY
 from ..models import UsageRollup
-from .inference import BadParameter, _error, _service, bp
+from .inference import BadParameter, _error, _service, bp, database_away
 
 DEFAULT_DAYS = 14
 MAX_DAYS = 366
@@ -78,8 +78,7 @@ def usage_daily() -> Response:
         with service.database.sessions() as session:
             return jsonify(daily_cost(session, days, datetime.now(UTC)))
     except DATABASE_AWAY as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        return _error(503, f"database unreachable, usage cannot be read now: {detail}")
+        return database_away(exc, "usage cannot be read now")
 
 
 def daily_openapi(security: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:

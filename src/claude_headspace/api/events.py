@@ -19,7 +19,7 @@ from ..console import current_console
 from ..console.feed import TooManyStreams
 from ..db import DATABASE_AWAY
 from .calls import MAX_ROW_ID
-from .inference import _error, bp
+from .inference import _error, bp, database_away
 
 
 @bp.get("/events")
@@ -46,8 +46,7 @@ def events() -> Response:
         replayed = feed.replay(last_id) if last_id is not None else []
     except DATABASE_AWAY as exc:
         feed.close_stream(stream)
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        return _error(503, f"database unreachable, the feed cannot resume now: {detail}")
+        return database_away(exc, "the feed cannot resume now")
     except BaseException:
         feed.close_stream(stream)
         raise

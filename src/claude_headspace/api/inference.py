@@ -33,6 +33,13 @@ def _error(status: int, message: str) -> Response:
     return response
 
 
+def database_away(exc: Exception, what: str) -> Response:
+    """503 for a database that does not answer (not a 500: the service is fine): ``what``
+    cannot be done now, and the driver's first line saying why."""
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+    return _error(503, f"database unreachable, {what}: {detail}")
+
+
 def _service() -> InferenceService:
     """This app's service (the extension's, or create_app()'s)."""
     service: InferenceService = current_app.extensions["inference"]
@@ -147,9 +154,7 @@ def usage() -> Response:
         with service.database.sessions() as session:
             return jsonify(usage_report(session, query))
     except DATABASE_AWAY as exc:
-        # Not a 500: the service is fine, its database is not answering; say so, and when.
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        return _error(503, f"database unreachable, usage cannot be read now: {detail}")
+        return database_away(exc, "usage cannot be read now")
 
 
 @bp.get("/openapi.json")

@@ -33,10 +33,7 @@ def create_app(
         settings = load_settings(config_path, overrides)
     app = Flask(__name__, instance_path=str(Path.cwd() / "instance"))
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep answers in the order built
-    database = standalone_database(settings.database)
-    if database.is_sqlite and not settings.database.auto_migrate:
-        database.upgrade()  # the embedded database is always kept at head
-    Inference(app, settings=settings, database=database)
+    Inference(app, settings=settings, database=standalone_database(settings.database))
     register_error_handlers(app)
     register_commands(app)
     return app

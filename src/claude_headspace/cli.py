@@ -56,7 +56,7 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
     or_exit(lambda: check_spool_dir(settings.inference.spool_dir()))
     # Migrate once here rather than in N workers at the same moment (no threads involved).
     database = standalone_database(settings.database)
-    if database.is_sqlite or settings.database.auto_migrate:
+    if database.settings.auto_migrate:
         database.upgrade()
     database.dispose()
     serve(host, port, workers, threads, timeout)

@@ -90,7 +90,7 @@ class Inference:
         if settings.api.token is not None:
             logsafe.protect(settings.api.token.get_secret_value())
         spool_dir = check_spool_dir(settings.inference.spool_dir(Path(app.instance_path)))
-        if settings.database.auto_migrate:
+        if database.settings.auto_migrate:
             database.upgrade()
         else:
             _warn_if_behind(database)

@@ -14,7 +14,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, column, inspect, select, table, text, update
 
 from ..config import DatabaseSettings
-from ..db import SERVICE_HISTORY, SERVICE_VERSION_TABLE, Database, History
+from ..db import (
+    SERVICE_HISTORY,
+    SERVICE_VERSION_TABLE,
+    Database,
+    History,
+    is_sqlite,
+    normalise_url,
+)
 from .models import Base
 
 log = logging.getLogger(__name__)
@@ -68,5 +75,9 @@ HISTORIES = (APP_HISTORY, SERVICE_HISTORY)
 
 
 def standalone_database(settings: DatabaseSettings) -> Database:
-    """The standalone app's database: its domain history, then the service's."""
+    """The standalone app's database: its domain history, then the service's. An SQLite
+    one (embedded, the app's own) is always migrated at start-up; another only with
+    ``database.auto_migrate``."""
+    if not settings.auto_migrate and is_sqlite(normalise_url(settings.url)):
+        settings = settings.model_copy(update={"auto_migrate": True})
     return Database(settings, histories=HISTORIES)

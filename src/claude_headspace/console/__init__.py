@@ -7,13 +7,9 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import weakref
-
 from flask import Flask, current_app
 
-from ..inference.service import InferenceService
+from ..inference.service import InferenceService, at_exit
 from .feed import Feed, transport_for
 from .metrics import Metrics, metrics_bp
 from .views import console_bp
@@ -46,7 +42,9 @@ class Console:
         service.recorder.on_committed(self.feed.committed)
         self.metrics = Metrics(service)
         service.recorder.on_close(self.close)
-        _drain_at_exit(self)
+        # Registered after the service's own close at exit, so it runs first: it flushes
+        # the call log itself, then publishes what the daemon publisher has not.
+        at_exit(self, Console.drain)
 
     def close(self) -> None:
         """End the feed's and the metrics' threads and every stream (with the service)."""
@@ -58,21 +56,6 @@ class Console:
         """Get the calls recorded so far into the database and their events published."""
         self.service.recorder.flush(timeout)
         self.feed.drain()
-
-
-def _drain_at_exit(console: Console) -> None:
-    # Registered after the service's own close-at-exit, so it runs first (atexit is LIFO):
-    # it flushes the call log itself, then publishes what the daemon publisher has not.
-    # Weakly, and only in this process (see service._close_at_exit).
-    ref = weakref.ref(console)
-    owner = os.getpid()
-
-    def drain() -> None:
-        live = ref()
-        if live is not None and os.getpid() == owner:
-            live.drain()
-
-    atexit.register(drain)
 
 
 def console_for(app: Flask) -> Console:

@@ -18,9 +18,10 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 
 import httpx
 from flask import has_request_context
@@ -73,6 +74,8 @@ from .validation import (
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ANTHROPIC = "anthropic/"  # the models whose prompt cache needs cache_control marks
 
@@ -200,7 +203,7 @@ class InferenceService:
         answer), and close the service, flushing its call log, when the interpreter exits."""
         if self.health is not None and self._unavailable() is None:
             threading.Thread(target=self.health.check, name="health-probe", daemon=True).start()
-        _close_at_exit(self)
+        at_exit(self, InferenceService.close)
 
     def stop(self, timeout: float | None = None) -> None:
         """The same as close() (the host's code calls stop() at exit)."""
@@ -407,16 +410,21 @@ class InferenceService:
         self._record(request, time.perf_counter(), "cancelled", error=error)
 
 
-def _close_at_exit(service: InferenceService) -> None:
-    # A weak reference: a service that is dropped (as tests do) is not kept alive for the
-    # hook's sake. Only in the process that built it: a child forked from this one inherits
-    # the hook but not the service's threads, and the locks they held at the fork stay held.
-    ref = weakref.ref(service)
+def at_exit(target: T, action: Callable[[T], object]) -> None:
+    """``action(target)`` when the interpreter exits, if ``target`` is still alive and this
+    is the process that asked.
+
+    A weak reference: a target that is dropped (as tests do) is not kept alive for the
+    hook's sake. Only in the process that registered it: a child forked from this one
+    inherits the hook but not the target's threads, and the locks they held at the fork
+    stay held. Hooks run in the reverse order of their registration.
+    """
+    ref = weakref.ref(target)
     owner = os.getpid()
 
-    def close() -> None:
+    def run() -> None:
         live = ref()
         if live is not None and os.getpid() == owner:
-            live.close()
+            action(live)
 
-    atexit.register(close)
+    atexit.register(run)

@@ -8,35 +8,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, Field
 from tests.service_fixtures import CHAT, AppFactory, rows
+from tests.structured_schemas import FRUSTRATION, Scores
 
 from claude_headspace.emulator import Fault
 from claude_headspace.inference import InvalidRequestError, InvalidResponseError
 from claude_headspace.inference.errors import StructuredAnswerError
 from claude_headspace.inference.service import InferenceService
 
-
-class Score(BaseModel):
-    agent_id: int
-    score: int = Field(ge=0, le=100)
-    reason: str
-
-
-class Scores(BaseModel):
-    scores: list[Score]
-
-
-FRUSTRATION: dict[str, Any] = {
-    "title": "frustration",
-    "type": "object",
-    "properties": {
-        "summary": {"type": "string"},
-        "frustration_score": {"type": "integer", "minimum": 0, "maximum": 10},
-    },
-    "required": ["summary", "frustration_score"],
-    "additionalProperties": False,
-}
 GOOD = {"scores": [{"agent_id": 7, "score": 85, "reason": "blocked on review"}]}
 
 

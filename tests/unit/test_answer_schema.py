@@ -6,33 +6,11 @@ import json
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, Field
+from tests.structured_schemas import FRUSTRATION, Score, Scores
 
 from claude_headspace.emulator.server import example_of
 from claude_headspace.inference.errors import InvalidRequestError
 from claude_headspace.inference.structured import AnswerFormatError, answer_schema, strip_fence
-
-
-class Score(BaseModel):
-    agent_id: int
-    score: int = Field(ge=0, le=100)
-    reason: str
-
-
-class Scores(BaseModel):
-    scores: list[Score]
-
-
-FRUSTRATION: dict[str, Any] = {
-    "title": "frustration",
-    "type": "object",
-    "properties": {
-        "summary": {"type": "string"},
-        "frustration_score": {"type": "integer", "minimum": 0, "maximum": 10},
-    },
-    "required": ["summary", "frustration_score"],
-    "additionalProperties": False,
-}
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from .migrations.links import reconcile_links
 from .models import Base
 
 if TYPE_CHECKING:  # config checks URLs with check_url below, so it imports this module
+    from alembic.script import ScriptDirectory
+
     from .config import DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -128,25 +131,26 @@ class History:
             cfg.attributes["engine"] = engine_or_url
         return cfg
 
-    def head(self) -> str:
-        """The newest revision this history ships."""
+    @cached_property
+    def script_directory(self) -> ScriptDirectory:
+        """Its revision scripts, read once (they ship with the package)."""
         from alembic.script import ScriptDirectory
 
-        head = ScriptDirectory.from_config(self.config("sqlite://")).get_current_head()
+        return ScriptDirectory.from_config(self.config("sqlite://"))
+
+    def head(self) -> str:
+        """The newest revision this history ships."""
+        head = self.script_directory.get_current_head()
         if head is None:
             raise RuntimeError(f"no migrations found in {self.scripts}")
         return head
 
     def has_revision(self, revision: str) -> bool:
         """Whether ``revision`` (an id or a prefix of one) is one of this history's."""
-        from alembic.script import ScriptDirectory
         from alembic.util import CommandError
 
         try:
-            return (
-                ScriptDirectory.from_config(self.config("sqlite://")).get_revision(revision)
-                is not None
-            )
+            return self.script_directory.get_revision(revision) is not None
         except CommandError:
             return False
 

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, column, inspect, select, table, text, update
 
 from ..config import DatabaseSettings
@@ -59,8 +58,7 @@ def adopt_combined_history(connection: Connection) -> None:
         )
     connection.execute(update(versions).values(version_num="a0001"))
     service = MigrationContext.configure(connection, opts={"version_table": SERVICE_VERSION_TABLE})
-    scripts = ScriptDirectory.from_config(SERVICE_HISTORY.config("sqlite://"))
-    service.stamp(scripts, "i0001")
+    service.stamp(SERVICE_HISTORY.script_directory, "i0001")
     log.info("database: combined history %s adopted as app a0001 + inference i0001", version)
 
 

@@ -279,10 +279,6 @@ class OpenRouterSettings(_Section):
             return Path(self.pricing_file)
         return Path.cwd() / "instance" / "openrouter-pricing.json"
 
-    def models_without_pricing(self) -> list[str]:
-        """Configured models (fallbacks too) with no price in openrouter.pricing."""
-        return [m for m in self.all_models() if m not in self.pricing]
-
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -403,10 +399,6 @@ class Settings(_Section):
     def levels(self) -> tuple[str, ...]:
         """The inference levels: the keys of openrouter.models, in their order."""
         return tuple(self.openrouter.models)
-
-    def models_without_pricing(self) -> list[str]:
-        """Configured models (fallbacks too) with no price in openrouter.pricing."""
-        return self.openrouter.models_without_pricing()
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -215,10 +215,10 @@ def test_model_without_pricing_warns_once_per_model(
         f" pricing_file: {tmp_path / 'absent.json'}}}",
     )
     settings = load_settings(path, environ={})
-    assert settings.models_without_pricing() == ["acme/spare", "acme/tiny"]
     with caplog.at_level(logging.WARNING):
         table = PriceTable.from_settings(settings.openrouter)
         assert table.charge("acme/tiny", 10, 10) is None
+    assert table.unpriced(settings.openrouter.all_models()) == ["acme/spare", "acme/tiny"]
     for model in ("acme/tiny", "acme/spare"):
         warnings = [r.getMessage() for r in caplog.records if model in r.getMessage()]
         assert len(warnings) == 1

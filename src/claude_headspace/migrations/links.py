@@ -19,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, column, exists, inspect, table, update
 
 from ..models.inference_call import LINK_TABLES
+from ..models.links import link_table
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def reconcile_links(connection: Connection) -> list[str]:
         return []
     calls = table(CALLS, *(column(link) for link in wanted))
     for link in wanted:
-        target = table(LINK_TABLES[link], column("id"))
+        target = link_table(link)
         orphaned = connection.execute(
             update(calls)
             .where(calls.c[link].is_not(None), ~exists().where(target.c.id == calls.c[link]))

@@ -24,14 +24,14 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed-base
-	$(BIN)/python -m claude_headspace.demo
+	$(BIN)/python -m headspace_inference.demo
 
 # The operator page at http://127.0.0.1:5050/inference, live against the emulator (Ctrl-C).
 console: $(VENV)/.installed-base
-	$(BIN)/python -m claude_headspace.console.demo
+	$(BIN)/python -m headspace_inference.console.demo
 
 run: $(VENV)/.installed-base
-	$(BIN)/headspace serve
+	$(BIN)/headspace-inference serve
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench examples

@@ -8,7 +8,7 @@
 - The live feed: from a call's return (its row journalled) to its event on one open SSE
   stream, through the call log's batch (its linger is 50 ms), the commit, NOTIFY, the
   listener's read of the rows and the stream.
-- GET /metrics scraped over HTTP from `headspace serve --workers 4` (multiprocess mode),
+- GET /metrics scraped over HTTP from `headspace-inference serve --workers 4` (multiprocess mode),
   after calls spread over the workers.
 
 --quick takes few samples on small tables (CI); --json prints one JSON line.
@@ -68,8 +68,8 @@ def overrides(url: str, base_url: str | None, spool: str) -> dict[str, Any]:
 
 
 def calls_pages(url: str, sizes: list[int], repeat: int) -> dict[str, Any]:
-    from claude_headspace import create_app
-    from claude_headspace.api.calls import encode_cursor
+    from headspace_inference import create_app
+    from headspace_inference.api.calls import encode_cursor
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as spool:
@@ -113,8 +113,8 @@ def calls_pages(url: str, sizes: list[int], repeat: int) -> dict[str, Any]:
 
 
 def feed_delay(url: str, base_url: str, events: int) -> dict[str, Any]:
-    from claude_headspace import create_app
-    from claude_headspace.console import console_for
+    from headspace_inference import create_app
+    from headspace_inference.console import console_for
 
     with tempfile.TemporaryDirectory() as spool:
         app = create_app(overrides=overrides(url, base_url, spool))

@@ -11,10 +11,10 @@ import uuid
 
 from sqlalchemy import create_engine, text
 
-from claude_headspace.config import DatabaseSettings
-from claude_headspace.inference.types import CallLinks
-from claude_headspace.inference.validation import LinkChecker
-from claude_headspace.standalone.database import standalone_database
+from headspace_inference.config import DatabaseSettings
+from headspace_inference.inference.types import CallLinks
+from headspace_inference.inference.validation import LinkChecker
+from headspace_inference.standalone.database import standalone_database
 
 IDS = 1000
 

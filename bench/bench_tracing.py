@@ -13,9 +13,9 @@ SPANS = 20_000
 
 def measure(with_sdk: bool) -> float:
     """Microseconds per span."""
-    from claude_headspace.inference.record import CallRecord
-    from claude_headspace.inference.tracing import Tracing
-    from claude_headspace.inference.types import CallLinks, GenerationParams, InferenceRequest
+    from headspace_inference.inference.record import CallRecord
+    from headspace_inference.inference.tracing import Tracing
+    from headspace_inference.inference.types import CallLinks, GenerationParams, InferenceRequest
 
     if with_sdk:
         from opentelemetry import trace

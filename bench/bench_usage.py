@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench.common import postgres_database
-from claude_headspace.models.inference_call import LATENCY_BUCKETS_MS
+from headspace_inference.models.inference_call import LATENCY_BUCKETS_MS
 
 DAYS = 90
 
@@ -110,8 +110,8 @@ def same_as_apply_rollup(database: Any, day: datetime) -> bool:
     them from the raw rows in a transaction that is rolled back."""
     from sqlalchemy import delete, select
 
-    from claude_headspace.inference.usage import apply_rollup
-    from claude_headspace.models import InferenceCall, UsageRollup
+    from headspace_inference.inference.usage import apply_rollup
+    from headspace_inference.models import InferenceCall, UsageRollup
 
     end = day + timedelta(days=1)
     r = UsageRollup
@@ -151,8 +151,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from claude_headspace import create_app
-    from claude_headspace.inference.usage import (
+    from headspace_inference import create_app
+    from headspace_inference.inference.usage import (
         UsageQuery,
         compute_usage,
         compute_usage_raw,

@@ -62,7 +62,7 @@ def sample(fn: Callable[[int], Any], *, warmup: int, samples: int) -> list[float
 def emulator_process(latency_ms: int = 0) -> Iterator[str]:
     """An emulator in its own process (so it does not share our GIL); yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "claude_headspace.emulator", "--port", "0",
+        [sys.executable, "-m", "headspace_inference.emulator", "--port", "0",
          "--latency-ms", str(latency_ms)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -94,9 +94,9 @@ def postgres_database() -> Iterator[str]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from claude_headspace.config import DatabaseSettings
-    from claude_headspace.db import normalise_url
-    from claude_headspace.standalone.database import standalone_database
+    from headspace_inference.config import DatabaseSettings
+    from headspace_inference.db import normalise_url
+    from headspace_inference.standalone.database import standalone_database
 
     base = make_url(normalise_url(PG_URL))
     name = f"hs_bench_{uuid.uuid4().hex[:10]}"

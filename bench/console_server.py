@@ -1,6 +1,6 @@
-"""``headspace serve`` with one route more for the /metrics benchmark: ``POST /bench/call``
-makes a call on whichever worker takes it. ``console_server.py <port> <workers>``; the
-configuration comes from $HEADSPACE_CONFIG."""
+"""``headspace-inference serve`` with one route more for the /metrics benchmark:
+``POST /bench/call`` makes a call on whichever worker takes it.
+``console_server.py <port> <workers>``; the configuration comes from $HEADSPACE_CONFIG."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 from flask import Flask, request
 
-from claude_headspace import server
-from claude_headspace.app import create_app
-from claude_headspace.inference import InferenceError
+from headspace_inference import server
+from headspace_inference.app import create_app
+from headspace_inference.inference import InferenceError
 
 
 def app_with_a_call_route() -> Flask:

@@ -147,8 +147,8 @@ def render(r: dict[str, Any]) -> str:
         f"{stdlib_cpu:.2f} ms per call (third floor",
         "  row) shows httpx's own per-request CPU is still most of the budget; an HTTP/2 or",
         "  async transport (one connection, no thread per in-flight call), or more processes",
-        "  (`headspace serve --workers N` with Redis sharing the limits, which scales across",
-        "  cores) are the levers. We did not hand-roll an HTTP client to win this row.",
+        "  (`headspace-inference serve --workers N` with Redis sharing the limits, which scales",
+        "  across cores) are the levers. We did not hand-roll an HTTP client to win this row.",
     ]
     lb = r["limiter_burst"]
     out += [
@@ -246,7 +246,7 @@ def render(r: dict[str, Any]) -> str:
         out.append(_row(name, f["import_ms"], f["max_rss_mb"]))
     out += [
         "",
-        "`claude_headspace` includes Flask, SQLAlchemy, Alembic (migrating the database at",
+        "`headspace_inference` includes Flask, SQLAlchemy, Alembic (migrating the database at",
         "start-up), pydantic and httpx; `openai` is the client alone.",
         "",
     ]
@@ -288,9 +288,9 @@ def _console(c: dict[str, Any]) -> list[str]:
         f"{feed['p90_ms']} ms over {feed['events']} calls. Most of it is the call log's batch "
         "linger (50 ms): an event is sent only once its row is committed.",
         "",
-        f"`GET /metrics` from `headspace serve --workers {metrics['workers']}` (multiprocess "
-        f"mode), after {metrics['calls']} calls spread over the workers ({metrics['series']} "
-        f"series): median {metrics['median_ms']} ms a scrape over HTTP.",
+        f"`GET /metrics` from `headspace-inference serve --workers {metrics['workers']}` "
+        f"(multiprocess mode), after {metrics['calls']} calls spread over the workers "
+        f"({metrics['series']} series): median {metrics['median_ms']} ms a scrape over HTTP.",
     ]
     return out
 

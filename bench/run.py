@@ -67,7 +67,7 @@ class Run:
 
 
 def make_service(base_url: str, db_url: str, spool: Path, **inference: Any) -> Any:
-    from claude_headspace import create_app
+    from headspace_inference import create_app
 
     app = create_app(
         overrides={
@@ -195,7 +195,7 @@ def structured(run: Run, service: Any) -> None:
     and validation it adds, alone: the host's priority-scoring answer, three agents."""
     from pydantic import BaseModel, Field
 
-    from claude_headspace.inference.structured import answer_schema
+    from headspace_inference.inference.structured import answer_schema
 
     class Score(BaseModel):
         agent_id: int
@@ -337,8 +337,8 @@ def throughput(run: Run, base_url: str, work: Path) -> None:
 
 
 def limiter_burst(run: Run) -> None:
-    from claude_headspace.config import RateLimitSettings
-    from claude_headspace.inference.ratelimit import MemoryRateLimiter
+    from headspace_inference.config import RateLimitSettings
+    from headspace_inference.inference.ratelimit import MemoryRateLimiter
 
     limit, window, requests = 100, 0.5, 1000
     print(f"\nLimiter under burst: {requests} requests, {limit} per {window} s", flush=True)
@@ -385,8 +385,8 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 def _limiter_process(prefix: str, requests: int, limit: int, window: float, out: Any) -> None:
     import redis as redis_lib
 
-    from claude_headspace.config import RateLimitSettings
-    from claude_headspace.inference.ratelimit import RedisRateLimiter
+    from headspace_inference.config import RateLimitSettings
+    from headspace_inference.inference.ratelimit import RedisRateLimiter
 
     settings = RateLimitSettings(calls_per_minute=limit, tokens_per_minute=10**9,
                                  window_seconds=window, max_wait_seconds=120)  # fmt: skip
@@ -399,9 +399,9 @@ def scale_out(run: Run) -> None:
 
     import redis as redis_lib
 
-    from claude_headspace.config import CacheSettings
-    from claude_headspace.inference.cache import MemoryCache, RedisCache
-    from claude_headspace.inference.types import Answer
+    from headspace_inference.config import CacheSettings
+    from headspace_inference.inference.cache import MemoryCache, RedisCache
+    from headspace_inference.inference.types import Answer
 
     print("\nScale-out on Redis", flush=True)
     client = redis_lib.Redis.from_url(REDIS_URL)
@@ -456,9 +456,9 @@ def scale_out(run: Run) -> None:
 def footprint(run: Run) -> None:
     print("\nFootprint (fresh interpreter each; median of 5)", flush=True)
     probes = {
-        "claude_headspace": (
-            "import claude_headspace.app",
-            "from claude_headspace import create_app; "
+        "headspace_inference": (
+            "import headspace_inference.app",
+            "from headspace_inference import create_app; "
             "app = create_app(overrides={'database': {'url': 'sqlite://'}, "
             "'openrouter': {'api_key': 'sk-or-x', 'base_url': 'http://127.0.0.1:9/api/v1'}, "
             "'inference': {'spool_path': '%s'}}); "

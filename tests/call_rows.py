@@ -13,17 +13,17 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from claude_headspace.inference.errors import UpstreamServerError
-from claude_headspace.inference.record import CallRecord
-from claude_headspace.inference.recorder import CallWriter
-from claude_headspace.inference.types import (
+from headspace_inference.inference.errors import UpstreamServerError
+from headspace_inference.inference.record import CallRecord
+from headspace_inference.inference.recorder import CallWriter
+from headspace_inference.inference.types import (
     Answer,
     CallLinks,
     GenerationParams,
     InferenceRequest,
     new_request_id,
 )
-from claude_headspace.inference.usage import apply_rollup
+from headspace_inference.inference.usage import apply_rollup
 
 HAIKU = "anthropic/claude-haiku-4.5"
 

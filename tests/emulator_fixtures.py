@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from claude_headspace.clock import Clock
-from claude_headspace.config import OpenRouterSettings
-from claude_headspace.emulator import EmulatorServer
-from claude_headspace.inference.client import OpenRouterClient
+from headspace_inference.clock import Clock
+from headspace_inference.config import OpenRouterSettings
+from headspace_inference.emulator import EmulatorServer
+from headspace_inference.inference.client import OpenRouterClient
 
 TEST_KEY = "sk-or-v1-test-key-0123456789"
 ClientFactory = Callable[..., OpenRouterClient]

@@ -12,10 +12,10 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from claude_headspace import create_app
-from claude_headspace.db import normalise_url
-from claude_headspace.inference.service import InferenceService
-from claude_headspace.models import InferenceCall
+from headspace_inference import create_app
+from headspace_inference.db import normalise_url
+from headspace_inference.inference.service import InferenceService
+from headspace_inference.models import InferenceCall
 
 KEY = "sk-or-test-service"
 CHAT = "/api/v1/chat/completions"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from claude_headspace import create_app
+from headspace_inference import create_app
 
 KEPT = None
 

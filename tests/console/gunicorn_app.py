@@ -1,4 +1,4 @@
-"""``headspace serve`` as it runs (gunicorn, its workers, the metrics directory), with one
+"""``headspace-inference serve`` as it runs (gunicorn, its workers, the metrics directory), with one
 test route added to each worker's app: ``POST /test/call`` makes a call on that worker.
 
 ``gunicorn_app.py <port> <workers>``; the configuration comes from $HEADSPACE_CONFIG.
@@ -11,9 +11,9 @@ from typing import Any
 
 from flask import Flask, request
 
-from claude_headspace import server
-from claude_headspace.app import create_app
-from claude_headspace.inference import InferenceError
+from headspace_inference import server
+from headspace_inference.app import create_app
+from headspace_inference.inference import InferenceError
 
 
 def app_with_a_call_route() -> Flask:

@@ -15,8 +15,8 @@ import pytest
 from flask import Flask
 from sqlalchemy import text
 
-from claude_headspace import create_app
-from claude_headspace.api.calls import encode_cursor
+from headspace_inference import create_app
+from headspace_inference.api.calls import encode_cursor
 from tests.call_rows import call, make_record, write
 
 T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from claude_headspace import create_app
-from claude_headspace.console import console_for
-from claude_headspace.console.feed import Feed, LocalTransport
-from claude_headspace.inference.recorder import CallWriter
-from claude_headspace.inference.usage import apply_rollup
+from headspace_inference import create_app
+from headspace_inference.console import console_for
+from headspace_inference.console.feed import Feed, LocalTransport
+from headspace_inference.inference.recorder import CallWriter
+from headspace_inference.inference.usage import apply_rollup
 from tests.call_rows import make_record, write
 from tests.console.sse import Event, SseReader
 from tests.service_fixtures import settings_for

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from claude_headspace import create_app
-from claude_headspace.console import console_for
+from headspace_inference import create_app
+from headspace_inference.console import console_for
 from tests.call_rows import call, write
 from tests.console.live_server import serving
 from tests.service_fixtures import settings_for

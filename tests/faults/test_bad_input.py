@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from claude_headspace import create_app
-from claude_headspace.config import ENV_PREFIX, ConfigError, Settings, load_settings
-from claude_headspace.inference import InferenceError, InvalidRequestError
+from headspace_inference import create_app
+from headspace_inference.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from headspace_inference.inference import InferenceError, InvalidRequestError
 
 CHAT = "/api/v1/chat/completions"
 NAMES = ("level", "purpose", "input_text", "project_id", "agent_id", "command_id", "turn_id",
@@ -133,7 +133,7 @@ def _paths(doc: dict[str, Any], prefix: str = "") -> list[str]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from claude_headspace.emulator import EmulatorServer
+    from headspace_inference.emulator import EmulatorServer
 
     emulator = EmulatorServer().start()
     tmp = tmp_path_factory.mktemp("bad-input")

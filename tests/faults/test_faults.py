@@ -25,11 +25,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from claude_headspace import create_app
-from claude_headspace.db import normalise_url
-from claude_headspace.emulator import EmulatorServer
-from claude_headspace.inference import InferenceError, QueueFullError
-from claude_headspace.inference.service import InferenceService
+from headspace_inference import create_app
+from headspace_inference.db import normalise_url
+from headspace_inference.emulator import EmulatorServer
+from headspace_inference.inference import InferenceError, QueueFullError
+from headspace_inference.inference.service import InferenceService
 from tests.tcp_proxy import TcpProxy
 
 KEY = "sk-or-faults"
@@ -107,7 +107,7 @@ def test_database_cut_and_restored_mid_run(
 
 KILL_WORKER = """
 import sys, time
-from claude_headspace import create_app
+from headspace_inference import create_app
 app = create_app()
 service = app.extensions["inference"]
 n = 0
@@ -154,7 +154,7 @@ def test_sigkill_mid_run_loses_only_calls_in_flight(
         # Restart on the same spool: the dead process's journal is replayed.
         restart = subprocess.run(
             [sys.executable, "-c",
-             "from claude_headspace import create_app;"
+             "from headspace_inference import create_app;"
              "s = create_app().extensions['inference']; s.recorder.flush(30); s.close()"],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip

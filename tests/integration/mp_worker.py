@@ -18,11 +18,11 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from claude_headspace import create_app
-from claude_headspace.config import load_settings
-from claude_headspace.inference import InferenceError
-from claude_headspace.inference.backends import build_backends
-from claude_headspace.inference.types import Answer
+from headspace_inference import create_app
+from headspace_inference.config import load_settings
+from headspace_inference.inference import InferenceError
+from headspace_inference.inference.backends import build_backends
+from headspace_inference.inference.types import Answer
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ from flask import Flask
 from hypothesis import HealthCheck, settings
 from tests.tcp_proxy import TcpProxy
 
-from claude_headspace import create_app
-from claude_headspace.api.inference import openapi_document
-from claude_headspace.config import DEFAULT_MODELS
-from claude_headspace.inference.usage import UsageQuery, usage_report
+from headspace_inference import create_app
+from headspace_inference.api.inference import openapi_document
+from headspace_inference.config import DEFAULT_MODELS
+from headspace_inference.inference.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
 TOKEN = "operator-token-123"

@@ -16,12 +16,12 @@ from sqlalchemy.pool import NullPool
 from tests.service_fixtures import KEY, AppFactory, rows
 from tests.tcp_proxy import TcpProxy
 
-from claude_headspace import create_app
-from claude_headspace.db import normalise_url
-from claude_headspace.emulator import Fault
-from claude_headspace.inference import InferenceError
-from claude_headspace.inference.service import InferenceService
-from claude_headspace.inference.usage import UsageQuery, usage_report_raw
+from headspace_inference import create_app
+from headspace_inference.db import normalise_url
+from headspace_inference.emulator import Fault
+from headspace_inference.inference import InferenceError
+from headspace_inference.inference.service import InferenceService
+from headspace_inference.inference.usage import UsageQuery, usage_report_raw
 
 # These tests script each answer: one attempt each, so a scripted fault is not retried.
 ONE_ATTEMPT = {"retry": {"max_attempts": 1}}

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from claude_headspace.db import SERVICE_HISTORY
-from claude_headspace.standalone.database import APP_HISTORY
+from headspace_inference.db import SERVICE_HISTORY
+from headspace_inference.standalone.database import APP_HISTORY
 
 BIN = Path(sys.executable).parent
 # The standalone app's database: its own history, then the service's.
@@ -34,7 +34,7 @@ def run(
 
 
 def test_db_commands_on_the_embedded_database(tmp_path: Path) -> None:
-    headspace = str(BIN / "headspace")
+    headspace = str(BIN / "headspace-inference")
     assert run([headspace, "db", "current"], tmp_path).stdout.strip() == BASE
     assert f"database at {HEAD}" in run([headspace, "db", "upgrade"], tmp_path).stdout
     assert run([headspace, "db", "current"], tmp_path).stdout.strip() == HEAD
@@ -43,14 +43,14 @@ def test_db_commands_on_the_embedded_database(tmp_path: Path) -> None:
     assert run([headspace, "db", "current"], tmp_path).stdout.strip() == BASE
     bad = run([headspace, "db", "downgrade", "nope"], tmp_path)
     assert bad.returncode == 2 and "revision 'nope' is not one of the histories" in bad.stderr
-    flask = run([str(BIN / "flask"), "--app", "claude_headspace", "db", "upgrade"], tmp_path)
+    flask = run([str(BIN / "flask"), "--app", "headspace_inference", "db", "upgrade"], tmp_path)
     assert flask.returncode == 0 and f"database at {HEAD}" in flask.stdout
     assert (tmp_path / "instance" / "headspace.db").exists()
 
 
 def test_db_upgrade_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
     env = {"DATABASE_URL": postgres_url}
-    headspace = str(BIN / "headspace")
+    headspace = str(BIN / "headspace-inference")
     assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == BASE
     assert run([headspace, "db", "upgrade"], tmp_path, env).returncode == 0
     assert run([headspace, "db", "current"], tmp_path, env).stdout.strip() == HEAD
@@ -59,7 +59,7 @@ def test_db_upgrade_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
 def test_infer_exit_status_and_streams(tmp_path: Path, emulator: Any) -> None:
     env = {"HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
            "OPENROUTER_API_KEY": "sk-or-cli-test"}  # fmt: skip
-    headspace = str(BIN / "headspace")
+    headspace = str(BIN / "headspace-inference")
     ok = run([headspace, "infer", "--level", "project", "--purpose", "p", "hello there"],
              tmp_path, env)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
@@ -88,7 +88,7 @@ def test_dotenv_is_read_but_set_variables_win(tmp_path: Path, emulator: Any) -> 
     )
     env = {"HEADSPACE__OPENROUTER__BASE_URL": emulator.base_url,
            "OPENROUTER_API_KEY": "sk-or-from-environment"}  # fmt: skip
-    status = run([str(BIN / "headspace"), "status"], tmp_path, env)
+    status = run([str(BIN / "headspace-inference"), "status"], tmp_path, env)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["state"] == "healthy"
     seen = emulator.requests
@@ -116,7 +116,7 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
     env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "DATABASE_URL")}
     env["HEADSPACE__OPENROUTER__BASE_URL"] = emulator.base_url
     proc = subprocess.Popen(
-        [str(BIN / "headspace"), "serve", "--port", str(port), "--workers", "2"],
+        [str(BIN / "headspace-inference"), "serve", "--port", str(port), "--workers", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

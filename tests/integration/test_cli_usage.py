@@ -1,5 +1,5 @@
-"""`headspace status` and `headspace usage`: the same numbers as the endpoints, as JSON or a
-table, with the endpoint's parameter checks."""
+"""`headspace-inference status` and `headspace-inference usage`: the same numbers as the
+endpoints, as JSON or a table, with the endpoint's parameter checks."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from flask import Flask
 from tests.call_rows import call, write
 
-from claude_headspace import create_app
-from claude_headspace.inference.usage import UsageQuery, usage_report
+from headspace_inference import create_app
+from headspace_inference.inference.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-CLI-USAGE-SECRET-0000"
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)

@@ -22,16 +22,16 @@ import httpx
 import pytest
 from tests.emulator_fixtures import TEST_KEY, ClientFactory, answer_body, settings_for
 
-from claude_headspace import logsafe
-from claude_headspace.clock import FakeClock
-from claude_headspace.config import OpenRouterSettings, RetrySettings
-from claude_headspace.emulator import EmulatorServer, Fault
-from claude_headspace.emulator.server import PRICES
-from claude_headspace.inference import errors as e
-from claude_headspace.inference.client import OpenRouterClient
-from claude_headspace.inference.health import HealthChecker
-from claude_headspace.inference.retry import RetryPolicy
-from claude_headspace.inference.types import Answer, GenerationParams
+from headspace_inference import logsafe
+from headspace_inference.clock import FakeClock
+from headspace_inference.config import OpenRouterSettings, RetrySettings
+from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.emulator.server import PRICES
+from headspace_inference.inference import errors as e
+from headspace_inference.inference.client import OpenRouterClient
+from headspace_inference.inference.health import HealthChecker
+from headspace_inference.inference.retry import RetryPolicy
+from headspace_inference.inference.types import Answer, GenerationParams
 
 CHAT = "/api/v1/chat/completions"
 HAIKU = "anthropic/claude-haiku-4.5"
@@ -149,7 +149,7 @@ def test_an_injected_transport_gets_the_headers_and_is_not_closed(
     headers = emulator.requests[0].headers
     assert headers["authorization"] == f"Bearer {TEST_KEY}"
     assert headers["x-title"] == "Injected"
-    assert headers["user-agent"].startswith("claude-headspace/")
+    assert headers["user-agent"].startswith("headspace-inference/")
     assert emulator.request_count(CHAT) == 2
 
 
@@ -594,7 +594,7 @@ def debug_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     # keep, are checked without it (_assert_no_canary formats them itself).
     logsafe.protect(CANARY)
     caplog.set_level(logging.DEBUG)  # the root: httpx's and httpcore's own loggers included
-    for name in ("httpx", "httpcore", "claude_headspace", "openai", "urllib3"):
+    for name in ("httpx", "httpcore", "headspace_inference", "openai", "urllib3"):
         caplog.set_level(logging.DEBUG, logger=name)
     return caplog
 
@@ -627,7 +627,7 @@ def test_the_key_is_in_no_error_traceback_or_log_record(
     # The health probe over the same client, and the paths a status page would show.
     report = HealthChecker(client, OpenRouterSettings()).check()
     assert CANARY not in repr(report.to_dict())
-    logging.getLogger("claude_headspace.tests").exception("error seen", exc_info=caught.value)
+    logging.getLogger("headspace_inference.tests").exception("error seen", exc_info=caught.value)
 
     assert any(r.name.startswith("httpcore") for r in debug_logs.records)
     _assert_no_canary(debug_logs, errors)

@@ -18,24 +18,24 @@ import pytest
 from flask import Flask
 from tests.emulator_fixtures import answer_body
 
-from claude_headspace import create_app
-from claude_headspace.clock import FakeClock
-from claude_headspace.config import (
+from headspace_inference import create_app
+from headspace_inference.clock import FakeClock
+from headspace_inference.config import (
     ConfigError,
     HealthSettings,
     OpenRouterSettings,
     load_settings,
 )
-from claude_headspace.emulator import EmulatorServer, Fault
-from claude_headspace.inference import (
+from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.inference import (
     EmptyResponseError,
     InferenceError,
     UpstreamRateLimitError,
 )
-from claude_headspace.inference.client import OpenRouterClient
-from claude_headspace.inference.health import HealthChecker
-from claude_headspace.inference.retry import RetryPolicy
-from claude_headspace.inference.types import GenerationParams
+from headspace_inference.inference.client import OpenRouterClient
+from headspace_inference.inference.health import HealthChecker
+from headspace_inference.inference.retry import RetryPolicy
+from headspace_inference.inference.types import GenerationParams
 
 KEY = "sk-or-v1-review-c-CANARY-0123456789"
 # A key of OpenRouter's real length: "sk-or-v1-" and 64 hex digits.

@@ -20,9 +20,9 @@ import openai
 import pytest
 from tests.emulator_fixtures import TEST_KEY
 
-from claude_headspace.config import OpenRouterSettings
-from claude_headspace.emulator import EmulatorServer, Fault
-from claude_headspace.emulator.server import PRICES, count_tokens
+from headspace_inference.config import OpenRouterSettings
+from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.emulator.server import PRICES, count_tokens
 
 HAIKU = "anthropic/claude-haiku-4.5"
 SONNET = "anthropic/claude-sonnet-4.5"
@@ -545,8 +545,11 @@ def test_in_process_lifecycle() -> None:
 # --------------------------------------------------------------------------- the command line
 
 COMMANDS = {
-    "python-m": [sys.executable, "-m", "claude_headspace.emulator"],
-    "headspace": [str(Path(sys.executable).with_name("headspace")), "openrouter-emulator"],
+    "python-m": [sys.executable, "-m", "headspace_inference.emulator"],
+    "headspace": [
+        str(Path(sys.executable).with_name("headspace-inference")),
+        "openrouter-emulator",
+    ],
 }
 
 

@@ -25,10 +25,10 @@ from sqlalchemy import (
 )
 from tests.service_fixtures import rows
 
-from claude_headspace import Inference
-from claude_headspace.config import ConfigError
-from claude_headspace.db import SERVICE_HISTORY, normalise_url
-from claude_headspace.inference.errors import (
+from headspace_inference import Inference
+from headspace_inference.config import ConfigError
+from headspace_inference.db import SERVICE_HISTORY, normalise_url
+from headspace_inference.inference.errors import (
     ShuttingDownError,
     UnknownEntityError,
     UnknownLevelError,
@@ -97,7 +97,7 @@ def host_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         from sqlalchemy import event
 
-        from claude_headspace.db import _sqlite_pragmas
+        from headspace_inference.db import _sqlite_pragmas
 
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -164,7 +164,7 @@ def test_the_service_drops_into_a_host(
     make_host_tables(host_url)
     app = host_app(apps, host_url)
     inference = Inference()
-    with caplog.at_level("WARNING", logger="claude_headspace.extension"):
+    with caplog.at_level("WARNING", logger="headspace_inference.extension"):
         service = inference.init_app(app, config_path=host_config)
     # Not migrated yet: said once, with the command to run.
     head = SERVICE_HISTORY.head()

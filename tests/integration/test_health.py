@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from tests.emulator_fixtures import TEST_KEY, ClientFactory, settings_for
 
-from claude_headspace.clock import FakeClock
-from claude_headspace.emulator import EmulatorServer, Fault
-from claude_headspace.inference.health import HealthChecker, HealthReport
+from headspace_inference.clock import FakeClock
+from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.inference.health import HealthChecker, HealthReport
 
 KEY_PATH = "/api/v1/key"
 MODELS_PATH = "/api/v1/models"

@@ -1,5 +1,5 @@
-"""``headspace pricing sync`` against the emulator's /models, and the service pricing by what
-it stored (configured prices winning)."""
+"""``headspace-inference pricing sync`` against the emulator's /models, and the service pricing
+by what it stored (configured prices winning)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner, Result
 from tests.service_fixtures import AppFactory
 
-from claude_headspace.cli import main
-from claude_headspace.config import OpenRouterSettings
-from claude_headspace.inference.pricing import PriceTable
-from claude_headspace.inference.service import InferenceService
+from headspace_inference.cli import main
+from headspace_inference.config import OpenRouterSettings
+from headspace_inference.inference.pricing import PriceTable
+from headspace_inference.inference.service import InferenceService
 
 HAIKU = "anthropic/claude-haiku-4.5"
 SONNET = "anthropic/claude-sonnet-4.5"

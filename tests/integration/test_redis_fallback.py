@@ -20,22 +20,22 @@ import pytest
 import redis
 from tests.tcp_proxy import TcpProxy
 
-from claude_headspace.clock import FakeClock
-from claude_headspace.config import RedisSettings, Settings
-from claude_headspace.inference.backends import Backends, build_backends
-from claude_headspace.inference.cache import MemoryCache, NullCache, TieredCache, request_key
-from claude_headspace.inference.ratelimit import FallbackRateLimiter, MemoryRateLimiter
-from claude_headspace.inference.singleflight import (
+from headspace_inference.clock import FakeClock
+from headspace_inference.config import RedisSettings, Settings
+from headspace_inference.inference.backends import Backends, build_backends
+from headspace_inference.inference.cache import MemoryCache, NullCache, TieredCache, request_key
+from headspace_inference.inference.ratelimit import FallbackRateLimiter, MemoryRateLimiter
+from headspace_inference.inference.singleflight import (
     DEFAULT_LOCK_SECONDS,
     FlightOutcome,
     SingleFlight,
     TieredFlight,
 )
-from claude_headspace.inference.types import Answer, GenerationParams
+from headspace_inference.inference.types import Answer, GenerationParams
 
 pytestmark = pytest.mark.redis
 
-GUARD_LOGGER = "claude_headspace.inference.redis_support"
+GUARD_LOGGER = "headspace_inference.inference.redis_support"
 PARTS = "rate limiter, response cache and single-flight"
 RETRY_INTERVAL = 0.2
 DEADLINE = 15.0

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from tests.service_fixtures import CHAT, AppFactory, rows
 
-from claude_headspace.config import ConfigError, load_settings
-from claude_headspace.emulator import Fault
-from claude_headspace.emulator.server import CATALOGUE
-from claude_headspace.inference import InvalidRequestError, UpstreamServerError
-from claude_headspace.inference.service import InferenceService
+from headspace_inference.config import ConfigError, load_settings
+from headspace_inference.emulator import Fault
+from headspace_inference.emulator.server import CATALOGUE
+from headspace_inference.inference import InvalidRequestError, UpstreamServerError
+from headspace_inference.inference.service import InferenceService
 
 HAIKU = "anthropic/claude-haiku-4.5"
 SONNET = "anthropic/claude-sonnet-4.5"

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from claude_headspace import create_app
-from claude_headspace.cli import main
-from claude_headspace.emulator import Fault
-from claude_headspace.inference import InferenceError
+from headspace_inference import create_app
+from headspace_inference.cli import main
+from headspace_inference.emulator import Fault
+from headspace_inference.inference import InferenceError
 
 CANARY = "sk-or-v1-CANARY-7f3e9c1d5b2a4e6f8091"
 

@@ -1,4 +1,4 @@
-"""Under `headspace serve`, the requests gunicorn refuses before the app sees them are
+"""Under `headspace-inference serve`, the requests gunicorn refuses before the app sees them are
 answered in the API's JSON error shape too, not gunicorn's HTML page."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def served(tmp_path: Path, emulator: Any) -> Iterator[str]:
             "OPENROUTER_API_KEY": "sk-or-serve-errors",
             "DATABASE_URL": f"sqlite:///{tmp_path / 'served.db'}"}  # fmt: skip
     proc = subprocess.Popen(
-        [str(BIN / "headspace"), "serve", "--port", str(port), "--workers", "1"],
+        [str(BIN / "headspace-inference"), "serve", "--port", str(port), "--workers", "1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"

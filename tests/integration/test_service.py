@@ -16,12 +16,12 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from tests.service_fixtures import CHAT, AppFactory, rows, settings_for
 
-from claude_headspace import create_app
-from claude_headspace.clock import FakeClock
-from claude_headspace.config import load_settings
-from claude_headspace.db import normalise_url
-from claude_headspace.emulator import Fault
-from claude_headspace.inference import (
+from headspace_inference import create_app
+from headspace_inference.clock import FakeClock
+from headspace_inference.config import load_settings
+from headspace_inference.db import normalise_url
+from headspace_inference.emulator import Fault
+from headspace_inference.inference import (
     CancelledCallError,
     InferenceDisabledError,
     InferenceError,
@@ -35,9 +35,9 @@ from claude_headspace.inference import (
     UnknownLevelError,
     UpstreamServerError,
 )
-from claude_headspace.inference.service import InferenceService
-from claude_headspace.models import InferenceCall
-from claude_headspace.standalone.database import standalone_database
+from headspace_inference.inference.service import InferenceService
+from headspace_inference.models import InferenceCall
+from headspace_inference.standalone.database import standalone_database
 
 
 def chat_bodies(emulator: Any) -> list[dict[str, Any]]:
@@ -395,7 +395,7 @@ def test_infer_on_a_request_thread_works_and_warns_once(
 ) -> None:
     app = make_app()
     service: InferenceService = app.extensions["inference"]
-    caplog.set_level(logging.WARNING, logger="claude_headspace")
+    caplog.set_level(logging.WARNING, logger="headspace_inference")
     service.infer("turn", "p", "outside any request")
     assert not [r for r in caplog.records if "request thread" in r.getMessage()]
     with app.test_request_context("/"):

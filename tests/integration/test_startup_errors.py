@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from claude_headspace import create_app
-from claude_headspace.config import ConfigError
+from headspace_inference import create_app
+from headspace_inference.config import ConfigError
 
 BIN = Path(sys.executable).parent
 CANARY = "CANARY-3f9a"
@@ -137,7 +137,7 @@ def _run_cli(cases: list[Case], commands: dict[str, list[str]], tmp_path: Path) 
                 where = tmp_path / f"{case.id}-{command}"
                 env = _environment(_prepare(case, where))
                 proc = subprocess.Popen(
-                    [str(BIN / "headspace"), *args], cwd=where, env=env,
+                    [str(BIN / "headspace-inference"), *args], cwd=where, env=env,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 running.append((case, proc, command))

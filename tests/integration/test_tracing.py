@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from tests.service_fixtures import AppFactory
 
-from claude_headspace.emulator.server import Fault
-from claude_headspace.inference.errors import UpstreamServerError
+from headspace_inference.emulator.server import Fault
+from headspace_inference.inference.errors import UpstreamServerError
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -95,7 +95,7 @@ def test_with_the_api_alone_no_span_is_made() -> None:
     # A process with the API but no SDK configured: nothing is built for a span that would
     # go nowhere (building its attributes is what a call would pay for).
     code = (
-        "from claude_headspace.inference import tracing\n"
+        "from headspace_inference.inference import tracing\n"
         "assert tracing.ENABLED is True\n"
         "def refuse(*args): raise AssertionError('attributes built')\n"
         "tracing._attributes = refuse\n"
@@ -112,7 +112,7 @@ def test_without_the_package_nothing_runs() -> None:
     # A process where opentelemetry cannot be imported: the service builds and calls as ever.
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"
-        "from claude_headspace.inference import tracing\n"
+        "from headspace_inference.inference import tracing\n"
         "assert tracing.ENABLED is False\n"
         "t = tracing.Tracing(); t.record(None, None, 0.0)\n"  # returns at once, touches nothing
         "print('off')\n"

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, func, select, text
 from tests.call_rows import call, write
 
-from claude_headspace.config import DatabaseSettings
-from claude_headspace.db import Database
-from claude_headspace.inference.record import CallRecord
-from claude_headspace.inference.usage import (
+from headspace_inference.config import DatabaseSettings
+from headspace_inference.db import Database
+from headspace_inference.inference.record import CallRecord
+from headspace_inference.inference.usage import (
     UsageQuery,
     compute_usage,
     compute_usage_raw,
@@ -26,9 +26,9 @@ from claude_headspace.inference.usage import (
     usage_report,
     usage_report_raw,
 )
-from claude_headspace.models import InferenceCall, UsageRollup
-from claude_headspace.models.inference_call import LATENCY_BUCKETS_MS
-from claude_headspace.standalone.database import standalone_database
+from headspace_inference.models import InferenceCall, UsageRollup
+from headspace_inference.models.inference_call import LATENCY_BUCKETS_MS
+from headspace_inference.standalone.database import standalone_database
 
 T0 = datetime(2026, 10, 31, 21, 0, tzinfo=UTC)  # three hours before a day boundary
 SPREAD_MINUTES = 3 * 24 * 60  # rows over three days: day rows, hour rows and raw edges

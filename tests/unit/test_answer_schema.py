@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from tests.structured_schemas import FRUSTRATION, Score, Scores
 
-from claude_headspace.emulator.server import example_of
-from claude_headspace.inference.errors import InvalidRequestError
-from claude_headspace.inference.structured import AnswerFormatError, answer_schema, strip_fence
+from headspace_inference.emulator.server import example_of
+from headspace_inference.inference.errors import InvalidRequestError
+from headspace_inference.inference.structured import AnswerFormatError, answer_schema, strip_fence
 
 
 @pytest.mark.parametrize(

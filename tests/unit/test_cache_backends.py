@@ -17,9 +17,9 @@ from decimal import Decimal
 import pytest
 import redis
 
-from claude_headspace.clock import FakeClock
-from claude_headspace.config import CacheSettings, RedisSettings
-from claude_headspace.inference.cache import (
+from headspace_inference.clock import FakeClock
+from headspace_inference.config import CacheSettings, RedisSettings
+from headspace_inference.inference.cache import (
     CACHE_FORMAT,
     MemoryCache,
     NullCache,
@@ -28,8 +28,8 @@ from claude_headspace.inference.cache import (
     TieredCache,
     request_key,
 )
-from claude_headspace.inference.redis_support import RedisGuard
-from claude_headspace.inference.types import Answer, GenerationParams
+from headspace_inference.inference.redis_support import RedisGuard
+from headspace_inference.inference.types import Answer, GenerationParams
 
 TTL = 0.2
 POLL_DEADLINE = 10.0

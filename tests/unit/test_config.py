@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from claude_headspace.config import (
+from headspace_inference.config import (
     ConfigError,
     Settings,
     check_spool_dir,
     environment_overrides,
     load_settings,
 )
-from claude_headspace.inference.pricing import PriceTable
+from headspace_inference.inference.pricing import PriceTable
 
 
 def write(tmp_path: Path, body: str) -> Path:

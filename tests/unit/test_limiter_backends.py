@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from claude_headspace.clock import SYSTEM_CLOCK, Clock, FakeClock
-from claude_headspace.config import RateLimitSettings
-from claude_headspace.inference.errors import RateLimitedError
-from claude_headspace.inference.ratelimit import (
+from headspace_inference.clock import SYSTEM_CLOCK, Clock, FakeClock
+from headspace_inference.config import RateLimitSettings
+from headspace_inference.inference.errors import RateLimitedError
+from headspace_inference.inference.ratelimit import (
     MemoryRateLimiter,
     RateLimiter,
     RedisRateLimiter,

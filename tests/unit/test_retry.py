@@ -14,21 +14,21 @@ from typing import Any
 import pytest
 from tests.emulator_fixtures import ClientFactory
 
-from claude_headspace.clock import FakeClock
-from claude_headspace.config import RetrySettings
-from claude_headspace.emulator import EmulatorServer, Fault
-from claude_headspace.inference import errors as e
-from claude_headspace.inference.client import (
+from headspace_inference.clock import FakeClock
+from headspace_inference.config import RetrySettings
+from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.inference import errors as e
+from headspace_inference.inference.client import (
     MAX_RETRY_AFTER_SECONDS,
     OpenRouterClient,
     parse_retry_after,
 )
-from claude_headspace.inference.retry import JITTER, RetryPolicy
-from claude_headspace.inference.types import Answer, GenerationParams
+from headspace_inference.inference.retry import JITTER, RetryPolicy
+from headspace_inference.inference.types import Answer, GenerationParams
 
 MODEL = "anthropic/claude-haiku-4.5"
 CHAT = "/api/v1/chat/completions"
-RETRY_LOGGER = "claude_headspace.inference.retry"
+RETRY_LOGGER = "headspace_inference.inference.retry"
 
 
 class FixedRandom(random.Random):

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import redis
 
-from claude_headspace.config import RedisSettings
-from claude_headspace.inference.redis_support import RedisGuard
-from claude_headspace.inference.singleflight import (
+from headspace_inference.config import RedisSettings
+from headspace_inference.inference.redis_support import RedisGuard
+from headspace_inference.inference.singleflight import (
     FlightOutcome,
     RedisSingleFlight,
     SingleFlight,

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from claude_headspace.inference.errors import (
+from headspace_inference.inference.errors import (
     InputTooLargeError,
     InvalidRequestError,
     UnknownLevelError,
 )
-from claude_headspace.inference.validation import (
+from headspace_inference.inference.validation import (
     check_input,
     check_level,
     check_params,

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from flask_migrate import Migrate
 from sqlalchemy import event
 
-from claude_headspace import Inference, include_name  # +
+from headspace_inference import Inference, include_name  # +
 
 from .models import Agent, Command, Project, Turn, db
 

@@ -46,7 +46,7 @@ from .structured import AnswerFormatError, AnswerSchema
 from .types import Answer, GenerationParams
 
 _SHOWN_BYTES = 200
-_USER_AGENT = f"claude-headspace/{__version__} httpx/{httpx.__version__}"
+_USER_AGENT = f"headspace-inference/{__version__} httpx/{httpx.__version__}"
 
 
 # A Retry-After longer than this is taken as this: a day is longer than any real
@@ -292,7 +292,8 @@ class OpenRouterClient:
         self.prices = prices or PriceTable(settings.pricing)
         self._key = api_key or ""
         self._clock = clock
-        # No key, no Authorization header: GET /models needs none (`headspace pricing sync`).
+        # No key, no Authorization header: GET /models needs none
+        # (`headspace-inference pricing sync`).
         authorization = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._headers = httpx.Headers(
             {

@@ -1,5 +1,5 @@
-"""The emulator's command line, declared once: ``headspace openrouter-emulator`` and
-``python -m claude_headspace.emulator`` run this same click command."""
+"""The emulator's command line, declared once: ``headspace-inference openrouter-emulator`` and
+``python -m headspace_inference.emulator`` run this same click command."""
 
 from __future__ import annotations
 

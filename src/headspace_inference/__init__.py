@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def create_app(*args: Any, **kwargs: Any) -> Flask:
-    """Build the standalone Flask app (see claude_headspace.app.create_app)."""
+    """Build the standalone Flask app (see headspace_inference.app.create_app)."""
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""``python -m claude_headspace.emulator``: the ``headspace openrouter-emulator`` command."""
+"""``python -m headspace_inference.emulator``: the ``headspace-inference openrouter-emulator``
+command."""
 
 from __future__ import annotations
 

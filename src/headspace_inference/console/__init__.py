@@ -17,8 +17,8 @@ from .views import console_bp
 EXTENSION_KEY = "inference_console"
 
 # Open event streams per process: each holds one of gunicorn's threads for as long as it is
-# open (``headspace serve --threads``, 8 by default), so the default leaves half of them to
-# the API. Raise it with the app's INFERENCE_EVENT_STREAMS, together with --threads.
+# open (``headspace-inference serve --threads``, 8 by default), so the default leaves half of
+# them to the API. Raise it with the app's INFERENCE_EVENT_STREAMS, together with --threads.
 DEFAULT_MAX_STREAMS = 4
 
 

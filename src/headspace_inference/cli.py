@@ -1,4 +1,4 @@
-"""The ``headspace`` command: the app's commands (commands.py), and ``serve`` and
+"""The ``headspace-inference`` command: the app's commands (commands.py), and ``serve`` and
 ``openrouter-emulator``, which run without an app of their own in this process."""
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def main() -> None:
     """Claude Headspace inference service."""
 
 
-# On the group itself, so `headspace db ...` builds no app: an app would migrate the embedded
-# database at start-up (a downgrade would not stay down) and start the service's threads.
+# On the group itself, so `headspace-inference db ...` builds no app: an app would migrate the
+# embedded database at start-up (a downgrade would not stay down) and start the service's threads.
 main.add_command(db_group)
 
 

@@ -1,5 +1,6 @@
 """Estimated cost of a call from its tokens and per-model prices: openrouter.pricing, over the
-prices ``headspace pricing sync`` stored from OpenRouter's /models (configured ones win)."""
+prices ``headspace-inference pricing sync`` stored from OpenRouter's /models (configured ones
+win)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class Charge:
 
 
 def read_synced_prices(path: Path) -> dict[str, PriceSettings]:
-    """The prices a ``headspace pricing sync`` file holds; none (and one warning) when the
+    """The prices a ``headspace-inference pricing sync`` file holds; none (and one warning) when the
     file is unreadable, so that a damaged file never stops the service."""
     if not path.exists():
         return {}
@@ -137,7 +138,7 @@ class PriceTable:
                 return
             self._warned.add(model)
         log.warning(
-            "no price for model %s (neither openrouter.pricing nor `headspace pricing sync`): "
-            "its calls record no estimated cost",
+            "no price for model %s (neither openrouter.pricing nor "
+            "`headspace-inference pricing sync`): its calls record no estimated cost",
             model,
         )

@@ -1,5 +1,5 @@
 """OpenTelemetry: one span per call, in the GenAI semantic conventions, when the
-``opentelemetry-api`` package is installed (``pip install 'claude-headspace[otel]'``).
+``opentelemetry-api`` package is installed (``pip install 'headspace-inference[otel]'``).
 
 The span is made when the call is recorded, from its CallRecord (the row that every
 outcome, success or failure, already has), with the call's real start and end times, so it
@@ -44,7 +44,7 @@ class Tracing:
     def __init__(self) -> None:
         # A proxy until the host sets its tracer provider, then that provider's tracer.
         self._tracer = (
-            trace.get_tracer("claude_headspace.inference", __version__) if ENABLED else None
+            trace.get_tracer("headspace_inference.inference", __version__) if ENABLED else None
         )
 
     def record(self, request: InferenceRequest, record: CallRecord, started: float) -> None:

@@ -49,7 +49,7 @@ class InferenceOptions(TypedDict, total=False):
     - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the host's),
       else ``database_url``, else $DATABASE_URL, else the app's ``SQLALCHEMY_DATABASE_URI``.
       Redis is ``redis_url``, else $REDIS_URL, else ``inference.redis.url``.
-    - ``database`` (a claude_headspace.db.Database: an engine and its migration histories)
+    - ``database`` (a headspace_inference.db.Database: an engine and its migration histories)
       is what create_app() passes. ``transport`` carries the requests to OpenRouter (an
       egress proxy of the host's). ``routes=False`` leaves out /api/inference/....
     """

@@ -6,7 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from claude_headspace.db import History
+from headspace_inference.db import History
 
 
 def _run(connection: object, history: History) -> None:

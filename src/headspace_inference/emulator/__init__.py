@@ -1,4 +1,4 @@
-"""The local OpenRouter stand-in (``headspace openrouter-emulator``)."""
+"""The local OpenRouter stand-in (``headspace-inference openrouter-emulator``)."""
 
 from .server import DEFAULT_CHAOS_MIX, EmulatorServer, Fault, ReceivedRequest
 

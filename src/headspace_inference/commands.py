@@ -1,7 +1,7 @@
 """The commands that act on the service and its database: ``db``, ``infer``, ``status`` and
 ``usage``. The extension puts them in an ``inference`` group on every app's CLI (``flask
 --app HOST inference ...``); the standalone app also has them at the top (``flask --app
-claude_headspace infer``), and so does the ``headspace`` entry point (cli.py)."""
+headspace_inference infer``), and so does the ``headspace-inference`` entry point (cli.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .pricing_sync import make_pricing_group
 
 def _database() -> Database:
     """The app's database inside an app (the host's, with the service's history; or the
-    standalone app's, with both); else the standalone one configured (``headspace db``
+    standalone app's, with both); else the standalone one configured (``headspace-inference db``
     builds no app, so it neither migrates at start-up nor starts the service's threads)."""
     if has_app_context():
         database: Database = current_app.extensions["inference"].database
@@ -55,7 +55,7 @@ def _migrate(database: Database, move: Callable[[str], None], revision: str) -> 
 
 def make_db_group(*, in_app: bool) -> click.Group:
     """The ``db`` commands: on the app's database (``in_app``: ``flask inference db``), or on
-    the standalone one configured, building no app (``headspace db``)."""
+    the standalone one configured, building no app (``headspace-inference db``)."""
     group = click.Group("db", help="Database migrations.")
 
     def command(name: str) -> Callable[[Callable[..., None]], click.Command]:

@@ -9,10 +9,11 @@ Two sources, so that each figure is counted once, where it is true:
   misses, limiter admissions and rejections as counters of their deltas, and the gauges of
   the moment: callers waiting on the limiter, queued calls, call-log rows pending, spooling.
 
-Under ``headspace serve`` each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR
-(prometheus_client's multiprocess mode, set up by server.py before any worker imports it),
-and a scrape of any worker sums them: counters over every process that ever ran, gauges over
-the live ones. Without that variable (one process, tests) each app has a registry of its own.
+Under ``headspace-inference serve`` each worker writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by server.py before any
+worker imports it), and a scrape of any worker sums them: counters over every process that ever
+ran, gauges over the live ones. Without that variable (one process, tests) each app has a
+registry of its own.
 """
 
 from __future__ import annotations

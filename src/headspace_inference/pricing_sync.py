@@ -1,5 +1,5 @@
-"""``headspace pricing sync``: the configured models' prices from OpenRouter's ``GET /models``
-(no key needed), kept in a JSON file under the instance directory.
+"""``headspace-inference pricing sync``: the configured models' prices from OpenRouter's
+``GET /models`` (no key needed), kept in a JSON file under the instance directory.
 
 A file rather than a table: prices are configuration the service reads once at start, not
 records; a file needs no migration, can be read, diffed and edited by hand, and works
@@ -133,7 +133,7 @@ def sync(settings: OpenRouterSettings, *, timeout: float = 30.0) -> tuple[Path, 
 
 def make_pricing_group(*, in_app: bool) -> click.Group:
     """``pricing sync``: with the app's settings (``in_app``: ``flask inference pricing
-    sync`` in a host), or the standalone configuration's (``headspace pricing sync``)."""
+    sync`` in a host), or the standalone configuration's (``headspace-inference pricing sync``)."""
     group = click.Group("pricing", help="Model prices.")
 
     def pricing_sync() -> None:

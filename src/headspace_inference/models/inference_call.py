@@ -198,5 +198,5 @@ class UsageRollup(Base):
 
 
 # Every table the service's migrations create, and nothing else: a host excludes these
-# from its own autogenerate (see claude_headspace.include_name).
+# from its own autogenerate (see headspace_inference.include_name).
 SERVICE_TABLES: frozenset[str] = frozenset(Base.metadata.tables)

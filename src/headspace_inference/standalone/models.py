@@ -1,6 +1,6 @@
 """The standalone app's own domain tables: the minimal projects, agents, commands, turns
 and objectives a call can link to. Inside the host these are the host's tables, never
-these; the service's tables (claude_headspace.models) do not depend on them."""
+these; the service's tables (headspace_inference.models) do not depend on them."""
 
 from __future__ import annotations
 

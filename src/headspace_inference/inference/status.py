@@ -1,5 +1,5 @@
-"""The answer of /api/inference/status (and ``headspace status``), composed from each part's
-own ``health()`` and ``stats()``: the service decides whether it takes calls, the health
+"""The answer of /api/inference/status (and ``headspace-inference status``), composed from each
+part's own ``health()`` and ``stats()``: the service decides whether it takes calls, the health
 checker whether OpenRouter answers, the backends whether Redis does, the call log whether
 the database does. Nothing here decides any of that again."""
 

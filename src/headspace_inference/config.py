@@ -254,8 +254,8 @@ class OpenRouterSettings(_Section):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     pricing: dict[str, PriceSettings] = Field(default_factory=default_pricing)
-    # Prices read from OpenRouter's /models by `headspace pricing sync` (openrouter.pricing
-    # wins over them); default ./instance/openrouter-pricing.json.
+    # Prices read from OpenRouter's /models by `headspace-inference pricing sync`
+    # (openrouter.pricing wins over them); default ./instance/openrouter-pricing.json.
     pricing_file: str | None = None
 
     def route(self, level: str) -> tuple[str, tuple[str, ...]]:
@@ -629,7 +629,7 @@ def load_settings(
         data = _merge(data, overrides)
     settings = _validated(Settings, data, source)
     # A model with no price is warned of when the service builds its price table, which
-    # also knows the prices `headspace pricing sync` stored.
+    # also knows the prices `headspace-inference pricing sync` stored.
     return settings
 
 

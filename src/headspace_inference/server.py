@@ -1,4 +1,4 @@
-"""``headspace serve``: the app under gunicorn, one service per worker process."""
+"""``headspace-inference serve``: the app under gunicorn, one service per worker process."""
 
 from __future__ import annotations
 

@@ -546,7 +546,7 @@ def test_in_process_lifecycle() -> None:
 
 COMMANDS = {
     "python-m": [sys.executable, "-m", "headspace_inference.emulator"],
-    "headspace": [
+    "headspace-inference": [
         str(Path(sys.executable).with_name("headspace-inference")),
         "openrouter-emulator",
     ],

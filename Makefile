@@ -10,9 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# One stamp per extra set; reinstalled whenever pyproject.toml changes.
+# One stamp per extra set; reinstalled whenever pyproject.toml changes. The demo runs on the
+# base install alone (SQLite, the bundled emulator); the page and the server use every extra.
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-all: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[all]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
@@ -24,13 +29,13 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed-base
-	$(BIN)/python -m headspace_inference.demo
+	$(BIN)/python -m headspace_inference.standalone.demo
 
 # The operator page at http://127.0.0.1:5050/inference, live against the emulator (Ctrl-C).
-console: $(VENV)/.installed-base
-	$(BIN)/python -m headspace_inference.console.demo
+console: $(VENV)/.installed-all
+	$(BIN)/python -m headspace_inference.standalone.console_demo
 
-run: $(VENV)/.installed-base
+run: $(VENV)/.installed-all
 	$(BIN)/headspace-inference serve
 
 lint: $(VENV)/.installed-test

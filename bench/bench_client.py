@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench.common import emulator_process
-from headspace_inference.config import OpenRouterSettings
 from headspace_inference.inference.client import OpenRouterClient
 from headspace_inference.inference.types import GenerationParams
+from headspace_inference.settings import OpenRouterSettings
 
 KEY = "sk-or-bench-client"
 MODEL = "anthropic/claude-haiku-4.5"

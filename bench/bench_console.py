@@ -69,7 +69,7 @@ def overrides(url: str, base_url: str | None, spool: str) -> dict[str, Any]:
 
 def calls_pages(url: str, sizes: list[int], repeat: int) -> dict[str, Any]:
     from headspace_inference import create_app
-    from headspace_inference.api.calls import encode_cursor
+    from headspace_inference.operate.calls import encode_cursor
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as spool:
@@ -114,7 +114,7 @@ def calls_pages(url: str, sizes: list[int], repeat: int) -> dict[str, Any]:
 
 def feed_delay(url: str, base_url: str, events: int) -> dict[str, Any]:
     from headspace_inference import create_app
-    from headspace_inference.console import console_for
+    from headspace_inference.operate.live import console_for
 
     with tempfile.TemporaryDirectory() as spool:
         app = create_app(overrides=overrides(url, base_url, spool))

@@ -11,9 +11,9 @@ import uuid
 
 from sqlalchemy import create_engine, text
 
-from headspace_inference.config import DatabaseSettings
 from headspace_inference.inference.types import CallLinks
 from headspace_inference.inference.validation import LinkChecker
+from headspace_inference.settings import DatabaseSettings
 from headspace_inference.standalone.database import standalone_database
 
 IDS = 1000

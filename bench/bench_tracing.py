@@ -13,9 +13,10 @@ SPANS = 20_000
 
 def measure(with_sdk: bool) -> float:
     """Microseconds per span."""
-    from headspace_inference.inference.record import CallRecord
+    from headspace_inference.calllog.record import CallRecord
+    from headspace_inference.inference.request import InferenceRequest
     from headspace_inference.inference.tracing import Tracing
-    from headspace_inference.inference.types import CallLinks, GenerationParams, InferenceRequest
+    from headspace_inference.inference.types import CallLinks, GenerationParams
 
     if with_sdk:
         from opentelemetry import trace

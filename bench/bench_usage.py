@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench.common import postgres_database
-from headspace_inference.models.inference_call import LATENCY_BUCKETS_MS
+from headspace_inference.calllog.models.inference_call import LATENCY_BUCKETS_MS
 
 DAYS = 90
 
@@ -110,8 +110,8 @@ def same_as_apply_rollup(database: Any, day: datetime) -> bool:
     them from the raw rows in a transaction that is rolled back."""
     from sqlalchemy import delete, select
 
-    from headspace_inference.inference.usage import apply_rollup
-    from headspace_inference.models import InferenceCall, UsageRollup
+    from headspace_inference.calllog.models import InferenceCall, UsageRollup
+    from headspace_inference.calllog.rollup import apply_rollup
 
     end = day + timedelta(days=1)
     r = UsageRollup
@@ -152,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from headspace_inference import create_app
-    from headspace_inference.inference.usage import (
+    from headspace_inference.operate.usage import (
         UsageQuery,
         compute_usage,
         compute_usage_raw,

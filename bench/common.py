@@ -62,7 +62,7 @@ def sample(fn: Callable[[int], Any], *, warmup: int, samples: int) -> list[float
 def emulator_process(latency_ms: int = 0) -> Iterator[str]:
     """An emulator in its own process (so it does not share our GIL); yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "headspace_inference.emulator", "--port", "0",
+        [sys.executable, "-m", "headspace_inference.testing.emulator", "--port", "0",
          "--latency-ms", str(latency_ms)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -94,8 +94,7 @@ def postgres_database() -> Iterator[str]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from headspace_inference.config import DatabaseSettings
-    from headspace_inference.db import normalise_url
+    from headspace_inference.settings import DatabaseSettings, normalise_url
     from headspace_inference.standalone.database import standalone_database
 
     base = make_url(normalise_url(PG_URL))

@@ -9,9 +9,9 @@ from typing import Any
 
 from flask import Flask, request
 
-from headspace_inference import server
-from headspace_inference.app import create_app
 from headspace_inference.inference import InferenceError
+from headspace_inference.standalone import server
+from headspace_inference.standalone.app import create_app
 
 
 def app_with_a_call_route() -> Flask:

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -337,8 +338,8 @@ def throughput(run: Run, base_url: str, work: Path) -> None:
 
 
 def limiter_burst(run: Run) -> None:
-    from headspace_inference.config import RateLimitSettings
     from headspace_inference.inference.ratelimit import MemoryRateLimiter
+    from headspace_inference.settings import RateLimitSettings
 
     limit, window, requests = 100, 0.5, 1000
     print(f"\nLimiter under burst: {requests} requests, {limit} per {window} s", flush=True)
@@ -385,8 +386,8 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 def _limiter_process(prefix: str, requests: int, limit: int, window: float, out: Any) -> None:
     import redis as redis_lib
 
-    from headspace_inference.config import RateLimitSettings
     from headspace_inference.inference.ratelimit import RedisRateLimiter
+    from headspace_inference.settings import RateLimitSettings
 
     settings = RateLimitSettings(calls_per_minute=limit, tokens_per_minute=10**9,
                                  window_seconds=window, max_wait_seconds=120)  # fmt: skip
@@ -399,9 +400,9 @@ def scale_out(run: Run) -> None:
 
     import redis as redis_lib
 
-    from headspace_inference.config import CacheSettings
     from headspace_inference.inference.cache import MemoryCache, RedisCache
     from headspace_inference.inference.types import Answer
+    from headspace_inference.settings import CacheSettings
 
     print("\nScale-out on Redis", flush=True)
     client = redis_lib.Redis.from_url(REDIS_URL)
@@ -453,44 +454,77 @@ def scale_out(run: Run) -> None:
 # --------------------------------------------------------------------------- footprint
 
 
+BASELINE = "import flask, sqlalchemy.orm, pydantic, httpx"
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report this
+# (large) benchmark process's peak instead of its own.
+_PROBE = (
+    "{baseline}; import time; t = time.perf_counter(); {imp}; d = time.perf_counter() - t; "
+    "{build}; hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+    "print(d, hwm.split()[1])"
+)
+
+
+def _probe(imp: str, build: str, samples: int, cwd: str) -> tuple[float, float]:
+    """Import ``imp`` over the baseline in fresh interpreters: (least ms, median peak MiB)."""
+    code = _PROBE.format(baseline=BASELINE, imp=imp or "pass", build=build or "pass")
+    runs = []
+    for _ in range(samples):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cwd,
+            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+        )  # fmt: skip
+        seconds, rss_kb = out.stdout.split()[-2:]
+        runs.append((float(seconds) * 1000, int(rss_kb) / 1024))
+    return min(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def footprint(run: Run) -> None:
-    print("\nFootprint (fresh interpreter each; median of 5)", flush=True)
+    samples = 3 if run.quick else 10
+    print(f"\nFootprint over `{BASELINE}` (fresh interpreters: least time of {samples}, "
+          "median peak RSS)", flush=True)  # fmt: skip
+    host = (
+        "from flask import Flask; app = Flask('host', instance_path='%s'); "
+        "app.config['SQLALCHEMY_DATABASE_URI'] = 'sqlite:///%s/host.db'; "
+        "import headspace_inference; "
+        "headspace_inference.Inference(app, settings=__import__("
+        "'headspace_inference.settings', fromlist=['x']).Settings())"
+    )
     probes = {
-        "headspace_inference": (
-            "import headspace_inference.app",
-            "from headspace_inference import create_app; "
-            "app = create_app(overrides={'database': {'url': 'sqlite://'}, "
-            "'openrouter': {'api_key': 'sk-or-x', 'base_url': 'http://127.0.0.1:9/api/v1'}, "
-            "'inference': {'spool_path': '%s'}}); "
-            "app.extensions['inference'].start()",
+        "headspace_inference": ("import headspace_inference", ""),
+        "headspace_inference + init_app": ("", host),
+        "headspace_inference started": (
+            "",
+            host + "; s = app.extensions['inference']; s.database.upgrade(); s.start(); s.close()",
         ),
-        "openai": ("import openai", "import openai; c = openai.OpenAI(api_key='x')"),
-        "litellm": ("import litellm", "import litellm; r = litellm.Router(model_list=[])"),
+        "openai": ("import openai", "openai.OpenAI(api_key='x')"),
+        "litellm": ("import litellm", "litellm.Router(model_list=[])"),
     }
-    results = {}
-    spool = tempfile.mkdtemp()
-    for name, (imp, build) in probes.items():
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would
-        # report this (large) benchmark process's peak instead of its own.
-        code = (
-            "import time; t = time.perf_counter(); {imp}; "
-            "d = time.perf_counter() - t; {build}; "
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
-            "print(d, hwm.split()[1])"
-        ).format(imp=imp, build=build.replace("%s", spool))
-        runs = []
-        for _ in range(5):
-            out = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-            )  # fmt: skip
-            seconds, rss_kb = out.stdout.split()[-2:]
-            runs.append((float(seconds), int(rss_kb)))
-        runs.sort()
-        import_ms = runs[2][0] * 1000
-        rss_mb = sorted(r[1] for r in runs)[2] / 1024
-        results[name] = {"import_ms": round(import_ms, 1), "max_rss_mb": round(rss_mb, 1)}
-        print(f"  {name:<18} import {import_ms:7.1f} ms   peak RSS {rss_mb:6.1f} MB", flush=True)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as work:
+        _, base_mib = _probe("", "", samples, work)
+        for name, (imp, build) in probes.items():
+            ms, mib = _probe(imp, build.replace("%s", work), samples, work)
+            # A build step's time is not an import's: only the import is timed.
+            results[name] = {
+                "import_ms": round(ms, 1) if imp else None,
+                "rss_mib": round(mib - base_mib, 1),
+            }
+            shown = f"{ms:7.1f} ms" if imp else "        -"
+            print(f"  {name:<32} import {shown}   peak RSS {mib - base_mib:+6.1f} MiB",
+                  flush=True)  # fmt: skip
+        results["baseline_rss_mib"] = round(base_mib, 1)
+    command = str(Path(sys.executable).with_name("headspace-inference"))
+    times = []
+    with tempfile.TemporaryDirectory() as empty:
+        for _ in range(samples):
+            started = time.perf_counter()
+            subprocess.run([command, "--help"], capture_output=True, check=True, cwd=empty)
+            times.append((time.perf_counter() - started) * 1000)
+        left = sorted(str(p.relative_to(empty)) for p in Path(empty).rglob("*"))
+    results["help_ms"] = round(min(times), 1)
+    results["help_files"] = left
+    print(f"  headspace-inference --help: {min(times):.0f} ms (least of {samples}); "
+          f"files written: {left or 'none'}", flush=True)  # fmt: skip
     run.other["footprint"] = results
 
 

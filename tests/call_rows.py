@@ -1,4 +1,4 @@
-"""Call-log rows for usage tests, made the way the service makes them: ``CallRecord.of`` for
+"""Call-log rows for usage tests, made the way the service makes them: ``call_record`` for
 the row, the call log's own ``CallWriter`` (rows and rollup in one transaction) to write it."""
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from headspace_inference.calllog.record import CallRecord
+from headspace_inference.calllog.recorder import CallWriter
+from headspace_inference.calllog.rollup import apply_rollup
 from headspace_inference.inference.errors import UpstreamServerError
-from headspace_inference.inference.record import CallRecord
-from headspace_inference.inference.recorder import CallWriter
-from headspace_inference.inference.types import (
-    Answer,
-    CallLinks,
-    GenerationParams,
-    InferenceRequest,
-    new_request_id,
-)
-from headspace_inference.inference.usage import apply_rollup
+from headspace_inference.inference.request import InferenceRequest, call_record, new_request_id
+from headspace_inference.inference.types import Answer, CallLinks, GenerationParams
 
 HAIKU = "anthropic/claude-haiku-4.5"
 
@@ -51,11 +46,11 @@ def call(
         cached = status == "cached"
         answer = Answer("answer", model, input_tokens, output_tokens,
                         cost_usd=saved if cached else cost, upstream_cost_usd=upstream)  # fmt: skip
-        record = CallRecord.of(request, status=status, latency_ms=latency_ms, answer=answer,
+        record = call_record(request, status=status, latency_ms=latency_ms, answer=answer,
                                attempts=0 if cached else 1)  # fmt: skip
     else:
         error = UpstreamServerError("upstream said 500", status_code=500)
-        record = CallRecord.of(request, status=status, latency_ms=latency_ms, error=error,
+        record = call_record(request, status=status, latency_ms=latency_ms, error=error,
                                attempts=0 if status == "refused" else 1)  # fmt: skip
     return replace(record, timestamp=moment)
 

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from headspace_inference.clock import FakeClock
-from headspace_inference.db import normalise_url
+from headspace_inference.settings import normalise_url
 from tests.tcp_proxy import TcpProxy
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -69,7 +69,7 @@ class _PostgresServer:
 
     def migrated_template(self) -> str:
         if self.template is None:
-            from headspace_inference.config import DatabaseSettings
+            from headspace_inference.settings import DatabaseSettings
             from headspace_inference.standalone.database import standalone_database
 
             url = self.create()
@@ -120,7 +120,7 @@ def sqlite_url(tmp_path: Path) -> str:
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh database with every migration applied, on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
-        from headspace_inference.config import DatabaseSettings
+        from headspace_inference.settings import DatabaseSettings
         from headspace_inference.standalone.database import standalone_database
 
         url = f"sqlite:///{tmp_path / 'headspace.db'}"
@@ -181,7 +181,7 @@ def redis_prefix(redis_server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def _emulator_server() -> Iterator[object]:
-    from headspace_inference.emulator import EmulatorServer
+    from headspace_inference.testing.emulator import EmulatorServer
 
     server = EmulatorServer().start()
     yield server

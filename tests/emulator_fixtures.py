@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from headspace_inference.clock import Clock
-from headspace_inference.config import OpenRouterSettings
-from headspace_inference.emulator import EmulatorServer
 from headspace_inference.inference.client import OpenRouterClient
+from headspace_inference.settings import OpenRouterSettings
+from headspace_inference.testing.emulator import EmulatorServer
 
 TEST_KEY = "sk-or-v1-test-key-0123456789"
 ClientFactory = Callable[..., OpenRouterClient]

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from headspace_inference import create_app
-from headspace_inference.db import normalise_url
+from headspace_inference.calllog.models import InferenceCall
 from headspace_inference.inference.service import InferenceService
-from headspace_inference.models import InferenceCall
+from headspace_inference.settings import normalise_url
 
 KEY = "sk-or-test-service"
 CHAT = "/api/v1/chat/completions"

@@ -1,26 +1,54 @@
 """Claude Headspace's inference layer: one service for every call to OpenRouter.
 
-Inside a Flask app: ``Inference`` (the extension). On its own: ``create_app()``.
+Inside a Flask app: ``Inference`` (the extension). On its own: ``create_app()``. Importing
+the package loads the extension, the errors and the result types; everything else (the
+service, the database layer, the optional extras) loads when it is first used.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"  # before the imports below: the client reads it
-
-from .db import SERVICE_VERSION_TABLE
+from ._version import __version__
 from .extension import Inference
-from .models import SERVICE_TABLES
+from .inference.errors import InferenceError, InvalidRequestError
+from .inference.types import InferenceResult
 
-__all__ = ["SERVICE_TABLES", "Inference", "create_app", "include_name"]
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .calllog.models import SERVICE_TABLES
+    from .inference.service import InferenceService
+
+__all__ = [
+    "SERVICE_TABLES",
+    "Inference",
+    "InferenceError",
+    "InferenceResult",
+    "InferenceService",
+    "InvalidRequestError",
+    "__version__",
+    "create_app",
+    "include_name",
+]
+
+# Public names whose modules load on first use (PEP 562).
+_LAZY = {
+    "InferenceService": "headspace_inference.inference.service",
+    "SERVICE_TABLES": "headspace_inference.calllog.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def create_app(*args: Any, **kwargs: Any) -> Flask:
-    """Build the standalone Flask app (see headspace_inference.app.create_app)."""
-    from .app import create_app as _create_app
+    """Build the standalone Flask app (see headspace_inference.standalone.app.create_app)."""
+    from .standalone.app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
 
@@ -28,4 +56,7 @@ def create_app(*args: Any, **kwargs: Any) -> Flask:
 def include_name(name: str | None, type_: str, parent_names: Any = None) -> bool:
     """For a host's Alembic ``include_name``: False for the service's tables and its version
     table, so the host's autogenerate neither creates nor drops them."""
+    from .calllog.database import SERVICE_VERSION_TABLE
+    from .calllog.models import SERVICE_TABLES
+
     return not (type_ == "table" and (name in SERVICE_TABLES or name == SERVICE_VERSION_TABLE))

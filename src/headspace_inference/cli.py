@@ -1,66 +1,269 @@
-"""The ``headspace-inference`` command: the app's commands (commands.py), and ``serve`` and
-``openrouter-emulator``, which run without an app of their own in this process."""
+"""The service's commands, in one place: ``db``, ``infer``, ``status``, ``usage`` and
+``pricing``.
+
+- ``inference_group``: the ``inference`` group the extension puts on every app's CLI
+  (``flask --app HOST inference db|status|usage|infer|pricing ...``);
+- ``register_commands(app)``: the same commands at the top of the standalone app's CLI
+  (``flask --app headspace_inference infer``);
+- the ``headspace-inference`` program (standalone/cli.py) puts them beside ``serve`` and
+  ``openrouter-emulator``.
+
+What only one command needs is imported inside that command, so ``--help`` and a host's
+``flask routes`` load none of it.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import click
-from flask import Flask
-from flask.cli import FlaskGroup
+from flask import Flask, current_app
+from flask.cli import with_appcontext
 
-from .app import create_app
-from .clitools import or_exit
-from .commands import db_group
-from .config import check_spool_dir, load_env_file, load_settings
-from .emulator.cli import emulator_command
-from .pricing_sync import pricing_group
-from .standalone.database import standalone_database
+from .config_loading import load_env_file, load_settings
+from .settings import ConfigError, OpenRouterSettings
 
+if TYPE_CHECKING:
+    from .calllog.database import Database
 
-def _create_app_for_cli() -> Flask:
-    return or_exit(create_app)
+T = TypeVar("T")
 
 
-@click.group(
-    cls=FlaskGroup,
-    create_app=_create_app_for_cli,
-    add_default_commands=False,
-    add_version_option=False,
-    load_dotenv=False,
-)
-def main() -> None:
-    """Claude Headspace inference service."""
+def or_exit(build: Callable[[], T]) -> T:
+    """``build()``; on a bad configuration, its one-line message on stderr and exit status 2."""
+    try:
+        return build()
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
-# On the group itself, so `headspace-inference db ...` builds no app: an app would migrate the
-# embedded database at start-up (a downgrade would not stay down) and start the service's threads.
-main.add_command(db_group)
+def app_database() -> Database:
+    """The current app's database: the host's (the service's history only), or the
+    standalone app's (both histories)."""
+    database: Database = current_app.extensions["inference"].database
+    return database
 
 
-# Not in an app context: FlaskGroup would otherwise build the app, with its threads, in
-# the gunicorn master, and every worker forked from it would inherit that app.
-@main.command("serve", with_appcontext=False)
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--workers", default=1, show_default=True, type=int, help="gunicorn processes")
-@click.option("--threads", default=8, show_default=True, type=int, help="threads per process")
-@click.option("--timeout", default=60, show_default=True, type=int, help="worker timeout, s")
-def serve_command(host: str, port: int, workers: int, threads: int, timeout: int) -> None:
-    """Serve the app with gunicorn (each worker builds its own app and service)."""
-    from .server import serve
-
-    # Fail here, once, on a bad configuration, rather than in every worker. Only the
-    # settings: an app would start threads (its health probe), and a fork taken while
-    # a thread is half-way through an import leaves the workers a half-imported module.
-    load_env_file()
-    settings = or_exit(load_settings)
-    or_exit(lambda: check_spool_dir(settings.inference.spool_dir()))
-    # Migrate once here rather than in N workers at the same moment (no threads involved).
-    database = standalone_database(settings.database)
-    if database.settings.auto_migrate:
-        database.upgrade()
-    database.dispose()
-    serve(host, port, workers, threads, timeout)
+def _revision(database: Database) -> str:
+    revisions = database.revisions()
+    if len(revisions) == 1:
+        return next(iter(revisions.values())) or "base"
+    return ", ".join(f"{name} {rev or 'base'}" for name, rev in revisions.items())
 
 
-main.add_command(emulator_command)
-main.add_command(pricing_group)
+def _migrate(database: Database, move: Callable[[str], None], revision: str) -> None:
+    try:
+        move(revision)
+    except ValueError as exc:  # a revision that is none of the histories'
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"database at {_revision(database)}")
+
+
+def make_db_group(database: Callable[[], Database] | None = None) -> click.Group:
+    """The ``db`` commands: on the app's database (``flask inference db``), or on the one
+    ``database()`` builds, with no app at all (``headspace-inference db``: an app would
+    start the service)."""
+    group = click.Group("db", help="Database migrations.")
+    in_app = database is None
+    target = app_database if database is None else database
+
+    def command(name: str) -> Callable[[Callable[..., None]], click.Command]:
+        def register(f: Callable[..., None]) -> click.Command:
+            return group.command(name)(with_appcontext(f) if in_app else f)
+
+        return register
+
+    @command("upgrade")
+    @click.argument("revision", default="head")
+    def db_upgrade(revision: str) -> None:
+        """Apply migrations up to REVISION (default: head)."""
+        db = target()
+        _migrate(db, db.upgrade, revision)
+
+    @command("downgrade")
+    @click.argument("revision")
+    def db_downgrade(revision: str) -> None:
+        """Revert migrations down to REVISION (e.g. base)."""
+        db = target()
+        _migrate(db, db.downgrade, revision)
+
+    @command("current")
+    def db_current() -> None:
+        """Print the revision the database is at."""
+        click.echo(_revision(target()))
+
+    return group
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+@click.command("infer")
+@click.option("--level", required=True, help="a level: a key of openrouter.models")
+@click.option("--purpose", required=True, help="What the call is for (stored with it).")
+@click.option("--project-id", type=int, default=None)
+@click.option("--agent-id", type=int, default=None)
+@click.option("--command-id", type=int, default=None)
+@click.option("--turn-id", type=int, default=None)
+@click.option("--system", "system_prompt", default=None, help="A system prompt.")
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.argument("text")
+@with_appcontext
+def infer_command(
+    level: str,
+    purpose: str,
+    text: str,
+    project_id: int | None,
+    agent_id: int | None,
+    command_id: int | None,
+    turn_id: int | None,
+    system_prompt: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+) -> None:
+    """Run one inference call on TEXT and print the result as JSON."""
+    from .inference.errors import InferenceError, InvalidRequestError
+
+    service = current_app.extensions["inference"]
+    try:
+        result = service.infer(
+            level,
+            purpose,
+            text,
+            project_id=project_id,
+            agent_id=agent_id,
+            command_id=command_id,
+            turn_id=turn_id,
+            system_prompt=system_prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+    except InferenceError as exc:
+        click.echo(json.dumps({"error": exc.to_dict()}), err=True)
+        service.close()
+        sys.exit(2 if isinstance(exc, InvalidRequestError) else 1)
+    service.close()
+    _echo_json(result.to_dict())
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(data, dict):
+        rows: list[tuple[str, str]] = []
+        for key, value in data.items():
+            rows += _flatten(
+                value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"
+            )
+        return rows
+    return [(prefix.rstrip("."), "-" if data is None else str(data))]
+
+
+@click.command("status")
+@click.option("--table", is_flag=True, help="A readable table instead of JSON.")
+@with_appcontext
+def status_command(table: bool) -> None:
+    """Print the service's status (as GET /api/inference/status)."""
+    service = current_app.extensions["inference"]
+    data = service.status()
+    service.close()
+    click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
+
+
+@click.command("usage")
+@click.option("--since", default=None, help="ISO 8601 start (inclusive)")
+@click.option("--until", default=None, help="ISO 8601 end (exclusive)")
+@click.option("--level", default=None)
+@click.option("--model", default=None)
+@click.option("--project-id", default=None)
+@click.option("--table", is_flag=True, help="A readable table instead of JSON.")
+@with_appcontext
+def usage_command(
+    since: str | None,
+    until: str | None,
+    level: str | None,
+    model: str | None,
+    project_id: str | None,
+    table: bool,
+) -> None:
+    """Print usage and cost (as GET /api/inference/usage, with the same options)."""
+    from werkzeug.datastructures import MultiDict
+
+    from .operate.http import BadParameter
+    from .operate.routes import parse_usage_query
+    from .operate.usage import usage_report
+
+    given = {"since": since, "until": until, "level": level, "model": model,
+             "project_id": project_id}  # fmt: skip
+    service = current_app.extensions["inference"]
+    try:
+        query = parse_usage_query(
+            MultiDict({k: v for k, v in given.items() if v is not None}), service.settings.levels
+        )
+    except BadParameter as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    service.close()  # not needed to read usage: stop its threads
+    with app_database().sessions() as session:
+        data = usage_report(session, query)
+    click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
+
+
+def make_pricing_group(*, in_app: bool) -> click.Group:
+    """``pricing sync``: with the app's settings (``in_app``: ``flask inference pricing
+    sync`` in a host), or the standalone configuration's (``headspace-inference pricing sync``)."""
+    group = click.Group("pricing", help="Model prices.")
+
+    def pricing_sync() -> None:
+        """Store the configured models' prices from OpenRouter's /models (openrouter.pricing
+        still wins); exit status 1 when OpenRouter cannot be read, 0 otherwise."""
+        if in_app:
+            _sync_and_report(current_app.extensions["inference"].settings.openrouter)
+        else:
+            load_env_file()
+            _sync_and_report(or_exit(load_settings).openrouter)
+
+    group.command("sync")(with_appcontext(pricing_sync) if in_app else pricing_sync)
+    return group
+
+
+def _sync_and_report(settings: OpenRouterSettings) -> None:
+    from .inference.errors import InferenceError
+    from .inference.pricing_sync import PricingError, sync
+
+    try:
+        path, problems, priced = sync(settings, timeout=settings.timeout_seconds)
+    except (InferenceError, PricingError) as exc:
+        click.echo(f"error: prices not synced: {exc}", err=True)
+        raise SystemExit(1) from None
+    for problem in problems:
+        click.echo(f"warning: no price for {problem}", err=True)
+    click.echo(f"{priced} model(s) priced from {settings.base_url}/models into {path}")
+
+
+COMMANDS = (infer_command, status_command, usage_command)
+
+
+@click.group("inference", help="The inference service: its migrations, status, usage, a call.")
+def inference_group() -> None:
+    """The inference service's commands."""
+
+
+for _command in (make_db_group(), make_pricing_group(in_app=True), *COMMANDS):
+    inference_group.add_command(_command)
+
+
+def register_commands(app: Flask) -> None:
+    """Install the commands at the top of ``app.cli`` too (the standalone app)."""
+    for command in (make_db_group(), *COMMANDS):
+        app.cli.add_command(command)

@@ -9,32 +9,33 @@ def create_app():
     inference.init_app(app, config_path="config.yaml")
     return app
 ```
-``init_app`` builds one InferenceService per app (``app.extensions["inference"]``) from the
-host's config file (its ``openrouter`` and ``inference`` sections), on the host's database,
-and gives the app the service's routes (/api/inference/...) and CLI group (``flask
-inference ...``). ``create_app()`` (app.py) builds the standalone app on this same path.
+``init_app`` validates the configuration and gives the app its service
+(``app.extensions["inference"]``), the service's routes (/api/inference/...) and CLI group
+(``flask inference ...``), and nothing else: no connection, migration, thread, file,
+network request or exit hook until the first call, the first request to one of its routes,
+or ``service.start()``. ``create_app()`` (standalone/app.py) builds the standalone app on
+this same path.
 """
 
 from __future__ import annotations
 
-import logging
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
-import httpx
 from flask import Flask, current_app
-from sqlalchemy import Engine
 
 from . import logsafe
-from .api import register_blueprints
-from .commands import inference_group
-from .config import ConfigError, Settings, check_spool_dir, load_host_settings
-from .db import DATABASE_AWAY, Database
-from .inference.service import InferenceService
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import httpx
+    from sqlalchemy import Engine
+
+    from .calllog.database import Database
+    from .inference.service import InferenceService
+    from .settings import Settings
 
 EXTENSION_KEY = "inference"
 
@@ -49,9 +50,10 @@ class InferenceOptions(TypedDict, total=False):
     - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the host's),
       else ``database_url``, else $DATABASE_URL, else the app's ``SQLALCHEMY_DATABASE_URI``.
       Redis is ``redis_url``, else $REDIS_URL, else ``inference.redis.url``.
-    - ``database`` (a headspace_inference.db.Database: an engine and its migration histories)
-      is what create_app() passes. ``transport`` carries the requests to OpenRouter (an
-      egress proxy of the host's). ``routes=False`` leaves out /api/inference/....
+    - ``database`` (a headspace_inference.calllog.database.Database: an engine and its
+      migration histories) is what create_app() passes. ``transport`` carries the requests
+      to OpenRouter (an egress proxy of the host's). ``routes=False`` leaves out
+      /api/inference/....
     """
 
     config_path: str | os.PathLike[str]
@@ -65,6 +67,26 @@ class InferenceOptions(TypedDict, total=False):
     routes: bool
 
 
+OPTION_NAMES = frozenset(InferenceOptions.__annotations__)
+
+
+def check_options(where: str, options: Mapping[str, object]) -> None:
+    """TypeError naming every option ``where`` does not take (and the one meant, if close):
+    a host's typo would otherwise go unnoticed."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if not unknown:
+        return
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+        named.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    words = "argument" if len(named) == 1 else "arguments"
+    raise TypeError(
+        f"{where}() got unexpected keyword {words} {', '.join(named)}; "
+        f"it takes {', '.join(sorted(OPTION_NAMES))}"
+    )
+
+
 class Inference:
     """The inference service for one or more Flask apps.
 
@@ -75,13 +97,18 @@ class Inference:
     """
 
     def __init__(self, app: Flask | None = None, **options: Unpack[InferenceOptions]) -> None:
+        check_options("Inference", options)
         self._options = options
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask, **options: Unpack[InferenceOptions]) -> InferenceService:
-        """Build ``app``'s service from the options (see InferenceOptions), start it, and give
-        the app its routes and the ``flask inference`` commands."""
+        """Build ``app``'s service from the options (see InferenceOptions) and give the app
+        its routes and the ``flask inference`` commands; start nothing (see the module)."""
+        from .cli import inference_group
+        from .inference.service import InferenceService
+
+        check_options("init_app", options)
         given: InferenceOptions = {**self._options, **options}
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(f"app {app.name!r} already has an inference service")
@@ -89,18 +116,19 @@ class Inference:
         logsafe.protect(settings.api_key)
         if settings.api.token is not None:
             logsafe.protect(settings.api.token.get_secret_value())
-        spool_dir = check_spool_dir(settings.inference.spool_dir(Path(app.instance_path)))
-        if database.settings.auto_migrate:
-            database.upgrade()
-        else:
-            _warn_if_behind(database)
         service = InferenceService.from_settings(
-            settings, database, spool_dir=spool_dir, transport=given.get("transport")
+            settings,
+            database,
+            spool_dir=settings.inference.spool_dir(Path(app.instance_path)),
+            transport=given.get("transport"),
         )
-        service.start()
         app.extensions[EXTENSION_KEY] = service
         if given.get("routes", True):
+            from .operate import register_blueprints
+            from .page.views import register_page
+
             register_blueprints(app)
+            register_page(app)
         app.cli.add_command(inference_group)
         return service
 
@@ -113,6 +141,10 @@ class Inference:
 
 def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Database]:
     """The settings and the database ``init_app``'s options describe."""
+    from .calllog.database import Database
+    from .config_loading import load_host_settings
+    from .settings import ConfigError
+
     settings = options.get("settings")
     engine, database_url = options.get("engine"), options.get("database_url")
     if engine is not None and database_url is not None:
@@ -133,6 +165,8 @@ def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Databas
 
 def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple[str, str]:
     """The host's database URL and what it came from (named in errors)."""
+    from .settings import ConfigError
+
     if engine is not None:
         return engine.url.render_as_string(hide_password=False), "engine"
     if given is not None:
@@ -146,16 +180,3 @@ def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple
         "no database for the call log: pass database_url= or engine=, set DATABASE_URL, "
         "or set the app's SQLALCHEMY_DATABASE_URI"
     )
-
-
-def _warn_if_behind(database: Database) -> None:
-    try:
-        behind = database.behind()
-    except DATABASE_AWAY:
-        return  # the call log spools until the database is back; its status says so
-    if behind:
-        log.warning(
-            "inference: the database is behind the service's migrations: %s; "
-            "run `flask inference db upgrade` (the call log spools until then)",
-            ", ".join(behind),
-        )

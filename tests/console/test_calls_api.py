@@ -16,7 +16,7 @@ from flask import Flask
 from sqlalchemy import text
 
 from headspace_inference import create_app
-from headspace_inference.api.calls import encode_cursor
+from headspace_inference.operate.calls import encode_cursor
 from tests.call_rows import call, make_record, write
 
 T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)

@@ -19,10 +19,10 @@ import pytest
 from flask import Flask
 
 from headspace_inference import create_app
-from headspace_inference.console import console_for
-from headspace_inference.console.feed import Feed, LocalTransport
-from headspace_inference.inference.recorder import CallWriter
-from headspace_inference.inference.usage import apply_rollup
+from headspace_inference.calllog.recorder import CallWriter
+from headspace_inference.calllog.rollup import apply_rollup
+from headspace_inference.operate.feed import Feed, LocalTransport
+from headspace_inference.operate.live import console_for
 from tests.call_rows import make_record, write
 from tests.console.sse import Event, SseReader
 from tests.service_fixtures import settings_for

@@ -25,11 +25,11 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from headspace_inference import create_app
-from headspace_inference.console import console_for
-from headspace_inference.db import normalise_url
-from headspace_inference.emulator.server import Fault
+from headspace_inference.calllog.models import InferenceCall
 from headspace_inference.inference import InferenceError
-from headspace_inference.models import InferenceCall
+from headspace_inference.operate.live import console_for
+from headspace_inference.settings import normalise_url
+from headspace_inference.testing.emulator.server import Fault
 from tests.service_fixtures import settings_for
 
 GUNICORN_APP = Path(__file__).with_name("gunicorn_app.py")
@@ -207,7 +207,7 @@ def test_the_child_exit_hook_imports_nothing_when_it_runs(
     # begun there, and the master's shutdown failed on a half-imported prometheus_client.
     from types import SimpleNamespace
 
-    from headspace_inference.server import child_exit_hook
+    from headspace_inference.standalone.server import child_exit_hook
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     (tmp_path / "gauge_livesum_12345.db").write_bytes(b"")

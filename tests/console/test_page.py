@@ -20,7 +20,7 @@ import pytest
 from flask import Flask
 
 from headspace_inference import create_app
-from headspace_inference.console import console_for
+from headspace_inference.operate.live import console_for
 from tests.call_rows import call, write
 from tests.console.live_server import serving
 from tests.service_fixtures import settings_for

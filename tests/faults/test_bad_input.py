@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headspace_inference import create_app
-from headspace_inference.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import InferenceError, InvalidRequestError
+from headspace_inference.settings import ENV_PREFIX, ConfigError, Settings
 
 CHAT = "/api/v1/chat/completions"
 NAMES = ("level", "purpose", "input_text", "project_id", "agent_id", "command_id", "turn_id",
@@ -133,7 +134,7 @@ def _paths(doc: dict[str, Any], prefix: str = "") -> list[str]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from headspace_inference.emulator import EmulatorServer
+    from headspace_inference.testing.emulator import EmulatorServer
 
     emulator = EmulatorServer().start()
     tmp = tmp_path_factory.mktemp("bad-input")

@@ -19,10 +19,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
-from headspace_inference.db import normalise_url
-from headspace_inference.inference.record import CallRecord
-from headspace_inference.inference.recorder import CallRecorder
-from headspace_inference.inference.usage import apply_rollup
+from headspace_inference.calllog.record import CallRecord
+from headspace_inference.calllog.recorder import CallRecorder
+from headspace_inference.calllog.rollup import apply_rollup
+from headspace_inference.settings import normalise_url
 from tests.call_rows import make_record
 from tests.tcp_proxy import TcpProxy
 

@@ -26,10 +26,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from headspace_inference import create_app
-from headspace_inference.db import normalise_url
-from headspace_inference.emulator import EmulatorServer
 from headspace_inference.inference import InferenceError, QueueFullError
 from headspace_inference.inference.service import InferenceService
+from headspace_inference.settings import normalise_url
+from headspace_inference.testing.emulator import EmulatorServer
 from tests.tcp_proxy import TcpProxy
 
 KEY = "sk-or-faults"

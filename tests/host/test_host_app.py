@@ -19,8 +19,8 @@ from flask import Flask
 from sqlalchemy import Engine, inspect, select, text
 
 from headspace_inference import SERVICE_TABLES, include_name
-from headspace_inference.db import SERVICE_HISTORY
-from headspace_inference.models import InferenceCall
+from headspace_inference.calllog.database import SERVICE_HISTORY
+from headspace_inference.calllog.models import InferenceCall
 from host_app import create_app, score_priorities
 from host_app.models import Agent, Command, Project, Turn, db
 from tests.service_fixtures import rows

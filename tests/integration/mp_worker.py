@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from headspace_inference import create_app
-from headspace_inference.config import load_settings
+from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import InferenceError
 from headspace_inference.inference.backends import build_backends
 from headspace_inference.inference.types import Answer

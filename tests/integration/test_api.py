@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, settings
 from tests.tcp_proxy import TcpProxy
 
 from headspace_inference import create_app
-from headspace_inference.api.inference import openapi_document
-from headspace_inference.config import DEFAULT_MODELS
-from headspace_inference.inference.usage import UsageQuery, usage_report
+from headspace_inference.operate.openapi import openapi_document
+from headspace_inference.operate.usage import UsageQuery, usage_report
+from headspace_inference.settings import DEFAULT_MODELS
 
 SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
 TOKEN = "operator-token-123"

@@ -17,11 +17,11 @@ from tests.service_fixtures import KEY, AppFactory, rows
 from tests.tcp_proxy import TcpProxy
 
 from headspace_inference import create_app
-from headspace_inference.db import normalise_url
-from headspace_inference.emulator import Fault
 from headspace_inference.inference import InferenceError
 from headspace_inference.inference.service import InferenceService
-from headspace_inference.inference.usage import UsageQuery, usage_report_raw
+from headspace_inference.operate.usage import UsageQuery, usage_report_raw
+from headspace_inference.settings import normalise_url
+from headspace_inference.testing.emulator import Fault
 
 # These tests script each answer: one attempt each, so a scripted fault is not retried.
 ONE_ATTEMPT = {"retry": {"max_attempts": 1}}

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from headspace_inference.db import SERVICE_HISTORY
+from headspace_inference.calllog.database import SERVICE_HISTORY
 from headspace_inference.standalone.database import APP_HISTORY
 
 BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ from flask import Flask
 from tests.call_rows import call, write
 
 from headspace_inference import create_app
-from headspace_inference.inference.usage import UsageQuery, usage_report
+from headspace_inference.operate.usage import UsageQuery, usage_report
 
 SECRET = "sk-or-v1-CLI-USAGE-SECRET-0000"
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)

@@ -24,14 +24,14 @@ from tests.emulator_fixtures import TEST_KEY, ClientFactory, answer_body, settin
 
 from headspace_inference import logsafe
 from headspace_inference.clock import FakeClock
-from headspace_inference.config import OpenRouterSettings, RetrySettings
-from headspace_inference.emulator import EmulatorServer, Fault
-from headspace_inference.emulator.server import PRICES
 from headspace_inference.inference import errors as e
 from headspace_inference.inference.client import OpenRouterClient
 from headspace_inference.inference.health import HealthChecker
 from headspace_inference.inference.retry import RetryPolicy
 from headspace_inference.inference.types import Answer, GenerationParams
+from headspace_inference.settings import OpenRouterSettings, RetrySettings
+from headspace_inference.testing.emulator import EmulatorServer, Fault
+from headspace_inference.testing.emulator.server import PRICES
 
 CHAT = "/api/v1/chat/completions"
 HAIKU = "anthropic/claude-haiku-4.5"

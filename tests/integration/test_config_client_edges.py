@@ -20,13 +20,7 @@ from tests.emulator_fixtures import answer_body
 
 from headspace_inference import create_app
 from headspace_inference.clock import FakeClock
-from headspace_inference.config import (
-    ConfigError,
-    HealthSettings,
-    OpenRouterSettings,
-    load_settings,
-)
-from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import (
     EmptyResponseError,
     InferenceError,
@@ -36,6 +30,8 @@ from headspace_inference.inference.client import OpenRouterClient
 from headspace_inference.inference.health import HealthChecker
 from headspace_inference.inference.retry import RetryPolicy
 from headspace_inference.inference.types import GenerationParams
+from headspace_inference.settings import ConfigError, HealthSettings, OpenRouterSettings
+from headspace_inference.testing.emulator import EmulatorServer, Fault
 
 KEY = "sk-or-v1-review-c-CANARY-0123456789"
 # A key of OpenRouter's real length: "sk-or-v1-" and 64 hex digits.

@@ -20,9 +20,9 @@ import openai
 import pytest
 from tests.emulator_fixtures import TEST_KEY
 
-from headspace_inference.config import OpenRouterSettings
-from headspace_inference.emulator import EmulatorServer, Fault
-from headspace_inference.emulator.server import PRICES, count_tokens
+from headspace_inference.settings import OpenRouterSettings
+from headspace_inference.testing.emulator import EmulatorServer, Fault
+from headspace_inference.testing.emulator.server import PRICES, count_tokens
 
 HAIKU = "anthropic/claude-haiku-4.5"
 SONNET = "anthropic/claude-sonnet-4.5"
@@ -545,7 +545,7 @@ def test_in_process_lifecycle() -> None:
 # --------------------------------------------------------------------------- the command line
 
 COMMANDS = {
-    "python-m": [sys.executable, "-m", "headspace_inference.emulator"],
+    "python-m": [sys.executable, "-m", "headspace_inference.testing.emulator"],
     "headspace-inference": [
         str(Path(sys.executable).with_name("headspace-inference")),
         "openrouter-emulator",

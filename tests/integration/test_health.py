@@ -14,8 +14,8 @@ import pytest
 from tests.emulator_fixtures import TEST_KEY, ClientFactory, settings_for
 
 from headspace_inference.clock import FakeClock
-from headspace_inference.emulator import EmulatorServer, Fault
 from headspace_inference.inference.health import HealthChecker, HealthReport
+from headspace_inference.testing.emulator import EmulatorServer, Fault
 
 KEY_PATH = "/api/v1/key"
 MODELS_PATH = "/api/v1/models"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from tests.call_rows import make_record
 
-from headspace_inference.inference.journal import Journal
-from headspace_inference.inference.record import CallRecord
+from headspace_inference.calllog.journal import Journal
+from headspace_inference.calllog.record import CallRecord
 
 
 def a_record(i: int, answer: str = "an answer") -> CallRecord:
@@ -164,9 +164,9 @@ HAMMER = r"""
 import random, sys
 from datetime import UTC, datetime
 from pathlib import Path
-from headspace_inference.inference.journal import Journal
-from headspace_inference.inference.record import CallRecord
-from headspace_inference.inference.types import new_request_id
+from headspace_inference.calllog.journal import Journal
+from headspace_inference.calllog.record import CallRecord
+from headspace_inference.inference.request import new_request_id
 
 spool, out, seed, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
@@ -261,8 +261,8 @@ OUT_OF_DESCRIPTORS = r"""
 import os, resource, sys
 from datetime import UTC, datetime
 from pathlib import Path
-from headspace_inference.inference.journal import Journal
-from headspace_inference.inference.record import CallRecord
+from headspace_inference.calllog.journal import Journal
+from headspace_inference.calllog.record import CallRecord
 
 spool = Path(sys.argv[1])
 journal = Journal(spool, segment_records=1)

@@ -15,9 +15,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, inspect, select, text
 
-from headspace_inference.config import DatabaseSettings
-from headspace_inference.db import SERVICE_HISTORY, Database, History
-from headspace_inference.models import Base, UsageRollup
+from headspace_inference.calllog.database import SERVICE_HISTORY, Database, History
+from headspace_inference.calllog.models import Base, UsageRollup
+from headspace_inference.settings import DatabaseSettings
 from headspace_inference.standalone import models as standalone_models
 from headspace_inference.standalone.database import APP_HISTORY, standalone_database
 
@@ -223,7 +223,7 @@ def test_linked_tables_made_after_the_service_s_migration_are_linked_by_the_next
                 ),
                 {"r": request_id, "p": project},
             )
-    with caplog.at_level("WARNING", logger="headspace_inference.migrations.links"):
+    with caplog.at_level("WARNING", logger="headspace_inference.calllog.migrations.links"):
         service_only.upgrade()  # already at head: only the links are looked at
     assert "1 rows linked to project_id ids missing from projects" in caplog.text
     fks = _schema(empty_db.engine, "inference_calls")["fks"]

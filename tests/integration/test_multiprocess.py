@@ -18,7 +18,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from headspace_inference.db import normalise_url
+from headspace_inference.settings import normalise_url
 
 PROCESSES = 4
 CHAT = "/api/v1/chat/completions"

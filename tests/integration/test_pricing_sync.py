@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner, Result
 from tests.service_fixtures import AppFactory
 
-from headspace_inference.cli import main
-from headspace_inference.config import OpenRouterSettings
 from headspace_inference.inference.pricing import PriceTable
 from headspace_inference.inference.service import InferenceService
+from headspace_inference.settings import OpenRouterSettings
+from headspace_inference.standalone.cli import main
 
 HAIKU = "anthropic/claude-haiku-4.5"
 SONNET = "anthropic/claude-sonnet-4.5"

@@ -23,12 +23,13 @@ from sqlalchemy.pool import NullPool
 from tests.call_rows import make_record
 from tests.tcp_proxy import TcpProxy
 
+from headspace_inference.calllog.database import _sqlite_pragmas
+from headspace_inference.calllog.models import InferenceCall, UsageRollup
+from headspace_inference.calllog.record import CallRecord
+from headspace_inference.calllog.recorder import CallRecorder, CallWriter
+from headspace_inference.calllog.rollup import apply_rollup
 from headspace_inference.clock import FakeClock
-from headspace_inference.db import _sqlite_pragmas, normalise_url
-from headspace_inference.inference.record import CallRecord
-from headspace_inference.inference.recorder import CallRecorder, CallWriter
-from headspace_inference.inference.usage import apply_rollup
-from headspace_inference.models import InferenceCall, UsageRollup
+from headspace_inference.settings import normalise_url
 from headspace_inference.standalone.database import standalone_database
 
 
@@ -78,7 +79,7 @@ def test_records_reach_the_table_with_every_field(database_url: str, tmp_path: P
 def test_outage_spools_then_catches_up_in_order(
     tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from headspace_inference.config import DatabaseSettings
+    from headspace_inference.settings import DatabaseSettings
 
     database = standalone_database(DatabaseSettings(url=sqlite_url))
     database.upgrade()
@@ -88,7 +89,7 @@ def test_outage_spools_then_catches_up_in_order(
     # The database goes away: the path now holds an empty database without our tables.
     moved = tmp_path / "moved.db"
     shutil.move(db_file, moved)
-    with caplog.at_level(logging.INFO, logger="headspace_inference.inference.recorder"):
+    with caplog.at_level(logging.INFO, logger="headspace_inference.calllog.recorder"):
         records = [make_record(i) for i in range(30)]
         for record in records:
             recorder.record(record)

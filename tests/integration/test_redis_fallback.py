@@ -21,7 +21,6 @@ import redis
 from tests.tcp_proxy import TcpProxy
 
 from headspace_inference.clock import FakeClock
-from headspace_inference.config import RedisSettings, Settings
 from headspace_inference.inference.backends import Backends, build_backends
 from headspace_inference.inference.cache import MemoryCache, NullCache, TieredCache, request_key
 from headspace_inference.inference.ratelimit import FallbackRateLimiter, MemoryRateLimiter
@@ -32,6 +31,7 @@ from headspace_inference.inference.singleflight import (
     TieredFlight,
 )
 from headspace_inference.inference.types import Answer, GenerationParams
+from headspace_inference.settings import RedisSettings, Settings
 
 pytestmark = pytest.mark.redis
 

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from tests.service_fixtures import CHAT, AppFactory, rows
 
-from headspace_inference.config import ConfigError, load_settings
-from headspace_inference.emulator import Fault
-from headspace_inference.emulator.server import CATALOGUE
+from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import InvalidRequestError, UpstreamServerError
 from headspace_inference.inference.service import InferenceService
+from headspace_inference.settings import ConfigError
+from headspace_inference.testing.emulator import Fault
+from headspace_inference.testing.emulator.server import CATALOGUE
 
 HAIKU = "anthropic/claude-haiku-4.5"
 SONNET = "anthropic/claude-sonnet-4.5"

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from headspace_inference import create_app
-from headspace_inference.cli import main
-from headspace_inference.emulator import Fault
 from headspace_inference.inference import InferenceError
+from headspace_inference.standalone.cli import main
+from headspace_inference.testing.emulator import Fault
 
 CANARY = "sk-or-v1-CANARY-7f3e9c1d5b2a4e6f8091"
 

@@ -17,10 +17,9 @@ from sqlalchemy.pool import NullPool
 from tests.service_fixtures import CHAT, AppFactory, rows, settings_for
 
 from headspace_inference import create_app
+from headspace_inference.calllog.models import InferenceCall
 from headspace_inference.clock import FakeClock
-from headspace_inference.config import load_settings
-from headspace_inference.db import normalise_url
-from headspace_inference.emulator import Fault
+from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import (
     CancelledCallError,
     InferenceDisabledError,
@@ -36,8 +35,9 @@ from headspace_inference.inference import (
     UpstreamServerError,
 )
 from headspace_inference.inference.service import InferenceService
-from headspace_inference.models import InferenceCall
+from headspace_inference.settings import normalise_url
 from headspace_inference.standalone.database import standalone_database
+from headspace_inference.testing.emulator import Fault
 
 
 def chat_bodies(emulator: Any) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from headspace_inference import create_app
-from headspace_inference.config import ConfigError
+from headspace_inference.settings import ConfigError
 
 BIN = Path(sys.executable).parent
 CANARY = "CANARY-3f9a"

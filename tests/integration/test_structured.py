@@ -11,10 +11,10 @@ import pytest
 from tests.service_fixtures import CHAT, AppFactory, rows
 from tests.structured_schemas import FRUSTRATION, Scores
 
-from headspace_inference.emulator import Fault
 from headspace_inference.inference import InvalidRequestError, InvalidResponseError
 from headspace_inference.inference.errors import StructuredAnswerError
 from headspace_inference.inference.service import InferenceService
+from headspace_inference.testing.emulator import Fault
 
 GOOD = {"scores": [{"agent_id": 7, "score": 85, "reason": "blocked on review"}]}
 

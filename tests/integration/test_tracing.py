@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from tests.service_fixtures import AppFactory
 
-from headspace_inference.emulator.server import Fault
 from headspace_inference.inference.errors import UpstreamServerError
+from headspace_inference.testing.emulator.server import Fault
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -96,7 +96,7 @@ def test_with_the_api_alone_no_span_is_made() -> None:
     # go nowhere (building its attributes is what a call would pay for).
     code = (
         "from headspace_inference.inference import tracing\n"
-        "assert tracing.ENABLED is True\n"
+        "assert tracing.available()\n"
         "def refuse(*args): raise AssertionError('attributes built')\n"
         "tracing._attributes = refuse\n"
         "tracing.Tracing().record(None, None, 0.0)\n"
@@ -113,7 +113,7 @@ def test_without_the_package_nothing_runs() -> None:
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"
         "from headspace_inference.inference import tracing\n"
-        "assert tracing.ENABLED is False\n"
+        "assert not tracing.available()\n"
         "t = tracing.Tracing(); t.record(None, None, 0.0)\n"  # returns at once, touches nothing
         "print('off')\n"
     )

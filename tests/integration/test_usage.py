@@ -15,19 +15,19 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, func, select, text
 from tests.call_rows import call, write
 
-from headspace_inference.config import DatabaseSettings
-from headspace_inference.db import Database
-from headspace_inference.inference.record import CallRecord
-from headspace_inference.inference.usage import (
+from headspace_inference.calllog.database import Database
+from headspace_inference.calllog.models import InferenceCall, UsageRollup
+from headspace_inference.calllog.models.inference_call import LATENCY_BUCKETS_MS
+from headspace_inference.calllog.record import CallRecord
+from headspace_inference.calllog.rollup import latency_bucket
+from headspace_inference.operate.usage import (
     UsageQuery,
     compute_usage,
     compute_usage_raw,
-    latency_bucket,
     usage_report,
     usage_report_raw,
 )
-from headspace_inference.models import InferenceCall, UsageRollup
-from headspace_inference.models.inference_call import LATENCY_BUCKETS_MS
+from headspace_inference.settings import DatabaseSettings
 from headspace_inference.standalone.database import standalone_database
 
 T0 = datetime(2026, 10, 31, 21, 0, tzinfo=UTC)  # three hours before a day boundary

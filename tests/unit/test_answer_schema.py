@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from tests.structured_schemas import FRUSTRATION, Score, Scores
 
-from headspace_inference.emulator.server import example_of
 from headspace_inference.inference.errors import InvalidRequestError
 from headspace_inference.inference.structured import AnswerFormatError, answer_schema, strip_fence
+from headspace_inference.testing.emulator.server import example_of
 
 
 @pytest.mark.parametrize(

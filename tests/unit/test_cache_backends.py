@@ -18,7 +18,6 @@ import pytest
 import redis
 
 from headspace_inference.clock import FakeClock
-from headspace_inference.config import CacheSettings, RedisSettings
 from headspace_inference.inference.cache import (
     CACHE_FORMAT,
     MemoryCache,
@@ -30,6 +29,7 @@ from headspace_inference.inference.cache import (
 )
 from headspace_inference.inference.redis_support import RedisGuard
 from headspace_inference.inference.types import Answer, GenerationParams
+from headspace_inference.settings import CacheSettings, RedisSettings
 
 TTL = 0.2
 POLL_DEADLINE = 10.0

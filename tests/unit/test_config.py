@@ -12,14 +12,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from headspace_inference.config import (
-    ConfigError,
-    Settings,
-    check_spool_dir,
-    environment_overrides,
-    load_settings,
-)
+from headspace_inference.config_loading import check_spool_dir, environment_overrides, load_settings
 from headspace_inference.inference.pricing import PriceTable
+from headspace_inference.settings import ConfigError, Settings
 
 
 def write(tmp_path: Path, body: str) -> Path:

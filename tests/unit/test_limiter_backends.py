@@ -15,7 +15,6 @@ import pytest
 import redis
 
 from headspace_inference.clock import SYSTEM_CLOCK, Clock, FakeClock
-from headspace_inference.config import RateLimitSettings
 from headspace_inference.inference.errors import RateLimitedError
 from headspace_inference.inference.ratelimit import (
     MemoryRateLimiter,
@@ -23,6 +22,7 @@ from headspace_inference.inference.ratelimit import (
     RedisRateLimiter,
     Reservation,
 )
+from headspace_inference.settings import RateLimitSettings
 
 # Redis hands admitted_at back through Lua's tostring (14 significant digits), so wall-clock
 # times of ~1.7e9 s come back rounded to 0.1 ms. This is a precision margin, not a timing one.

@@ -15,8 +15,6 @@ import pytest
 from tests.emulator_fixtures import ClientFactory
 
 from headspace_inference.clock import FakeClock
-from headspace_inference.config import RetrySettings
-from headspace_inference.emulator import EmulatorServer, Fault
 from headspace_inference.inference import errors as e
 from headspace_inference.inference.client import (
     MAX_RETRY_AFTER_SECONDS,
@@ -25,6 +23,8 @@ from headspace_inference.inference.client import (
 )
 from headspace_inference.inference.retry import JITTER, RetryPolicy
 from headspace_inference.inference.types import Answer, GenerationParams
+from headspace_inference.settings import RetrySettings
+from headspace_inference.testing.emulator import EmulatorServer, Fault
 
 MODEL = "anthropic/claude-haiku-4.5"
 CHAT = "/api/v1/chat/completions"

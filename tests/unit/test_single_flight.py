@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import redis
 
-from headspace_inference.config import RedisSettings
 from headspace_inference.inference.redis_support import RedisGuard
 from headspace_inference.inference.singleflight import (
     FlightOutcome,
@@ -26,6 +25,7 @@ from headspace_inference.inference.singleflight import (
     SingleFlight,
     TieredFlight,
 )
+from headspace_inference.settings import RedisSettings
 
 THREADS = 50
 DEADLINE = 10.0

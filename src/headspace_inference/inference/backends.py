@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import redis
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import Settings
+from ..settings import Settings
 from .cache import MemoryCache, NullCache, RedisCache, ResponseCache, TieredCache
 from .ratelimit import FallbackRateLimiter, MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from .redis_support import RedisGuard, make_client

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import redis
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import CacheSettings
+from ..settings import CacheSettings
 from .redis_support import RedisGuard
 from .types import Answer, GenerationParams
 

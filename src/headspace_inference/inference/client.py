@@ -25,11 +25,11 @@ from typing import Any, cast
 import httpcore  # noqa: F401
 import httpx
 
-from .. import __version__
+from .._version import __version__
+from ..calllog.models import MAX_INTEGER
+from ..calllog.models.inference_call import USD_QUANTUM
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import OpenRouterSettings
-from ..models import MAX_INTEGER
-from ..models.inference_call import USD_QUANTUM
+from ..settings import OpenRouterSettings
 from .errors import (
     EmptyResponseError,
     ErrorInResponseError,

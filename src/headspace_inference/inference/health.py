@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import OpenRouterSettings
+from ..settings import OpenRouterSettings
 from .client import OpenRouterClient
 from .errors import AuthenticationError, InferenceError, ModelNotFoundError, TransportError
 

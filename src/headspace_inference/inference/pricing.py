@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from ..config import OpenRouterSettings, PriceSettings
-from ..models.inference_call import USD_QUANTUM
+from ..calllog.models.inference_call import USD_QUANTUM
+from ..settings import OpenRouterSettings, PriceSettings
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 import redis
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import RateLimitSettings
+from ..settings import RateLimitSettings
 from .errors import RateLimitedError
 from .redis_support import RedisGuard
 

@@ -13,7 +13,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..config import RedisSettings
+from ..settings import RedisSettings
 
 log = logging.getLogger(__name__)
 

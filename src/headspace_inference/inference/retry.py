@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..clock import Clock
-from ..config import RetrySettings
+from ..settings import RetrySettings
 from .errors import InferenceError, UpstreamError
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,12 @@ from typing import Any, TypeVar, Unpack
 import httpx
 from flask import has_request_context
 
+from ..calllog.database import DATABASE_AWAY, Database
+from ..calllog.recorder import CallRecorder
+from ..calllog.rollup import apply_rollup
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config import Settings
-from ..db import Database
+from ..config_loading import check_spool_dir
+from ..settings import Settings
 from .backends import Backends, build_backends
 from .cache import request_key
 from .client import OpenRouterClient
@@ -47,8 +50,7 @@ from .errors import (
 )
 from .health import HealthChecker
 from .pricing import PriceTable
-from .record import CallRecord
-from .recorder import CallRecorder
+from .request import InferenceRequest, call_record
 from .retry import RetryPolicy
 from .status import status_report
 from .structured import answer_schema
@@ -58,10 +60,8 @@ from .types import (
     Answer,
     CallLinks,
     CallOptions,
-    InferenceRequest,
     InferenceResult,
 )
-from .usage import apply_rollup
 from .validation import (
     LinkChecker,
     check_flag,
@@ -119,6 +119,10 @@ class InferenceService:
             cancelled=self._cancelled,
         )
         self._closed = False
+        self._started = False
+        self._start_lock = threading.Lock()
+        self._on_start: list[Callable[[], object]] = []
+        self._exit_hook: Callable[[], None] | None = None
         self._warned_request_thread = False
 
     @classmethod
@@ -131,7 +135,8 @@ class InferenceService:
         clock: Clock = SYSTEM_CLOCK,
         transport: httpx.BaseTransport | None = None,
     ) -> InferenceService:
-        """Build the service and its parts from settings; never touches the network.
+        """Build the service and its parts from settings. Starts nothing: no thread,
+        connection, file or network until start() (or the first call, which starts it).
 
         ``transport`` carries the client's requests instead of its own connections (an
         egress proxy of the host's, or a fault injected by a test).
@@ -148,7 +153,7 @@ class InferenceService:
             spool_dir,
             rollup=apply_rollup,
             batch_size=settings.inference.log_batch_size,
-        ).start()
+        )
         return cls(
             settings,
             database=database,
@@ -198,28 +203,69 @@ class InferenceService:
         """Whether calls are taken now: enabled, a key configured, not shut down."""
         return self._unavailable() is None
 
-    def start(self) -> None:
-        """Probe OpenRouter once in the background (so the first status request has an
-        answer), and close the service, flushing its call log, when the interpreter exits."""
+    def start(self) -> InferenceService:
+        """Start what the service runs on, once: the spool directory, the database's
+        migrations (``database.auto_migrate``; else a warning when it is behind), the call
+        log's writer, one background probe of OpenRouter (so the first status request has an
+        answer), and an exit hook that closes the service, flushing its call log.
+
+        The first call and the first request to one of the service's routes start it; a
+        host may call it earlier (at the end of its start-up) to fail fast. Thread-safe.
+        """
+        with self._start_lock:
+            if self._started or self._closed:
+                return self
+            check_spool_dir(self.recorder.spool_dir)
+            if self.database.settings.auto_migrate:
+                self.database.upgrade()
+            else:
+                _warn_if_behind(self.database)
+            self.recorder.start()
+            self._exit_hook = at_exit(self, InferenceService.close)
+            self._started = True
+            started, self._on_start = self._on_start, []
         if self.health is not None and self._unavailable() is None:
             threading.Thread(target=self.health.check, name="health-probe", daemon=True).start()
-        at_exit(self, InferenceService.close)
+        for callback in started:
+            callback()
+        return self
+
+    @property
+    def started(self) -> bool:
+        """Whether start() has run (and close() has not)."""
+        return self._started and not self._closed
+
+    def on_start(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once the service has started (at once if it has)."""
+        with self._start_lock:
+            if not self._started:
+                self._on_start.append(callback)
+                return
+        callback()
 
     def stop(self, timeout: float | None = None) -> None:
         """The same as close() (the host's code calls stop() at exit)."""
         self.close(timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking work, let in-flight calls finish, cancel the queued rest, flush the log."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop taking work, let in-flight calls finish, cancel the queued rest, flush the
+        log, and give back what start() took: threads, the connections of an engine the
+        library built, the exit hook."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
         wait = self._limits.shutdown_timeout_seconds if timeout is None else timeout
         self.pool.shutdown(wait)
-        self.recorder.close(timeout=max(wait, 1.0))
+        if self._started:
+            self.recorder.close(timeout=max(wait, 1.0))
         if self._client is not None:
             self._client.close()
         self._backends.close()
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
+            self._exit_hook = None
+        self.database.dispose()
 
     def status(self) -> dict[str, Any]:
         """Health, configuration and live statistics, for /api/inference/status."""
@@ -252,6 +298,8 @@ class InferenceService:
         self, level: object, purpose: object, input_text: object, options: CallOptions
     ) -> InferenceRequest:
         """A validated request the service will take; raises (and logs refusals) otherwise."""
+        if not self._started:
+            self.start()
         unknown = sorted(set(options) - CALL_OPTIONS)
         if unknown:
             # What Python says of a keyword a signature does not have.
@@ -376,7 +424,7 @@ class InferenceService:
     ) -> int:
         """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
-        record = CallRecord.of(
+        record = call_record(
             request, status=status, latency_ms=latency_ms, answer=answer, error=error,
             attempts=attempts,
         )  # fmt: skip
@@ -410,9 +458,10 @@ class InferenceService:
         self._record(request, time.perf_counter(), "cancelled", error=error)
 
 
-def at_exit(target: T, action: Callable[[T], object]) -> None:
+def at_exit(target: T, action: Callable[[T], object]) -> Callable[[], None]:
     """``action(target)`` when the interpreter exits, if ``target`` is still alive and this
-    is the process that asked.
+    is the process that asked; returns the hook, for ``atexit.unregister`` when ``target``
+    closes first.
 
     A weak reference: a target that is dropped (as tests do) is not kept alive for the
     hook's sake. Only in the process that registered it: a child forked from this one
@@ -428,3 +477,17 @@ def at_exit(target: T, action: Callable[[T], object]) -> None:
             action(live)
 
     atexit.register(run)
+    return run
+
+
+def _warn_if_behind(database: Database) -> None:
+    try:
+        behind = database.behind()
+    except DATABASE_AWAY:
+        return  # the call log spools until the database is back; its status says so
+    if behind:
+        log.warning(
+            "inference: the database is behind the service's migrations: %s; "
+            "run `flask inference db upgrade` (the call log spools until then)",
+            ", ".join(behind),
+        )

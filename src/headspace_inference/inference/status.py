@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import OpenRouterSettings
+from ..calllog.recorder import CallRecorder
+from ..settings import OpenRouterSettings
 from .backends import Backends
 from .errors import (
     InferenceDisabledError,
@@ -17,7 +18,6 @@ from .errors import (
 )
 from .health import HealthChecker, HealthReport, HealthState
 from .pricing import PriceTable
-from .recorder import CallRecorder
 from .workers import WorkerPool
 
 # What the OpenRouter section says when the service takes no calls, so probes nothing.

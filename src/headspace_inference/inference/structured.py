@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
-from jsonschema.exceptions import SchemaError, best_match
 from pydantic import BaseModel, ValidationError
 
 from .errors import InvalidRequestError
@@ -125,6 +123,14 @@ def _model_schema(model: type[BaseModel]) -> AnswerSchema:
 
 @functools.lru_cache(maxsize=256)
 def _dict_schema(canonical: str) -> AnswerSchema:
+    try:  # the jsonschema extra, imported when a dict schema is first used
+        import jsonschema.validators
+        from jsonschema.exceptions import SchemaError, best_match
+    except ImportError:
+        raise InvalidRequestError(
+            "response_format: a JSON Schema dict needs the jsonschema extra "
+            "(pip install 'headspace-inference[jsonschema]'); a pydantic model needs none"
+        ) from None
     schema: dict[str, Any] = json.loads(canonical)
     validator_class = jsonschema.validators.validator_for(schema)
     try:

@@ -12,56 +12,79 @@ Prompts and answers are never put on a span: they are users' text.
 
 from __future__ import annotations
 
+import functools
 import time
+from types import SimpleNamespace
 from typing import Any
 
-from .. import __version__
-from .record import CallRecord
-from .types import InferenceRequest
+from .._version import __version__
+from ..calllog.record import CallRecord
+from .request import InferenceRequest
 
-try:  # an optional extra
-    from opentelemetry import trace
-    from opentelemetry.trace import (
-        NoOpTracerProvider,
-        ProxyTracerProvider,
-        SpanKind,
-        Status,
-        StatusCode,
-    )
-except ImportError:  # pragma: no cover - exercised by a test that hides the package
-    trace = None  # type: ignore[assignment]
-
-ENABLED = trace is not None
-# The providers in place until the host configures an SDK's.
-_UNSET = (ProxyTracerProvider, NoOpTracerProvider) if ENABLED else ()
 PROVIDER = "openrouter"
 ANSWERED = frozenset({"ok", "cached"})
+
+
+@functools.cache
+def _api() -> SimpleNamespace | None:
+    """The parts of opentelemetry-api a span needs, imported on the first recorded call;
+    None without the package."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.trace import (
+            NoOpTracerProvider,
+            ProxyTracerProvider,
+            SpanKind,
+            Status,
+            StatusCode,
+        )
+    except ImportError:
+        return None
+    return SimpleNamespace(
+        trace=trace,
+        # The providers in place until the host configures an SDK's.
+        unset=(ProxyTracerProvider, NoOpTracerProvider),
+        client=SpanKind.CLIENT,
+        Status=Status,
+        error=StatusCode.ERROR,
+    )
+
+
+def available() -> bool:
+    """Whether opentelemetry-api is installed (spans are made once an SDK is configured)."""
+    return _api() is not None
 
 
 class Tracing:
     """Makes the span of each recorded call; does nothing without opentelemetry-api."""
 
     def __init__(self) -> None:
-        # A proxy until the host sets its tracer provider, then that provider's tracer.
-        self._tracer = (
-            trace.get_tracer("headspace_inference.inference", __version__) if ENABLED else None
-        )
+        self._api: SimpleNamespace | None = None
+        self._tracer: Any = None
+        self._looked = False
 
     def record(self, request: InferenceRequest, record: CallRecord, started: float) -> None:
         """The span of a call that began at ``started`` (perf_counter) and ends now."""
-        if self._tracer is None or isinstance(trace.get_tracer_provider(), _UNSET):
+        if not self._looked:
+            # A proxy until the host sets its tracer provider, then that provider's tracer.
+            self._api = api = _api()
+            if api is not None:
+                self._tracer = api.trace.get_tracer("headspace_inference.inference", __version__)
+            self._looked = True
+        api = self._api
+        if api is None or isinstance(api.trace.get_tracer_provider(), api.unset):
             return  # no SDK configured: a span would go nowhere, so none is made
         end = time.time_ns()
         start = end - int((time.perf_counter() - started) * 1e9)
         requested = record.requested_model or request.model
         span = self._tracer.start_span(
             f"chat {requested}",
-            kind=SpanKind.CLIENT,
+            kind=api.client,
             start_time=start,
             attributes=_attributes(request, record, requested),
         )
         if record.status not in ANSWERED:
-            span.set_status(Status(StatusCode.ERROR, record.error_type or record.status))
+            span.set_status(api.Status(api.error, record.error_type or record.status))
         span.end(end_time=end)
 
 

@@ -8,18 +8,10 @@ the call log gets a ``CallRecord`` (record.py) built from the request and the ou
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import uuid
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypedDict
-
-if TYPE_CHECKING:
-    from .structured import AnswerSchema
-
-_CHARS_PER_TOKEN = 4  # a deliberately generous estimate: reservations are reconciled later
+from typing import Any, TypedDict
 
 
 class CallOptions(TypedDict, total=False):
@@ -75,74 +67,6 @@ class GenerationParams:
         if self.temperature is not None:
             body["temperature"] = self.temperature
         return body
-
-
-class _RequestIds:
-    """Unique request ids without a system call each: a random 80-bit prefix per process
-    (renewed after a fork) and a counter. uuid4() reads os.urandom every time, which under
-    many threads costs a GIL hand-off per call."""
-
-    def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
-        self._counter = itertools.count()
-
-    def next(self) -> str:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._prefix = uuid.uuid4().hex[:20]
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
-
-
-_request_ids = _RequestIds()
-
-
-def new_request_id() -> str:
-    """A unique id for one call; its row carries it (and replay uses it to skip duplicates)."""
-    return _request_ids.next()
-
-
-# Anthropic's marker for the end of a cacheable prefix.
-CACHE_CONTROL = {"type": "ephemeral"}
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceRequest:
-    """A validated request: what to ask, at which level, about what."""
-
-    level: str
-    purpose: str
-    input_text: str
-    model: str
-    key: str
-    links: CallLinks
-    system_prompt: str | None
-    params: GenerationParams
-    request_id: str = field(default_factory=new_request_id)
-    # OpenRouter's fallbacks after ``model``, and its provider preferences.
-    fallbacks: tuple[str, ...] = ()
-    provider: dict[str, Any] | None = None
-    schema: AnswerSchema | None = None
-    cache_system_prompt: bool = False
-
-    def messages(self) -> list[dict[str, Any]]:
-        """The chat messages sent upstream; a system prompt to cache goes as a content block
-        marked with ``cache_control`` (the form Anthropic's prompt cache needs)."""
-        messages: list[dict[str, Any]] = []
-        if self.system_prompt is not None:
-            content: Any = self.system_prompt
-            if self.cache_system_prompt:
-                content = [
-                    {"type": "text", "text": self.system_prompt, "cache_control": CACHE_CONTROL}
-                ]
-            messages.append({"role": "system", "content": content})
-        messages.append({"role": "user", "content": self.input_text})
-        return messages
-
-    def estimated_tokens(self, default_max_tokens: int) -> int:
-        """Tokens to reserve before the call: the input's estimate plus the answer's ceiling."""
-        chars = len(self.input_text) + len(self.system_prompt or "")
-        return chars // _CHARS_PER_TOKEN + 1 + (self.params.max_tokens or default_max_tokens)
 
 
 _MONEY = ("cost_usd", "upstream_cost_usd", "cache_discount_usd")

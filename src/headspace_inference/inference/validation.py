@@ -9,9 +9,9 @@ import threading
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..db import DATABASE_AWAY
-from ..models import LINK_TABLES, MAX_INTEGER
-from ..models.links import link_exists
+from ..calllog.database import DATABASE_AWAY
+from ..calllog.models import LINK_TABLES, MAX_INTEGER
+from ..calllog.models.links import link_exists
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .types import CallLinks, GenerationParams
 

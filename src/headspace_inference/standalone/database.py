@@ -12,15 +12,8 @@ from pathlib import Path
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, column, inspect, select, table, text, update
 
-from ..config import DatabaseSettings
-from ..db import (
-    SERVICE_HISTORY,
-    SERVICE_VERSION_TABLE,
-    Database,
-    History,
-    is_sqlite,
-    normalise_url,
-)
+from ..calllog.database import SERVICE_HISTORY, SERVICE_VERSION_TABLE, Database, History, is_sqlite
+from ..settings import DatabaseSettings, normalise_url
 from .models import Base
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The standalone app's own domain tables: the minimal projects, agents, commands, turns
 and objectives a call can link to. Inside the host these are the host's tables, never
-these; the service's tables (headspace_inference.models) do not depend on them."""
+these; the service's tables (headspace_inference.calllog.models) do not depend on them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ..models.base import NAMING_CONVENTION, UTCDateTime, utcnow
+from ..calllog.models.base import NAMING_CONVENTION, UTCDateTime, utcnow
 
 
 class Base(DeclarativeBase):

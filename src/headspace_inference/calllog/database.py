@@ -1,0 +1,229 @@
+"""The database engine, session factory and migrations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..settings import DatabaseSettings, normalise_url
+from .migrations.links import reconcile_links
+from .models import Base
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# The service's own Alembic version table: a host's `alembic_version` is the host's.
+SERVICE_VERSION_TABLE = "alembic_version_inference"
+
+# What SQLAlchemy raises when the database cannot be reached (not when a statement is wrong).
+DATABASE_AWAY: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
+
+
+def is_sqlite(url: str) -> bool:
+    """Whether the URL names an SQLite database."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def build_engine(settings: DatabaseSettings) -> Engine:
+    """An engine for the configured database: SQLite (WAL, foreign keys) or PostgreSQL."""
+    url = normalise_url(settings.url)
+    if is_sqlite(url):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            echo=settings.echo,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        echo=settings.echo,
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_size,
+        pool_pre_ping=True,
+        pool_timeout=5,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded values after commit."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@dataclass(frozen=True)
+class History:
+    """One Alembic history: its scripts, the version table it keeps its place in, and the
+    tables it creates (for autogenerate). ``prepare`` runs on the database before it is
+    upgraded, ``finish`` after (each in a transaction of its own)."""
+
+    name: str
+    scripts: Path
+    version_table: str
+    metadata: MetaData
+    prepare: Callable[[Connection], object] | None = None
+    finish: Callable[[Connection], object] | None = None
+
+    def config(self, engine_or_url: Engine | str) -> Any:
+        """An Alembic Config for this history on the given database."""
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(self.scripts))
+        cfg.attributes["history"] = self
+        if isinstance(engine_or_url, str):
+            cfg.set_main_option("sqlalchemy.url", normalise_url(engine_or_url).replace("%", "%%"))
+        else:
+            cfg.attributes["engine"] = engine_or_url
+        return cfg
+
+    @cached_property
+    def script_directory(self) -> ScriptDirectory:
+        """Its revision scripts, read once (they ship with the package)."""
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self.config("sqlite://"))
+
+    def head(self) -> str:
+        """The newest revision this history ships."""
+        head = self.script_directory.get_current_head()
+        if head is None:
+            raise RuntimeError(f"no migrations found in {self.scripts}")
+        return head
+
+    def has_revision(self, revision: str) -> bool:
+        """Whether ``revision`` (an id or a prefix of one) is one of this history's."""
+        from alembic.util import CommandError
+
+        try:
+            return self.script_directory.get_revision(revision) is not None
+        except CommandError:
+            return False
+
+    def current(self, engine: Engine) -> str | None:
+        """The revision the database is at in this history, or None before its first."""
+        from alembic.runtime.migration import MigrationContext
+
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table": self.version_table})
+            rev: str | None = context.get_current_revision()
+            return rev
+
+    def upgrade(self, engine: Engine, revision: str = "head") -> None:
+        """Apply this history's migrations up to ``revision``."""
+        from alembic import command
+
+        if self.prepare is not None:
+            with engine.begin() as conn:
+                self.prepare(conn)
+        command.upgrade(self.config(engine), revision)
+        if self.finish is not None:
+            with engine.begin() as conn:
+                self.finish(conn)
+
+    def downgrade(self, engine: Engine, revision: str) -> None:
+        """Revert this history's migrations down to ``revision``."""
+        from alembic import command
+
+        command.downgrade(self.config(engine), revision)
+
+
+# The service's history: only its own tables, then the links' constraints where the linked
+# tables exist (migrations/links.py). Embedded it is the only one; the standalone app runs
+# its own before it.
+SERVICE_HISTORY = History(
+    "inference", MIGRATIONS_DIR, SERVICE_VERSION_TABLE, Base.metadata, finish=reconcile_links
+)
+
+
+class Database:
+    """One engine, its session factory, and the migration histories that shape it.
+
+    Built from settings, or around an engine the host already has (which stays the host's:
+    ``dispose`` leaves it alone). ``histories`` are applied in order on upgrade and in
+    reverse on downgrade: the service's alone inside a host; the standalone app's own
+    domain history, then the service's, in ``create_app()``.
+    """
+
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        *,
+        engine: Engine | None = None,
+        histories: Sequence[History] = (SERVICE_HISTORY,),
+    ) -> None:
+        self.settings = settings
+        self.histories = tuple(histories)
+        self._owns_engine = engine is None
+        if engine is None:
+            engine = build_engine(settings)
+        self.engine = engine
+        self.url = engine.url.render_as_string(hide_password=False)
+        self.sessions = session_factory(self.engine)
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether this is an SQLite database."""
+        return self.engine.dialect.name == "sqlite"
+
+    def _histories_for(self, revision: str) -> tuple[History, ...]:
+        if revision in ("head", "heads", "base"):
+            return self.histories
+        found = tuple(h for h in self.histories if h.has_revision(revision))
+        if len(found) != 1:
+            names = ", ".join(f"{h.name} (head {h.head()})" for h in self.histories)
+            raise ValueError(f"revision {revision!r:.40} is not one of the histories {names}")
+        return found
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply migrations up to ``revision`` (head: every history, in order)."""
+        for history in self._histories_for(revision):
+            history.upgrade(self.engine, revision)
+
+    def downgrade(self, revision: str) -> None:
+        """Revert migrations down to ``revision`` (base: every history, in reverse order)."""
+        for history in reversed(self._histories_for(revision)):
+            history.downgrade(self.engine, revision)
+
+    def revisions(self) -> dict[str, str | None]:
+        """Each history's current revision (None before its first), by history name."""
+        return {h.name: h.current(self.engine) for h in self.histories}
+
+    def behind(self) -> list[str]:
+        """The histories not at their head: ``name (at REV, head HEAD)``, for a warning."""
+        out = []
+        for history in self.histories:
+            current, head = history.current(self.engine), history.head()
+            if current != head:
+                out.append(f"{history.name} (at {current or 'base'}, head {head})")
+        return out
+
+    def dispose(self) -> None:
+        """Close every pooled connection of an engine built here."""
+        if self._owns_engine:
+            self.engine.dispose()

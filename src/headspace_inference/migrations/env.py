@@ -1,5 +1,0 @@
-"""Alembic's entry point for this history; the environment is shared (environment.py)."""
-
-from headspace_inference.migrations.environment import run
-
-run()

@@ -1,0 +1,348 @@
+"""GET /api/inference/calls (the call log, newest first, a page at a time) and
+GET /api/inference/calls/<id> (one call with its answer).
+
+Pages are cut by keyset, never by OFFSET: the order is (timestamp, id) descending, and a
+page's ``next_cursor`` names the last row it showed, so the next page starts strictly after
+it whatever was written meanwhile, and a deep page costs what the first one does (an index
+range scan on ``timestamp``, or on ``(level, timestamp)`` / ``(project_id, timestamp)``
+when those filters are given). Equal timestamps are ordered by id, so no row is shown twice
+or skipped across pages.
+
+The log does not keep a call's input text, only its hash (``input_hash``, the cache key):
+inputs are the host's conversation text (user turns, code, secrets pasted into them), up to
+``max_input_chars`` each, and the log is kept for months and read by operators who should
+not be reading users' turns. The hash still finds every call with the same input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from flask import Response, jsonify, request
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from ..calllog.database import DATABASE_AWAY
+from ..calllog.models import MAX_INTEGER, InferenceCall
+from .http import (
+    BadParameter,
+    bp,
+    current_service,
+    database_away,
+    error_response,
+    parse_filters,
+)
+
+STATUSES = ("ok", "cached", "error", "rate_limited", "refused", "cancelled")
+CALLS_PARAMS = ("limit", "cursor", "level", "model", "status", "project_id", "since", "until")
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+# The database's id column is a bigint on PostgreSQL: larger ids cannot exist.
+MAX_ROW_ID = 2**63 - 1
+
+# A CALL, in the order its JSON shows it: the list and the event feed.
+CALL_FIELDS = (
+    "id", "request_id", "timestamp", "level", "purpose", "model", "status", "input_tokens",
+    "output_tokens", "cost_usd", "saved_cost_usd", "latency_ms", "cached", "attempts",
+    "error_type", "error_message", "provider", "finish_reason", "project_id", "agent_id",
+    "command_id", "turn_id",
+)  # fmt: skip
+# The detail adds these.
+DETAIL_FIELDS = ("result_text", "input_hash", "generation_id", "upstream_cost_usd")
+_MONEY = frozenset({"cost_usd", "saved_cost_usd", "upstream_cost_usd"})
+
+_COLUMNS = [getattr(InferenceCall, name) for name in CALL_FIELDS]
+_DETAIL_COLUMNS = [*_COLUMNS, *(getattr(InferenceCall, name) for name in DETAIL_FIELDS)]
+
+
+def _money(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def call_json(row: Any, fields: tuple[str, ...] = CALL_FIELDS) -> dict[str, Any]:
+    """A CALL: the row's public fields (``request_id`` shown as ``call_id``)."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = getattr(row, name)
+        if name == "request_id":
+            out["call_id"] = value
+        elif name == "timestamp":
+            out["timestamp"] = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        elif name in _MONEY:
+            out[name] = _money(value)
+        else:
+            out[name] = value
+    return out
+
+
+def select_calls() -> Select[Any]:
+    """The columns of a CALL, for any query over inference_calls."""
+    return select(*_COLUMNS)
+
+
+@dataclass(frozen=True)
+class CallsQuery:
+    """One page of the log: filters, where the page starts, and how many rows."""
+
+    limit: int = DEFAULT_LIMIT
+    after: tuple[datetime, int] | None = None  # the last row of the previous page
+    level: str | None = None
+    model: str | None = None
+    status: str | None = None
+    project_id: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def encode_cursor(timestamp: datetime, row_id: int) -> str:
+    """The opaque cursor that starts a page after the row (timestamp, id)."""
+    raw = json.dumps([timestamp.astimezone(UTC).isoformat(), row_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> tuple[datetime, int]:
+    """The (timestamp, id) a cursor names; BadParameter if it is not one of ours."""
+    try:
+        if len(raw) > 200:
+            raise ValueError("too long")
+        data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        moment, row_id = data
+        if not isinstance(moment, str) or type(row_id) is not int:
+            raise ValueError("wrong shape")
+        at = datetime.fromisoformat(moment)
+        if at.tzinfo is None or not 0 < row_id <= MAX_ROW_ID:
+            raise ValueError("out of range")
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadParameter("cursor: not a cursor from this API's next_cursor") from None
+    return at.astimezone(UTC), row_id
+
+
+def parse_calls_query(args: Any, levels: tuple[str, ...]) -> CallsQuery:
+    """The page the request's parameters describe; BadParameter names a bad one."""
+    f = parse_filters(args, CALLS_PARAMS, levels)
+    limit = DEFAULT_LIMIT
+    if "limit" in args:
+        raw = args["limit"]
+        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise BadParameter(f"limit: must be an integer from 1 to {MAX_LIMIT}, got {raw!r:.40}")
+        limit = int(raw)
+    after = decode_cursor(args["cursor"]) if "cursor" in args else None
+    status = args.get("status")
+    if status is not None and status not in STATUSES:
+        raise BadParameter(f"status: must be one of {', '.join(STATUSES)}, got {status!r:.40}")
+    return CallsQuery(limit, after, f.level, f.model, status, f.project_id, f.since, f.until)
+
+
+def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
+    """``{"calls": [CALL, ...], "next_cursor": ... | None}`` for one page, newest first."""
+    ts, row_id = InferenceCall.timestamp, InferenceCall.id
+    stmt = select_calls()
+    for column, value in (
+        (InferenceCall.level, q.level),
+        (InferenceCall.model, q.model),
+        (InferenceCall.status, q.status),
+        (InferenceCall.project_id, q.project_id),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if q.since is not None:
+        stmt = stmt.where(ts >= q.since)
+    if q.until is not None:
+        stmt = stmt.where(ts < q.until)
+    if q.after is not None:
+        at, last_id = q.after
+        # "Strictly after (at, last_id) in descending order", written so that the
+        # timestamp index bounds the scan: ts <= at, then the tie broken by id.
+        stmt = stmt.where(and_(ts <= at, or_(ts < at, row_id < last_id)))
+    # One row more than the page tells whether there is a next page.
+    rows = session.execute(stmt.order_by(ts.desc(), row_id.desc()).limit(q.limit + 1)).all()
+    page = rows[: q.limit]
+    next_cursor = None
+    if len(rows) > q.limit:
+        next_cursor = encode_cursor(page[-1].timestamp, page[-1].id)
+    return {"calls": [call_json(row) for row in page], "next_cursor": next_cursor}
+
+
+def call_detail(session: Session, row_id: int) -> dict[str, Any] | None:
+    """One CALL with its answer and the rest of its row, or None."""
+    row = session.execute(select(*_DETAIL_COLUMNS).where(InferenceCall.id == row_id)).one_or_none()
+    return None if row is None else call_json(row, (*CALL_FIELDS, *DETAIL_FIELDS))
+
+
+@bp.get("/calls")
+def calls() -> Response:
+    """The call log, newest first, one page at a time."""
+    service = current_service()
+    try:
+        query = parse_calls_query(request.args, service.settings.levels)
+    except BadParameter as exc:
+        return error_response(400, str(exc))
+    try:
+        with service.database.sessions() as session:
+            return jsonify(calls_page(session, query))
+    except DATABASE_AWAY as exc:
+        return database_away(exc, "the call log cannot be read now")
+
+
+@bp.get("/calls/<int:row_id>")
+def call(row_id: int) -> Response:
+    """One call with its answer."""
+    service = current_service()
+    if request.args:
+        name = sorted(request.args)[0]
+        return error_response(400, f"{name}: unknown parameter (this endpoint takes none)")
+    if not 0 < row_id <= MAX_ROW_ID:
+        return error_response(404, f"no call with id {row_id}")
+    try:
+        with service.database.sessions() as session:
+            found = call_detail(session, row_id)
+    except DATABASE_AWAY as exc:
+        return database_away(exc, "the call log cannot be read now")
+    if found is None:
+        return error_response(404, f"no call with id {row_id}")
+    return jsonify(found)
+
+
+def calls_openapi(
+    levels: tuple[str, ...], security: dict[str, Any], common: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The paths and schemas of these two endpoints, for the OpenAPI document."""
+    nullable_int = {"type": "integer", "nullable": True}
+    nullable_str = {"type": "string", "nullable": True}
+    nullable_num = {"type": "number", "nullable": True}
+    properties: dict[str, Any] = {
+        "id": {"type": "integer"},
+        "call_id": {"type": "string"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "level": {"type": "string"},
+        "purpose": {"type": "string"},
+        "model": {"type": "string"},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "input_tokens": {"type": "integer"},
+        "output_tokens": {"type": "integer"},
+        "cost_usd": nullable_num,
+        "saved_cost_usd": nullable_num,
+        "latency_ms": {"type": "integer"},
+        "cached": {"type": "boolean"},
+        "attempts": {"type": "integer"},
+        "error_type": nullable_str,
+        "error_message": nullable_str,
+        "provider": nullable_str,
+        "finish_reason": nullable_str,
+        "project_id": nullable_int,
+        "agent_id": nullable_int,
+        "command_id": nullable_int,
+        "turn_id": nullable_int,
+    }
+    call_schema = {
+        "type": "object",
+        "required": [("call_id" if name == "request_id" else name) for name in CALL_FIELDS],
+        "properties": properties,
+    }
+    detail_schema = {
+        "type": "object",
+        "required": [*call_schema["required"], *DETAIL_FIELDS],
+        "properties": {
+            **properties,
+            "result_text": nullable_str,
+            "input_hash": {"type": "string"},
+            "generation_id": nullable_str,
+            "upstream_cost_usd": nullable_num,
+        },
+    }
+    page_schema = {
+        "type": "object",
+        "required": ["calls", "next_cursor"],
+        "properties": {
+            "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
+            "next_cursor": nullable_str,
+        },
+    }
+
+    def json_of(ref: str) -> dict[str, Any]:
+        return {"application/json": {"schema": {"$ref": ref}}}
+
+    error = json_of("#/components/schemas/Error")
+    time_param = {"type": "string", "format": "date-time"}
+    paths = {
+        "/api/inference/calls": {
+            "get": {
+                "summary": "The call log, newest first, a page at a time (keyset cursor)",
+                "operationId": "listCalls",
+                **security,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "level",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(levels)},
+                    },
+                    {
+                        "name": "model",
+                        "in": "query",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(STATUSES)},
+                    },
+                    {
+                        "name": "project_id",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER},
+                    },
+                    {"name": "since", "in": "query", "schema": time_param},
+                    {"name": "until", "in": "query", "schema": time_param},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "one page",
+                        "content": json_of("#/components/schemas/CallPage"),
+                    },
+                    "400": {"description": "a bad parameter, named in error", "content": error},
+                    "503": {
+                        "description": "the database cannot be read right now",
+                        "content": error,
+                    },
+                    **common,
+                },
+            }
+        },
+        "/api/inference/calls/{id}": {
+            "get": {
+                "summary": "One call, with its answer",
+                "operationId": "getCall",
+                **security,
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the call",
+                        "content": json_of("#/components/schemas/CallDetail"),
+                    },
+                    "400": {"description": "a bad parameter, named in error", "content": error},
+                    "404": {"description": "no call with this id", "content": error},
+                    "503": {
+                        "description": "the database cannot be read right now",
+                        "content": error,
+                    },
+                    **common,
+                },
+            }
+        },
+    }
+    schemas = {"Call": call_schema, "CallDetail": detail_schema, "CallPage": page_schema}
+    return paths, schemas

@@ -1,0 +1,468 @@
+"""The live call feed behind GET /api/inference/events: every call recorded by any process
+sharing this call log, delivered to this process's open streams.
+
+```
+call-log writer (any process) --commit--> on_committed --(bounded queue)--> publisher thread
+   --> transport: pg_notify / Redis PUBLISH / in-process      (request ids, never rows)
+listener thread (each process with open streams) <-- transport
+   --> one SELECT of the rows by request_id --> each stream's bounded queue --> SSE
+```
+
+The transport is PostgreSQL ``LISTEN/NOTIFY`` when the call log is on PostgreSQL: the
+database every process already shares, no extra moving part, and a notification sent after
+the batch's commit names rows any listener can already read. On SQLite with ``redis.url``
+set, Redis pub/sub (processes on one host sharing the file and the Redis); on SQLite alone,
+in-process delivery. Notifications carry request ids only: the rows themselves are read from
+the table, so an event is exactly what the calls API shows, with its row ``id`` as the SSE
+event id, and ``Last-Event-ID`` replays the rows with a larger id from the table.
+
+Nothing here can hold up a call or the writer: the writer's hook appends to a bounded queue
+and returns (a full queue drops the notification, counted); a stream whose queue fills (a
+slow or vanished client) is dropped, not waited for, and its client resumes from the table
+with ``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..calllog.database import Database
+from ..calllog.models import InferenceCall
+from ..calllog.record import CallRecord
+from ..settings import Settings
+from .calls import call_json, select_calls
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "headspace_inference_calls"
+# pg_notify payloads are limited to 8000 bytes: ids go in chunks well under it.
+_IDS_PER_MESSAGE = 200
+# Request ids waiting to be published; more are dropped (and counted): a writer faster than
+# the transport must not grow memory without bound.
+PUBLISH_QUEUE = 10_000
+# Events waiting for one stream's client; a fuller stream is dropped (its client resumes).
+STREAM_QUEUE = 1_000
+# Rows one Last-Event-ID resume replays from the table at most (then live events go on).
+REPLAY_MAX = 5_000
+_REPLAY_CHUNK = 500
+# How long the listener (with its connection) and the publisher live on with nothing to do.
+_THREAD_IDLE_SECONDS = 30.0
+
+
+class Transport(Protocol):
+    """Carries lists of request ids from the processes that commit rows to those that stream."""
+
+    name: str
+    # Published on the writer's thread right after the commit (the database the writer
+    # just wrote to, or memory), or else by a thread of the feed's (a separate service).
+    synchronous: bool
+
+    def publish(self, request_ids: Sequence[str]) -> None:
+        """Tell every listening process that these rows are committed."""
+        ...
+
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+        """Yield each published list until ``stop()`` (asked at least every second); call
+        ``ready()`` once listening, so nothing published after it is missed."""
+        ...
+
+
+class LocalTransport:
+    """In-process delivery: SQLite without Redis, where no other process shares the feed."""
+
+    name = "local"
+    synchronous = True
+
+    def __init__(self) -> None:
+        self._inbox: queue.Queue[list[str]] = queue.Queue(maxsize=PUBLISH_QUEUE)
+
+    def publish(self, request_ids: Sequence[str]) -> None:
+        try:
+            self._inbox.put_nowait(list(request_ids))
+        except queue.Full:
+            log.warning("event feed: local inbox full; %d events dropped", len(request_ids))
+
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+        # What was published while nobody listened is older than every open stream.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._inbox.get_nowait()
+        ready()
+        while not stop():
+            try:
+                yield self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+
+
+class PostgresTransport:
+    """``pg_notify`` on publish; a dedicated autocommit connection LISTENing."""
+
+    name = "postgresql"
+    synchronous = True
+
+    def __init__(self, database: Database) -> None:
+        self._engine = database.engine
+
+    def publish(self, request_ids: Sequence[str]) -> None:
+        with self._engine.begin() as conn:
+            for chunk in _chunks(request_ids):
+                conn.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": CHANNEL, "payload": ",".join(chunk)},
+                )
+
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+        import psycopg
+
+        url = self._engine.url.set(drivername="postgresql")
+        dsn = url.render_as_string(hide_password=False)
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            ready()
+            while not stop():
+                for notify in conn.notifies(timeout=1.0):
+                    yield [i for i in notify.payload.split(",") if i]
+                    if stop():
+                        return
+
+
+class RedisTransport:
+    """Redis PUBLISH and SUBSCRIBE on ``<key_prefix>:inference_calls``."""
+
+    name = "redis"
+    synchronous = False
+
+    def __init__(self, url: str, key_prefix: str) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.channel = f"{key_prefix}:inference_calls"
+
+    def publish(self, request_ids: Sequence[str]) -> None:
+        for chunk in _chunks(request_ids):
+            self._client.publish(self.channel, ",".join(chunk))
+
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.channel)
+            pubsub.get_message(timeout=5.0)  # the subscription's confirmation: now listening
+            ready()
+            while not stop():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    payload = message["data"].decode()
+                    yield [i for i in payload.split(",") if i]
+        finally:
+            pubsub.close()
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), _IDS_PER_MESSAGE):
+        yield ids[start : start + _IDS_PER_MESSAGE]
+
+
+def transport_for(settings: Settings, database: Database) -> Transport:
+    """PostgreSQL's own LISTEN/NOTIFY on PostgreSQL; Redis pub/sub on SQLite with Redis;
+    else in-process."""
+    if not database.is_sqlite:
+        return PostgresTransport(database)
+    if settings.redis.url is not None:
+        return RedisTransport(settings.redis.url, settings.redis.key_prefix)
+    return LocalTransport()
+
+
+class TooManyStreams(Exception):
+    """This process already serves its limit of open event streams."""
+
+
+_CLOSED: dict[str, Any] = {}  # put in a stream's queue when it is dropped
+
+
+@dataclass(eq=False)
+class Stream:
+    """One open event stream: its queue of CALLs, and why it was dropped, if it was."""
+
+    events: queue.Queue[dict[str, Any]] = field(
+        default_factory=lambda: queue.Queue(maxsize=STREAM_QUEUE)
+    )
+    dropped: str | None = None
+
+
+class Feed:
+    """This process's end of the live feed: publishes committed rows, fans received ones out."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        transport: Transport,
+        *,
+        max_streams: int = 4,
+        keepalive_seconds: float = 15.0,
+        max_stream_seconds: float = 600.0,
+        stream_queue: int = STREAM_QUEUE,
+    ) -> None:
+        self._sessions = sessions
+        self.transport = transport
+        self.max_streams = max_streams
+        self.keepalive_seconds = keepalive_seconds
+        self.max_stream_seconds = max_stream_seconds
+        self._stream_queue = stream_queue
+        self._lock = threading.Lock()
+        self._streams: set[Stream] = set()
+        self._outbox: deque[str] = deque()
+        self._outbox_ready = threading.Event()
+        # Held while ids taken from the outbox are being published (drain() waits for it).
+        self._publishing = threading.Lock()
+        self._publisher: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._last_stream_at = time.monotonic()
+        self.published = 0
+        self.publish_dropped = 0
+        self.publish_failures = 0
+        self.streams_dropped = 0
+
+    # ------------------------------------------------------------------ the writer's side
+
+    def committed(self, records: Sequence[CallRecord]) -> None:
+        """The call-log writer's hook: publish the rows' ids (or queue them for the
+        publisher thread when the transport is a service of its own), and return."""
+        if self.transport.synchronous:
+            # In process, no stream means nobody to tell; across processes, anyone may listen.
+            if isinstance(self.transport, LocalTransport) and not self.open_streams():
+                return
+            self._publish([r.request_id for r in records])
+            return
+        with self._lock:
+            room = PUBLISH_QUEUE - len(self._outbox)
+            taken = records[: max(room, 0)]
+            self._outbox.extend(r.request_id for r in taken)
+            self.publish_dropped += len(records) - len(taken)
+            if self._publisher is None:
+                self._publisher = _start(self._publish_loop, "event-feed-publisher")
+        self._outbox_ready.set()
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Publish what is queued now, on this thread, after what the publisher thread is
+        publishing (at exit: the publisher is a daemon, stopped mid-publish by the exit)."""
+        if not self._publishing.acquire(timeout=timeout):
+            return
+        try:
+            with self._lock:
+                ids = list(self._outbox)
+                self._outbox.clear()
+            self._publish(ids)
+        finally:
+            self._publishing.release()
+
+    def _publish(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        try:
+            self.transport.publish(ids)
+            self.published += len(ids)
+        except Exception as exc:  # the feed is best effort; the rows are in the table
+            self.publish_failures += 1
+            log.warning("event feed: publishing %d calls failed: %s", len(ids), exc)
+
+    def _publish_loop(self) -> None:
+        idle_since = time.monotonic()
+        while not self._stop.is_set():
+            self._outbox_ready.wait(timeout=1.0)
+            self._outbox_ready.clear()
+            with self._publishing:
+                with self._lock:
+                    ids = list(self._outbox)
+                    self._outbox.clear()
+                    if not ids and time.monotonic() - idle_since > _THREAD_IDLE_SECONDS:
+                        self._publisher = None  # the next commit starts another
+                        return
+                if ids:
+                    idle_since = time.monotonic()
+                    self._publish(ids)
+
+    # ------------------------------------------------------------------ the streams' side
+
+    def open(self) -> Stream:
+        """A new stream receiving every call from now on; TooManyStreams at the limit."""
+        with self._lock:
+            if len(self._streams) >= self.max_streams:
+                raise TooManyStreams(f"{self.max_streams} event streams are open in this process")
+            stream = Stream(queue.Queue(maxsize=self._stream_queue))
+            self._streams.add(stream)
+            if self._listener is None:
+                self._listening.clear()
+                self._listener = _start(self._listen_loop, "event-feed-listener")
+        # Events are delivered from the moment the listener listens: wait for that (briefly;
+        # a transport that is down shows as a stream with no events, and its log lines).
+        self._listening.wait(timeout=5.0)
+        return stream
+
+    def close_stream(self, stream: Stream) -> None:
+        """Stop delivering to ``stream``."""
+        with self._lock:
+            self._streams.discard(stream)
+
+    def open_streams(self) -> int:
+        """How many streams are open in this process."""
+        with self._lock:
+            return len(self._streams)
+
+    def replay(self, after_id: int) -> list[dict[str, Any]]:
+        """The CALLs with a row id above ``after_id``, oldest first (at most REPLAY_MAX)."""
+        out: list[dict[str, Any]] = []
+        last = after_id
+        with self._sessions() as session:
+            while len(out) < REPLAY_MAX:
+                rows = session.execute(
+                    select_calls()
+                    .where(InferenceCall.id > last)
+                    .order_by(InferenceCall.id)
+                    .limit(_REPLAY_CHUNK)
+                ).all()
+                out += [call_json(row) for row in rows]
+                if len(rows) < _REPLAY_CHUNK:
+                    break
+                last = rows[-1].id
+        return out[:REPLAY_MAX]
+
+    def _listen_loop(self) -> None:
+        while True:
+            try:
+                for ids in self.transport.listen(self._listener_done, self._listening.set):
+                    self._deliver(ids)
+            except Exception as exc:  # a dropped connection: say so, listen again shortly
+                log.warning("event feed: listening failed (%s); retrying", exc)
+                self._stop.wait(1.0)
+            with self._lock:
+                if self._listener_done(locked=True):
+                    self._listener = None  # the next stream starts another
+                    self._listening.clear()
+                    return
+
+    def _listener_done(self, *, locked: bool = False) -> bool:
+        """Whether the listener should end: the feed is closed, or no stream has been open
+        for a while (it keeps a database or Redis connection)."""
+        if self._stop.is_set():
+            return True
+        streams = len(self._streams) if locked else self.open_streams()
+        now = time.monotonic()
+        if streams:
+            self._last_stream_at = now
+            return False
+        return now - self._last_stream_at > _THREAD_IDLE_SECONDS
+
+    def _deliver(self, request_ids: list[str]) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        if not streams or not request_ids:
+            return
+        try:
+            with self._sessions() as session:
+                rows = session.execute(
+                    select_calls()
+                    .where(InferenceCall.request_id.in_(request_ids))
+                    .order_by(InferenceCall.id)
+                ).all()
+        except Exception as exc:
+            log.warning("event feed: reading %d calls failed: %s", len(request_ids), exc)
+            return
+        calls = [call_json(row) for row in rows]
+        for stream in streams:
+            for call in calls:
+                try:
+                    stream.events.put_nowait(call)
+                except queue.Full:
+                    self._drop(stream, "the client read too slowly")
+                    break
+
+    def _drop(self, stream: Stream, why: str) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+            self.streams_dropped += 1
+        stream.dropped = why
+        # Make room for the marker, so the stream's reader wakes and ends.
+        while True:
+            try:
+                stream.events.put_nowait(_CLOSED)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    stream.events.get_nowait()
+
+    def close(self) -> None:
+        """End the feed's threads and every stream."""
+        self._stop.set()
+        self._outbox_ready.set()
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            self._drop(stream, "the service is closing")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and the metrics."""
+        with self._lock:
+            return {
+                "transport": self.transport.name,
+                "streams": len(self._streams),
+                "published": self.published,
+                "publish_dropped": self.publish_dropped,
+                "publish_failures": self.publish_failures,
+                "streams_dropped": self.streams_dropped,
+            }
+
+    # ------------------------------------------------------------------ SSE
+
+    def sse(
+        self,
+        stream: Stream,
+        replayed: list[dict[str, Any]],
+        *,
+        monotonic: Callable[[], float],
+    ) -> Iterator[str]:
+        """The stream's text: replayed rows, then live events, a comment when quiet."""
+        seen = {call["id"] for call in replayed}
+        started = monotonic()
+        try:
+            yield f"retry: 2000\n: {self.transport.name} feed\n\n"
+            for call in replayed:
+                yield _event(call)
+            while monotonic() - started < self.max_stream_seconds:
+                try:
+                    call = stream.events.get(timeout=self.keepalive_seconds)
+                except queue.Empty:
+                    yield ": keep-alive\n\n"
+                    continue
+                if call is _CLOSED:
+                    yield f": closed: {stream.dropped}\n\n"
+                    return
+                if call["id"] not in seen:
+                    yield _event(call)
+        finally:
+            self.close_stream(stream)
+
+
+def _event(call: dict[str, Any]) -> str:
+    data = json.dumps(call, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {call['id']}\nevent: inference_call\ndata: {data}\n\n"
+
+
+def _start(target: Callable[[], None], name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread

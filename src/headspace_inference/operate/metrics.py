@@ -1,0 +1,188 @@
+"""GET /metrics: the service in Prometheus' text format, right under several gunicorn workers.
+
+Two sources, so that each figure is counted once, where it is true:
+
+- the call log's committed-rows hook: calls by level/model/status, tokens by kind, cost,
+  saved cost and the latency histogram, counted from the rows as they are committed, so the
+  counters equal the table (a cache hit's tokens are not counted again, as in /usage);
+- a sampler (every second, and at each scrape in the scraping process): cache hits and
+  misses, limiter admissions and rejections as counters of their deltas, and the gauges of
+  the moment: callers waiting on the limiter, queued calls, call-log rows pending, spooling.
+
+Under ``headspace-inference serve`` each worker writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by server.py before any
+worker imports it), and a scrape of any worker sums them: counters over every process that ever
+ran, gauges over the live ones. Without that variable (one process, tests) each app has a
+registry of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..calllog.models.inference_call import LATENCY_BUCKETS_MS
+from ..calllog.record import CallRecord
+from ..inference.service import InferenceService
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SECONDS = 1.0
+LATENCY_BUCKETS_S = tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory prometheus_client shares values through, when it is set."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """One service's metrics (imported lazily: prometheus_client decides at import time
+    whether it runs in multiprocess mode, and server.py sets that up first)."""
+
+    def __init__(self, service: InferenceService) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.service = service
+        self.shared = multiprocess_dir() is not None
+        # In multiprocess mode values live in the directory's files, whatever the registry;
+        # a scrape reads them all through a registry of its own.
+        self.registry: CollectorRegistry | None = None if self.shared else CollectorRegistry()
+        r = self.registry
+        p = "headspace_inference_"
+        self.calls = Counter(
+            f"{p}calls", "Recorded calls", ["level", "model", "status"], registry=r
+        )
+        self.tokens = Counter(
+            f"{p}tokens", "Tokens sent upstream, by kind", ["level", "model", "kind"], registry=r
+        )
+        self.cost = Counter(f"{p}cost_usd", "Cost of calls, USD", ["level", "model"], registry=r)
+        self.saved = Counter(
+            f"{p}saved_cost_usd", "What cache hits saved, USD", ["level", "model"], registry=r
+        )
+        self.latency = Histogram(
+            f"{p}latency_seconds",
+            "Call latency as recorded",
+            ["level"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.cache_hits = Counter(f"{p}cache_hits", "Response cache hits", registry=r)
+        self.cache_misses = Counter(f"{p}cache_misses", "Response cache misses", registry=r)
+        self.admissions = Counter(
+            f"{p}limiter_admissions", "Calls the limiter let through", registry=r
+        )
+        self.rejections = Counter(f"{p}limiter_rejections", "Calls the limiter refused", registry=r)
+        self.waiting = Gauge(
+            f"{p}limiter_waiting",
+            "Calls waiting on the limiter now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queued = Gauge(
+            f"{p}queue_depth",
+            "Calls queued for the workers",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.pending = Gauge(
+            f"{p}call_log_pending",
+            "Rows not yet in the database",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.spooling = Gauge(
+            f"{p}call_log_spooling",
+            "1 while the call log spools to disk",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._lock = threading.Lock()
+        self._last: dict[str, int] = {}
+        service.recorder.on_committed(self.committed)
+        self._stop = threading.Event()
+        self._sampler = _sample_in_background(self, self._stop)
+
+    def close(self) -> None:
+        """End the sampler thread (with the service)."""
+        self._stop.set()
+        if self._sampler is not threading.current_thread():
+            self._sampler.join(timeout=5)
+
+    def committed(self, records: Sequence[CallRecord]) -> None:
+        """The call-log writer's hook: count the committed rows."""
+        for r in records:
+            self.calls.labels(r.level, r.model, r.status).inc()
+            if r.status != "cached":
+                if r.input_tokens:
+                    self.tokens.labels(r.level, r.model, "input").inc(r.input_tokens)
+                if r.output_tokens:
+                    self.tokens.labels(r.level, r.model, "output").inc(r.output_tokens)
+            if r.cost_usd:
+                self.cost.labels(r.level, r.model).inc(float(r.cost_usd))
+            if r.saved_cost_usd:
+                self.saved.labels(r.level, r.model).inc(float(r.saved_cost_usd))
+            self.latency.labels(r.level).observe(r.latency_ms / 1000)
+
+    def sample(self) -> None:
+        """Read the parts' own counters and gauges into the metrics."""
+        service = self.service
+        cache = service.cache.stats()
+        limiter = service.limiter.stats()
+        log_stats = service.recorder.stats()
+        queue = service.pool.stats()
+        with self._lock:
+            for name, counter, value in (
+                ("hits", self.cache_hits, cache.get("hits", 0)),
+                ("misses", self.cache_misses, cache.get("misses", 0)),
+                ("admitted", self.admissions, limiter.get("admitted", 0)),
+                ("rejected", self.rejections, limiter.get("rejected", 0)),
+            ):
+                delta = int(value or 0) - self._last.get(name, 0)
+                if delta > 0:
+                    counter.inc(delta)
+                self._last[name] = int(value or 0)
+        self.waiting.set(limiter.get("waiting", 0) or 0)
+        self.queued.set(queue.get("queued", 0))
+        self.pending.set(log_stats.get("pending", 0))
+        self.spooling.set(1 if log_stats.get("state") == "spooling" else 0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text of a scrape, and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.sample()
+        registry = self.registry
+        if registry is None:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _sample_in_background(metrics: Metrics, stop: threading.Event) -> threading.Thread:
+    # Weakly held: the thread ends with the service (stop), or with the app that owns the
+    # metrics if that goes first.
+    ref = weakref.ref(metrics)
+
+    def run() -> None:
+        while not stop.wait(SAMPLE_SECONDS):
+            live = ref()
+            if live is None:
+                return
+            try:
+                live.sample()
+            except Exception as exc:  # a part that cannot answer now; try again next time
+                log.debug("metrics: sampling failed: %s", exc)
+            del live
+
+    thread = threading.Thread(target=run, name="metrics-sampler", daemon=True)
+    thread.start()
+    return thread

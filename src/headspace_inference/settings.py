@@ -1,0 +1,429 @@
+"""Typed settings: what every part of the service is configured with, validated.
+
+The models only; reading them from YAML, the environment and a host's mapping is
+config_loading's. Nothing inward of these models reads a dict of settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    SecretStr,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+log = logging.getLogger(__name__)
+
+# The levels and their models when openrouter.models is not configured; a configured
+# mapping replaces them all (the host's has `command` where this has `task`).
+DEFAULT_MODELS: dict[str, str | list[str]] = {
+    "turn": "anthropic/claude-haiku-4.5",
+    "task": "anthropic/claude-haiku-4.5",
+    "project": "anthropic/claude-sonnet-4.5",
+    "objective": "anthropic/claude-sonnet-4.5",
+}
+
+ENV_PREFIX = "HEADSPACE__"
+SECRET_KEYS = frozenset({"api_key", "token"})
+
+# Every duration has an upper bound, so that converting it to milliseconds (Redis) or adding
+# it to a clock cannot overflow.
+DAY = 86_400.0
+YEAR = 365 * DAY
+Seconds = Annotated[float, Field(gt=0, le=DAY)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL URLs that name no driver."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError unless ``url`` parses and names a dialect whose driver is installed.
+
+    The message never quotes the URL: it may hold a password.
+    """
+    try:
+        parsed = make_url(normalise_url(url))
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ValueError(
+            "not a database URL (e.g. sqlite:///instance/headspace.db or postgresql://user@host/db)"
+        ) from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError):
+        raise ValueError(
+            f"no installed driver for {parsed.drivername}{_driver_hint(parsed)}"
+        ) from None
+
+
+def _driver_hint(url: Any) -> str:
+    if url.get_backend_name() == "postgresql":
+        return ": pip install 'headspace-inference[postgres]' (psycopg 3)"
+    return " (PostgreSQL and SQLite are supported)"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; one line naming each bad key (and value, unless secret)."""
+
+
+class _Section(BaseModel):
+    # No inf or NaN: an infinite timeout passed validation and then broke every call.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
+
+
+class DatabaseOptions(_Section):
+    """How the service uses its database (inside a host: ``inference.database``)."""
+
+    auto_migrate: bool = False
+    pool_size: PositiveInt = 10
+    echo: bool = False
+
+    def with_url(self, url: str, *, source: str) -> DatabaseSettings:
+        """These options on the database at ``url``; ConfigError names ``source`` (where the
+        URL came from) and never quotes the URL, which may hold a password."""
+        options = self.model_dump(include=set(DatabaseOptions.model_fields))
+        try:
+            return DatabaseSettings(url=url, **options)
+        except ValidationError as exc:
+            problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ConfigError(f"{source}: {problems}") from None
+
+
+class DatabaseSettings(DatabaseOptions):
+    """Where the call log (and, standalone, the domain tables) live."""
+
+    url: str = "sqlite:///instance/headspace.db"
+
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str) -> str:
+        # Here rather than at the first connection, where it was a traceback.
+        check_url(value)
+        return value
+
+
+class RedisSettings(_Section):
+    """Optional Redis: when set, rate limits and the cache are shared by every process."""
+
+    url: str | None = None
+    key_prefix: str = "headspace"
+    socket_timeout_seconds: Seconds = 0.5
+    retry_interval_seconds: Seconds = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # By redis-py's own rules (what Redis.from_url reads), without quoting the URL.
+        if value is not None:
+            if not value.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("must start with redis://, rediss:// or unix://")
+            try:  # the redis extra, imported when a URL is configured
+                from redis.connection import parse_url
+            except ImportError:
+                raise ValueError(
+                    "needs the redis extra: pip install 'headspace-inference[redis]'"
+                ) from None
+            try:
+                parse_url(value)  # type: ignore[no-untyped-call]  # redis-py has no hints here
+            except ValueError:
+                raise ValueError("not a Redis URL (check its port and options)") from None
+        return value
+
+
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# A level's models: one name, or the primary then OpenRouter's fallbacks, in order. Told
+# apart by type, so an error is about the form given; the tags (with a space, so never a
+# key) are left out of error messages.
+ONE_MODEL, MODEL_LIST = "one model", "model list"
+LevelModels = Annotated[
+    Annotated[ModelName, Tag(ONE_MODEL)]
+    | Annotated[list[ModelName], Field(min_length=1), Tag(MODEL_LIST)],
+    Discriminator(lambda v: MODEL_LIST if isinstance(v, list) else ONE_MODEL),
+]
+# A level is a name callers pass and the call log stores (a 16-character column).
+LevelName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
+
+
+class RateLimitSettings(_Section):
+    """Calls and tokens per window (a minute unless tests shorten it)."""
+
+    calls_per_minute: PositiveInt = 30
+    tokens_per_minute: PositiveInt = 10000
+    max_wait_seconds: SecondsOrZero = 30.0
+    window_seconds: Seconds = 60.0
+
+
+class CacheSettings(_Section):
+    """The response cache keyed by request content."""
+
+    enabled: bool = True
+    ttl_seconds: Annotated[float, Field(gt=0, le=YEAR)] = 300.0
+    max_entries: PositiveInt = 10000
+
+
+class RetrySettings(_Section):
+    """How retryable upstream failures are retried."""
+
+    max_attempts: PositiveInt = 3
+    base_delay_seconds: SecondsOrZero = 1.0
+    max_delay_seconds: SecondsOrZero = 30.0
+
+
+class HealthSettings(_Section):
+    """The connectivity probe behind /api/inference/status."""
+
+    timeout_seconds: Seconds = 5.0
+    cache_seconds: SecondsOrZero = 60.0
+
+
+class PriceSettings(_Section):
+    """USD per million tokens for one model; a cache price not given is the input price."""
+
+    input_per_million: NonNegativeFloat
+    output_per_million: NonNegativeFloat
+    cache_read_per_million: NonNegativeFloat | None = None
+    cache_write_per_million: NonNegativeFloat | None = None
+
+
+# OpenRouter's documented provider preferences (provider routing), each typed as documented.
+Quantization = Literal["int4", "int8", "fp4", "fp6", "fp8", "fp16", "bf16", "fp32", "unknown"]
+ProviderName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class MaxPriceSettings(_Section):
+    """The most to pay, USD per million tokens (per request or image for those two)."""
+
+    prompt: NonNegativeFloat | None = None
+    completion: NonNegativeFloat | None = None
+    request: NonNegativeFloat | None = None
+    image: NonNegativeFloat | None = None
+
+
+class ProviderSettings(_Section):
+    """OpenRouter's ``provider`` routing preferences, sent as they are; an unknown key is
+    refused by name (a typo would otherwise route every call as if it were not there)."""
+
+    order: list[ProviderName] | None = None
+    allow_fallbacks: bool | None = None
+    require_parameters: bool | None = None
+    data_collection: Literal["allow", "deny"] | None = None
+    zdr: bool | None = None
+    only: list[ProviderName] | None = None
+    ignore: list[ProviderName] | None = None
+    quantizations: list[Quantization] | None = None
+    sort: Literal["price", "throughput", "latency"] | None = None
+    max_price: MaxPriceSettings | None = None
+
+    def as_body(self) -> dict[str, Any]:
+        """The preferences set, as OpenRouter's ``provider`` object."""
+        return self.model_dump(exclude_none=True)
+
+
+def default_pricing() -> dict[str, PriceSettings]:
+    """The prices openrouter.pricing has when not configured (the emulator charges them too)."""
+    # Anthropic's cache reads cost a tenth of the input price, its (5-minute) writes 1.25x.
+    return {
+        "anthropic/claude-haiku-4.5": PriceSettings(
+            input_per_million=1.0,
+            output_per_million=5.0,
+            cache_read_per_million=0.1,
+            cache_write_per_million=1.25,
+        ),
+        "anthropic/claude-sonnet-4.5": PriceSettings(
+            input_per_million=3.0,
+            output_per_million=15.0,
+            cache_read_per_million=0.3,
+            cache_write_per_million=3.75,
+        ),
+    }
+
+
+class OpenRouterSettings(_Section):
+    """How to reach OpenRouter and what to ask of it."""
+
+    enabled: bool = True
+    base_url: str = "https://openrouter.ai/api/v1"
+    api_key: SecretStr | None = None
+    timeout_seconds: Seconds = 30.0
+    connect_timeout_seconds: Seconds = 5.0
+    max_connections: PositiveInt = 64
+    site_url: str = "https://github.com/claude-headspace"
+    app_name: str = "Claude Headspace"
+    # Level -> model, or models (primary first, then fallbacks); its keys are the levels
+    # callers may use, in this order.
+    models: dict[LevelName, LevelModels] = Field(
+        default_factory=lambda: dict(DEFAULT_MODELS), min_length=1
+    )
+    provider: ProviderSettings | None = None
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    pricing: dict[str, PriceSettings] = Field(default_factory=default_pricing)
+    # Prices read from OpenRouter's /models by `headspace-inference pricing sync`
+    # (openrouter.pricing wins over them); default ./instance/openrouter-pricing.json.
+    pricing_file: str | None = None
+
+    def route(self, level: str) -> tuple[str, tuple[str, ...]]:
+        """The level's primary model and its fallbacks (empty when it has none)."""
+        models = self.models[level]
+        if isinstance(models, str):
+            return models, ()
+        return models[0], tuple(models[1:])
+
+    def all_models(self) -> list[str]:
+        """Every configured model, primaries and fallbacks, once each, sorted."""
+        found: set[str] = set()
+        for level in self.models:
+            primary, fallbacks = self.route(level)
+            found.update((primary, *fallbacks))
+        return sorted(found)
+
+    def pricing_path(self) -> Path:
+        """Where synced prices are kept: pricing_file, else ./instance/openrouter-pricing.json."""
+        if self.pricing_file:
+            return Path(self.pricing_file)
+        return Path.cwd() / "instance" / "openrouter-pricing.json"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _header_safe_key(cls, value: Any) -> Any:
+        return _header_secret(value)
+
+    @field_validator("site_url", "app_name")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        # Sent as HTTP-Referer and X-Title: httpx refuses anything else there, so a newline
+        # or an accented letter passed validation and then failed every call.
+        if not all(" " <= ch <= "~" for ch in value):
+            raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
+        return value
+
+
+def _header_secret(value: Any) -> Any:
+    # A secret that goes into an HTTP header. Surrounding whitespace (a key file's trailing
+    # newline) is dropped; anything else that is not printable ASCII is refused, without
+    # showing it: httpx would reject it on every request, in a message quoting it escaped.
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    if not all(" " < ch <= "~" for ch in value):
+        raise ValueError("must be printable ASCII without spaces (the value is not shown)")
+    return value or None
+
+
+class InferenceSettings(_Section):
+    """The service's own limits: input size, workers, queue, shutdown."""
+
+    max_input_chars: PositiveInt = 200_000
+    workers: PositiveInt = 8
+    queue_size: PositiveInt = 1000
+    default_max_tokens: PositiveInt = 1024
+    shutdown_timeout_seconds: SecondsOrZero = 10.0
+    log_batch_size: PositiveInt = 200
+    spool_path: str | None = None
+
+    def spool_dir(self, instance: Path | None = None) -> Path:
+        """Where the call log's journal lives: spool_path, else call-log/ in the app's
+        instance folder (./instance by default)."""
+        if self.spool_path:
+            return Path(self.spool_path)
+        return (Path.cwd() / "instance" if instance is None else instance) / "call-log"
+
+
+class ApiSettings(_Section):
+    """Access to the operator endpoints."""
+
+    token: SecretStr | None = None
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _header_safe_token(cls, value: Any) -> Any:
+        return _header_secret(value)
+
+
+class HostInferenceSettings(InferenceSettings):
+    """A host's ``inference:`` section: the service's own limits, and what a standalone
+    file keeps in its ``redis:``, ``api:`` and ``database:`` sections (the host has its own
+    of those, of another shape). The database's URL is not here: it is the host's."""
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    database: DatabaseOptions = Field(default_factory=DatabaseOptions)
+
+
+class HostSettings(_Section):
+    """What the service reads from a host's config file: ``openrouter`` and ``inference``.
+    Every other top-level section is the host's own, and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    openrouter: OpenRouterSettings = Field(default_factory=OpenRouterSettings)
+    inference: HostInferenceSettings = Field(default_factory=HostInferenceSettings)
+
+    def settings(self, database_url: str, *, source: str) -> Settings:
+        """The service's settings on the host's database; ``source`` names where its URL came
+        from, for the error when it cannot be used."""
+        database = self.inference.database.with_url(database_url, source=source)
+        own = InferenceSettings.model_validate(
+            self.inference.model_dump(exclude={"redis", "api", "database"})
+        )
+        return Settings(
+            database=database,
+            redis=self.inference.redis,
+            openrouter=self.openrouter,
+            inference=own,
+            api=self.inference.api,
+        )
+
+
+class Settings(_Section):
+    """Everything the app needs, validated."""
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    openrouter: OpenRouterSettings = Field(default_factory=OpenRouterSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @property
+    def api_key(self) -> str | None:
+        """The OpenRouter key in clear, for the client's Authorization header only."""
+        key = self.openrouter.api_key
+        return key.get_secret_value() if key is not None else None
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The inference levels: the keys of openrouter.models, in their order."""
+        return tuple(self.openrouter.models)

@@ -1,0 +1,109 @@
+"""The emulator's command line, declared once: ``headspace-inference openrouter-emulator`` and
+``python -m headspace_inference.testing.emulator`` run this same click command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import types
+from collections.abc import Iterable
+from typing import TextIO
+
+import click
+
+from .server import DEFAULT_CHAOS_MIX, EmulatorServer, Fault, check_chaos_mix
+
+
+def parse_fault(text: str) -> Fault:
+    """A fault from its JSON form, e.g. ``{"status": 429, "retry_after": 2}``."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--fault {text!r} is not JSON: {exc}") from exc
+    return Fault.from_dict(data)
+
+
+def parse_chaos_mix(text: str | None) -> dict[str, float]:
+    """A chaos mix from ``outcome=weight,...`` (e.g. ``ok=0.8,429=0.1,drop=0.1``) or JSON."""
+    if not text:
+        return dict(DEFAULT_CHAOS_MIX)
+    if text.lstrip().startswith("{"):
+        mix = {str(k): float(v) for k, v in json.loads(text).items()}
+    else:
+        mix = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            outcome, sep, weight = part.partition("=")
+            if not sep:
+                raise ValueError(f"chaos mix entry {part!r} is not outcome=weight")
+            mix[outcome.strip()] = float(weight)
+    return check_chaos_mix(mix)
+
+
+def build(
+    *,
+    host: str,
+    port: int,
+    latency_ms: int = 0,
+    accept_keys: Iterable[str] = (),
+    faults: Iterable[str] = (),
+    chaos: int | None = None,
+    chaos_mix: str | None = None,
+    chaos_hang_ms: int = 3000,
+) -> EmulatorServer:
+    """An emulator (bound, not yet serving) configured from command-line values."""
+    scripted = [parse_fault(f) for f in faults]
+    mix = parse_chaos_mix(chaos_mix)
+    keys = set(accept_keys)
+    server = EmulatorServer(host, port, latency_ms=latency_ms, accept_keys=keys or None)
+    server.script(scripted)
+    if chaos is not None:
+        server.set_chaos(chaos, mix, hang_ms=chaos_hang_ms)
+    return server
+
+
+def serve(server: EmulatorServer, out: TextIO = sys.stdout) -> None:
+    """Print the base URL as the first line of ``out``, then serve until interrupted (Ctrl-C
+    or SIGTERM, which is how benchmarks and tests stop it)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    # The URL is the last word of the first line: scripts and benchmarks read it from there.
+    print(f"OpenRouter emulator listening on {server.base_url}", file=out, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def _interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("openrouter-emulator")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8099, show_default=True, type=int, help="0 picks a free port")
+@click.option("--latency-ms", default=0, show_default=True, type=int, help="per chat answer")
+@click.option("--accept-key", multiple=True, help="A key to accept (default: any sk-or-...).")
+@click.option("--fault", multiple=True, help='A scripted fault as JSON, e.g. {"status": 429}.')
+@click.option("--chaos", type=int, default=None, help="Seed for random faults.")
+@click.option("--chaos-mix", default=None, help="outcome=weight,... e.g. ok=0.8,429=0.1,drop=0.1")
+@click.option("--chaos-hang-ms", default=3000, show_default=True, type=int)
+def emulator_command(
+    host: str,
+    port: int,
+    latency_ms: int,
+    accept_key: tuple[str, ...],
+    fault: tuple[str, ...],
+    chaos: int | None,
+    chaos_mix: str | None,
+    chaos_hang_ms: int,
+) -> None:
+    """Run the local OpenRouter emulator in the foreground; prints its URL first."""
+    try:
+        server = build(host=host, port=port, latency_ms=latency_ms, accept_keys=accept_key,
+                       faults=fault, chaos=chaos, chaos_mix=chaos_mix,
+                       chaos_hang_ms=chaos_hang_ms)  # fmt: skip
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    serve(server)

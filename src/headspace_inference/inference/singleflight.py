@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
 
-from .redis_support import REDIS_DOWN, RedisGuard
+from .redis_support import RedisGuard, redis_down
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class _LockKeeper:
                     with self._cond:
                         for token in pending:
                             self._pending.pop(token, None)
-            except REDIS_DOWN as exc:
+            except redis_down() as exc:
                 self._guard.failed(exc)
             except redis.RedisError as exc:
                 log.warning("single-flight: renewing or releasing locks failed: %s", exc)

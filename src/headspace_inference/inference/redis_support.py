@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from importlib import resources
 from typing import TYPE_CHECKING, TypeVar
 
 from ..config import RedisSettings
@@ -31,6 +32,12 @@ def redis_down() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@functools.cache
+def lua_script(name: str) -> str:
+    """The source of a Redis Lua script shipped beside this module (package data)."""
+    return resources.files(__package__ or "").joinpath(name).read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -11,6 +11,9 @@ only sleeps are short pauses of about the guard's 0.2 s retry interval.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +168,39 @@ def test_without_redis_or_with_the_cache_disabled(
     assert isinstance(uncached.cache, NullCache)
     assert isinstance(uncached.flight, SingleFlight)
     assert isinstance(uncached.limiter, FallbackRateLimiter)  # limits are still shared
+
+
+# Base install, no redis-py: any import of it fails, as it would there.
+_WITHOUT_REDIS = textwrap.dedent(
+    """
+    import sys
+
+    class NoRedis:
+        def find_spec(self, name, path=None, target=None):
+            if name == "redis" or name.startswith("redis."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, NoRedis())
+    from headspace_inference.settings import Settings
+    from headspace_inference.inference.backends import build_backends
+
+    backends = build_backends(Settings())
+    backends.limiter.reconcile(backends.limiter.acquire(10), 5)
+    assert backends.flight.run("k", lambda: "made", lambda: None).led
+    backends.close()
+    assert not any(m == "redis" or m.startswith("redis.") for m in sys.modules)
+    """
+)
+
+
+def test_without_redis_configured_redis_py_is_never_imported() -> None:
+    """The limiter, the cache and single-flight import redis-py only where a Redis client
+    is built or its errors are caught, so a process without ``redis.url`` runs without it."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_REDIS], capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- health

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from headspace_inference.clock import FakeClock
 from headspace_inference.inference.redis_support import RedisGuard
 from headspace_inference.inference.singleflight import (
     FlightOutcome,
@@ -315,6 +316,77 @@ def test_a_waiter_takes_over_when_the_holder_is_gone_without_an_answer(
     assert b.flight.run("req", fn_b, b.load) == FlightOutcome(True, "answer from b")
     assert b_calls == [1]
     assert b.polls > 0  # it did wait for the holder first
+
+
+class LapsingClock(FakeClock):
+    """A fake clock on which a lock lapses after ``polls`` sleeps: time on it moves only
+    when the waiter sleeps, and the lock's key goes when it has slept that often."""
+
+    def __init__(self, client: redis.Redis, lock: str, polls: int) -> None:
+        super().__init__()
+        self._client, self._lock_name, self._polls = client, lock, polls
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        if len(self.sleeps) == self._polls:
+            self._client.delete(self._lock_name)
+
+
+def test_a_waiter_polls_on_its_clock_until_the_lock_goes_then_leads(
+    redis_server_url: str, redis_prefix: str
+) -> None:
+    """How long a waiter waits between looks is decided on the injected clock; the lock
+    itself is redis-py's, living on Redis's clock, so here it "lapses" on the third sleep."""
+    client = redis.Redis.from_url(redis_server_url)
+    try:
+        guard = RedisGuard(client, RedisSettings(url=redis_server_url, key_prefix=redis_prefix))
+        name = f"{redis_prefix}:flight:req"
+        clock = LapsingClock(client, name, polls=3)
+        flight = RedisSingleFlight(
+            client, guard, prefix=redis_prefix, poll_seconds=0.25, clock=clock
+        )
+        assert flight.lock_name("req") == name
+        assert client.set(name, "a holder that is gone", px=60_000)
+        assert flight.run("req", lambda: "made", no_load) == FlightOutcome(True, "made")
+        assert clock.sleeps == [0.25, 0.25, 0.25]
+        assert client.exists(name) == 0  # its own lock, released
+        flight.close()
+    finally:
+        client.close()
+
+
+def test_a_holder_whose_lock_lapsed_leaves_the_next_holder_s_lock_alone(
+    sides: Callable[..., RedisSide],
+) -> None:
+    """A holder that stopped renewing (as one cut off from Redis does) loses its lock after
+    one lock life; another process takes over, and the first one's release, checked against
+    its own token, does not remove the lock the second now holds."""
+    a, b = sides(lock_seconds=0.5), sides(lock_seconds=0.5)
+    a.flight.keeper.close()  # a renews nothing from now on
+    a_running, b_running, release_b = threading.Event(), threading.Event(), threading.Event()
+
+    def fn_a() -> str:
+        a_running.set()
+        assert b_running.wait(DEADLINE)  # b led once a's lock had lapsed
+        return "from a"
+
+    def fn_b() -> str:
+        b_running.set()
+        release_b.wait(DEADLINE)
+        return "from b"
+
+    thread_a, out_a = run_in_thread(lambda: a.flight.run("req", fn_a, a.load))
+    assert a_running.wait(DEADLINE)
+    thread_b, out_b = run_in_thread(lambda: b.flight.run("req", fn_b, b.load))
+    thread_a.join(DEADLINE)
+    assert out_a == [FlightOutcome(True, "from a")]
+    lock = b.flight.lock_name("req")
+    assert b.client.exists(lock) == 1  # b's, still there after a's release
+    release_b.set()
+    thread_b.join(DEADLINE)
+    assert out_b == [FlightOutcome(True, "from b")]
+    assert b.client.exists(lock) == 0
+    assert b.flight.keeper.lost == 0
 
 
 def test_a_holder_slower_than_its_lock_s_life_keeps_it(sides: Callable[..., RedisSide]) -> None:

@@ -4,15 +4,14 @@ With ``redis.url`` set, all three share one Redis client (one connection pool) a
 ``RedisGuard``: one view of whether Redis is there, one warning when it goes, one reason in
 the status while it is away. Without it they are per process. With the cache disabled the
 cache is a ``NullCache`` and single-flight is in-process only, since processes share an
-answer through the cache.
+answer through the cache. redis-py is imported only when ``redis.url`` is set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import redis
+from typing import TYPE_CHECKING
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..settings import Settings
@@ -26,6 +25,9 @@ from .singleflight import (
     SingleFlight,
     TieredFlight,
 )
+
+if TYPE_CHECKING:
+    import redis
 
 
 @dataclass

@@ -9,14 +9,15 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
-
-import redis
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..settings import CacheSettings
 from .redis_support import RedisGuard
 from .types import Answer, GenerationParams
+
+if TYPE_CHECKING:
+    import redis
 
 # Bump when Answer's shape changes: old entries are then simply never read.
 CACHE_FORMAT = "v3"

@@ -24,6 +24,12 @@ to ``openrouter.retry.max_delay_seconds`` instead would switch pausing off where
 Check and consume are one step, so concurrent callers never overshoot. The memory limiter
 does it under a lock; the Redis limiter does the same in one server-side script, so all
 processes share one budget.
+
+The admission rules are written twice, once per store, and held to one contract by
+tests/unit/test_limiter_backends.py: ``MemoryRateLimiter`` in Python for one process, and
+``ratelimit.lua`` (beside this module) for Redis, which alone does the Redis side's
+arithmetic (window, slots, pause); ``RedisRateLimiter`` passes it the time and the settings,
+and sleeps what it answers.
 """
 
 from __future__ import annotations
@@ -36,14 +42,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
-
-import redis
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..settings import RateLimitSettings
 from .errors import RateLimitedError
-from .redis_support import RedisGuard
+from .redis_support import RedisGuard, lua_script, redis_error
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -254,85 +261,6 @@ class MemoryRateLimiter:
             }
 
 
-# KEYS: admissions zset (member id, score time), tokens hash (id -> tokens),
-#       token total, pause-until.
-# ARGV: now, window, calls limit, tokens limit, tokens, max wait, id, key ttl (ms)
-_ACQUIRE = """
-local z, h, total_key, pause_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local calls, limit, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local max_wait, id, ttl = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - window)
-if #old > 0 then
-  local used = redis.call('HMGET', h, unpack(old))
-  local freed = 0
-  for i = 1, #used do freed = freed + (tonumber(used[i]) or 0) end
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', now - window)
-  redis.call('HDEL', h, unpack(old))
-  redis.call('DECRBY', total_key, freed)
-end
-local total = tonumber(redis.call('GET', total_key) or '0')
-local at = now
-local pause = tonumber(redis.call('GET', pause_key) or '0')
-if pause > at then at = pause end
-local n = redis.call('ZCARD', z)
-if n > 0 then
-  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
-  if tonumber(last[2]) > at then at = tonumber(last[2]) end
-  if n >= calls then
-    local e = redis.call('ZRANGE', z, n - calls, n - calls, 'WITHSCORES')
-    if tonumber(e[2]) + window > at then at = tonumber(e[2]) + window end
-  end
-  if total + tokens > limit then
-    local all = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
-    local remaining = total
-    for i = 1, #all, 2 do
-      remaining = remaining - (tonumber(redis.call('HGET', h, all[i])) or 0)
-      if remaining + tokens <= limit then
-        if tonumber(all[i + 1]) + window > at then at = tonumber(all[i + 1]) + window end
-        break
-      end
-    end
-  end
-end
--- %.17g: tostring() keeps 14 digits, which rounds epoch seconds to 0.1 ms
-if at - now > max_wait then return {0, string.format('%.17g', at - now)} end
-redis.call('ZADD', z, at, id)
-redis.call('HSET', h, id, tokens)
-redis.call('INCRBY', total_key, tokens)
-for _, k in ipairs({z, h, total_key}) do redis.call('PEXPIRE', k, ttl) end
-return {1, string.format('%.17g', at - now), string.format('%.17g', at)}
-"""
-
-# KEYS: tokens hash, token total. ARGV: id, actual tokens.
-_RECONCILE = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - tonumber(old))
-return 1
-"""
-
-# KEYS: admissions zset, tokens hash, token total. ARGV: id. Undoes one admission.
-_GIVE_BACK = """
-local tokens = redis.call('HGET', KEYS[2], ARGV[1])
-if not tokens then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('DECRBY', KEYS[3], tonumber(tokens))
-return 1
-"""
-
-# KEYS: pause-until. ARGV: until, ttl (ms). Only ever moves the pause later.
-_PAUSE = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > current then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-end
-return 1
-"""
-
-
 class RedisRateLimiter:
     """The limiter shared by every process that uses the same Redis and prefix.
 
@@ -348,15 +276,11 @@ class RedisRateLimiter:
         prefix: str,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._client = client
         self._settings = settings
         self._clock = clock
         base = f"{prefix}:ratelimit:"
         self._keys = [base + "admissions", base + "tokens", base + "total", base + "pause"]
-        self._acquire = client.register_script(_ACQUIRE)
-        self._reconcile = client.register_script(_RECONCILE)
-        self._pause = client.register_script(_PAUSE)
-        self._give_back_script = client.register_script(_GIVE_BACK)
+        self._script = client.register_script(lua_script("ratelimit.lua"))
         self._ttl_ms = int(settings.window_seconds * 2000 + settings.max_wait_seconds * 1000)
         self._lock = threading.Lock()
         self._waiting = 0
@@ -369,11 +293,9 @@ class RedisRateLimiter:
         if tokens > s.tokens_per_minute:
             raise _too_big(tokens, s.tokens_per_minute)
         key = uuid.uuid4().hex
-        now = self._clock.time()
-        answer = self._acquire(
-            keys=self._keys,
-            args=[repr(now), s.window_seconds, s.calls_per_minute, s.tokens_per_minute,
-                  tokens, limit_wait, key, self._ttl_ms],
+        answer = self._run(
+            "acquire", self._clock.time(), s.window_seconds, s.calls_per_minute,
+            s.tokens_per_minute, tokens, limit_wait, key, self._ttl_ms,
         )  # fmt: skip
         wait = float(answer[1])
         if int(answer[0]) == 0:
@@ -395,18 +317,21 @@ class RedisRateLimiter:
                     self._waiting -= 1
         return Reservation(key, tokens, float(answer[2]), wait)
 
+    def _run(self, command: str, *args: str | float) -> Any:
+        # One command of ratelimit.lua, on this limiter's keys.
+        return self._script(keys=self._keys, args=[command, *args])
+
     def _pause_left(self) -> float:
         # The pause any process set. If Redis cannot be read now, the slot granted stands.
         try:
-            until = self._client.get(self._keys[3])
-        except redis.RedisError:
+            return float(self._run("pause_left", self._clock.time()))
+        except redis_error():
             return 0.0
-        return float(cast(Any, until)) - self._clock.time() if until else 0.0
 
     def _give_back(self, key: str) -> None:
         try:
-            self._give_back_script(keys=self._keys[:3], args=[key])
-        except redis.RedisError as exc:
+            self._run("give_back", key)
+        except redis_error() as exc:
             # The caller is told to come back either way; the admission it leaves behind
             # only holds its slot until it leaves the window.
             log.debug("rate limiter: could not give back admission %s: %s", key, exc)
@@ -415,32 +340,24 @@ class RedisRateLimiter:
             self.rejected += 1
 
     def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
-        self._reconcile(keys=self._keys[1:3], args=[reservation.id, actual_tokens])
+        self._run("reconcile", reservation.id, actual_tokens)
 
     def pause(self, seconds: float) -> None:
-        seconds = min(seconds, self._settings.window_seconds)  # see the module docstring
-        until = self._clock.time() + seconds
-        self._pause(keys=[self._keys[3]], args=[repr(until), int(seconds * 1000) + 1000])
+        # At most a window (see the module docstring): the script caps it.
+        self._run("pause", self._clock.time(), seconds, self._settings.window_seconds)
 
     def stats(self) -> dict[str, Any]:
-        now = self._clock.time()
-        z, h, _total, pause = self._keys
-        pipe = self._client.pipeline(transaction=False)
-        # "(" excludes the bound: an admission exactly one window old has left it,
-        # as the acquire script and the memory limiter also hold.
-        pipe.zrangebyscore(z, f"({now - self._settings.window_seconds!r}", repr(now))
-        pipe.zcount(z, f"({now}", "+inf")
-        pipe.get(pause)
-        current, scheduled, paused = pipe.execute()
-        tokens = cast(list[Any], self._client.hmget(h, current)) if current else []
+        calls, tokens, scheduled, paused = self._run(
+            "stats", self._clock.time(), self._settings.window_seconds
+        )
         with self._lock:
             return {
                 "backend": "redis",
-                "calls_in_window": len(current),
-                "tokens_in_window": sum(int(t or 0) for t in tokens),
+                "calls_in_window": int(calls),
+                "tokens_in_window": int(tokens),
                 "scheduled": int(scheduled),
                 "waiting": self._waiting,
-                "paused_for": round(max(0.0, float(paused or 0) - now), 3) or None,
+                "paused_for": round(max(0.0, float(paused)), 3) or None,
                 "admitted": self.admitted,
                 "rejected": self.rejected,
             }

@@ -1,25 +1,52 @@
 """Redis plumbing shared by the limiter, the cache and single-flight: one client per process,
-and one guard that falls back to local tiers while Redis is unreachable and says so."""
+and one guard that falls back to local tiers while Redis is unreachable and says so.
+
+``redis`` is imported where a client is built or its exceptions are caught, never at module
+level: a process configured without Redis never loads it.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
-
-import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from importlib import resources
+from typing import TYPE_CHECKING, TypeVar
 
 from ..settings import RedisSettings
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+@functools.cache
+def redis_down() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean Redis is unreachable (not that it refused a command)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@functools.cache
+def lua_script(name: str) -> str:
+    """The source of a Redis Lua script shipped beside this module (package data)."""
+    return resources.files(__package__ or "").joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def redis_error() -> type[Exception]:
+    """``redis.RedisError``, the base of every error redis-py raises."""
+    from redis.exceptions import RedisError
+
+    return RedisError
+
 
 # What the guard of the whole process is called in its log lines and reasons.
 ALL_PARTS = "rate limiter, response cache and single-flight"
@@ -29,6 +56,8 @@ def make_client(settings: RedisSettings) -> redis.Redis:
     """A pooled client with short timeouts: a slow Redis must not stall an inference call."""
     if settings.url is None:
         raise ValueError("redis.url is not set")
+    import redis
+
     return redis.Redis.from_url(
         settings.url,
         socket_timeout=settings.socket_timeout_seconds,
@@ -74,7 +103,7 @@ class RedisGuard:
             return fallback()
         try:
             result = command()
-        except REDIS_DOWN as exc:
+        except redis_down() as exc:
             self.failed(exc)
             return fallback()
         self.succeeded()
@@ -100,7 +129,7 @@ class RedisGuard:
         if probe:
             try:
                 self.client.ping()
-            except (*REDIS_DOWN, redis.RedisError) as exc:  # NOAUTH too: reachable, not usable
+            except (*redis_down(), redis_error()) as exc:  # NOAUTH too: reachable, not usable
                 self.failed(exc)
             else:
                 self.succeeded()

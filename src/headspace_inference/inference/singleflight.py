@@ -7,8 +7,9 @@ others watch the shared cache for its answer, and take over if the lock goes wit
 ``FlightOutcome`` says whether this caller made the upstream call (``led``) and carries the
 value or the exception.
 
-The cross-process lock lives ``lock_seconds`` (a few seconds) and is renewed, while its call
-runs, by one keeper thread per process. So a holder slower than the lock's life keeps it,
+The cross-process lock is redis-py's own ``redis.lock.Lock``; what is ours is the flow
+around it. It lives ``lock_seconds`` (a few seconds) and is renewed (``extend``), while its
+call runs, by one keeper thread per process. So a holder slower than the lock's life keeps it,
 and a holder that is gone (killed, or cut off from Redis by a blip) stops renewing and its
 lock lapses within ``lock_seconds``: an identical call elsewhere never waits longer than
 that on a holder that is no longer there. A release that fails (Redis away when the call
@@ -17,6 +18,7 @@ ended) is retried by the keeper while the lock could still be alive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -25,11 +27,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
-import redis
+from ..clock import SYSTEM_CLOCK, Clock
+from .redis_support import RedisGuard, redis_down, redis_error
 
-from .redis_support import REDIS_DOWN, RedisGuard
+if TYPE_CHECKING:
+    import redis
+    from redis.lock import Lock
 
 log = logging.getLogger(__name__)
 
@@ -159,42 +164,15 @@ class SingleFlight:
         return None
 
 
-# KEYS: lock names. ARGV[1]: ttl (ms); ARGV[i + 1]: the token held for KEYS[i].
-# Extends the locks still ours; 0 for a lock that is gone or someone else's now.
-_RENEW = """
-local kept = {}
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[1])
-    kept[i] = 1
-  else
-    kept[i] = 0
-  end
-end
-return kept
-"""
-
-# KEYS: lock names; ARGV: their tokens. Deletes the locks still ours.
-_RELEASE = """
-local n = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i] then n = n + redis.call('DEL', KEYS[i]) end
-end
-return n
-"""
-
-
 class _LockKeeper:
     """One thread per process that renews the locks held by running calls and retries
     releases that failed. It runs only while there is something to do (so a process that
     holds no lock, e.g. a pre-fork master, has no thread of it)."""
 
-    def __init__(self, client: redis.Redis, guard: RedisGuard, lock_ms: int) -> None:
+    def __init__(self, guard: RedisGuard, lock_seconds: float) -> None:
         self._guard = guard
-        self._lock_ms = lock_ms
-        self.interval = min(1.0, lock_ms / 3000)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._lock_seconds = lock_seconds
+        self.interval = min(1.0, lock_seconds / 3)
         self._reset()
         self._closed = False
 
@@ -203,34 +181,42 @@ class _LockKeeper:
         # must not inherit a lock the thread may have held at the fork.
         self._pid = os.getpid()
         self._cond = threading.Condition()
-        self._held: dict[str, str] = {}  # token -> lock name, while the call runs
-        self._pending: dict[str, tuple[str, float]] = {}  # token -> (name, retry until)
+        self._held: dict[str, Lock] = {}  # token -> lock, while the call runs
+        self._pending: dict[str, tuple[Lock, float]] = {}  # token -> (lock, retry until)
         self._thread: threading.Thread | None = None
         self.renewals = 0
         self.lost = 0
 
-    def hold(self, name: str, token: str) -> None:
+    def hold(self, lock: Lock, token: str) -> None:
         if self._pid != os.getpid():
             self._reset()
         with self._cond:
-            self._held[token] = name
+            self._held[token] = lock
             self._wake()
 
-    def release(self, name: str, token: str) -> None:
+    def release(self, lock: Lock, token: str) -> None:
+        from redis.exceptions import LockNotOwnedError
+
         if self._pid != os.getpid():
             self._reset()
         with self._cond:
             self._held.pop(token, None)
         try:
-            released = self._guard.run(lambda: self._release_now({token: name}), lambda: False)
-        except redis.RedisError as exc:  # not an outage, but the release did not happen
+            released = self._guard.run(lambda: _released(lock.release), lambda: False)
+        except LockNotOwnedError:
+            # It lapsed (Redis away, or the keeper late) and may be another's now; the
+            # release, checked against our token, left it alone.
+            log.info("single-flight: lock %s lapsed before its call ended", lock.name)
+            return
+        except redis_error() as exc:  # not an outage, but the release did not happen
             log.warning("single-flight: releasing a lock failed (%s); will retry", exc)
             released = False
         if not released:
             # Redis is away: keep trying while the lock could still be alive (nobody
             # renews it any more, so it lapses within one lock life at the latest).
             with self._cond:
-                self._pending[token] = (name, time.monotonic() + self._lock_ms / 1000)
+                until = time.monotonic() + self._lock_seconds
+                self._pending[token] = (lock, until)
                 self._wake()
 
     def pending_releases(self) -> int:
@@ -244,10 +230,6 @@ class _LockKeeper:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
-
-    def _release_now(self, tokens: dict[str, str]) -> bool:
-        self._release(keys=list(tokens.values()), args=list(tokens))
-        return True
 
     def _is_closed(self) -> bool:
         return self._closed
@@ -275,7 +257,7 @@ class _LockKeeper:
                 now = time.monotonic()
                 self._pending = {t: p for t, p in self._pending.items() if p[1] > now}
                 held = dict(self._held)
-                pending = {t: name for t, (name, _) in self._pending.items()}
+                pending = {t: lock for t, (lock, _) in self._pending.items()}
             if not (held or pending):
                 continue
             # Straight to Redis, not through the guard's back-off: the keeper is off the
@@ -284,20 +266,23 @@ class _LockKeeper:
                 if held:
                     self._renew_all(held)
                 if pending:
-                    self._release_now(pending)
-                    with self._cond:
-                        for token in pending:
-                            self._pending.pop(token, None)
-            except REDIS_DOWN as exc:
+                    self._release_all(pending)
+            except redis_down() as exc:
                 self._guard.failed(exc)
-            except redis.RedisError as exc:
+            except redis_error() as exc:
                 log.warning("single-flight: renewing or releasing locks failed: %s", exc)
             else:
                 self._guard.succeeded()
 
-    def _renew_all(self, held: dict[str, str]) -> None:
-        kept = self._renew(keys=list(held.values()), args=[self._lock_ms, *held])
-        lost = [t for t, ok in zip(held, cast(list[int], kept), strict=True) if not ok]
+    def _renew_all(self, held: dict[str, Lock]) -> None:
+        from redis.exceptions import LockError
+
+        lost = []
+        for token, lock in held.items():
+            try:
+                lock.extend(self._lock_seconds, replace_ttl=True)
+            except LockError:  # not ours any more, or released since ``held`` was read
+                lost.append(token)
         with self._cond:
             self.renewals += 1
             for token in lost:
@@ -307,12 +292,31 @@ class _LockKeeper:
         for token in lost:
             log.info("single-flight: lock %s lapsed while its call was still running", token)
 
+    def _release_all(self, pending: dict[str, Lock]) -> None:
+        from redis.exceptions import LockNotOwnedError
+
+        for token, lock in pending.items():
+            # Lock.release() of redis-py 5 forgets the token before its command is sent, so
+            # a release that failed is made again with the token the lock was taken with.
+            with contextlib.suppress(LockNotOwnedError):  # lapsed meanwhile: nothing to do
+                lock.do_release(token)
+            with self._cond:
+                self._pending.pop(token, None)
+
+
+def _released(release: Callable[[], None]) -> bool:
+    release()
+    return True
+
 
 class RedisSingleFlight:
-    """Across processes: a lock per key (SET NX PX, renewed while its call runs, released
-    only by its holder), and waiters that poll ``load()`` (the shared cache) until the
-    holder's answer appears, taking over when the lock goes without one. While Redis is
-    unreachable it simply makes the call.
+    """Across processes: a lock per key (redis-py's ``Lock``: taken with SET NX PX, renewed
+    while its call runs, released only by its holder's token), and waiters that poll
+    ``load()`` (the shared cache) until the holder's answer appears, taking over when the
+    lock goes without one. While Redis is unreachable it simply makes the call.
+
+    How long to wait between polls is decided here, on the injected clock, not by the lock's
+    own blocking acquire: a waiter's turn ends with the holder's answer, not the lock.
     """
 
     def __init__(
@@ -323,13 +327,16 @@ class RedisSingleFlight:
         prefix: str,
         lock_seconds: float = DEFAULT_LOCK_SECONDS,
         poll_seconds: float = 0.02,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._client = client
         self._guard = guard
         self._prefix = f"{prefix}:flight:"
-        self._lock_ms = max(1, int(lock_seconds * 1000))
+        # Whole milliseconds, at least one: what Redis keeps as the lock's life.
+        self._lock_seconds = max(1, int(lock_seconds * 1000)) / 1000
         self._poll = poll_seconds
-        self.keeper = _LockKeeper(client, guard, self._lock_ms)
+        self._clock = clock
+        self.keeper = _LockKeeper(guard, self._lock_seconds)
 
     def lock_name(self, key: str) -> str:
         """The Redis key of the lock for request key ``key``."""
@@ -340,38 +347,38 @@ class RedisSingleFlight:
     ) -> FlightOutcome[T]:
         """Run ``call`` once across processes for ``key``; the others get ``load()``'s
         answer (``led`` False). Only ``call``'s Exceptions are carried; ``load``'s raise."""
-        name = self.lock_name(key)
+        # thread_local=False: the keeper thread renews and releases it, not this one.
+        lock = self._client.lock(
+            self.lock_name(key), timeout=self._lock_seconds, blocking=False, thread_local=False
+        )
         while True:
             token = uuid.uuid4().hex
-            taken = self._try(partial(self._take, name, token), None)
+            taken: bool | None = self._try(partial(lock.acquire, token=token), None)
             if taken is None:  # no Redis: nobody to share with, make the call
                 return _load_or_lead(call, load)
             if taken:
-                self.keeper.hold(name, token)
+                self.keeper.hold(lock, token)
                 try:
                     return _load_or_lead(call, load)
                 finally:
-                    self.keeper.release(name, token)
+                    self.keeper.release(lock, token)
             # Someone else is making this call: wait for its answer, or for its lock to go.
             while True:
                 value = load()
                 if value is not None:
                     return FlightOutcome(False, value)
-                if not self._try(lambda: bool(self._client.exists(name)), False):
+                if not self._try(lock.locked, False):
                     break
-                time.sleep(self._poll)
+                self._clock.sleep(self._poll)
             value = load()
             if value is not None:
                 return FlightOutcome(False, value)
-
-    def _take(self, name: str, token: str) -> bool | None:
-        return bool(self._client.set(name, token, nx=True, px=self._lock_ms))
 
     def _try(self, command: Callable[[], T], fallback: T) -> T:
         # Any Redis error, not only an outage, means no sharing: the call is still made.
         try:
             return self._guard.run(command, lambda: fallback)
-        except redis.RedisError as exc:
+        except redis_error() as exc:
             log.warning("single-flight: Redis refused a lock command (%s); not sharing", exc)
             return fallback
 

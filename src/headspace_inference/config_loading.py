@@ -305,8 +305,8 @@ def _validated(model: type[_Model], data: dict[str, Any], source: Path) -> _Mode
 def check_spool_dir(path: str | os.PathLike[str]) -> Path:
     """Create the call-log spool directory and prove it writable, or raise ConfigError.
 
-    Every call is journalled there; an unwritable one ended start-up in a traceback from
-    inside the call recorder.
+    Every call is journalled there, so a directory that cannot be written is a configuration
+    error, named as such, before the service takes a call.
     """
     spool = Path(path)
     try:

@@ -87,7 +87,8 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    # No inf or NaN: an infinite timeout passed validation and then broke every call.
+    # No inf or NaN: every number here ends up in arithmetic or a timeout, where either
+    # would break every call.
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
     )
@@ -119,7 +120,7 @@ class DatabaseSettings(DatabaseOptions):
     @field_validator("url")
     @classmethod
     def _usable_url(cls, value: str) -> str:
-        # Here rather than at the first connection, where it was a traceback.
+        # At start-up, naming the key, rather than at the first connection.
         check_url(value)
         return value
 
@@ -322,8 +323,8 @@ class OpenRouterSettings(_Section):
     @field_validator("site_url", "app_name")
     @classmethod
     def _header_value(cls, value: str) -> str:
-        # Sent as HTTP-Referer and X-Title: httpx refuses anything else there, so a newline
-        # or an accented letter passed validation and then failed every call.
+        # Sent as HTTP-Referer and X-Title, where httpx accepts printable ASCII only: anything
+        # else would fail every call, so it fails here, naming the key.
         if not all(" " <= ch <= "~" for ch in value):
             raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
         return value

@@ -328,7 +328,7 @@ class CallWriter:
 
     def _reject(self, record: CallRecord, exc: Exception) -> None:
         path = self._rejected_path
-        # Call data, so private like the journal (it was created 0644); one write per line,
+        # Call data, so private (0600) like the journal; one write per line,
         # so processes sharing the spool append whole lines.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

@@ -47,7 +47,7 @@ def _name(raw: object) -> str:
 
 
 def _canonical(value: Any) -> str:
-    # Key order never changes a fingerprint (a peer's cache-key bug).
+    # Key order never changes a fingerprint: equal schemas must share one cache key.
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 

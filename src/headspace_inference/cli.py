@@ -23,17 +23,17 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from .config_loading import load_env_file, load_settings
-from .settings import ConfigError, OpenRouterSettings
-
 if TYPE_CHECKING:
     from .calllog.database import Database
+    from .settings import OpenRouterSettings
 
 T = TypeVar("T")
 
 
 def or_exit(build: Callable[[], T]) -> T:
     """``build()``; on a bad configuration, its one-line message on stderr and exit status 2."""
+    from .settings import ConfigError  # loaded by build() anyway: --help does without it
+
     try:
         return build()
     except ConfigError as exc:
@@ -230,6 +230,8 @@ def make_pricing_group(*, in_app: bool) -> click.Group:
         if in_app:
             _sync_and_report(current_app.extensions["inference"].settings.openrouter)
         else:
+            from .config_loading import load_env_file, load_settings
+
             load_env_file()
             _sync_and_report(or_exit(load_settings).openrouter)
 

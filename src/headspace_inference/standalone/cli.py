@@ -8,14 +8,17 @@ No command builds the app until it runs: ``--help`` lists them all without one, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from flask import Flask
 from flask.cli import ScriptInfo
 
 from .._version import __version__
-from ..calllog.database import Database
 from ..cli import COMMANDS, make_db_group, make_pricing_group, or_exit
-from ..config_loading import check_spool_dir, load_env_file, load_settings
+
+if TYPE_CHECKING:
+    from ..calllog.database import Database
 
 
 def _create_app() -> Flask:
@@ -25,6 +28,7 @@ def _create_app() -> Flask:
 
 
 def _configured_database() -> Database:
+    from ..config_loading import load_env_file, load_settings
     from .database import standalone_database
 
     load_env_file()
@@ -60,6 +64,8 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
         raise click.ClickException(
             "serve needs the server extra: pip install 'headspace-inference[server]'"
         ) from None
+
+    from ..config_loading import check_spool_dir, load_env_file, load_settings
 
     # Fail here, once, on a bad configuration, rather than in every worker. Only the
     # settings: an app would start threads (its health probe), and a fork taken while

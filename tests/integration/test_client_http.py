@@ -6,15 +6,20 @@ closed, its defaults kept out of our requests), a given transport, and not both.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
 from tests.emulator_fixtures import TEST_KEY, ClientFactory, settings_for
+from tests.service_fixtures import settings_for as service_settings_for
 
+from headspace_inference.config import load_settings
 from headspace_inference.emulator import EmulatorServer, Fault
 from headspace_inference.inference import errors as e
 from headspace_inference.inference.client import OpenRouterClient
+from headspace_inference.inference.service import InferenceService
 from headspace_inference.inference.types import Answer, GenerationParams
+from headspace_inference.standalone.database import standalone_database
 
 CHAT = "/api/v1/chat/completions"
 KEY_PATH = "/api/v1/key"
@@ -238,3 +243,27 @@ def test_a_transport_and_a_host_client_together_are_refused(emulator: EmulatorSe
         OpenRouterClient(
             settings_for(emulator.base_url), api_key=TEST_KEY, transport=transport, http_client=host
         )
+
+
+def test_the_service_sends_through_a_host_client_and_leaves_it_open(
+    sqlite_url: str, emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    seen: list[str] = []
+    settings = load_settings(
+        tmp_path / "none.yaml",
+        overrides=service_settings_for(sqlite_url, emulator, tmp_path),
+        environ={},
+    )
+    database = standalone_database(settings.database)
+    database.upgrade()
+    with httpx.Client(event_hooks={"request": [lambda r: seen.append(r.url.path)]}) as host:
+        service = InferenceService.from_settings(
+            settings, database, spool_dir=tmp_path / "spool", http_client=host
+        )
+        try:
+            assert service.infer("turn", "p", "through the host's client").text
+        finally:
+            service.close()
+            database.dispose()
+        assert not host.is_closed
+    assert seen == [CHAT]

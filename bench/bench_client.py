@@ -6,8 +6,9 @@ Starts the emulator in its own process (so it does not share our GIL) and times,
 at a time over a kept-alive connection: (a) a raw pooled httpx POST, (b) stdlib http.client,
 (c) ``OpenRouterClient.complete``; prints median and p99 of each and the ratio (c)/(a).
 With ``--threads N`` it then shares one ``OpenRouterClient`` among N threads against an
-emulator answering after ``--latency-ms`` and prints calls/s and CPU ms per call (this
-process). Nothing is asserted: speed is measured, not tested.
+emulator answering after ``--latency-ms``, over its own single-connection clients and then
+over one shared ``httpx.Client`` passed as a host's, and prints calls/s and CPU ms per call
+(this process) of each. Nothing is asserted: speed is measured, not tested.
 """
 
 from __future__ import annotations
@@ -75,30 +76,48 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def concurrent(threads: int, calls: int, latency_ms: int) -> None:
-    """``threads`` threads share one OpenRouterClient (max_connections=threads)."""
+    """``threads`` threads share one OpenRouterClient (max_connections=threads): over its
+    own single-connection clients, then over one shared httpx.Client given as a host's."""
     per = max(1, calls // threads)
     params = GenerationParams()
+    ideal = threads / (latency_ms / 1000) if latency_ms else float("inf")
+    print(f"\n{threads} threads, one client, emulator latency {latency_ms} ms, "
+          f"{per * threads} calls (ideal {ideal:.0f} calls/s)")  # fmt: skip
     with emulator_process(latency_ms) as base_url:
         settings = OpenRouterSettings(base_url=base_url, max_connections=threads)
-        client = OpenRouterClient(settings, api_key=KEY)
+        limits = httpx.Limits(max_connections=threads, max_keepalive_connections=threads)
+        with httpx.Client(limits=limits) as shared:
+            variants = {
+                "its own slots": OpenRouterClient(settings, api_key=KEY),
+                "a shared httpx.Client (http_client=)": OpenRouterClient(
+                    settings, api_key=KEY, http_client=shared
+                ),
+            }
+            for name, client in variants.items():
+                rate, cpu = _share(client, threads, per, params)
+                client.close()
+                print(f"{name:<38} {rate:6.0f} calls/s, {cpu:.3f} ms CPU per call")
 
-        def work() -> None:
-            for _ in range(per):
-                client.complete(model=MODEL, messages=MESSAGES, params=params)
 
-        client.complete(model=MODEL, messages=MESSAGES, params=params)  # imports, first use
-        pool = [threading.Thread(target=work) for _ in range(threads)]
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        client.close()
+def _share(
+    client: OpenRouterClient, threads: int, per: int, params: GenerationParams
+) -> tuple[float, float]:
+    """(calls/s, CPU ms per call in this process) of ``threads`` threads sharing ``client``."""
+
+    def work() -> None:
+        for _ in range(per):
+            client.complete(model=MODEL, messages=MESSAGES, params=params)
+
+    client.complete(model=MODEL, messages=MESSAGES, params=params)  # imports, first use
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     n = per * threads
-    ideal = threads / (latency_ms / 1000) if latency_ms else float("inf")
-    print(f"\n{threads} threads, one client, emulator latency {latency_ms} ms, {n} calls")
-    print(f"{n / wall:.0f} calls/s (ideal {ideal:.0f}), {cpu / n * 1000:.3f} ms CPU per call")
+    return n / wall, cpu / n * 1000
 
 
 def single(args: argparse.Namespace) -> None:

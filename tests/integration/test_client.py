@@ -686,8 +686,8 @@ def test_a_key_echoed_in_a_successful_answer_is_redacted(
 
 
 def test_a_compressed_answer_is_decoded() -> None:
-    # Requests go straight to the transport, so the answer's decoding is the client's own
-    # business: a gzip body (it asks for one) must come out as the JSON it holds.
+    # The client asks for a compressed answer, so it must read one: a gzip body comes out
+    # as the JSON it holds, whatever transport carried it.
     choice = {"index": 0, "finish_reason": "stop", "message": {"content": "squeezed"}}
     body = answer_body(choices=[choice]).encode()
 

@@ -11,13 +11,10 @@ import math
 import re
 import ssl
 import threading
-import urllib.parse
-import urllib.request
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 # httpx imports httpcore lazily, when the first client is built. Our first client is built
 # on the start-up health probe's thread while the app's thread may still be importing: a
@@ -164,118 +161,89 @@ def _metadata_note(metadata: Mapping[str, Any]) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
-class _Release(httpx.SyncByteStream):
-    """A response body that hands its connection back to the slots once read and closed."""
+class ClientSlots:
+    """At most ``size`` requests at once, each on a single-connection ``httpx.Client`` of
+    its own, checked out for the request and back once its body has been read.
 
-    def __init__(self, stream: httpx.SyncByteStream, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._stream)
-
-    def close(self) -> None:
-        try:
-            self._stream.close()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
-
-
-def environment_proxy(url: str) -> str | None:
-    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``,
-    ``ALL_PROXY``, minus ``NO_PROXY``), read as the standard library reads it."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-    except ValueError:  # a malformed base URL: sending will say so, with no proxy involved
-        return None
-    if not host or urllib.request.proxy_bypass(host):
-        return None
-    proxies = urllib.request.getproxies()
-    return proxies.get(parts.scheme) or proxies.get("all")
-
-
-class ConnectionSlots(httpx.BaseTransport):
-    """At most ``max_connections`` requests at once, each over a single-connection transport
-    of its own, checked out for the request and back when its body is closed.
-
-    One shared httpcore pool would do the same with less code, but on every request it does
-    work in proportion to the requests waiting times the connections open: under many
-    threads its CPU per call, not the network, caps throughput (see BENCHMARKS.md). A
-    request that finds every slot busy waits at most its pool timeout (the health probe's
-    short one, or openrouter.timeout_seconds), then fails with httpx.PoolTimeout.
+    One client with a pool of ``size`` would do the same with less code, but httpcore's
+    shared pool does work in proportion to the requests waiting times the connections open
+    on every request: under many threads its CPU per call, not the network, caps throughput
+    (bench/bench_client.py --threads 64: about a third of the calls per second). A request
+    that finds every slot busy waits at most ``wait`` (the health probe's short timeout, or
+    openrouter.timeout_seconds), then fails with httpx.PoolTimeout, as a full pool would.
     """
 
-    def __init__(self, max_connections: int, *, proxy: str | None = None) -> None:
-        self._max = max_connections
-        self._proxy = proxy
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._idle: deque[httpx.HTTPTransport] = deque()
-        self._all: list[httpx.HTTPTransport] = []
+    def __init__(self, size: int, timeout: httpx.Timeout) -> None:
+        self._size = size
+        self._timeout = timeout
+        self._free = threading.BoundedSemaphore(size)
+        self._idle: list[httpx.Client] = []
+        self._all: list[httpx.Client] = []
         self._lock = threading.Lock()
         self._closed = False
         # One TLS context for every connection: building one loads the CA bundle, a cost
         # that a new context per connection would pay on the call path.
         self._tls: ssl.SSLContext | None = None
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        wait = request.extensions.get("timeout", {}).get("pool")
-        bounded = wait is not None and math.isfinite(wait)
-        if not self._slots.acquire(timeout=wait if bounded else None):
-            raise httpx.PoolTimeout(
-                f"no free connection within {wait:g} s (openrouter.max_connections={self._max})",
-                request=request,
-            )
-        try:
-            transport = self._idle.pop() if self._idle else self._open()
-        except BaseException:
-            self._slots.release()
-            raise
-        try:
-            response = transport.handle_request(request)
-        except BaseException:
-            self._checkin(transport)
-            raise
-        stream = cast(httpx.SyncByteStream, response.stream)  # a sync transport's
-        response.stream = _Release(stream, lambda: self._checkin(transport))
-        return response
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
 
-    def _open(self) -> httpx.HTTPTransport:
+    def send(self, request: httpx.Request, wait: float | None) -> httpx.Response:
+        """``request`` sent and its body read, over a free slot; raises as httpx does."""
+        bounded = wait is not None and math.isfinite(wait)
+        if not self._free.acquire(timeout=wait if bounded else None):
+            raise httpx.PoolTimeout(f"no free connection within {wait:g} s", request=request)
+        try:
+            client = self._idle.pop() if self._idle else self._open()
+        except BaseException:
+            self._free.release()
+            raise
+        try:
+            return client.send(request, auth=None, follow_redirects=False)
+        finally:
+            # No lock: close() closes every client it ever opened, so one put back after a
+            # close is closed already, and a request that takes it fails as on a closed one.
+            self._idle.append(client)
+            self._free.release()
+
+    def _open(self) -> httpx.Client:
         with self._lock:
             if self._closed:
                 # What httpx raises for a closed client: the caller knows it as such.
-                raise RuntimeError("Cannot send a request, as the transport has been closed.")
+                raise RuntimeError("Cannot send a request, as the client has been closed.")
             if self._tls is None:
                 self._tls = httpx.create_ssl_context()
-            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            transport = httpx.HTTPTransport(verify=self._tls, limits=limits, proxy=self._proxy)
-            self._all.append(transport)
-        return transport
-
-    def _checkin(self, transport: httpx.HTTPTransport) -> None:
-        # No lock: close() closes every transport it ever opened, so one put back after a
-        # close is closed already, and a request that takes it fails as on a closed client.
-        self._idle.append(transport)
-        self._slots.release()
+            # The environment's proxies (HTTPS_PROXY, NO_PROXY...) are read by each client.
+            client = httpx.Client(
+                verify=self._tls,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                timeout=self._timeout,
+                follow_redirects=False,
+            )
+            self._all.append(client)
+        return client
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            transports, self._all = self._all, []
+            clients, self._all = self._all, []
         self._idle.clear()
-        for transport in transports:
-            transport.close()
+        for client in clients:
+            client.close()
 
 
 class OpenRouterClient:
-    """Chat completions and account checks against OpenRouter, over an httpx transport.
+    """Chat completions and account checks against OpenRouter, over httpx clients.
 
-    Requests go straight to the transport (httpx's seam): :class:`ConnectionSlots` unless
-    one is given (an egress proxy's ``httpx.HTTPTransport(proxy=...)``, or a test's). An
-    ``httpx.Client`` in between would add redirects, auth, cookies and hooks that these
-    calls never use, at about a quarter of the CPU of each request (BENCHMARKS.md).
+    Requests go through :class:`ClientSlots` (single-connection clients of ours) unless
+    ``transport=`` is given (an egress proxy's ``httpx.HTTPTransport(proxy=...)``, or a
+    test's), which carries them inside a client of ours, or ``http_client=`` (the host's
+    own, with its proxies, TLS and event hooks), which is used as it is. Neither given
+    object is closed by close(). Either way each request is built here, with an absolute
+    URL, our headers and our timeouts, and sent without the client's auth or redirects: a
+    given client's base_url, default headers, params and cookies do not change where or
+    how OpenRouter is called.
     """
 
     def __init__(
@@ -284,9 +252,15 @@ class OpenRouterClient:
         *,
         api_key: str | None,
         transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
         clock: Clock = SYSTEM_CLOCK,
         prices: PriceTable | None = None,
     ) -> None:
+        if transport is not None and http_client is not None:
+            raise TypeError(
+                "OpenRouterClient takes transport= or http_client=, not both: a given "
+                "http_client already has its own transport"
+            )
         self._settings = settings
         # The service passes the table it built at start (synced prices, start-up warnings).
         self.prices = prices or PriceTable(settings.pricing)
@@ -315,10 +289,22 @@ class OpenRouterClient:
             pool=settings.timeout_seconds,
         )
         self._timeouts = self.timeout.as_dict()
-        # A given transport is used, not owned: close() leaves it open.
-        self._owns_transport = transport is None
-        self._transport = transport or ConnectionSlots(
-            settings.max_connections, proxy=environment_proxy(settings.base_url)
+        # What is given is used, not owned: close() leaves it open. The client built around
+        # a given transport is not closed either, as closing it would close the transport.
+        self._sender: ClientSlots | httpx.Client
+        if http_client is not None:
+            self._sender = http_client
+        elif transport is not None:
+            self._sender = httpx.Client(
+                transport=transport, timeout=self.timeout, follow_redirects=False
+            )
+        else:
+            self._sender = ClientSlots(settings.max_connections, self.timeout)
+        self._pool = (
+            f"openrouter.max_connections={settings.max_connections}"
+            if isinstance(self._sender, ClientSlots)
+            else "the pool of the given "
+            + ("httpx.Client" if http_client is not None else "transport")
         )
         self._closed = False
         base = settings.base_url
@@ -329,19 +315,22 @@ class OpenRouterClient:
     def close(self) -> None:
         """Close every connection this client opened; later requests fail at once."""
         self._closed = True
-        if self._owns_transport:
-            self._transport.close()
+        if isinstance(self._sender, ClientSlots):
+            self._sender.close()
+
+    def _refused_as_closed(self) -> bool:
+        return self._closed or self._sender.is_closed
 
     def _closed_error(self, *, in_flight: bool = False) -> UpstreamError:
-        # Not retryable: the service closes its client when it shuts down.
+        # Not retryable: the service closes its client when it shuts down, and a host that
+        # closed the httpx.Client it gave us has shut down too.
         what = (
             "was closed while the request was in flight"
             if in_flight
             else "is closed; no request was sent"
         )
-        return UpstreamError(
-            f"the OpenRouter client {what} (the service has shut down)", retryable=False
-        )
+        why = "the service has shut down" if self._closed else "the host closed its httpx.Client"
+        return UpstreamError(f"the OpenRouter client {what} ({why})", retryable=False)
 
     # ------------------------------------------------------------------ requests
 
@@ -404,19 +393,23 @@ class OpenRouterClient:
             raise self._closed_error()
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
         try:
+            # Built here, not by the client: an absolute URL and only our headers, so a
+            # host's client (its base_url, headers, params, cookies) cannot redirect or
+            # add to the call. The timeout is the documented per-request extension, as
+            # httpx's own build_request sets it; auth=None: the Authorization is ours.
             request = httpx.Request(
                 method, url, headers=self._headers, content=content,
                 extensions={"timeout": self._timeouts if timeout is None else wait.as_dict()},
             )  # fmt: skip
-            response = self._transport.handle_request(request)
-            try:
-                # Not streamed: the body is read before the connection goes back for reuse.
-                response.read()
-            finally:
-                response.close()
+            # Not streamed: the body is read, and the connection back in the pool, on return.
+            sender = self._sender
+            if isinstance(sender, ClientSlots):
+                response = sender.send(request, wait.pool)
+            else:
+                response = sender.send(request, auth=None, follow_redirects=False)
         except (httpx.HTTPError, httpx.InvalidURL, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and not self._closed:
-                raise  # not a closed transport's refusal: a bug, shown as it is
+            if isinstance(exc, RuntimeError) and not self._refused_as_closed():
+                raise  # not a closed client's refusal: a bug, shown as it is
             raise self._translate(exc, method, url, wait) from self._redacted(exc)
         if response.status_code >= 400:
             raise self._http_error(response)
@@ -427,12 +420,12 @@ class OpenRouterClient:
     ) -> UpstreamError:
         """Our error for what httpx raised (its text cleaned of the key)."""
         if isinstance(exc, RuntimeError):
-            # httpx's "the client has been closed": close() won the race with this request.
+            # httpx's "the client has been closed": close() won the race with this request,
+            # or the host closed the client it gave us.
             return self._closed_error()
         if isinstance(exc, httpx.PoolTimeout):
             return UpstreamTimeoutError(
-                f"no free connection to OpenRouter within {_limit(wait, exc)} "
-                f"(openrouter.max_connections={self._settings.max_connections})"
+                f"no free connection to OpenRouter within {_limit(wait, exc)} ({self._pool})"
             )
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamTimeoutError(
@@ -440,7 +433,7 @@ class OpenRouterClient:
                 f"{_limit(wait, exc)} on {method} {url})"
             )
         if isinstance(exc, httpx.TransportError):
-            if self._closed:
+            if self._refused_as_closed():
                 return self._closed_error(in_flight=True)
             return UpstreamConnectionError(
                 f"could not talk to OpenRouter at {url}: {type(exc).__name__}: {self._clean(exc)}"
@@ -604,4 +597,4 @@ class OpenRouterClient:
             ) from self._redacted(exc)
 
 
-__all__ = ["ConnectionSlots", "InferenceError", "OpenRouterClient", "parse_retry_after"]
+__all__ = ["ClientSlots", "InferenceError", "OpenRouterClient", "parse_retry_after"]

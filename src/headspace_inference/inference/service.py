@@ -134,18 +134,22 @@ class InferenceService:
         spool_dir: Path,
         clock: Clock = SYSTEM_CLOCK,
         transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
     ) -> InferenceService:
         """Build the service and its parts from settings. Starts nothing: no thread,
         connection, file or network until start() (or the first call, which starts it).
 
         ``transport`` carries the client's requests instead of its own connections (an
-        egress proxy of the host's, or a fault injected by a test).
+        egress proxy of the host's, or a fault injected by a test); ``http_client`` is the
+        host's own ``httpx.Client`` (its proxies, TLS, event hooks), used as it is and left
+        open by close(). Not both. Where and how OpenRouter is called stays ours either way.
         """
         api_key = settings.api_key
         client = None
         if api_key:
             client = OpenRouterClient(
-                settings.openrouter, api_key=api_key, transport=transport, clock=clock,
+                settings.openrouter, api_key=api_key, transport=transport,
+                http_client=http_client, clock=clock,
                 prices=PriceTable.from_settings(settings.openrouter),
             )  # fmt: skip
         recorder = CallRecorder(

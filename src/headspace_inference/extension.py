@@ -52,8 +52,9 @@ class InferenceOptions(TypedDict, total=False):
       Redis is ``redis_url``, else $REDIS_URL, else ``inference.redis.url``.
     - ``database`` (a headspace_inference.calllog.database.Database: an engine and its
       migration histories) is what create_app() passes. ``transport`` carries the requests
-      to OpenRouter (an egress proxy of the host's). ``routes=False`` leaves out
-      /api/inference/....
+      to OpenRouter (an egress proxy of the host's); or ``http_client``, the host's own
+      ``httpx.Client`` (its proxies, TLS, event hooks), used as given and never closed by
+      the service: not both. ``routes=False`` leaves out /api/inference/....
     """
 
     config_path: str | os.PathLike[str]
@@ -64,6 +65,7 @@ class InferenceOptions(TypedDict, total=False):
     engine: Engine
     database: Database
     transport: httpx.BaseTransport
+    http_client: httpx.Client
     routes: bool
 
 
@@ -112,6 +114,8 @@ class Inference:
         given: InferenceOptions = {**self._options, **options}
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(f"app {app.name!r} already has an inference service")
+        if "transport" in given and "http_client" in given:
+            raise TypeError("init_app() takes transport= or http_client=, not both")
         settings, database = _configure(app, given)
         logsafe.protect(settings.api_key)
         if settings.api.token is not None:
@@ -121,6 +125,7 @@ class Inference:
             database,
             spool_dir=settings.inference.spool_dir(Path(app.instance_path)),
             transport=given.get("transport"),
+            http_client=given.get("http_client"),
         )
         app.extensions[EXTENSION_KEY] = service
         if given.get("routes", True):

@@ -13,13 +13,13 @@ import pytest
 from tests.emulator_fixtures import TEST_KEY, ClientFactory, settings_for
 from tests.service_fixtures import settings_for as service_settings_for
 
-from headspace_inference.config import load_settings
-from headspace_inference.emulator import EmulatorServer, Fault
+from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import errors as e
 from headspace_inference.inference.client import OpenRouterClient
 from headspace_inference.inference.service import InferenceService
 from headspace_inference.inference.types import Answer, GenerationParams
 from headspace_inference.standalone.database import standalone_database
+from headspace_inference.testing.emulator import EmulatorServer, Fault
 
 CHAT = "/api/v1/chat/completions"
 KEY_PATH = "/api/v1/key"
@@ -48,6 +48,9 @@ def in_flight(client: OpenRouterClient) -> tuple[threading.Thread, list[BaseExce
 
 
 # --------------------------------------------------------------------------- our own clients
+
+
+KEY_PATH = "/api/v1/key"
 
 
 def test_a_slot_comes_back_after_an_answer_an_error_a_timeout_and_a_drop(
@@ -266,4 +269,36 @@ def test_the_service_sends_through_a_host_client_and_leaves_it_open(
             service.close()
             database.dispose()
         assert not host.is_closed
-    assert seen == [CHAT]
+    # The call through the host's client (and the health probe the first call starts, if it
+    # has run by now: through it too).
+    assert CHAT in seen
+    assert set(seen) <= {CHAT, KEY_PATH}
+
+
+def test_a_host_passes_its_client_to_init_app(
+    sqlite_url: str, emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flask import Flask
+
+    from headspace_inference import Inference
+
+    monkeypatch.setenv("OPENROUTER_API_KEY", TEST_KEY)
+    seen: list[str] = []
+    overrides = {"openrouter": {"base_url": emulator.base_url}}
+    with httpx.Client(event_hooks={"request": [lambda r: seen.append(r.url.path)]}) as host:
+        app = Flask("host", instance_path=str(tmp_path / "instance"))
+        with pytest.raises(TypeError, match="transport= or http_client=, not both"):
+            Inference(app, database_url=sqlite_url, overrides=overrides, http_client=host,
+                      transport=httpx.HTTPTransport())  # fmt: skip
+        Inference(app, database_url=sqlite_url, overrides=overrides, http_client=host)
+        service = app.extensions["inference"]
+        service.database.upgrade()
+        try:
+            assert service.infer("turn", "p", "through the host's client").text
+        finally:
+            service.close()
+        assert not host.is_closed
+    # The call through the host's client (and the health probe the first call starts, if it
+    # has run by now: through it too).
+    assert CHAT in seen
+    assert set(seen) <= {CHAT, KEY_PATH}

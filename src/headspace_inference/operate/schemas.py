@@ -1,5 +1,6 @@
 """The JSON answers of /api/inference/..., as pydantic models: the OpenAPI document's schemas
-are generated from them (openapi.py).
+are generated from them (openapi.py), and a CALL is serialised by their field list
+(calls.py), so a field is added in one place and shows in both.
 
 Models that describe an answer whose every key is known forbid others
 (``additionalProperties: false``): an answer that grows a key its model lacks fails the

@@ -17,6 +17,9 @@ from sqlalchemy import text
 
 from headspace_inference import create_app
 from headspace_inference.operate.calls import encode_cursor
+from headspace_inference.operate.schemas import Call, CallDetail
+from headspace_inference.standalone.models import Agent, Command, Project, Turn
+from tests.api_document import validate_answer
 from tests.call_rows import call, make_record, write
 
 T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
@@ -106,6 +109,43 @@ def test_a_call_has_the_promised_fields_and_the_detail_its_answer(app: Flask) ->
     assert {k: detail.json[k] for k in listed} == listed
     missing = client.get(f"/api/inference/calls/{listed['id'] + 1}")
     assert (missing.status_code, missing.json["status"]) == (404, 404)
+
+
+def test_a_call_with_every_field_set_answers_per_the_document(app: Flask) -> None:
+    # A row in each table a call links to.
+    with sessions(app)() as session, session.begin():
+        session.add(Project(id=7, name="every field"))
+        session.flush()
+        session.add(Agent(id=8, project_id=7))
+        session.flush()
+        session.add(Command(id=9, agent_id=8))
+        session.flush()
+        session.add(Turn(id=10, command_id=9))
+    record = make_record(
+        0, timestamp=T0 + timedelta(microseconds=250), status="error", cached=True,
+        cost_usd=Decimal("0.000123456789"), saved_cost_usd=Decimal("0.5"),
+        upstream_cost_usd=Decimal("0.00013"), error_type="UpstreamServerError",
+        error_message="upstream said 500", generation_id="gen-1", provider="Anthropic",
+        finish_reason="stop", project_id=7, agent_id=8, command_id=9, turn_id=10,
+    )  # fmt: skip
+    write(sessions(app), [record], batch=1)
+    client = app.test_client()
+    (listed,) = client.get("/api/inference/calls").json["calls"]
+    detail = client.get(f"/api/inference/calls/{listed['id']}").json
+    for answer, model in ((listed, Call), (detail, CallDetail)):
+        assert list(answer) == list(model.model_fields)
+        assert [name for name, value in answer.items() if value is None] == []
+        validate_answer(answer, model.__name__)
+    assert detail["timestamp"] == "2026-05-01T09:00:00.000250Z"
+    money = {k: detail[k] for k in ("cost_usd", "saved_cost_usd", "upstream_cost_usd")}
+    assert money == {
+        "cost_usd": 0.000123456789,
+        "saved_cost_usd": 0.5,
+        "upstream_cost_usd": 0.00013,
+    }
+    assert (detail["project_id"], detail["turn_id"], detail["cached"]) == (7, 10, True)
+    page = client.get("/api/inference/calls").json
+    validate_answer(page, "CallPage")
 
 
 def add_projects(app: Flask, *ids: int) -> None:

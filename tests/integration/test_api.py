@@ -9,24 +9,24 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import jsonschema
 import pytest
 import schemathesis
 from flask import Flask
 from hypothesis import HealthCheck, settings
+from pydantic import BaseModel, Field, TypeAdapter
+from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
+from tests.api_document import DEFAULT_LEVELS, validate_answer
 from tests.tcp_proxy import TcpProxy
 
 from headspace_inference import create_app
-from headspace_inference.operate.openapi import openapi_document
+from headspace_inference.operate.openapi import REF, openapi_30, openapi_document
+from headspace_inference.operate.schemas import DOCUMENTED, Call, CallDetail, Usage
 from headspace_inference.operate.usage import UsageQuery, usage_report
-from headspace_inference.settings import DEFAULT_MODELS
 
 SECRET = "sk-or-v1-USAGE-API-SECRET-0000"
 TOKEN = "operator-token-123"
-
-DEFAULT_LEVELS = tuple(DEFAULT_MODELS)
 
 
 def build_app(url: str, emulator: Any, tmp_path: Path, **overrides: Any) -> Flask:
@@ -47,22 +47,6 @@ def app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Flask]:
     app.extensions["inference"].close()
 
 
-def nullable_to_jsonschema(schema: Any) -> Any:
-    """OpenAPI 3.0's `nullable` as plain JSON Schema."""
-    if isinstance(schema, dict):
-        out = {k: nullable_to_jsonschema(v) for k, v in schema.items() if k != "nullable"}
-        if schema.get("nullable") and "type" in out:
-            out["type"] = [out["type"], "null"]
-        return out
-    if isinstance(schema, list):
-        return [nullable_to_jsonschema(v) for v in schema]
-    return schema
-
-
-def response_schema(name: str) -> Any:
-    return nullable_to_jsonschema(openapi_document(DEFAULT_LEVELS)["components"]["schemas"][name])
-
-
 def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flask) -> None:
     service = app.extensions["inference"]
     service.infer("turn", "p", "for the usage numbers")
@@ -76,8 +60,8 @@ def test_status_and_usage_match_their_documents_and_never_show_the_key(app: Flas
         assert response.status_code == 200
         assert response.mimetype == "application/json"
         assert SECRET not in response.get_data(as_text=True)
-    jsonschema.validate(status.json, response_schema("Status"))
-    jsonschema.validate(usage.json, response_schema("Usage"))
+    validate_answer(status.json, "Status")
+    validate_answer(usage.json, "Usage")
     assert doc.json == json.loads(json.dumps(openapi_document(DEFAULT_LEVELS)))
     s = status.json
     assert s["enabled"] is True and s["state"] == "healthy" and s["reason"] is None
@@ -101,7 +85,7 @@ def test_status_of_a_stopped_service(sqlite_url: str, emulator: Any, tmp_path: P
         app.extensions["inference"].close()
         response = app.test_client().get("/api/inference/status")
         assert response.status_code == 200
-        jsonschema.validate(response.json, response_schema("Status"))
+        validate_answer(response.json, "Status")
         assert (response.json["enabled"], response.json["state"]) == (enabled, state)
         assert response.json["reason"]
         assert response.json["openrouter"]["api_key_configured"] is True
@@ -135,7 +119,7 @@ def test_bad_usage_parameters_are_400_naming_them(app: Flask, query: str, named:
     assert response.status_code == 400
     assert response.json["error"].startswith(f"{named}:")
     assert response.json["status"] == 400
-    jsonschema.validate(response.json, response_schema("Error"))
+    validate_answer(response.json, "Error")
 
 
 def test_usage_window_and_filters(app: Flask) -> None:
@@ -198,6 +182,50 @@ def test_api_token_guards_both_endpoints(sqlite_url: str, emulator: Any, tmp_pat
         app.extensions["inference"].close()
 
 
+def test_the_document_is_openapi_3_0_with_the_models_schemas_and_the_app_s_levels() -> None:
+    levels = ("turn", "command", "objective")
+    for token_required in (False, True):
+        doc = openapi_document(levels, token_required=token_required)
+        OPENAPI_30_VALIDATOR.validate(doc)
+        guarded = [p for p, op in doc["paths"].items() if "security" in op["get"]]
+        assert ("401" in json.dumps(doc)) is token_required
+        assert len(guarded) == (len(doc["paths"]) - 1 if token_required else 0)
+    schemas = doc["components"]["schemas"]
+    assert {m.__name__ for m in DOCUMENTED} <= set(schemas)
+    for model in (Call, CallDetail, Usage):
+        assert list(schemas[model.__name__]["properties"]) == list(model.model_fields)
+    assert schemas["Status"]["properties"]["models"]["required"] == list(levels)
+    for path in ("/api/inference/usage", "/api/inference/calls"):
+        (level,) = [p for p in doc["paths"][path]["get"]["parameters"] if p["name"] == "level"]
+        assert level["schema"]["enum"] == list(levels)
+    # Another app's levels do not leak into this one's (the schemas are cached).
+    again = openapi_document(DEFAULT_LEVELS)["components"]["schemas"]["Status"]
+    assert again["properties"]["models"]["required"] == list(DEFAULT_LEVELS)
+
+
+class Linked(BaseModel):
+    name: str
+
+
+def test_json_schema_2020_12_is_rewritten_for_openapi_3_0_or_refused() -> None:
+    def schema_of(kind: Any) -> dict[str, Any]:
+        schema = TypeAdapter(kind).json_schema(mode="serialization", ref_template=REF)
+        schema.pop("$defs", None)  # (the document keeps them in its components)
+        return schema
+
+    assert openapi_30(schema_of(int | None)) == {"type": "integer", "nullable": True}
+    assert openapi_30(schema_of(list[str] | None)) == {
+        "type": "array", "items": {"type": "string"}, "nullable": True}  # fmt: skip
+    nullable_ref = openapi_30(schema_of(Linked | None))
+    # 3.0 ignores a $ref's siblings: a nullable reference is an allOf.
+    assert nullable_ref["anyOf" if "anyOf" in nullable_ref else "allOf"] == [
+        {"$ref": "#/components/schemas/Linked"}]  # fmt: skip
+    assert nullable_ref["nullable"] is True
+    for unsayable in (Literal["only"], Annotated[int, Field(gt=0)], tuple[int, str]):
+        with pytest.raises(ValueError, match=r"not expressible in OpenAPI 3\.0"):
+            openapi_30(schema_of(unsayable))
+
+
 def test_unknown_paths_and_methods_answer_in_the_one_error_shape(app: Flask) -> None:
     client = app.test_client()
     missing = client.get("/api/inference/nothing")
@@ -214,14 +242,14 @@ def api_schema(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[Any
     app = build_app(database_url, emulator, tmp_path)
     app.extensions["inference"].infer("objective", "p", "some usage to report")
     assert app.extensions["inference"].recorder.flush(timeout=30)
-    yield schemathesis.from_wsgi("/api/inference/openapi.json", app)
+    yield schemathesis.from_wsgi("/api/inference/openapi.json", app, validate_schema=True)
     app.extensions["inference"].close()
 
 
 @pytest.fixture
 def api_schema_with_token(sqlite_url: str, emulator: Any, tmp_path: Path) -> Iterator[Any]:
     app = build_app(sqlite_url, emulator, tmp_path, api={"token": TOKEN})
-    yield schemathesis.from_wsgi("/api/inference/openapi.json", app)
+    yield schemathesis.from_wsgi("/api/inference/openapi.json", app, validate_schema=True)
     app.extensions["inference"].close()
 
 
@@ -297,7 +325,7 @@ def test_usage_answers_a_json_503_naming_the_database_while_it_is_away(
         away = client.get("/api/inference/usage")
         assert away.status_code == 503
         assert away.json is not None
-        jsonschema.validate(away.json, response_schema("Error"))
+        validate_answer(away.json, "Error")
         assert away.json["status"] == 503
         assert away.json["error"].startswith("database unreachable, usage cannot be read now: ")
         # Every reader of the database answers so, naming what it could not do.

@@ -19,17 +19,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args
 
 from flask import Response, jsonify, request
+from pydantic.fields import FieldInfo
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from ..calllog.database import DATABASE_AWAY
-from ..calllog.models import MAX_INTEGER, InferenceCall
+from ..calllog.models import InferenceCall
 from .http import (
     BadParameter,
     bp,
@@ -38,47 +40,64 @@ from .http import (
     error_response,
     parse_filters,
 )
+from .schemas import Call, CallDetail, CallStatus
 
-STATUSES = ("ok", "cached", "error", "rate_limited", "refused", "cancelled")
+STATUSES: tuple[str, ...] = get_args(CallStatus)
 CALLS_PARAMS = ("limit", "cursor", "level", "model", "status", "project_id", "since", "until")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 # The database's id column is a bigint on PostgreSQL: larger ids cannot exist.
 MAX_ROW_ID = 2**63 - 1
 
-# A CALL, in the order its JSON shows it: the list and the event feed.
-CALL_FIELDS = (
-    "id", "request_id", "timestamp", "level", "purpose", "model", "status", "input_tokens",
-    "output_tokens", "cost_usd", "saved_cost_usd", "latency_ms", "cached", "attempts",
-    "error_type", "error_message", "provider", "finish_reason", "project_id", "agent_id",
-    "command_id", "turn_id",
-)  # fmt: skip
-# The detail adds these.
-DETAIL_FIELDS = ("result_text", "input_hash", "generation_id", "upstream_cost_usd")
-_MONEY = frozenset({"cost_usd", "saved_cost_usd", "upstream_cost_usd"})
+# A CALL's JSON keys are its model's fields; each is the row's column of the same name but
+# call_id, the row's request_id.
+_COLUMN_OF = {"call_id": "request_id"}
+# (JSON key, column, serialiser) for each field of a model, in its order.
+Shape = tuple[tuple[str, str, Callable[[Any], Any]], ...]
 
-_COLUMNS = [getattr(InferenceCall, name) for name in CALL_FIELDS]
-_DETAIL_COLUMNS = [*_COLUMNS, *(getattr(InferenceCall, name) for name in DETAIL_FIELDS)]
+
+def _timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _money(value: Decimal | None) -> float | None:
     return None if value is None else float(value)
 
 
-def call_json(row: Any, fields: tuple[str, ...] = CALL_FIELDS) -> dict[str, Any]:
-    """A CALL: the row's public fields (``request_id`` shown as ``call_id``)."""
-    out: dict[str, Any] = {}
-    for name in fields:
-        value = getattr(row, name)
-        if name == "request_id":
-            out["call_id"] = value
-        elif name == "timestamp":
-            out["timestamp"] = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        elif name in _MONEY:
-            out[name] = _money(value)
-        else:
-            out[name] = value
-    return out
+def _same(value: Any) -> Any:
+    return value
+
+
+def _serialiser(field: FieldInfo) -> Callable[[Any], Any]:
+    """How a column's value becomes the JSON the field's type documents: datetimes as ISO
+    8601 in UTC, money (a Decimal column, a float field) as a float."""
+    if field.annotation is datetime:
+        return _timestamp
+    if field.annotation in (float, float | None):
+        return _money
+    return _same
+
+
+def _shape(model: type[Call]) -> Shape:
+    """The shape of ``model``'s JSON."""
+    return tuple(
+        (name, _COLUMN_OF.get(name, name), _serialiser(field))
+        for name, field in model.model_fields.items()
+    )
+
+
+# Plain dicts built from the model's fields, not model instances: the list and the live feed
+# serialise rows on their hot path, and the answers' agreement with the document is what
+# the tests check.
+_CALL = _shape(Call)
+_DETAIL = _shape(CallDetail)
+_COLUMNS = [getattr(InferenceCall, column) for _, column, _ in _CALL]
+_DETAIL_COLUMNS = [getattr(InferenceCall, column) for _, column, _ in _DETAIL]
+
+
+def call_json(row: Any, shape: Shape = _CALL) -> dict[str, Any]:
+    """A CALL (or, with ``_DETAIL``, a CallDetail) from a row holding its columns."""
+    return {name: serialise(getattr(row, column)) for name, column, serialise in shape}
 
 
 def select_calls() -> Select[Any]:
@@ -172,7 +191,7 @@ def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
 def call_detail(session: Session, row_id: int) -> dict[str, Any] | None:
     """One CALL with its answer and the rest of its row, or None."""
     row = session.execute(select(*_DETAIL_COLUMNS).where(InferenceCall.id == row_id)).one_or_none()
-    return None if row is None else call_json(row, (*CALL_FIELDS, *DETAIL_FIELDS))
+    return None if row is None else call_json(row, _DETAIL)
 
 
 @bp.get("/calls")
@@ -207,142 +226,3 @@ def call(row_id: int) -> Response:
     if found is None:
         return error_response(404, f"no call with id {row_id}")
     return jsonify(found)
-
-
-def calls_openapi(
-    levels: tuple[str, ...], security: dict[str, Any], common: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The paths and schemas of these two endpoints, for the OpenAPI document."""
-    nullable_int = {"type": "integer", "nullable": True}
-    nullable_str = {"type": "string", "nullable": True}
-    nullable_num = {"type": "number", "nullable": True}
-    properties: dict[str, Any] = {
-        "id": {"type": "integer"},
-        "call_id": {"type": "string"},
-        "timestamp": {"type": "string", "format": "date-time"},
-        "level": {"type": "string"},
-        "purpose": {"type": "string"},
-        "model": {"type": "string"},
-        "status": {"type": "string", "enum": list(STATUSES)},
-        "input_tokens": {"type": "integer"},
-        "output_tokens": {"type": "integer"},
-        "cost_usd": nullable_num,
-        "saved_cost_usd": nullable_num,
-        "latency_ms": {"type": "integer"},
-        "cached": {"type": "boolean"},
-        "attempts": {"type": "integer"},
-        "error_type": nullable_str,
-        "error_message": nullable_str,
-        "provider": nullable_str,
-        "finish_reason": nullable_str,
-        "project_id": nullable_int,
-        "agent_id": nullable_int,
-        "command_id": nullable_int,
-        "turn_id": nullable_int,
-    }
-    call_schema = {
-        "type": "object",
-        "required": [("call_id" if name == "request_id" else name) for name in CALL_FIELDS],
-        "properties": properties,
-    }
-    detail_schema = {
-        "type": "object",
-        "required": [*call_schema["required"], *DETAIL_FIELDS],
-        "properties": {
-            **properties,
-            "result_text": nullable_str,
-            "input_hash": {"type": "string"},
-            "generation_id": nullable_str,
-            "upstream_cost_usd": nullable_num,
-        },
-    }
-    page_schema = {
-        "type": "object",
-        "required": ["calls", "next_cursor"],
-        "properties": {
-            "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
-            "next_cursor": nullable_str,
-        },
-    }
-
-    def json_of(ref: str) -> dict[str, Any]:
-        return {"application/json": {"schema": {"$ref": ref}}}
-
-    error = json_of("#/components/schemas/Error")
-    time_param = {"type": "string", "format": "date-time"}
-    paths = {
-        "/api/inference/calls": {
-            "get": {
-                "summary": "The call log, newest first, a page at a time (keyset cursor)",
-                "operationId": "listCalls",
-                **security,
-                "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                    },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "level",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": list(levels)},
-                    },
-                    {
-                        "name": "model",
-                        "in": "query",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    },
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": list(STATUSES)},
-                    },
-                    {
-                        "name": "project_id",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER},
-                    },
-                    {"name": "since", "in": "query", "schema": time_param},
-                    {"name": "until", "in": "query", "schema": time_param},
-                ],
-                "responses": {
-                    "200": {
-                        "description": "one page",
-                        "content": json_of("#/components/schemas/CallPage"),
-                    },
-                    "400": {"description": "a bad parameter, named in error", "content": error},
-                    "503": {
-                        "description": "the database cannot be read right now",
-                        "content": error,
-                    },
-                    **common,
-                },
-            }
-        },
-        "/api/inference/calls/{id}": {
-            "get": {
-                "summary": "One call, with its answer",
-                "operationId": "getCall",
-                **security,
-                "parameters": [
-                    {"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}
-                ],
-                "responses": {
-                    "200": {
-                        "description": "the call",
-                        "content": json_of("#/components/schemas/CallDetail"),
-                    },
-                    "400": {"description": "a bad parameter, named in error", "content": error},
-                    "404": {"description": "no call with this id", "content": error},
-                    "503": {
-                        "description": "the database cannot be read right now",
-                        "content": error,
-                    },
-                    **common,
-                },
-            }
-        },
-    }
-    schemas = {"Call": call_schema, "CallDetail": detail_schema, "CallPage": page_schema}
-    return paths, schemas

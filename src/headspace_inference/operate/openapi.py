@@ -1,15 +1,85 @@
-"""GET /api/inference/openapi.json: the OpenAPI document of the JSON API."""
+"""GET /api/inference/openapi.json: the OpenAPI document of the JSON API.
+
+The answers' schemas are generated from their models (schemas.py); what is written here is
+only the endpoints' table: paths, parameters and which errors each can answer.
+
+The document is OpenAPI 3.0.3, the version every client generator and schemathesis (< 4,
+where 3.1 is an experimental opt-in) read fully. Pydantic writes JSON Schema 2020-12, so
+the schemas are rewritten into 3.0's dialect: ``anyOf [X, {"type": "null"}]`` becomes X with
+``nullable: true``, and a keyword 3.0 lacks is refused rather than published.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, jsonify
+from pydantic.json_schema import models_json_schema
 
 from ..calllog.models import MAX_INTEGER
-from .calls import calls_openapi
-from .daily import daily_openapi
+from .calls import MAX_LIMIT, STATUSES
+from .daily import MAX_DAYS
 from .http import bp, current_service
+from .schemas import DOCUMENTED
+
+REF = "#/components/schemas/{model}"
+
+ERRORS = {
+    400: "a bad parameter, named in error",
+    401: "the request lacks 'Authorization: Bearer <api.token>'",
+    404: "no call with this id",
+    503: "the database cannot be read right now",
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One GET: its 200 answers the ``answer`` model; ``errors`` are the statuses it can
+    answer in the error shape (401 is added to every endpoint but a public one when api.token
+    is set). A parameter named in the path is a path parameter."""
+
+    path: str
+    operation_id: str
+    summary: str
+    answer: str | None  # None: any JSON object
+    params: tuple[tuple[str, dict[str, Any]], ...] = ()
+    errors: tuple[int, ...] = ()
+    public: bool = False
+
+
+def endpoints(levels: tuple[str, ...]) -> tuple[Endpoint, ...]:
+    """Every endpoint of the API, for the configured ``levels``."""
+    time = {"type": "string", "format": "date-time"}
+    level = {"type": "string", "enum": list(levels)}
+    model = {"type": "string", "minLength": 1, "maxLength": 200}
+    project_id = {"type": "integer", "minimum": 1, "maximum": MAX_INTEGER}
+    window = (("since", time), ("until", time))
+    read = (400, 503)
+    return (
+        Endpoint("/api/inference/status", "getStatus",
+                 "Service health, configuration and live statistics", "Status"),
+        Endpoint("/api/inference/openapi.json", "getOpenApi",
+                 "This document (public, even when api.token is set)", None, public=True),
+        Endpoint("/api/inference/usage", "getUsage",
+                 "Usage and cost over a window [since, until)", "Usage",
+                 (*window, ("level", level), ("model", model), ("project_id", project_id)),
+                 read),
+        Endpoint("/api/inference/usage/daily", "getDailyCost",
+                 "Cost per UTC day by model over the last `days` days", "DailyCost",
+                 (("days", {"type": "integer", "minimum": 1, "maximum": MAX_DAYS}),), read),
+        Endpoint("/api/inference/calls", "listCalls",
+                 "The call log, newest first, a page at a time (keyset cursor)", "CallPage",
+                 (("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                  ("cursor", {"type": "string"}), ("level", level), ("model", model),
+                  ("status", {"type": "string", "enum": list(STATUSES)}),
+                  ("project_id", project_id), *window),
+                 read),
+        Endpoint("/api/inference/calls/{id}", "getCall", "One call, with its answer",
+                 "CallDetail", (("id", {"type": "integer"}),), (400, 404, 503)),
+    )  # fmt: skip
 
 
 @bp.get("/openapi.json")
@@ -20,281 +90,88 @@ def openapi() -> Response:
 
 
 def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.0 description of /status and /usage for the configured ``levels``; with
-    ``token_required`` (api.token set) both declare bearer authentication and their 401."""
-    number = {"type": "number"}
-    integer = {"type": "integer"}
-    nullable_int = {"type": "integer", "nullable": True}
-    counts = {"type": "object", "additionalProperties": integer}
-    money = {"type": "object", "additionalProperties": number}
-    # Percentiles are the upper bound (ms) of the histogram bucket holding them; null when
-    # there are no calls, or when the percentile lies past the last bound (60 s).
-    latency = {
-        "type": "object",
-        "required": ["mean", "p50", "p90", "p99"],
-        "properties": {
-            k: {"type": "number", "nullable": True} for k in ("mean", "p50", "p90", "p99")
-        },
-    }
-    kinds = ("input", "output", "cached_input", "cache_write", "reasoning")
-    tokens = {
-        "type": "object",
-        "required": list(kinds),
-        "properties": dict.fromkeys(kinds, integer),
-    }
-    disagreement = dict.fromkeys(
-        ("estimated", "reported", "difference", "reported_without_estimate"), number
-    )
-    error = {
-        "type": "object",
-        "required": ["error", "status"],
-        "properties": {"error": {"type": "string"}, "status": integer},
-    }
-    status_schema = {
-        "type": "object",
-        "required": [
-            "enabled",
-            "state",
-            "openrouter",
-            "models",
-            "rate_limits",
-            "cache",
-            "call_log",
-        ],
-        "properties": {
-            "enabled": {"type": "boolean"},
-            "state": {"type": "string", "enum": ["healthy", "degraded", "disabled"]},
-            "reason": {"type": "string", "nullable": True},
-            "openrouter": {
-                "type": "object",
-                "required": ["reachable", "checked_at", "latency_ms", "error"],
-                "properties": {
-                    "reachable": {"type": "boolean"},
-                    "checked_at": {"type": "string", "format": "date-time", "nullable": True},
-                    "latency_ms": nullable_int,
-                    "error": {"type": "string", "nullable": True},
-                    "state": {"type": "string"},
-                    "base_url": {"type": "string"},
-                    "api_key_configured": {"type": "boolean"},
-                },
-            },
-            "models": {
-                "type": "object",
-                "required": list(levels),
-                "properties": {level: {"type": "string"} for level in levels},
-            },
-            "fallback_models": {
-                "type": "object",
-                "additionalProperties": {"type": "array", "items": {"type": "string"}},
-            },
-            "provider": {"type": "object", "nullable": True},
-            "unpriced_models": {"type": "array", "items": {"type": "string"}},
-            "rate_limits": {
-                "type": "object",
-                "required": ["calls_per_minute", "tokens_per_minute", "max_wait_seconds"],
-                "properties": {
-                    "calls_per_minute": integer,
-                    "tokens_per_minute": integer,
-                    "max_wait_seconds": number,
-                    "window_seconds": number,
-                    "usage": {"type": "object"},
-                },
-            },
-            "cache": {
-                "type": "object",
-                "required": ["enabled", "ttl_seconds"],
-                "properties": {
-                    "enabled": {"type": "boolean"},
-                    "ttl_seconds": number,
-                    "max_entries": integer,
-                    "stats": {"type": "object"},
-                },
-            },
-            "retry": {"type": "object"},
-            "queue": {"type": "object"},
-            "call_log": {
-                "type": "object",
-                "required": ["state", "pending", "write_failures"],
-                "properties": {
-                    "state": {"type": "string", "enum": ["ok", "spooling", "stopped"]},
-                    "pending": integer,
-                    "write_failures": integer,
-                    "last_error": {"type": "string", "nullable": True},
-                },
-            },
-        },
-    }
-    usage_schema = {
-        "type": "object",
-        "required": [
-            "total_calls",
-            "calls_by_level",
-            "calls_by_model",
-            "total_input_tokens",
-            "total_output_tokens",
-            "total_cost",
-            "cost_by_model",
-            "cost_by_level",
-            "cache_hits",
-            "errors",
-            "window",
-            "filters",
-            "tokens_by_level",
-            "upstream_reported_cost",
-            "saved_cost",
-            "latency_ms",
-        ],
-        "properties": {
-            "window": {
-                "type": "object",
-                "required": ["since", "until"],
-                "properties": {
-                    "since": {"type": "string", "format": "date-time", "nullable": True},
-                    "until": {"type": "string", "format": "date-time", "nullable": True},
-                },
-            },
-            "filters": {
-                "type": "object",
-                "required": ["level", "model", "project_id"],
-                "properties": {
-                    "level": {"type": "string", "nullable": True},
-                    "model": {"type": "string", "nullable": True},
-                    "project_id": nullable_int,
-                },
-            },
-            "total_calls": integer,
-            "calls_by_level": counts,
-            "calls_by_model": counts,
-            "total_input_tokens": integer,
-            "total_output_tokens": integer,
-            "total_cached_input_tokens": integer,
-            "total_cache_write_tokens": integer,
-            "total_reasoning_tokens": integer,
-            "tokens_by_level": {"type": "object", "additionalProperties": tokens},
-            "tokens_by_model": {"type": "object", "additionalProperties": tokens},
-            "total_cost": number,
-            "cost_by_model": money,
-            "cost_by_level": money,
-            "upstream_reported_cost": number,
-            "cache_discount": number,
-            "cache_discount_by_model": money,
-            # Models whose estimate and OpenRouter's figure differ (over the calls with both)
-            # by more than 1%, or that OpenRouter charged for calls without an estimate.
-            "cost_disagreements": {
-                "type": "object",
-                "additionalProperties": {
-                    "type": "object",
-                    "required": list(disagreement),
-                    "properties": disagreement,
-                },
-            },
-            "cache_hits": integer,
-            "saved_cost": number,
-            "errors": integer,
-            "latency_ms": {"type": "object", "additionalProperties": latency},
-        },
-    }
-
-    def json_of(ref: str) -> dict[str, Any]:
-        return {"application/json": {"schema": {"$ref": ref}}}
-
-    responses_common: dict[str, Any] = {}
-    security: dict[str, Any] = {}
-    if token_required:
-        responses_common["401"] = {
-            "description": "the request lacks 'Authorization: Bearer <api.token>'",
-            "content": json_of("#/components/schemas/Error"),
-        }
-        security["security"] = [{"bearerToken": []}]
-    time_param = {"type": "string", "format": "date-time"}
-
-    calls_paths, calls_schemas = calls_openapi(levels, security, responses_common)
-    calls_paths.update(daily_openapi(security, responses_common))
+    """The OpenAPI 3.0 document of the API for the configured ``levels``; with
+    ``token_required`` (api.token set) every endpoint but the document itself declares bearer
+    authentication and its 401."""
+    schemas = copy.deepcopy(component_schemas())
+    # The levels are configuration: the status names each configured one.
+    schemas["Status"]["properties"]["models"]["required"] = list(levels)
     return {
         "openapi": "3.0.3",
         "info": {"title": "Claude Headspace inference API", "version": "1.0.0"},
-        "paths": {
-            "/api/inference/status": {
-                "get": {
-                    "summary": "Service health, configuration and live statistics",
-                    "operationId": "getStatus",
-                    **security,
-                    "responses": {
-                        "200": {
-                            "description": "status",
-                            "content": json_of("#/components/schemas/Status"),
-                        },
-                        **responses_common,
-                    },
-                }
-            },
-            "/api/inference/openapi.json": {
-                "get": {
-                    "summary": "This document (public, even when api.token is set)",
-                    "operationId": "getOpenApi",
-                    "responses": {
-                        "200": {
-                            "description": "the OpenAPI 3.0 document",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-            "/api/inference/usage": {
-                "get": {
-                    "summary": "Usage and cost over a window [since, until)",
-                    "operationId": "getUsage",
-                    **security,
-                    "parameters": [
-                        {"name": "since", "in": "query", "schema": time_param},
-                        {"name": "until", "in": "query", "schema": time_param},
-                        {
-                            "name": "level",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": list(levels)},
-                        },
-                        {
-                            "name": "model",
-                            "in": "query",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                        },
-                        {
-                            "name": "project_id",
-                            "in": "query",
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": MAX_INTEGER,
-                            },
-                        },
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "usage",
-                            "content": json_of("#/components/schemas/Usage"),
-                        },
-                        "400": {
-                            "description": "a bad parameter, named in error",
-                            "content": json_of("#/components/schemas/Error"),
-                        },
-                        "503": {
-                            "description": "the database cannot be read right now",
-                            "content": json_of("#/components/schemas/Error"),
-                        },
-                        **responses_common,
-                    },
-                }
-            },
-            **calls_paths,
-        },
+        "paths": {e.path: {"get": _operation(e, token_required)} for e in endpoints(levels)},
         "components": {
-            "schemas": {
-                "Status": status_schema,
-                "Usage": usage_schema,
-                "Error": error,
-                **calls_schemas,
-            },
+            "schemas": schemas,
             # The document itself is public: it describes the API, not its data.
             "securitySchemes": {"bearerToken": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _operation(e: Endpoint, token_required: bool) -> dict[str, Any]:
+    def json_of(name: str | None) -> dict[str, Any]:
+        schema = {"type": "object"} if name is None else {"$ref": REF.format(model=name)}
+        return {"application/json": {"schema": schema}}
+
+    guarded = token_required and not e.public
+    errors = (*e.errors, 401) if guarded else e.errors
+    op: dict[str, Any] = {"summary": e.summary, "operationId": e.operation_id}
+    if guarded:
+        op["security"] = [{"bearerToken": []}]
+    if e.params:
+        op["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": schema}
+            if f"{{{name}}}" in e.path
+            else {"name": name, "in": "query", "schema": schema}
+            for name, schema in e.params
+        ]
+    op["responses"] = {
+        "200": {"description": e.answer or "the document", "content": json_of(e.answer)},
+        **{str(s): {"description": ERRORS[s], "content": json_of("Error")} for s in errors},
+    }
+    return op
+
+
+@functools.cache
+def component_schemas() -> dict[str, Any]:
+    """The answers' schemas, by model name, in OpenAPI 3.0's dialect (levels not yet set)."""
+    _, top = models_json_schema([(m, "serialization") for m in DOCUMENTED], ref_template=REF)
+    return {name: openapi_30(schema) for name, schema in top["$defs"].items()}
+
+
+# JSON Schema 2020-12 keywords OpenAPI 3.0's schema object lacks (or reads differently).
+_NOT_IN_30 = frozenset(
+    {"const", "prefixItems", "$defs", "exclusiveMinimum", "exclusiveMaximum", "examples",
+     "unevaluatedProperties", "dependentRequired", "dependentSchemas", "contains", "if"}
+)  # fmt: skip
+_NULL = {"type": "null"}
+
+
+def openapi_30(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (pydantic's JSON Schema 2020-12) as an OpenAPI 3.0 schema object, without
+    the titles pydantic adds; ValueError names a keyword 3.0 cannot say."""
+    out = {k: v for k, v in schema.items() if k != "title"}
+    lacking = sorted(_NOT_IN_30 & out.keys())
+    if lacking or not isinstance(out.get("type", ""), str) or out.get("type") == "null":
+        raise ValueError(f"not expressible in OpenAPI 3.0: {lacking or out['type']} in {schema}")
+    if "anyOf" in out:
+        branches = out.pop("anyOf")
+        kept = [b for b in branches if b != _NULL]
+        if len(kept) == len(branches):
+            out["anyOf"] = [openapi_30(b) for b in branches]
+        elif len(kept) == 1:
+            inner = openapi_30(kept[0])
+            # 3.0 ignores siblings of $ref, so a nullable reference wraps it in allOf.
+            out |= ({"allOf": [inner]} if "$ref" in inner else inner) | {"nullable": True}
+        else:
+            out["anyOf"] = [openapi_30(b) for b in kept]
+            out["nullable"] = True
+    for key in ("allOf", "oneOf"):
+        if key in out:
+            out[key] = [openapi_30(b) for b in out[key]]
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = openapi_30(out[key])
+    if "properties" in out:
+        out["properties"] = {name: openapi_30(s) for name, s in out["properties"].items()}
+    return out

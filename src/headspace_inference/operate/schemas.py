@@ -1,0 +1,234 @@
+"""The JSON answers of /api/inference/..., as pydantic models: the OpenAPI document's schemas
+are generated from them (openapi.py), and a CALL is serialised by their field list
+(calls.py), so a field is added in one place and shows in both.
+
+Models that describe an answer whose every key is known forbid others
+(``additionalProperties: false``): an answer that grows a key its model lacks fails the
+document's check instead of going undocumented. The free-form parts (a backend's counters,
+the retry settings) are ``dict[str, Any]``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CallStatus = Literal["ok", "cached", "error", "rate_limited", "refused", "cancelled"]
+
+
+class Answer(BaseModel):
+    """An answer whose keys are all listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(Answer):
+    """Every error: the message (naming a bad parameter) and the HTTP status."""
+
+    error: str
+    status: int
+
+
+# ------------------------------------------------------------------------------ /status
+
+
+class OpenRouterHealth(Answer):
+    """OpenRouter's side: the cached probe's result, or why nothing is probed."""
+
+    base_url: str
+    api_key_configured: bool
+    state: Literal["healthy", "unreachable", "key_rejected", "no_key", "disabled", "stopped"]
+    reachable: bool
+    checked_at: datetime | None
+    latency_ms: int | None
+    error: str | None
+
+
+class RateLimits(Answer):
+    calls_per_minute: int
+    tokens_per_minute: int
+    max_wait_seconds: float
+    window_seconds: float
+    usage: dict[str, Any] = Field(description="the limiter's counters (by backend)")
+
+
+class CacheStatus(Answer):
+    enabled: bool
+    ttl_seconds: float
+    max_entries: int
+    stats: dict[str, Any] = Field(description="the cache's counters (by backend)")
+
+
+class CallLogStatus(Answer):
+    """The call log's writer: ``spooling`` while the database refuses rows (they wait in
+    the spool, replayed once it answers)."""
+
+    state: Literal["ok", "spooling", "stopped"]
+    pending: int
+    oldest_pending: datetime | None
+    written: int
+    replayed: int
+    write_failures: int
+    rejected: int
+    last_error: str | None
+    last_error_at: datetime | None
+    spool_dir: str
+    spool_bytes: int
+
+
+class Status(Answer):
+    """Service health, configuration and live statistics."""
+
+    enabled: bool
+    state: Literal["healthy", "degraded", "disabled"]
+    reason: str | None = Field(description="every reason for degraded or disabled, joined")
+    openrouter: OpenRouterHealth
+    models: dict[str, str] = Field(description="each configured level's primary model")
+    fallback_models: dict[str, list[str]] = Field(
+        description="the fallbacks of the levels that have some"
+    )
+    provider: dict[str, Any] | None = Field(description="OpenRouter's provider preferences")
+    unpriced_models: list[str] = Field(
+        description="configured models with no price: their calls record no estimated cost"
+    )
+    rate_limits: RateLimits
+    cache: CacheStatus
+    retry: dict[str, Any]
+    queue: dict[str, Any]
+    call_log: CallLogStatus
+
+
+# ------------------------------------------------------------------------------- /usage
+
+
+class Window(Answer):
+    since: datetime | None
+    until: datetime | None
+
+
+class Filters(Answer):
+    level: str | None
+    model: str | None
+    project_id: int | None
+
+
+class Tokens(Answer):
+    input: int
+    output: int
+    cached_input: int
+    cache_write: int
+    reasoning: int
+
+
+class CostDisagreement(Answer):
+    """Where our estimate and OpenRouter's figure differ (over the calls with both) by more
+    than 1%, or OpenRouter charged for calls without an estimate."""
+
+    estimated: float
+    reported: float
+    difference: float
+    reported_without_estimate: float
+
+
+class Latency(Answer):
+    """Milliseconds. A percentile is the upper bound of the histogram bucket holding it;
+    null when there are no calls, or when it lies past the last bound (60 s)."""
+
+    mean: float | None
+    p50: int | None
+    p90: int | None
+    p99: int | None
+
+
+class Usage(Answer):
+    """Calls, tokens, cost, cache hits, errors and latency over a window [since, until)."""
+
+    window: Window
+    filters: Filters
+    total_calls: int
+    calls_by_level: dict[str, int]
+    calls_by_model: dict[str, int]
+    total_input_tokens: int
+    total_output_tokens: int
+    total_cached_input_tokens: int
+    total_cache_write_tokens: int
+    total_reasoning_tokens: int
+    tokens_by_level: dict[str, Tokens]
+    tokens_by_model: dict[str, Tokens]
+    total_cost: float
+    cost_by_model: dict[str, float]
+    cost_by_level: dict[str, float]
+    upstream_reported_cost: float
+    cache_discount: float
+    cache_discount_by_model: dict[str, float]
+    cost_disagreements: dict[str, CostDisagreement]
+    cache_hits: int
+    saved_cost: float
+    errors: int
+    latency_ms: dict[str, Latency] = Field(description="by level")
+
+
+class DailyCostDay(Answer):
+    day: date
+    calls: int
+    cost_by_model: dict[str, float]
+
+
+class DailyCost(Answer):
+    """Cost per UTC day by model, oldest day first; ``models`` are those with any cost."""
+
+    days: list[DailyCostDay]
+    models: list[str]
+
+
+# -------------------------------------------------------------------------------- /calls
+
+
+class Call(Answer):
+    """A CALL: one row of the call log, in the order its JSON shows it (the list and the
+    event feed). ``call_id`` is the row's ``request_id``; money is in US dollars."""
+
+    id: int
+    call_id: str
+    timestamp: datetime
+    level: str
+    purpose: str
+    model: str
+    status: CallStatus
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    saved_cost_usd: float | None
+    latency_ms: int
+    cached: bool
+    attempts: int
+    error_type: str | None
+    error_message: str | None
+    provider: str | None
+    finish_reason: str | None
+    project_id: int | None
+    agent_id: int | None
+    command_id: int | None
+    turn_id: int | None
+
+
+class CallDetail(Call):
+    """A CALL with its answer and the rest of its row (the input is kept only as its hash)."""
+
+    result_text: str | None
+    input_hash: str
+    generation_id: str | None
+    upstream_cost_usd: float | None
+
+
+class CallPage(Answer):
+    """One page, newest first; ``next_cursor`` starts the next one (null on the last)."""
+
+    calls: list[Call]
+    next_cursor: str | None
+
+
+# Every model the document names, in its components.
+DOCUMENTED: tuple[type[BaseModel], ...] = (Status, Usage, DailyCost, CallPage, CallDetail, Error)

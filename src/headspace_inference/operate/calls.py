@@ -39,6 +39,7 @@ from .http import (
     database_away,
     error_response,
     parse_filters,
+    read_answer,
 )
 from .schemas import Call, CallDetail, CallStatus
 
@@ -197,16 +198,11 @@ def call_detail(session: Session, row_id: int) -> dict[str, Any] | None:
 @bp.get("/calls")
 def calls() -> Response:
     """The call log, newest first, one page at a time."""
-    service = current_service()
-    try:
-        query = parse_calls_query(request.args, service.settings.levels)
-    except BadParameter as exc:
-        return error_response(400, str(exc))
-    try:
-        with service.database.sessions() as session:
-            return jsonify(calls_page(session, query))
-    except DATABASE_AWAY as exc:
-        return database_away(exc, "the call log cannot be read now")
+    levels = current_service().settings.levels
+    return read_answer(
+        lambda: parse_calls_query(request.args, levels), calls_page,
+        "the call log cannot be read now",
+    )  # fmt: skip
 
 
 @bp.get("/calls/<int:row_id>")

@@ -8,13 +8,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import UsageRollup
-from .http import BadParameter, bp, current_service, database_away, error_response
+from .http import BadParameter, bp, read_answer
 
 DEFAULT_DAYS = 14
 MAX_DAYS = 366
@@ -69,13 +68,8 @@ def daily_cost(session: Session, days: int, today: datetime) -> dict[str, Any]:
 @bp.get("/usage/daily")
 def usage_daily() -> Response:
     """Cost per day by model over the last ``days`` days (UTC), for the page's chart."""
-    service = current_service()
-    try:
-        days = parse_days(request.args)
-    except BadParameter as exc:
-        return error_response(400, str(exc))
-    try:
-        with service.database.sessions() as session:
-            return jsonify(daily_cost(session, days, datetime.now(UTC)))
-    except DATABASE_AWAY as exc:
-        return database_away(exc, "usage cannot be read now")
+    return read_answer(
+        lambda: parse_days(request.args),
+        lambda session, days: daily_cost(session, days, datetime.now(UTC)),
+        "usage cannot be read now",
+    )

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
+from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import MAX_INTEGER
 from ..inference.service import InferenceService
+
+Q = TypeVar("Q")
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,21 @@ def error_response(status: int, message: str) -> Response:
     response = jsonify({"error": message, "status": status})
     response.status_code = status
     return response
+
+
+def read_answer(parse: Callable[[], Q], read: Callable[[Session, Q], Any], what: str) -> Response:
+    """What every read route does: ``parse()`` the request (a 400 naming a bad parameter),
+    ``read`` in a session and answer its JSON (a 503 when the database does not answer,
+    saying that ``what`` cannot be done now)."""
+    try:
+        query = parse()
+    except BadParameter as exc:
+        return error_response(400, str(exc))
+    try:
+        with current_service().database.sessions() as session:
+            return jsonify(read(session, query))
+    except DATABASE_AWAY as exc:
+        return database_away(exc, what)
 
 
 def database_away(exc: Exception, what: str) -> Response:

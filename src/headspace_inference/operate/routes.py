@@ -6,8 +6,7 @@ from typing import Any
 
 from flask import Response, jsonify, request
 
-from ..calllog.database import DATABASE_AWAY
-from .http import BadParameter, bp, current_service, database_away, error_response, parse_filters
+from .http import bp, current_service, parse_filters, read_answer
 from .usage import UsageQuery, usage_report
 
 USAGE_PARAMS = ("since", "until", "level", "model", "project_id")
@@ -30,13 +29,8 @@ def parse_usage_query(args: Any, levels: tuple[str, ...]) -> UsageQuery:
 @bp.get("/usage")
 def usage() -> Response:
     """Calls, tokens, cost, cache hits, errors and latency over a window."""
-    service = current_service()
-    try:
-        query = parse_usage_query(request.args, service.settings.levels)
-    except BadParameter as exc:
-        return error_response(400, str(exc))
-    try:
-        with service.database.sessions() as session:
-            return jsonify(usage_report(session, query))
-    except DATABASE_AWAY as exc:
-        return database_away(exc, "usage cannot be read now")
+    levels = current_service().settings.levels
+    return read_answer(
+        lambda: parse_usage_query(request.args, levels), usage_report,
+        "usage cannot be read now",
+    )  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from headspace_inference.config_loading import check_spool_dir, environment_overrides, load_settings
+from headspace_inference.config_loading import check_spool_dir, load_settings
 from headspace_inference.inference.pricing import PriceTable
 from headspace_inference.settings import ConfigError, Settings
 
@@ -220,18 +220,22 @@ def test_model_without_pricing_warns_once_per_model(
         assert "no estimated cost" in warnings[0]
 
 
-def test_environment_override_parsing() -> None:
+def test_environment_override_parsing(tmp_path: Path) -> None:
+    path = write(tmp_path, "redis: {url: 'redis://file:6379/0'}\n")
     env = {
         "HEADSPACE__REDIS__URL": "null",
         "HEADSPACE__OPENROUTER__RETRY__BASE_DELAY_SECONDS": "0.25",
+        "HEADSPACE__REDIS__KEY_PREFIX": "2024",  # text, typed by the setting: stays a string
+        "HEADSPACE__OPENROUTER__APP_NAME": "Headspace #2",
         "UNRELATED": "x",
     }
-    assert environment_overrides(env) == {
-        "redis": {"url": None},
-        "openrouter": {"retry": {"base_delay_seconds": "0.25"}},  # typed by the settings
-    }
-    with pytest.raises(ConfigError, match="empty section"):
-        environment_overrides({"HEADSPACE__OPENROUTER____X": "1"})
+    settings = load_settings(path, environ=env)
+    assert settings.redis.url is None
+    assert settings.openrouter.retry.base_delay_seconds == 0.25
+    assert settings.redis.key_prefix == "2024"
+    assert settings.openrouter.app_name == "Headspace #2"
+    with pytest.raises(ConfigError, match="HEADSPACE__OPENROUTER____X: an empty section"):
+        load_settings(path, environ={"HEADSPACE__OPENROUTER____X": "1"})
 
 
 def _yaml_bomb(levels: str = "abcdefghi") -> str:

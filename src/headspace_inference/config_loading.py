@@ -63,13 +63,6 @@ HOST_NAMED_VARIABLES: dict[str, list[str]] = {
 }
 
 
-def _nested(path: list[str], value: Any) -> dict[str, Any]:
-    out: Any = value
-    for part in reversed(path):
-        out = {part: out}
-    return dict(out)
-
-
 def _variable_value(name: str, raw: str) -> Any:
     """A ``HEADSPACE__...`` variable's value: its text as it is, for pydantic to convert to
     the setting's type, except that an empty value, ``null`` and ``~`` are null and a flow
@@ -144,9 +137,11 @@ class _NamedVariables(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for var, path in self._named.items():
-            if self._environ.get(var):
-                section = out.setdefault(path[0], {})
-                section.update(_nested(path[1:], self._environ[var]))
+            if value := self._environ.get(var):
+                node = out
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = value
         return out
 
 

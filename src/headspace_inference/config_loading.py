@@ -2,7 +2,9 @@
 
 Precedence, lowest first: built-in defaults < the YAML file < ``HEADSPACE__SECTION__KEY``
 variables < ``OPENROUTER_API_KEY`` / ``DATABASE_URL`` / ``REDIS_URL`` < ``overrides`` passed
-to :func:`load_settings` by code. The models are settings.py's.
+to :func:`load_settings` by code. pydantic-settings layers the sources; what is ours is the
+safe YAML reader, how a variable's text is read, and the one-line error per bad key. The
+models are settings.py's.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ import re
 import reprlib
 import tempfile
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from dotenv import load_dotenv
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, create_model
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import Node
@@ -36,31 +48,7 @@ from .settings import (
 
 log = logging.getLogger(__name__)
 
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        current = out.get(key)
-        if isinstance(value, Mapping) and isinstance(current, dict):
-            out[key] = _merge(current, value, f"{prefix}{key}.")
-        elif isinstance(value, Mapping) and current is not None:
-            # `openrouter: 'oops'` in the file and a variable setting openrouter.api_key: the
-            # variable's mapping replaced the bad section, which fell back to its defaults.
-            raise ConfigError(f"{prefix}{key}: must be a mapping (got {_type_name(current)})")
-        else:
-            out[key] = value
-    return out
-
-
-def _set_path(target: dict[str, Any], path: list[str], value: Any, name: str) -> None:
-    node = target
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{name}: {'.'.join(path)} cannot be set, {part} is not a section")
-        node = child
-    node[path[-1]] = value
-
+NESTED_DELIMITER = "__"
 
 # The variables that name a setting, and where it lives: in the standalone file's shape,
 # and in a host's (whose database URL is chosen by the extension, not read from its file).
@@ -75,39 +63,182 @@ HOST_NAMED_VARIABLES: dict[str, list[str]] = {
 }
 
 
-def environment_overrides(
-    environ: Mapping[str, str], named: Mapping[str, list[str]] = NAMED_VARIABLES
-) -> dict[str, Any]:
-    """The nested settings that ``HEADSPACE__SECTION__KEY`` variables and the ``named`` ones
-    set."""
-    out: dict[str, Any] = {}
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX):
+def _variable_value(name: str, raw: str) -> Any:
+    """A ``HEADSPACE__...`` variable's value: its text as it is, for pydantic to convert to
+    the setting's type, except that an empty value, ``null`` and ``~`` are null and a flow
+    list or mapping (``[...]``, ``{...}``) is YAML, read by our safe loader.
+
+    Text, not YAML, so that a string setting keeps its value ("2024" stays a string,
+    "Headspace #2" keeps its "#2"); never YAML for a secret, which is text ("{tok-..." is
+    not a broken mapping to be quoted in an error).
+    """
+    stripped = raw.strip()
+    if not stripped or stripped in ("null", "~"):
+        return None
+    if stripped[0] in "[{" and name.rpartition(NESTED_DELIMITER)[2].lower() not in SECRET_KEYS:
+        try:
+            return _load_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"{name}: not a valid YAML list or mapping: {_yaml_problem(exc)}"
+            ) from None
+    return raw
+
+
+class _HeadspaceVariables(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, nesting on ``__``, any case) over the
+    ``HEADSPACE__`` variables of ``environ``, each value read by :func:`_variable_value`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, Any]:
+        out: dict[str, Any] = {}
+        for name, raw in self._environ.items():
+            if not name.upper().startswith(ENV_PREFIX):
+                continue
+            if not all(name[len(ENV_PREFIX) :].split(NESTED_DELIMITER)):
+                raise ConfigError(f"{name}: an empty section or key in the variable name")
+            out[name.lower()] = _variable_value(name, raw)
+        return out
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        # Already read (a flow list or mapping is YAML, see _variable_value): never JSON.
+        return value
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        # A variable for a section the settings do not have: an unknown key, as in the file.
+        if self.config.get("extra") == "forbid":
+            for name in self.env_vars:
+                section = name[len(ENV_PREFIX) :].split(NESTED_DELIMITER)[0]
+                if section not in self.settings_cls.model_fields:
+                    data.setdefault(section, None)
+        return data
+
+
+class _NamedVariables(PydanticBaseSettingsSource):
+    """``OPENROUTER_API_KEY``, ``DATABASE_URL``, ``REDIS_URL``: each, when set and not
+    empty, as the setting ``named`` maps it to."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        environ: Mapping[str, str],
+        named: Mapping[str, list[str]],
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environ, self._named = environ, named
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the variables, not the fields
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for var, path in self._named.items():
+            if value := self._environ.get(var):
+                node = out
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = value
+        return out
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """The YAML file, read by our safe loader (:func:`read_yaml`); only the sections
+    ``keep`` names when it is given (a host's file)."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], path: Path, keep: frozenset[str] | None
+    ) -> None:
+        super().__init__(settings_cls)
+        self._path, self._keep = path, keep
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        data = read_yaml(self._path)
+        if self._keep is not None:
+            data = {k: v for k, v in data.items() if k in self._keep}
+        _check_sections(data, self.current_state)
+        return data
+
+
+def _check_sections(lower: Mapping[str, Any], higher: Mapping[str, Any], prefix: str = "") -> None:
+    # A section set by a source above the file (a variable, an override) replaces the file's
+    # value when that is not a mapping: `openrouter: 'oops'` would fall back to its defaults
+    # (openrouter.ai) without a word. The file's section must be a mapping to be merged into.
+    for key, value in higher.items():
+        mine = lower.get(key)
+        if not isinstance(value, dict) or mine is None:
             continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if not all(path):
-            raise ConfigError(f"{name}: an empty section or key in the variable name")
-        raw = environ[name]
-        # The text as it is (pydantic turns "60", "0.25" and "false" into the field's type),
-        # so that a string setting keeps its value: read as YAML, "2024" became a number and
-        # "Headspace #2" lost its "#2". Only a flow list or mapping, and null, are YAML; never
-        # for a secret, which is text: "{tok-..." failed as YAML, in an error quoting it.
-        stripped = raw.strip()
-        value: Any = raw
-        if not stripped or stripped in ("null", "~"):
-            value = None
-        elif stripped[0] in "[{" and path[-1] not in SECRET_KEYS:
-            try:
-                value = _load_yaml(raw)
-            except yaml.YAMLError as exc:
-                raise ConfigError(
-                    f"{name}: not a valid YAML list or mapping: {_yaml_problem(exc)}"
-                ) from None
-        _set_path(out, path, value, name)
-    for var, path in named.items():
-        if environ.get(var):
-            _set_path(out, path, environ[var], var)
-    return out
+        if not isinstance(mine, dict):
+            raise ConfigError(f"{prefix}{key}: must be a mapping (got {_type_name(mine)})")
+        _check_sections(mine, value, f"{prefix}{key}.")
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What one load reads, besides the overrides: the sources' per-call arguments."""
+
+    path: Path
+    environ: Mapping[str, str]
+    named: Mapping[str, list[str]]
+    keep: frozenset[str] | None = None
+    redis_url: str | None = None
+
+
+_INPUTS: ContextVar[_Inputs] = ContextVar("headspace_settings_inputs")
+
+
+class _Sources(BaseSettings):
+    """The settings' sources, highest first: code overrides, the ``redis_url`` argument (a
+    host's), the named variables, ``HEADSPACE__SECTION__KEY`` variables, the YAML file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, case_sensitive=False
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        given = _INPUTS.get()
+        redis_url: tuple[PydanticBaseSettingsSource, ...] = ()
+        if given.redis_url is not None:
+            url = {"inference": {"redis": {"url": given.redis_url}}}
+            redis_url = (InitSettingsSource(settings_cls, init_kwargs=url),)
+        return (
+            init_settings,
+            *redis_url,
+            _NamedVariables(settings_cls, given.environ, given.named),
+            _HeadspaceVariables(settings_cls, given.environ),
+            _YamlFile(settings_cls, given.path, given.keep),
+        )
+
+
+class _HostSources(_Sources):
+    # Every other top-level section of a host's configuration is the host's own.
+    model_config = SettingsConfigDict(extra="ignore")
+
+
+def _sources_for(model: type[BaseModel], base: type[_Sources]) -> type[_Sources]:
+    """``base`` with ``model``'s fields: validated exactly as ``model`` validates them."""
+    fields: dict[str, Any] = {
+        name: (field.annotation, field) for name, field in model.model_fields.items()
+    }
+    return create_model(f"{model.__name__}Sources", __base__=base, **fields)
+
+
+_SETTINGS_SOURCES = _sources_for(Settings, _Sources)
+_HOST_SOURCES = _sources_for(HostSettings, _HostSources)
 
 
 # A bad value is shown as a bounded prefix, built without rendering the rest: repr() of a
@@ -240,7 +371,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_env_file() -> None:
     """Load ``./.env`` into the environment; variables already set win.
 
-    Production machines keep OPENROUTER_API_KEY (and perhaps DATABASE_URL) there.
+    Production machines keep OPENROUTER_API_KEY (and perhaps DATABASE_URL) there. Loaded
+    into the process's environment, not read by a settings source: the extension reads
+    DATABASE_URL from there, and gunicorn's workers inherit it from the master.
     """
     load_dotenv(Path.cwd() / ".env", override=False)
 
@@ -259,14 +392,11 @@ def load_settings(
 ) -> Settings:
     """Read, merge and validate the configuration; raise ConfigError naming every bad key."""
     source = config_path(path)
-    data = read_yaml(source)
-    data = _merge(data, environment_overrides(os.environ if environ is None else environ))
-    if overrides:
-        data = _merge(data, overrides)
-    settings = _validated(Settings, data, source)
+    env = os.environ if environ is None else environ
+    given = _Inputs(source, env, NAMED_VARIABLES)
     # A model with no price is warned of when the service builds its price table, which
     # also knows the prices `headspace-inference pricing sync` stored.
-    return settings
+    return _validated(Settings, _SETTINGS_SOURCES, given, overrides)
 
 
 def load_host_settings(
@@ -280,26 +410,31 @@ def load_host_settings(
     ``HEADSPACE__...``, OPENROUTER_API_KEY and REDIS_URL (below ``redis_url``, below
     ``overrides``, which have the file's shape) and validated as strictly as load_settings."""
     source = config_path(path)
-    data = {k: v for k, v in read_yaml(source).items() if k in HostSettings.model_fields}
     env = os.environ if environ is None else environ
-    data = _merge(data, environment_overrides(env, HOST_NAMED_VARIABLES))
-    if redis_url is not None:
-        data = _merge(data, {"inference": {"redis": {"url": redis_url}}})
-    if overrides:
-        data = _merge(data, overrides)
-    host = _validated(HostSettings, data, source)
-    return host
+    keep = frozenset(HostSettings.model_fields)
+    given = _Inputs(source, env, HOST_NAMED_VARIABLES, keep, redis_url)
+    return _validated(HostSettings, _HOST_SOURCES, given, overrides)
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
-def _validated(model: type[_Model], data: dict[str, Any], source: Path) -> _Model:
+def _validated(
+    model: type[_Model],
+    sources: type[_Sources],
+    given: _Inputs,
+    overrides: Mapping[str, Any] | None,
+) -> _Model:
+    token = _INPUTS.set(given)
     try:
-        return model.model_validate(data)
+        loaded = sources(**dict(overrides or {}))
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+        raise ConfigError(f"invalid configuration ({given.path}): {problems}") from None
+    finally:
+        _INPUTS.reset(token)
+    # The sections are already validated as the model's own types: taken as they are.
+    return model.model_validate(dict(loaded))
 
 
 def check_spool_dir(path: str | os.PathLike[str]) -> Path:

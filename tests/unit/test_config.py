@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from headspace_inference.config_loading import check_spool_dir, environment_overrides, load_settings
+from headspace_inference.config_loading import check_spool_dir, load_host_settings, load_settings
 from headspace_inference.inference.pricing import PriceTable
 from headspace_inference.settings import ConfigError, Settings
 
@@ -220,18 +220,22 @@ def test_model_without_pricing_warns_once_per_model(
         assert "no estimated cost" in warnings[0]
 
 
-def test_environment_override_parsing() -> None:
+def test_environment_override_parsing(tmp_path: Path) -> None:
+    path = write(tmp_path, "redis: {url: 'redis://file:6379/0'}\n")
     env = {
         "HEADSPACE__REDIS__URL": "null",
         "HEADSPACE__OPENROUTER__RETRY__BASE_DELAY_SECONDS": "0.25",
+        "HEADSPACE__REDIS__KEY_PREFIX": "2024",  # text, typed by the setting: stays a string
+        "HEADSPACE__OPENROUTER__APP_NAME": "Headspace #2",
         "UNRELATED": "x",
     }
-    assert environment_overrides(env) == {
-        "redis": {"url": None},
-        "openrouter": {"retry": {"base_delay_seconds": "0.25"}},  # typed by the settings
-    }
-    with pytest.raises(ConfigError, match="empty section"):
-        environment_overrides({"HEADSPACE__OPENROUTER____X": "1"})
+    settings = load_settings(path, environ=env)
+    assert settings.redis.url is None
+    assert settings.openrouter.retry.base_delay_seconds == 0.25
+    assert settings.redis.key_prefix == "2024"
+    assert settings.openrouter.app_name == "Headspace #2"
+    with pytest.raises(ConfigError, match="HEADSPACE__OPENROUTER____X: an empty section"):
+        load_settings(path, environ={"HEADSPACE__OPENROUTER____X": "1"})
 
 
 def _yaml_bomb(levels: str = "abcdefghi") -> str:
@@ -439,3 +443,103 @@ def test_an_unknown_key_is_named_on_one_line(tmp_path: Path) -> None:
     message = str(info.value)
     assert "openrouter.'a\\nb': unknown key" in message and "\n" not in message
     assert "openrouter.'kkkk" in message and len(message) < 300
+
+
+def test_each_source_wins_over_the_one_below_it_key_by_key(tmp_path: Path) -> None:
+    # defaults < file < HEADSPACE__ < named variable < code, each for the one key it sets:
+    # the keys below it in the same section keep their values.
+    path = write(
+        tmp_path,
+        "openrouter: {api_key: file-key, app_name: From file, timeout_seconds: 11}\n",
+    )
+    env = {"HEADSPACE__OPENROUTER__API_KEY": "var-key", "HEADSPACE__OPENROUTER__APP_NAME": "Var"}
+    assert load_settings(path, environ=env).api_key == "var-key"
+    env["OPENROUTER_API_KEY"] = "named-key"
+    settings = load_settings(path, environ=env)
+    assert settings.api_key == "named-key"
+    assert settings.openrouter.app_name == "Var"
+    assert settings.openrouter.timeout_seconds == 11
+    assert settings.openrouter.connect_timeout_seconds == 5  # the default
+    code = load_settings(path, overrides={"openrouter": {"api_key": "code-key"}}, environ=env)
+    assert code.api_key == "code-key" and code.openrouter.app_name == "Var"
+    # An empty named variable is not set: the one below it stands.
+    assert load_settings(path, environ={"OPENROUTER_API_KEY": ""}).api_key == "file-key"
+
+
+def test_a_host_s_sources_in_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "database: {url: 'not a url'}\n"  # the host's own section: not read
+        "inference: {workers: 3, redis: {url: 'redis://file/0'}}\n",
+    )
+    env = {"HEADSPACE__INFERENCE__REDIS__URL": "redis://var/0", "DATABASE_URL": "garbage"}
+    host = load_host_settings(path, environ=env)
+    assert host.inference.redis.url == "redis://var/0" and host.inference.workers == 3
+    env["REDIS_URL"] = "redis://named/0"
+    assert load_host_settings(path, environ=env).inference.redis.url == "redis://named/0"
+    argument = load_host_settings(path, environ=env, redis_url="redis://argument/0")
+    assert argument.inference.redis.url == "redis://argument/0"
+    code = load_host_settings(
+        path,
+        {"inference": {"redis": {"url": "redis://code/0"}}},
+        environ=env,
+        redis_url="redis://argument/0",
+    )
+    assert code.inference.redis.url == "redis://code/0" and code.inference.workers == 3
+    # A host's variables for sections that are not the service's are the host's business.
+    assert load_host_settings(path, environ={"HEADSPACE__SERVER__PORT": "1"}).inference.workers == 3
+
+
+def test_nested_variables_in_any_case_and_flow_values(tmp_path: Path) -> None:
+    env = {
+        "headspace__openrouter__rate_limits__calls_per_minute": "12",
+        "HEADSPACE__OpenRouter__Retry__Max_Attempts": "5",
+        "HEADSPACE__OPENROUTER__MODELS__TURN": "[a/primary, a/fallback]",
+        "HEADSPACE__OPENROUTER__PROVIDER": "{order: [anthropic], allow_fallbacks: false}",
+    }
+    settings = load_settings(tmp_path / "none.yaml", environ=env)
+    assert settings.openrouter.rate_limits.calls_per_minute == 12
+    assert settings.openrouter.retry.max_attempts == 5
+    assert settings.openrouter.route("turn") == ("a/primary", ("a/fallback",))
+    assert settings.openrouter.provider is not None
+    assert settings.openrouter.provider.as_body() == {
+        "order": ["anthropic"],
+        "allow_fallbacks": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ({"environ": {"HEADSPACE__DATABSE__URL": "sqlite://"}}, "databse: unknown key (did you"),
+        ({"environ": {"HEADSPACE__OPENROUTER__TIMEOUT": "3"}}, "openrouter.timeout: unknown key"),
+        ({"overrides": {"databse": {"url": "sqlite://"}}}, "databse: unknown key (did you mean"),
+    ],
+)
+def test_an_unknown_key_from_a_variable_or_code_is_named(
+    tmp_path: Path, where: dict[str, Any], expected: str
+) -> None:
+    where.setdefault("environ", {})
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "none.yaml", **where)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"HEADSPACE__API__TOKEN": f"{CANARY} x"}, "api.token: Value error, must be printable"),
+        ({"OPENROUTER_API_KEY": f"{CANARY}\u00e9"}, "openrouter.api_key: Value error, must be"),
+        ({"HEADSPACE__DATABASE__URL": f"postgresql://u:{CANARY}@db:x/d"}, "database.url: Value"),
+        ({"REDIS_URL": f"redis://:{CANARY}@cache:x/0"}, "redis.url: Value error, not a Redis"),
+        ({"HEADSPACE__OPENROUTER__MODELS": f"{{turn: [{CANARY}, &a x]"}, "HEADSPACE__OPENROUTER__"),
+    ],
+)
+def test_a_bad_variable_is_named_and_its_secret_never_shown(
+    tmp_path: Path, env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "none.yaml", environ=env)
+    message = str(info.value)
+    assert named in message
+    assert "CANARY" not in message and "\n" not in message

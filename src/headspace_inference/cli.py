@@ -213,29 +213,30 @@ def usage_command(
     except BadParameter as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    service.close()  # not needed to read usage: stop its threads
     with app_database().sessions() as session:
         data = usage_report(session, query)
+    service.close()
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
 
 
-def make_pricing_group(*, in_app: bool) -> click.Group:
-    """``pricing sync``: with the app's settings (``in_app``: ``flask inference pricing
-    sync`` in a host), or the standalone configuration's (``headspace-inference pricing sync``)."""
+def app_openrouter_settings() -> OpenRouterSettings:
+    """The current app's ``openrouter`` settings."""
+    settings: OpenRouterSettings = current_app.extensions["inference"].settings.openrouter
+    return settings
+
+
+def make_pricing_group(settings: Callable[[], OpenRouterSettings] | None = None) -> click.Group:
+    """``pricing sync``: with the app's settings (``flask inference pricing sync``), or with
+    what ``settings()`` reads, with no app at all (``headspace-inference pricing sync``)."""
     group = click.Group("pricing", help="Model prices.")
+    read = app_openrouter_settings if settings is None else settings
 
     def pricing_sync() -> None:
         """Store the configured models' prices from OpenRouter's /models (openrouter.pricing
         still wins); exit status 1 when OpenRouter cannot be read, 0 otherwise."""
-        if in_app:
-            _sync_and_report(current_app.extensions["inference"].settings.openrouter)
-        else:
-            from .config_loading import load_env_file, load_settings
+        _sync_and_report(read())
 
-            load_env_file()
-            _sync_and_report(or_exit(load_settings).openrouter)
-
-    group.command("sync")(with_appcontext(pricing_sync) if in_app else pricing_sync)
+    group.command("sync")(with_appcontext(pricing_sync) if settings is None else pricing_sync)
     return group
 
 
@@ -261,7 +262,7 @@ def inference_group() -> None:
     """The inference service's commands."""
 
 
-for _command in (make_db_group(), make_pricing_group(in_app=True), *COMMANDS):
+for _command in (make_db_group(), make_pricing_group(), *COMMANDS):
     inference_group.add_command(_command)
 
 

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import reprlib
-import tempfile
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -241,8 +240,8 @@ _SETTINGS_SOURCES = _sources_for(Settings, _Sources)
 _HOST_SOURCES = _sources_for(HostSettings, _HostSources)
 
 
-# A bad value is shown as a bounded prefix, built without rendering the rest: repr() of a
-# whole value, then cut, hung start-up on a nested one.
+# A bad value is shown as a bounded prefix, built without rendering the rest, so that a
+# deeply nested value cannot stall start-up.
 _SHOWN = reprlib.Repr()
 _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 1, 4, 4
 _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
@@ -435,21 +434,3 @@ def _validated(
         _INPUTS.reset(token)
     # The sections are already validated as the model's own types: taken as they are.
     return model.model_validate(dict(loaded))
-
-
-def check_spool_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the call-log spool directory and prove it writable, or raise ConfigError.
-
-    Every call is journalled there, so a directory that cannot be written is a configuration
-    error, named as such, before the service takes a call.
-    """
-    spool = Path(path)
-    try:
-        # Private, as the call log makes it: start-up now makes it first.
-        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=spool, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"inference.spool_path: cannot write to {spool} ({reason})") from None
-    return spool

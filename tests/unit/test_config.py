@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from headspace_inference.config_loading import check_spool_dir, load_host_settings, load_settings
+from headspace_inference.calllog.journal import check_spool_dir
+from headspace_inference.config_loading import load_host_settings, load_settings
 from headspace_inference.inference.pricing import PriceTable
 from headspace_inference.settings import ConfigError, Settings
 

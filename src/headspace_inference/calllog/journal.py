@@ -31,12 +31,14 @@ import fcntl
 import itertools
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import ConfigError
 from .record import CallRecord
 
 log = logging.getLogger(__name__)
@@ -312,3 +314,21 @@ def _delete(segment: _Segment) -> None:
     # Unlinked while still locked, so no scanner claims a file that is being deleted.
     segment.path.unlink(missing_ok=True)
     os.close(segment.fd)
+
+
+def check_spool_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the call-log spool directory and prove it writable, or raise ConfigError.
+
+    Every call is journalled there, so a directory that cannot be written is a configuration
+    error, named as such, before the service takes a call.
+    """
+    spool = Path(path)
+    try:
+        # Private, as the journal makes it: this check may be the first to make it.
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"inference.spool_path: cannot write to {spool} ({reason})") from None
+    return spool

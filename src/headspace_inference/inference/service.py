@@ -27,10 +27,10 @@ import httpx
 from flask import has_request_context
 
 from ..calllog.database import DATABASE_AWAY, Database
+from ..calllog.journal import check_spool_dir
 from ..calllog.recorder import CallRecorder
 from ..calllog.rollup import apply_rollup
 from ..clock import SYSTEM_CLOCK, Clock
-from ..config_loading import check_spool_dir
 from ..settings import Settings
 from .backends import Backends, build_backends
 from .cache import request_key
@@ -122,7 +122,7 @@ class InferenceService:
         self._started = False
         self._start_lock = threading.Lock()
         self._on_start: list[Callable[[], object]] = []
-        self._exit_hook: Callable[[], None] | None = None
+        self._cancel_exit_hook: Callable[[], None] = lambda: None
         self._warned_request_thread = False
 
     @classmethod
@@ -225,7 +225,7 @@ class InferenceService:
             else:
                 _warn_if_behind(self.database)
             self.recorder.start()
-            self._exit_hook = at_exit(self, InferenceService.close)
+            self._cancel_exit_hook = at_exit(self, InferenceService.close)
             self._started = True
             started, self._on_start = self._on_start, []
         if self.health is not None and self._unavailable() is None:
@@ -266,9 +266,7 @@ class InferenceService:
         if self._client is not None:
             self._client.close()
         self._backends.close()
-        if self._exit_hook is not None:
-            atexit.unregister(self._exit_hook)
-            self._exit_hook = None
+        self._cancel_exit_hook()
         self.database.dispose()
 
     def status(self) -> dict[str, Any]:
@@ -464,8 +462,8 @@ class InferenceService:
 
 def at_exit(target: T, action: Callable[[T], object]) -> Callable[[], None]:
     """``action(target)`` when the interpreter exits, if ``target`` is still alive and this
-    is the process that asked; returns the hook, for ``atexit.unregister`` when ``target``
-    closes first.
+    is the process that asked; returns what cancels it (for a ``target`` that closes first:
+    calling it again does nothing).
 
     A weak reference: a target that is dropped (as tests do) is not kept alive for the
     hook's sake. Only in the process that registered it: a child forked from this one
@@ -481,7 +479,7 @@ def at_exit(target: T, action: Callable[[T], object]) -> Callable[[], None]:
             action(live)
 
     atexit.register(run)
-    return run
+    return lambda: atexit.unregister(run)
 
 
 def _warn_if_behind(database: Database) -> None:

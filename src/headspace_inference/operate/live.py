@@ -8,9 +8,7 @@ fed by the call log's committed-rows hook.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
-from collections.abc import Callable
 
 from flask import Blueprint, Flask, Response, current_app
 
@@ -49,7 +47,7 @@ class Console:
         service.recorder.on_close(self.close)
         # Registered after the service's own close at exit, so it runs first: it flushes
         # the call log itself, then publishes what the daemon publisher has not.
-        self._exit_hook: Callable[[], None] | None = at_exit(self, Console.drain)
+        self._cancel_exit_hook = at_exit(self, Console.drain)
 
     def close(self) -> None:
         """End the feed's and the metrics' threads and every stream (with the service)."""
@@ -57,9 +55,7 @@ class Console:
         self.feed.close()
         if self.metrics is not None:
             self.metrics.close()
-        if self._exit_hook is not None:
-            atexit.unregister(self._exit_hook)
-            self._exit_hook = None
+        self._cancel_exit_hook()
 
     def drain(self, timeout: float = 5.0) -> None:
         """Get the calls recorded so far into the database and their events published."""
@@ -89,12 +85,8 @@ def current_console() -> Console:
 metrics_bp = Blueprint("inference_metrics", __name__)
 register_error_handlers(metrics_bp)
 metrics_bp.before_request(ensure_started)
-
-
-@metrics_bp.before_request
-def _token() -> Response | None:
-    """The API's token rule: with api.token set, a scrape sends it as a bearer token."""
-    return require_token()
+# The API's token rule: with api.token set, a scrape sends it as a bearer token.
+metrics_bp.before_request(require_token)
 
 
 @metrics_bp.get("/metrics")

@@ -19,6 +19,7 @@ from ..cli import COMMANDS, make_db_group, make_pricing_group, or_exit
 
 if TYPE_CHECKING:
     from ..calllog.database import Database
+    from ..settings import OpenRouterSettings, Settings
 
 
 def _create_app() -> Flask:
@@ -27,12 +28,23 @@ def _create_app() -> Flask:
     return or_exit(create_app)
 
 
-def _configured_database() -> Database:
+def _configured() -> Settings:
+    """The standalone configuration (.env, the file, the environment), or exit status 2."""
     from ..config_loading import load_env_file, load_settings
-    from .database import standalone_database
 
     load_env_file()
-    return or_exit(lambda: standalone_database(load_settings().database))
+    return or_exit(load_settings)
+
+
+def _configured_database() -> Database:
+    from .database import standalone_database
+
+    settings = _configured()
+    return or_exit(lambda: standalone_database(settings.database))
+
+
+def _configured_openrouter() -> OpenRouterSettings:
+    return _configured().openrouter
 
 
 @click.group()
@@ -44,7 +56,11 @@ def main(ctx: click.Context) -> None:
     ctx.obj = ScriptInfo(create_app=_create_app, set_debug_flag=False)
 
 
-for _command in (*COMMANDS, make_db_group(_configured_database), make_pricing_group(in_app=False)):
+for _command in (
+    *COMMANDS,
+    make_db_group(_configured_database),
+    make_pricing_group(_configured_openrouter),
+):
     main.add_command(_command)
 
 
@@ -65,16 +81,16 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
             "serve needs the server extra: pip install 'headspace-inference[server]'"
         ) from None
 
-    from ..config_loading import check_spool_dir, load_env_file, load_settings
+    from ..calllog.journal import check_spool_dir
+    from .database import standalone_database
 
     # Fail here, once, on a bad configuration, rather than in every worker. Only the
     # settings: an app would start threads (its health probe), and a fork taken while
     # a thread is half-way through an import leaves the workers a half-imported module.
-    load_env_file()
-    settings = or_exit(load_settings)
+    settings = _configured()
     or_exit(lambda: check_spool_dir(settings.inference.spool_dir()))
     # Migrate once here rather than in N workers at the same moment (no threads involved).
-    database = _configured_database()
+    database = or_exit(lambda: standalone_database(settings.database))
     if database.settings.auto_migrate:
         database.upgrade()
     database.dispose()

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo console run test lint bench bench-smoke clean
+.PHONY: demo console run test lint bench bench-smoke host-trial clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,14 @@ bench-smoke: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run --quick
 	$(BIN)/python -m bench.report quick.json --out bench/results/quick.md
 	$(BIN)/python -m bench.report --check
+
+# Claude Headspace, the real host, adopts the library (examples/claude-headspace/README.md):
+# its snapshot unpacked, host.patch applied, its tests and an end-to-end run on PostgreSQL,
+# in a venv of its own under build/host-trial/. Fails, naming it, without the snapshot.
+HOST_SNAPSHOT ?= ../shared/hosts/claude-headspace-a0c3bbc.tar.gz
+
+host-trial:
+	HOST_SNAPSHOT="$(HOST_SNAPSHOT)" $(PYTHON) examples/claude-headspace/trial.py
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache

@@ -197,19 +197,32 @@ def seed() -> dict[str, Any]:
 
 
 def count() -> dict[str, Any]:
-    """With the patched host: the service's call log, as the host's log page reads it."""
+    """With the patched host: the service's call log as the host's log page reads it, and
+    what the host's autogenerate (`flask db migrate`) would now drop: nothing, when
+    include_name keeps the service's tables out of its view."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
     from claude_headspace.database import db
-    from sqlalchemy import inspect
+    from flask import current_app
 
     from headspace_inference.calllog.models import InferenceCall
 
     app = _host_app()
     with app.app_context():
         rows = db.session.query(InferenceCall).count()
-        tables = sorted(inspect(db.engine).get_table_names())
+        options = current_app.extensions["migrate"].configure_args
+        with db.engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts=dict(options))
+            diff = compare_metadata(context, db.metadata)
+        drops = sorted(op[1].name for op in _flat(diff) if op[0] == "remove_table")
         db.session.remove()
     _stop(app)
-    return {"service_rows": rows, "tables": tables}
+    return {"service_rows": rows, "autogenerate_drops": drops}
+
+
+def _flat(diff: list[Any]) -> list[Any]:
+    """Alembic's diff: tuples, and lists of tuples for column changes."""
+    return [op for item in diff for op in (item if isinstance(item, list) else [item])]
 
 
 # -- the end-to-end run -------------------------------------------------------------------

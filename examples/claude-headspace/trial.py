@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where to unpack, keep the venv and write results (default %(default)s)",
     )
     parser.add_argument(
+        "--library",
+        type=Path,
+        default=Path(os.environ.get("HOST_TRIAL_LIBRARY") or REPO),
+        help="the checkout of headspace-inference to install (default: this one)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="run the host test files on the original tree only (the figures before)",
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        trial = Trial(args.snapshot.resolve(), args.build.resolve())
+        trial = Trial(args.snapshot.resolve(), args.build.resolve(), args.library.resolve())
         if args.baseline:
             trial.baseline()
         else:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Trial:
-    def __init__(self, snapshot: Path, build: Path) -> None:
+    def __init__(self, snapshot: Path, build: Path, library: Path) -> None:
         if not snapshot.is_file():
             raise TrialError(
                 f"the Claude Headspace snapshot is missing: {snapshot} does not exist. "
@@ -114,6 +120,7 @@ class Trial:
             )
         self.snapshot = snapshot
         self.build = build
+        self.library = library
         self.original = build / "original" / "claude-headspace"
         self.host = build / "claude-headspace"
         self.venv = build / "venv"
@@ -184,9 +191,9 @@ class Trial:
         tools; rebuilt only when what it was built from changed."""
         stamp = self.venv / ".host-trial-stamp"
         digest = hashlib.sha256()
-        for part in (PATCH, REPO / "pyproject.toml"):
+        for part in (PATCH, self.library / "pyproject.toml"):
             digest.update(part.read_bytes())
-        digest.update(sys.version.encode())
+        digest.update(f"{self.library} {sys.version}".encode())
         want = digest.hexdigest()
         if stamp.is_file() and stamp.read_text() == want and self.python.is_file():
             print("host-trial: venv unchanged, kept")
@@ -195,7 +202,7 @@ class Trial:
         self.check([sys.executable, "-m", "venv", str(self.venv)], "make the venv")
         pip = [str(self.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         self.check(
-            [*pip, "-e", str(self.host), "-e", str(REPO), *HOST_TEST_TOOLS],
+            [*pip, "-e", str(self.host), "-e", str(self.library), *HOST_TEST_TOOLS],
             "install the host, this library and the host's test tools",
         )
         stamp.write_text(want)
@@ -213,6 +220,11 @@ class Trial:
         self.flask(self.host, env, "inference", "db", "upgrade")
         counted = self.e2e("count", cwd=self.host, env=env)
         self.figures["host_rows_after_upgrade"] = counted["service_rows"]
+        if counted["autogenerate_drops"]:
+            raise TrialError(
+                "after flask inference db upgrade the host's autogenerate would drop "
+                f"{', '.join(counted['autogenerate_drops'])} (include_name)"
+            )
         if counted["service_rows"] != self.figures["host_rows_before_upgrade"]:
             raise TrialError(
                 f"flask inference db upgrade carried {counted['service_rows']} of the host's "
@@ -249,8 +261,13 @@ class Trial:
     def report(self) -> None:
         out = self.build / "result.json"
         out.write_text(json.dumps(self.figures, indent=2) + "\n")
+        for key, value in self.figures.items():
+            if key.startswith("host_tests_") and isinstance(value, dict):
+                for path, row in value.items():
+                    print(f"host-trial: {key[len('host_tests_') :]:6} {path}: {row}")
+            else:
+                print(f"host-trial: {key}: {json.dumps(value)}")
         print(f"host-trial: figures in {out}")
-        print(json.dumps(self.figures, indent=2))
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -39,7 +39,6 @@ from .errors import (
     CancelledCallError,
     InferenceDisabledError,
     InferenceError,
-    InvalidRequestError,
     NotConfiguredError,
     QueueFullError,
     RateLimitedError,
@@ -53,24 +52,13 @@ from .pricing import PriceTable
 from .request import InferenceRequest, call_record
 from .retry import RetryPolicy
 from .status import status_report
-from .structured import answer_schema
 from .tracing import Tracing
 from .types import (
-    CALL_OPTIONS,
     Answer,
-    CallLinks,
     CallOptions,
     InferenceResult,
 )
-from .validation import (
-    LinkChecker,
-    check_flag,
-    check_input,
-    check_level,
-    check_params,
-    check_purpose,
-    check_system_prompt,
-)
+from .validation import LinkChecker, check_call
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -302,38 +290,22 @@ class InferenceService:
         """A validated request the service will take; raises (and logs refusals) otherwise."""
         if not self._started:
             self.start()
-        unknown = sorted(set(options) - CALL_OPTIONS)
-        if unknown:
-            # What Python says of a keyword a signature does not have.
-            raise TypeError(f"inference call got an unexpected keyword argument {unknown[0]!r}")
-        level_ = check_level(level, self.settings.levels)
-        purpose_ = check_purpose(purpose)
-        text = check_input(input_text, self._limits.max_input_chars)
-        system = check_system_prompt(options.get("system_prompt"), self._limits.max_input_chars)
-        params = check_params(options.get("max_tokens"), options.get("temperature"))
-        spec = options.get("response_format")
-        schema = None if spec is None else answer_schema(spec)
-        cache_prompt = check_flag("cache_system_prompt", options.get("cache_system_prompt"))
-        if cache_prompt and system is None:
-            raise InvalidRequestError("cache_system_prompt needs a system_prompt to cache")
-        links = CallLinks(
-            options.get("project_id"),
-            options.get("agent_id"),
-            options.get("command_id"),
-            options.get("turn_id"),
-        )
-        self._links.check(links)
-        model, fallbacks = self._or.route(level_)
+        call = check_call(
+            level, purpose, input_text, options,
+            levels=self.settings.levels, max_input_chars=self._limits.max_input_chars,
+        )  # fmt: skip
+        self._links.check(call.links)
+        model, fallbacks = self._or.route(call.level)
         key = request_key(
-            model=model, system_prompt=system, input_text=text, params=params,
-            fallbacks=fallbacks, provider=self._provider,
-            schema=None if schema is None else schema.fingerprint,
+            model=model, system_prompt=call.system_prompt, input_text=call.input_text,
+            params=call.params, fallbacks=fallbacks, provider=self._provider,
+            schema=None if call.schema is None else call.schema.fingerprint,
         )  # fmt: skip
         request = InferenceRequest(
-            level_, purpose_, text, model, key, links, system, params,
-            fallbacks=fallbacks, provider=self._provider, schema=schema,
+            call.level, call.purpose, call.input_text, model, key, call.links, call.system_prompt,
+            call.params, fallbacks=fallbacks, provider=self._provider, schema=call.schema,
             # Anthropic's cache_control; other providers cache long prefixes by themselves.
-            cache_system_prompt=cache_prompt and model.startswith(ANTHROPIC),
+            cache_system_prompt=call.cache_system_prompt and model.startswith(ANTHROPIC),
         )  # fmt: skip
         refusal = self._unavailable()
         if refusal is not None:

@@ -10,9 +10,10 @@ Enabled by the host, never by itself (no ``pytest11`` entry point)::
   ``script([Fault(status=503), ...])`` for the next answers, ``set_down(model)``,
   ``set_latency(ms)``, and what it received in ``requests`` / ``request_count(path)``.
 - ``inference_config``: the ``openrouter`` and ``inference`` sections (the config file's
-  shape) that send the service to that emulator with a test key and keep its spool in the
-  test's tmp_path: ``init_app(app, overrides=inference_config, ...)``, or merged into the
-  host's own configuration.
+  shape) that send the service to that emulator with a test key, retry without waiting,
+  limit no test's rate, and keep its spool and price file in the test's tmp_path:
+  ``init_app(app, overrides=inference_config, ...)``, or merged into the host's own
+  configuration.
 """
 
 from __future__ import annotations
@@ -48,9 +49,16 @@ def openrouter_emulator(_headspace_inference_emulator: EmulatorServer) -> Emulat
 
 @pytest.fixture
 def inference_config(openrouter_emulator: EmulatorServer, tmp_path: Path) -> dict[str, Any]:
-    """The service's sections pointing at ``openrouter_emulator``, with a test key and this
-    test's own spool directory."""
+    """The service's sections pointing at ``openrouter_emulator``, with a test key, no
+    waiting between retries, rate limits no test reaches, and this test's own spool
+    directory and synced-price file (none: only configured prices count)."""
     return {
-        "openrouter": {"base_url": openrouter_emulator.base_url, "api_key": EMULATOR_TEST_KEY},
+        "openrouter": {
+            "base_url": openrouter_emulator.base_url,
+            "api_key": EMULATOR_TEST_KEY,
+            "retry": {"base_delay_seconds": 0.0, "max_delay_seconds": 0.0},
+            "rate_limits": {"calls_per_minute": 100_000, "tokens_per_minute": 100_000_000},
+            "pricing_file": str(tmp_path / "openrouter-pricing.json"),
+        },
         "inference": {"spool_path": str(tmp_path / "inference-spool")},
     }

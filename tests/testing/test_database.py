@@ -18,11 +18,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    column,
     create_engine,
-    inspect,
     insert,
+    inspect,
     select,
-    text,
+    table,
+    update,
 )
 from sqlalchemy.pool import NullPool
 
@@ -64,9 +66,12 @@ def tables(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
 
+VERSIONS = table(SERVICE_VERSION_TABLE, column("version_num"))
+
+
 def version(engine: Engine) -> list[str]:
     with engine.connect() as conn:
-        return list(conn.scalars(text(f"select version_num from {SERVICE_VERSION_TABLE}")))
+        return list(conn.scalars(select(VERSIONS.c.version_num)))
 
 
 def test_create_tables_makes_the_services_tables_at_head(engine: Engine) -> None:
@@ -103,9 +108,9 @@ def test_create_tables_on_a_connection_runs_in_its_transaction(engine: Engine) -
 def test_a_database_at_another_revision_is_refused(engine: Engine) -> None:
     create_tables(engine)
     with engine.begin() as conn:
-        conn.execute(text(f"update {SERVICE_VERSION_TABLE} set version_num = 'i0001'"))
+        conn.execute(update(VERSIONS).values(version_num="i0001"))
 
-    with pytest.raises(ValueError, match="at i0001, not the service's head .*db upgrade"):
+    with pytest.raises(ValueError, match=r"at i0001, not the service's head .*db upgrade"):
         create_tables(engine)
 
 

@@ -103,7 +103,7 @@ def test_scripted_errors_are_raised(fake: FakeInferenceService) -> None:
 def test_what_the_real_service_never_gives_cannot_be_scripted(
     fake: FakeInferenceService, answer: Any
 ) -> None:
-    with pytest.raises(TypeError, match="InferenceError|scripted answer"):
+    with pytest.raises(TypeError, match=r"InferenceError|scripted answer"):
         fake.script(answer)
 
 
@@ -224,7 +224,7 @@ def test_a_structured_answer_is_parsed_as_the_real_service_parses_it(
         fake.infer(level="turn", purpose="p", input_text="x", response_format=Summary)
 
 
-# --------------------------------------------------------------------------- the real service's checks
+# ----------------------------------------------------------------- the real service's checks
 
 
 @pytest.fixture

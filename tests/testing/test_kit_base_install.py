@@ -18,7 +18,7 @@ KIT = textwrap.dedent(
     import json, sys, threading
     threads_before = {t.name for t in threading.enumerate()}
     import headspace_inference.testing as kit
-    loaded_at_import = sorted(m for m in sys.modules if m.startswith("headspace_inference.testing."))
+    loaded_at_import = [m for m in sys.modules if m.startswith("headspace_inference.testing.")]
     from headspace_inference.testing import FakeInferenceService, create_tables, inference_result
     from sqlalchemy import create_engine, inspect
 

@@ -10,7 +10,7 @@ HOST_CONFTEST = """
 pytest_plugins = ["headspace_inference.testing.pytest_plugin"]
 """
 
-HOST_TESTS = '''
+HOST_TESTS = """
 import httpx
 from flask import Flask
 
@@ -55,7 +55,7 @@ def test_a_service_configured_by_the_fixture(openrouter_emulator, inference_conf
     assert result.text == "scripted answer"
     assert result.attempts == 2
     assert str(tmp_path) in inference_config["inference"]["spool_path"]
-'''
+"""
 
 
 def test_a_host_enables_the_plugin_and_uses_its_fixtures(pytester: pytest.Pytester) -> None:

@@ -99,11 +99,13 @@ def test_scripted_errors_are_raised(fake: FakeInferenceService) -> None:
     ]
 
 
-@pytest.mark.parametrize("answer", [RuntimeError("API failure"), ValueError, 42, None])
+@pytest.mark.parametrize(
+    "answer", [RuntimeError("API failure"), ValueError, 42, None, StructuredAnswerError]
+)
 def test_what_the_real_service_never_gives_cannot_be_scripted(
     fake: FakeInferenceService, answer: Any
 ) -> None:
-    with pytest.raises(TypeError, match=r"InferenceError|scripted answer"):
+    with pytest.raises(TypeError, match=r"InferenceError|scripted answer|more than a message"):
         fake.script(answer)
 
 
@@ -113,6 +115,14 @@ def test_an_answer_can_be_a_function_of_the_call(fake: FakeInferenceService) -> 
     assert fake.infer(level="turn", purpose="p", input_text="hi", project_id=3).text == (
         "echo hi for 3"
     )
+
+
+def test_a_function_gives_an_answer_not_another_function(fake: FakeInferenceService) -> None:
+    fake.always(lambda call: lambda again: "x")
+
+    with pytest.raises(TypeError, match="InferenceError; got function"):
+        fake.infer(level="turn", purpose="p", input_text="x")
+    assert isinstance(fake.calls[0].error, TypeError)
 
 
 def test_a_default_answers_what_nothing_else_does() -> None:

@@ -100,18 +100,34 @@ class _Entry:
         )
 
 
-def _checked(answer: object) -> object:
-    """``answer`` if it is something the real service could give; TypeError otherwise."""
-    if isinstance(answer, str | InferenceResult | InferenceError) or callable(answer):
-        if isinstance(answer, type) and not issubclass(answer, InferenceError):
+def _checked(answer: object, *, function: bool = True) -> object:
+    """``answer`` if it is something the real service could give (or, with ``function``, a
+    function of the call giving one); TypeError otherwise."""
+    if isinstance(answer, type):
+        if not issubclass(answer, InferenceError):
             raise TypeError(_NOT_AN_INFERENCE_ERROR.format(answer.__name__))
+        try:
+            _stock(answer)
+        except TypeError:
+            raise TypeError(
+                f"{answer.__name__} takes more than a message: script an instance"
+            ) from None
+        return answer
+    if isinstance(answer, str | InferenceResult | InferenceError):
+        return answer
+    if function and callable(answer):
         return answer
     if isinstance(answer, BaseException):
         raise TypeError(_NOT_AN_INFERENCE_ERROR.format(type(answer).__name__))
     raise TypeError(
-        "a scripted answer is a text, an InferenceResult, an InferenceError or a function "
-        f"of the call; got {type(answer).__name__}"
+        "a scripted answer is a text, an InferenceResult, an InferenceError"
+        f"{' or a function of the call' if function else ''}; got {type(answer).__name__}"
     )
+
+
+def _stock(error: type[InferenceError]) -> InferenceError:
+    """The error a scripted exception class raises."""
+    return error(f"scripted {error.__name__}")
 
 
 _NOT_AN_INFERENCE_ERROR = (
@@ -258,7 +274,8 @@ class FakeInferenceService:
 
     def init_app(self, app: Flask, *, extension_key: str = "inference") -> FakeInferenceService:
         """Put the fake in ``app.extensions[extension_key]``, where the app's code looks the
-        service up (Claude Headspace's consumers look under ``inference_service``)."""
+        service up (Claude Headspace's consumers look under ``inference_service``), in place
+        of whatever is there (a real service the host's factory built, never started)."""
         app.extensions[extension_key] = self
         return self
 
@@ -311,8 +328,8 @@ class FakeInferenceService:
     def _answer(self, call: FakeCall, arguments: CallArguments) -> InferenceResult:
         try:
             answer = self._next(call)
-            while callable(answer) and not isinstance(answer, type):
-                answer = _checked(answer(call))
+            if callable(answer) and not isinstance(answer, type):
+                answer = _checked(answer(call), function=False)
             result = self._resolve(answer, arguments)
         except BaseException as exc:
             call.error = exc
@@ -343,7 +360,7 @@ class FakeInferenceService:
 
     def _resolve(self, answer: object, arguments: CallArguments) -> InferenceResult:
         if isinstance(answer, type) and issubclass(answer, InferenceError):
-            raise answer(f"scripted {answer.__name__}")
+            raise _stock(answer)
         if isinstance(answer, InferenceError):
             raise answer
         if isinstance(answer, InferenceResult):

@@ -208,9 +208,7 @@ def _host_openrouter(section: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         named = ", ".join(f"{_shown_key(k)}{_openrouter_suggestion(k)}" for k in unknown)
         log.warning(
-            "openrouter: %s not the inference service's; left to the host: %s",
-            "key" if len(unknown) == 1 else "keys",
-            named,
+            "openrouter: the host's own, not the inference service's (left alone): %s", named
         )
         out = {k: v for k, v in out.items() if k in known}
     return out

@@ -23,6 +23,8 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from .extension import service_for
+
 if TYPE_CHECKING:
     from .calllog.database import Database
     from .settings import OpenRouterSettings
@@ -44,7 +46,7 @@ def or_exit(build: Callable[[], T]) -> T:
 def app_database() -> Database:
     """The current app's database: the host's (the service's history only), or the
     standalone app's (both histories)."""
-    database: Database = current_app.extensions["inference"].database
+    database: Database = service_for(current_app).database
     return database
 
 
@@ -131,7 +133,7 @@ def infer_command(
     """Run one inference call on TEXT and print the result as JSON."""
     from .inference.errors import InferenceError, InvalidRequestError
 
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     try:
         result = service.infer(
             level,
@@ -174,7 +176,7 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
 @with_appcontext
 def status_command(table: bool) -> None:
     """Print the service's status (as GET /api/inference/status)."""
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     data = service.status()
     service.close()
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
@@ -205,7 +207,7 @@ def usage_command(
 
     given = {"since": since, "until": until, "level": level, "model": model,
              "project_id": project_id}  # fmt: skip
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     try:
         query = parse_usage_query(
             MultiDict({k: v for k, v in given.items() if v is not None}), service.settings.levels
@@ -221,7 +223,7 @@ def usage_command(
 
 def app_openrouter_settings() -> OpenRouterSettings:
     """The current app's ``openrouter`` settings."""
-    settings: OpenRouterSettings = current_app.extensions["inference"].settings.openrouter
+    settings: OpenRouterSettings = service_for(current_app).settings.openrouter
     return settings
 
 

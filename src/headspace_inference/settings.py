@@ -129,7 +129,9 @@ class RedisSettings(_Section):
     """Optional Redis: when set, rate limits and the cache are shared by every process."""
 
     url: str | None = None
-    key_prefix: str = "headspace"
+    # Not "headspace": a host's own keys live under headspace:, and its namespace flush
+    # (SCAN MATCH headspace:*) must never reach the service's.
+    key_prefix: str = "headspace-inference"
     socket_timeout_seconds: Seconds = 0.5
     retry_interval_seconds: Seconds = 5.0
 
@@ -355,12 +357,37 @@ class InferenceSettings(_Section):
     log_batch_size: PositiveInt = 200
     spool_path: str | None = None
 
-    def spool_dir(self, instance: Path | None = None) -> Path:
-        """Where the call log's journal lives: spool_path, else call-log/ in the app's
-        instance folder (./instance by default)."""
+    def spool_dir(self, database_url: str) -> Path:
+        """Where the call log's journal lives: spool_path, else a directory of the database's
+        own in the user's state directory (see default_spool_dir)."""
         if self.spool_path:
             return Path(self.spool_path)
-        return (Path.cwd() / "instance" if instance is None else instance) / "call-log"
+        return default_spool_dir(database_url)
+
+
+def default_spool_dir(database_url: str) -> Path:
+    """``<user state dir>/headspace-inference/call-log/<database>-<hash>``: outside any
+    source tree (a src-layout host's instance folder is inside src/), and one per database.
+
+    The journal replays what a dead process left into the database it finds itself on, so
+    two databases must never share a spool; processes and apps on one database do share it
+    (journal.py: a live process's segments are locked, only a dead one's are taken). The
+    hash is of the database's identity without its password or driver: the same database
+    reached through psycopg2 or psycopg 3 keeps one spool.
+    """
+    import hashlib
+
+    from platformdirs import user_state_path
+
+    url = make_url(normalise_url(database_url))
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:"):
+        database = str(Path(database).resolve())
+    where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
+    identity = f"{url.get_backend_name()}://{where}/{database}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(database).stem)[:40]
+    return user_state_path("headspace-inference") / "call-log" / f"{name or 'db'}-{digest}"
 
 
 class ApiSettings(_Section):
@@ -423,6 +450,10 @@ class Settings(_Section):
         """The OpenRouter key in clear, for the client's Authorization header only."""
         key = self.openrouter.api_key
         return key.get_secret_value() if key is not None else None
+
+    def spool_dir(self) -> Path:
+        """Where the call log's journal lives (InferenceSettings.spool_dir)."""
+        return self.inference.spool_dir(self.database.url)
 
     @property
     def levels(self) -> tuple[str, ...]:

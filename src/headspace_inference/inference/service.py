@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
@@ -28,6 +28,7 @@ from flask import has_request_context
 
 from ..calllog.database import DATABASE_AWAY, Database
 from ..calllog.journal import check_spool_dir
+from ..calllog.record import CallRecord
 from ..calllog.recorder import CallRecorder
 from ..calllog.rollup import apply_rollup
 from ..clock import SYSTEM_CLOCK, Clock
@@ -112,6 +113,7 @@ class InferenceService:
         self._on_start: list[Callable[[], object]] = []
         self._cancel_exit_hook: Callable[[], None] = lambda: None
         self._warned_request_thread = False
+        self._recorded: list[Callable[[dict[str, Any]], object]] = []
 
     @classmethod
     def from_settings(
@@ -234,6 +236,47 @@ class InferenceService:
                 self._on_start.append(callback)
                 return
         callback()
+
+    def on_call_recorded(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        """Call ``callback(call)`` once for each call row this process writes, after its
+        commit, with the CALL as the calls API shows it (its row ``id`` included): a host
+        re-emits it as an event of its own.
+
+        It runs on the call log's writer thread, in the order rows are written, so it must
+        return quickly (hand the call on); an exception from it is logged and goes no
+        further. Rows other processes write reach only their own callbacks.
+        """
+        with self._start_lock:
+            first = not self._recorded
+            self._recorded.append(callback)
+        if first:
+            self.recorder.on_committed(self._tell_recorded)
+
+    def _tell_recorded(self, records: Sequence[CallRecord]) -> None:
+        """The committed-rows hook behind on_call_recorded: the batch's rows read back by
+        request id (the row ids are the database's, and COPY does not return them)."""
+        from ..calllog.models import InferenceCall
+        from ..operate.calls import call_json, select_calls
+
+        ids = [r.request_id for r in records]
+        try:
+            with self.database.sessions() as session:
+                rows = session.execute(
+                    select_calls()
+                    .where(InferenceCall.request_id.in_(ids))
+                    .order_by(InferenceCall.id)
+                ).all()
+        except Exception:  # committed rows stay committed; only their callbacks are missed
+            log.exception("inference: reading %d recorded calls for on_call_recorded", len(ids))
+            return
+        callbacks = list(self._recorded)
+        for row in rows:
+            call = call_json(row)
+            for callback in callbacks:
+                try:
+                    callback(dict(call))
+                except Exception:  # the host's failure is its own: the writer goes on
+                    log.exception("inference: an on_call_recorded callback failed")
 
     def stop(self, timeout: float | None = None) -> None:
         """The same as close() (the host's code calls stop() at exit)."""

@@ -57,7 +57,9 @@ def _revision(database: Database) -> str:
 
 def _migrate(database: Database, move: Callable[[str], None], revision: str) -> None:
     try:
-        move(revision)
+        # A database the upgrade cannot take as it is (a host's own inference_calls that
+        # cannot be adopted) is a ConfigError: one line saying what to do.
+        or_exit(lambda: move(revision))
     except ValueError as exc:  # a revision that is none of the histories'
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

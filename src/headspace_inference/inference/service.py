@@ -426,9 +426,10 @@ class InferenceService:
     ) -> int:
         """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
+        keep = self._limits.input_text_max_chars if self._limits.store_input_text else None
         record = call_record(
             request, status=status, latency_ms=latency_ms, answer=answer, error=error,
-            attempts=attempts,
+            attempts=attempts, keep_input_chars=keep,
         )  # fmt: skip
         self.recorder.record(record)
         self._tracing.record(request, record, started)

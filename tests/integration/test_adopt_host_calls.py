@@ -346,3 +346,19 @@ def test_an_archive_name_already_taken_is_refused_in_one_line(host_db: Database)
     ):
         host_db.upgrade()
     assert len(_host_rows(host_db.engine, "inference_calls")) == HOST_ROWS
+
+
+def test_a_purge_deletes_adopted_rows_from_the_host_s_table_too(host_db: Database) -> None:
+    from headspace_inference.calllog.purge import purge
+
+    make_host(host_db.engine)
+    host_db.upgrade()
+    with host_db.sessions.begin() as session:
+        assert purge(session, project_id=1) == HOST_ROWS // 2
+    with host_db.sessions() as session:
+        assert count_calls(session) == (HOST_ROWS // 2, HOST_ROWS // 2)
+        assert rollup_disagreements(session) == []
+    assert len(_host_rows(host_db.engine, HOST_ARCHIVE_TABLE)) == HOST_ROWS // 2
+    host_db.downgrade("base")  # what the host purged does not come back
+    back = _host_rows(host_db.engine, "inference_calls")
+    assert len(back) == HOST_ROWS // 2 and {r._mapping["project_id"] for r in back} == {2}

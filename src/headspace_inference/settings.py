@@ -356,6 +356,10 @@ class InferenceSettings(_Section):
     shutdown_timeout_seconds: SecondsOrZero = 10.0
     log_batch_size: PositiveInt = 200
     spool_path: str | None = None
+    # The prompt is kept on the call's row only when the host asks: it is the host's
+    # conversation text. Bounded, and redacted like answers (logsafe).
+    store_input_text: bool = False
+    input_text_max_chars: PositiveInt = 20_000
 
     def spool_dir(self, database_url: str) -> Path:
         """Where the call log's journal lives: spool_path, else a directory of the database's

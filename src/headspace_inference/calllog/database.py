@@ -153,11 +153,34 @@ class History:
         command.downgrade(self.config(engine), revision)
 
 
+def _before_upgrade(connection: Connection) -> None:
+    # A host's own inference_calls is adopted by the migrations (calllog/adopt.py); one that
+    # cannot be is refused here, in one line, before anything is changed.
+    from alembic.runtime.migration import MigrationContext
+
+    from . import adopt
+
+    context = MigrationContext.configure(connection, opts={"version_table": SERVICE_VERSION_TABLE})
+    adopt.check(connection, context.get_current_revision())
+
+
+def _after_upgrade(connection: Connection) -> None:
+    from .rollup import refill_empty_rollup
+
+    reconcile_links(connection)
+    refill_empty_rollup(Session(bind=connection))
+
+
 # The service's history: only its own tables, then the links' constraints where the linked
-# tables exist (migrations/links.py). Embedded it is the only one; the standalone app runs
-# its own before it.
+# tables exist (migrations/links.py) and the rollup made again where a migration carried
+# rows in. Embedded it is the only one; the standalone app runs its own before it.
 SERVICE_HISTORY = History(
-    "inference", MIGRATIONS_DIR, SERVICE_VERSION_TABLE, Base.metadata, finish=reconcile_links
+    "inference",
+    MIGRATIONS_DIR,
+    SERVICE_VERSION_TABLE,
+    Base.metadata,
+    prepare=_before_upgrade,
+    finish=_after_upgrade,
 )
 
 

@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
@@ -312,6 +313,30 @@ class InferenceService:
             prices=self.prices,
         )
 
+    def purge(
+        self,
+        project_id: int | None = None,
+        before: datetime | None = None,
+        all: bool = False,
+    ) -> int:
+        """Delete calls from the log, with the usage rollup kept equal to the rows (one
+        transaction): those of ``project_id`` and/or older than ``before`` (an aware
+        datetime), or ``all`` of them; how many. No criteria raises ValueError. Delete a
+        host's calls through this, never with SQL: a direct DELETE leaves the rollup
+        counting them (``flask inference usage --check`` finds it, ``--rebuild`` repairs)."""
+        from ..calllog.purge import purge, purge_criteria
+
+        purge_criteria(project_id, before, all)  # refused before anything is done
+        if self.started:  # calls made before the purge are purged with the rest
+            self.recorder.flush(timeout=self._limits.shutdown_timeout_seconds)
+        with self.database.sessions.begin() as session:
+            deleted = purge(session, project_id=project_id, before=before, all=all)
+        log.info(
+            "call log: %d calls purged (project_id=%s, before=%s, all=%s)",
+            deleted, project_id, before, all,
+        )  # fmt: skip
+        return deleted
+
     # ------------------------------------------------------------------ the flow
 
     def _unavailable(self) -> ServiceUnavailableError | None:
@@ -441,9 +466,10 @@ class InferenceService:
     ) -> int:
         """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
+        keep = self._limits.input_text_max_chars if self._limits.store_input_text else None
         record = call_record(
             request, status=status, latency_ms=latency_ms, answer=answer, error=error,
-            attempts=attempts,
+            attempts=attempts, keep_input_chars=keep,
         )  # fmt: skip
         self.recorder.record(record)
         self._tracing.record(request, record, started)

@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from ..calllog.models import MAX_INTEGER
 from ..extension import DEFAULT_URL_PREFIX, app_state
-from .calls import MAX_LIMIT, STATUSES
+from .calls import MAX_LIMIT, MAX_SEARCH_CHARS, STATUSES
 from .daily import MAX_DAYS
 from .http import bp, current_service
 from .schemas import DOCUMENTED
@@ -77,7 +77,10 @@ def endpoints(levels: tuple[str, ...]) -> tuple[Endpoint, ...]:
                  (("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
                   ("cursor", {"type": "string"}), ("level", level), ("model", model),
                   ("status", {"type": "string", "enum": list(STATUSES)}),
-                  ("project_id", project_id), *window),
+                  ("project_id", project_id), *window,
+                  ("search", {"type": "string", "minLength": 1, "maxLength": MAX_SEARCH_CHARS,
+                              "description": "text found, case-insensitively, in the prompt"
+                                             " (when kept), the answer or the purpose"})),
                  read),
         Endpoint("/calls/{id}", "getCall", "One call, with its answer",
                  "CallDetail", (("id", {"type": "integer"}),), (400, 404, 503)),

@@ -1,0 +1,379 @@
+"""Taking over a host's own ``inference_calls``, and giving it back.
+
+A host that logged its calls before it used the service (Claude Headspace does) has a table
+``inference_calls`` of its own: its columns (``cost``, ``input_text``, no ``request_id``),
+its constraints, its indexes and its rows. The service's upgrade takes it over:
+
+1. ``check`` (before the upgrade): the table is the host's when it has no ``request_id``
+   column. It can be adopted when it has the columns a call log row needs (``REQUIRED``),
+   the service's history has not started (else the two disagree about the table), and the
+   names it will move to are free. Otherwise one line (``AdoptionError``) says what to do.
+2. ``archive`` (revision i0001, before the service's tables are made): the host's table is
+   renamed ``HOST_ARCHIVE_TABLE`` (one of SERVICE_TABLES, so the host's autogenerate leaves
+   it alone), and so are its schema-wide names (indexes, constraint indexes, sequences:
+   ``inference_calls`` in them becomes the archive's name), so nothing of it collides
+   with the service's.
+3. ``copy_rows`` (revision i0005): every row is carried into the service's log, under its
+   own id, with request_id ``adopted-<id>``: tokens, cost (``cost_usd``; a cache hit's is
+   what it saved, as the service records hits), links, level, model, timestamp, error,
+   ``cached`` as the status, the prompt. The rollup is emptied, and the upgrade's end
+   (``database.finish_upgrade``) rebuilds it from the rows.
+
+Downgrade runs the other way: ``carry_back`` (i0005) moves the rows the service recorded
+since into the archive where the host's table accepts them (one warning counts those it
+refuses, which stay in the service's log) and drops the adopted ones; ``restore`` (i0001,
+after the service's tables are dropped) gives the host its table back under its names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Integer,
+    MetaData,
+    Table,
+    column,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+    table,
+)
+from sqlalchemy.exc import DBAPIError
+
+from ..settings import ConfigError
+from .migrations import names
+from .models.base import UTCDateTime
+from .models.inference_call import HOST_ARCHIVE_TABLE, USD_QUANTUM, Money
+
+log = logging.getLogger(__name__)
+
+CALLS = "inference_calls"
+# A column every row of the service's log has, which a host's table does not.
+SERVICE_MARKER = "request_id"
+# What a host's row must have to become a row of the service's log.
+REQUIRED = ("id", "timestamp", "level", "model")
+# The request_id of a row carried over from the host's table: its id there follows.
+ADOPTED_PREFIX = "adopted-"
+BATCH = 2000
+# PostgreSQL's longest identifier.
+MAX_NAME = 63
+
+
+class AdoptionError(ConfigError):
+    """The database holds an ``inference_calls`` the service cannot take over as it is."""
+
+
+# --------------------------------------------------------------------------- looking
+
+
+def is_foreign(connection: Connection) -> bool:
+    """Whether ``inference_calls`` exists and is not the service's (a host's own)."""
+    inspector = inspect(connection)
+    if not inspector.has_table(CALLS):
+        return False
+    return SERVICE_MARKER not in {c["name"] for c in inspector.get_columns(CALLS)}
+
+
+def _archived(name: str) -> str | None:
+    return None if HOST_ARCHIVE_TABLE in name else name.replace(CALLS, HOST_ARCHIVE_TABLE, 1)
+
+
+def _unarchived(name: str) -> str | None:
+    return name.replace(HOST_ARCHIVE_TABLE, CALLS, 1) if HOST_ARCHIVE_TABLE in name else None
+
+
+def check(connection: Connection, version: str | None) -> None:
+    """Raise AdoptionError when ``inference_calls`` is a host's that cannot be taken over;
+    ``version`` is where the service's history is (None before its first revision)."""
+    if not is_foreign(connection):
+        return
+    what = f"the database's {CALLS} is not the service's call log (it has no {SERVICE_MARKER})"
+    if version is not None:
+        raise AdoptionError(
+            f"{what}, yet the service's history (alembic_version_inference) is at {version}:"
+            f" rename the host's table (or drop it), or empty alembic_version_inference"
+            f" if the service's tables are gone, then run `inference db upgrade` again"
+        )
+    inspector = inspect(connection)
+    columns = {c["name"] for c in inspector.get_columns(CALLS)}
+    missing = [name for name in REQUIRED if name not in columns]
+    if missing:
+        raise AdoptionError(
+            f"{what}, and it cannot be adopted: it has no {', '.join(missing)} column;"
+            f" rename it or drop it, then run `inference db upgrade` again"
+        )
+    if inspector.has_table(HOST_ARCHIVE_TABLE):
+        raise AdoptionError(
+            f"{what}, and it cannot be kept as {HOST_ARCHIVE_TABLE}: a table of that name"
+            f" exists; rename or drop {HOST_ARCHIVE_TABLE}, then run `inference db upgrade`"
+            f" again"
+        )
+    renames = names.planned(connection, CALLS, _archived)
+    new_names = [HOST_ARCHIVE_TABLE, *(new for _, _, new in renames)]
+    too_long = [name for name in new_names if len(name) > MAX_NAME]
+    clashing = names.taken(connection, new_names)
+    if too_long or clashing:
+        raise AdoptionError(
+            f"{what}, and its names cannot be moved out of the service's way:"
+            f" {', '.join(clashing + too_long)} {'is' if len(clashing + too_long) == 1 else 'are'}"
+            f" {'taken' if clashing else f'longer than {MAX_NAME} characters'};"
+            f" rename {'them' if len(clashing + too_long) > 1 else 'it'}, then run"
+            f" `inference db upgrade` again"
+        )
+    table_ = table(CALLS, column("timestamp"), column("level"), column("model"))
+    empty = connection.scalar(
+        select(func.count()).where(
+            table_.c.timestamp.is_(None) | table_.c.level.is_(None) | table_.c.model.is_(None)
+        )
+    )
+    if empty:
+        raise AdoptionError(
+            f"{what}, and {empty} of its rows have no timestamp, level or model: give them"
+            f" one (or delete them), then run `inference db upgrade` again"
+        )
+
+
+# --------------------------------------------------------------------------- moving
+
+
+def archive(connection: Connection) -> bool:
+    """Move a host's ``inference_calls`` (checked adoptable) out of the service's way;
+    whether there was one."""
+    if not is_foreign(connection):
+        return False
+    renames = names.planned(connection, CALLS, _archived)
+    q = connection.dialect.identifier_preparer.quote
+    connection.exec_driver_sql(f"ALTER TABLE {q(CALLS)} RENAME TO {q(HOST_ARCHIVE_TABLE)}")
+    names.apply(connection, HOST_ARCHIVE_TABLE, renames)
+    log.warning(
+        "call log: the host's own %s is kept as %s (%d names moved with it); its rows are"
+        " carried into the service's log",
+        CALLS, HOST_ARCHIVE_TABLE, len(renames),
+    )  # fmt: skip
+    return True
+
+
+def restore(connection: Connection) -> bool:
+    """Give the host its table back (the service's own is dropped); whether there was one."""
+    inspector = inspect(connection)
+    if not inspector.has_table(HOST_ARCHIVE_TABLE) or inspector.has_table(CALLS):
+        return False
+    renames = names.planned(connection, HOST_ARCHIVE_TABLE, _unarchived)
+    q = connection.dialect.identifier_preparer.quote
+    connection.exec_driver_sql(f"ALTER TABLE {q(HOST_ARCHIVE_TABLE)} RENAME TO {q(CALLS)}")
+    names.apply(connection, CALLS, renames)
+    log.warning("call log: the host's %s is back, under its own names", CALLS)
+    return True
+
+
+def _host_table(connection: Connection) -> Table:
+    return Table(HOST_ARCHIVE_TABLE, MetaData(), autoload_with=connection)
+
+
+# The service's log as revision i0005 has it, with the columns an adopted row sets.
+_ours = table(
+    CALLS,
+    column("id", Integer),
+    column("request_id"),
+    column("timestamp", UTCDateTime()),
+    column("level"),
+    column("purpose"),
+    column("model"),
+    column("requested_model"),
+    column("status"),
+    column("input_tokens", Integer),
+    column("output_tokens", Integer),
+    column("input_hash"),
+    column("input_text"),
+    column("result_text"),
+    column("latency_ms", Integer),
+    column("cost_usd", Money),
+    column("saved_cost_usd", Money),
+    column("error_message"),
+    column("cached", Boolean),
+    column("attempts", Integer),
+    column("project_id", Integer),
+    column("agent_id", Integer),
+    column("command_id", Integer),
+    column("turn_id", Integer),
+)
+# Widths of the service's bounded columns (as revision i0001 made them).
+_WIDTH = {"level": 16, "purpose": 200, "model": 200, "input_hash": 64}
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _usd(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    return Decimal(str(value)).quantize(USD_QUANTUM)
+
+
+def _text(value: Any, name: str) -> str:
+    return ("" if value is None else str(value)).replace("\x00", "")[: _WIDTH[name]]
+
+
+def _adopted_row(row: Any, host: Table) -> dict[str, Any]:
+    get = row._mapping.get
+    cached = bool(get("cached") or False)
+    error = get("error_message")
+    cost = _usd(get("cost", get("cost_usd")))
+    return {
+        "id": row.id,
+        "request_id": f"{ADOPTED_PREFIX}{row.id}",
+        "timestamp": _utc(row.timestamp),
+        "level": _text(row.level, "level"),
+        "purpose": _text(get("purpose"), "purpose"),
+        "model": _text(row.model, "model"),
+        "requested_model": _text(row.model, "model"),
+        "status": "cached" if cached else "error" if error is not None else "ok",
+        "input_tokens": get("input_tokens") or 0,
+        "output_tokens": get("output_tokens") or 0,
+        "input_hash": _text(get("input_hash"), "input_hash"),
+        "input_text": get("input_text"),
+        "result_text": get("result_text"),
+        "latency_ms": get("latency_ms") or 0,
+        # As the service records a cache hit: it cost nothing, and saved what it had cost.
+        "cost_usd": Decimal(0) if cached and cost is not None else cost,
+        "saved_cost_usd": cost if cached else None,
+        "error_message": error,
+        "cached": cached,
+        "attempts": 0 if cached else 1,
+        "project_id": get("project_id"),
+        "agent_id": get("agent_id"),
+        "command_id": get("command_id", get("task_id")),
+        "turn_id": get("turn_id"),
+    }
+
+
+def _batches(connection: Connection, source: Any, where: Any = None) -> Iterator[Sequence[Any]]:
+    last: Any = None
+    while True:
+        query = select(source).order_by(source.c.id).limit(BATCH)
+        if where is not None:
+            query = query.where(where)
+        if last is not None:
+            query = query.where(source.c.id > last)
+        rows = connection.execute(query).all()
+        if not rows:
+            return
+        yield rows
+        last = rows[-1].id
+
+
+def copy_rows(connection: Connection) -> int:
+    """Carry every row of the archived host table into the service's log; how many. The
+    rollup is emptied, for the upgrade's end to rebuild from every row."""
+    if not inspect(connection).has_table(HOST_ARCHIVE_TABLE):
+        return 0
+    host = _host_table(connection)
+    copied = 0
+    for rows in _batches(connection, host):
+        connection.execute(insert(_ours), [_adopted_row(row, host) for row in rows])
+        copied += len(rows)
+    _advance_sequence(connection, CALLS)
+    connection.execute(delete(table("inference_usage_rollup")))
+    log.warning("call log: %d rows of the host's %s carried into the service's log", copied, CALLS)
+    return copied
+
+
+def _advance_sequence(connection: Connection, name: str) -> None:
+    # Ids were written as they were: the next one the database gives must follow them.
+    if connection.dialect.name != "postgresql":
+        return
+    q = connection.dialect.identifier_preparer.quote(name)
+    sequence = connection.scalar(select(func.pg_get_serial_sequence(q, "id")))
+    top = connection.scalar(select(func.max(table(name, column("id")).c.id)))
+    if sequence is not None and top is not None:
+        connection.execute(select(func.setval(sequence, top)))
+
+
+def _host_row(row: Any, host: Table) -> dict[str, Any]:
+    """A service row as the host's table has it (only the columns it has)."""
+    cached = bool(row.cached)
+    cost = row.saved_cost_usd if cached else row.cost_usd
+    values = {
+        "id": row.id,
+        "timestamp": row.timestamp,
+        "level": row.level,
+        "purpose": row.purpose,
+        "model": row.model,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "input_hash": row.input_hash,
+        "input_text": row.input_text,
+        "result_text": row.result_text,
+        "latency_ms": row.latency_ms,
+        "cost": None if cost is None else float(cost),
+        "cost_usd": cost,
+        "error_message": row.error_message,
+        "cached": cached,
+        "project_id": row.project_id,
+        "agent_id": row.agent_id,
+        "command_id": row.command_id,
+        "task_id": row.command_id,
+        "turn_id": row.turn_id,
+    }
+    out = {name: value for name, value in values.items() if name in host.c}
+    stamp = host.c.get("timestamp")
+    if stamp is not None and not getattr(stamp.type, "timezone", False):
+        out["timestamp"] = row.timestamp.astimezone(UTC).replace(tzinfo=None)
+    return out
+
+
+def carry_back(connection: Connection) -> tuple[int, int]:
+    """Move the rows the service recorded since the adoption into the archived host table
+    where it accepts them, and drop the adopted ones; (moved, refused)."""
+    if not inspect(connection).has_table(HOST_ARCHIVE_TABLE):
+        return 0, 0
+    host = _host_table(connection)
+    adopted = _ours.c.request_id.like(f"{ADOPTED_PREFIX}%")
+    moved_ids: list[int] = []
+    refused = 0
+    for rows in _batches(connection, _ours, ~adopted):
+        values = [_host_row(row, host) for row in rows]
+        if _insert(connection, host, values):
+            moved_ids += [row.id for row in rows]
+            continue
+        for row, one in zip(rows, values, strict=True):  # find the ones it refuses
+            if _insert(connection, host, [one]):
+                moved_ids.append(row.id)
+            else:
+                refused += 1
+    _advance_sequence(connection, HOST_ARCHIVE_TABLE)
+    for start in range(0, len(moved_ids), BATCH):
+        chunk = moved_ids[start : start + BATCH]
+        connection.execute(delete(_ours).where(_ours.c.id.in_(chunk)))
+    connection.execute(delete(_ours).where(adopted))
+    connection.execute(delete(table("inference_usage_rollup")))
+    if refused:
+        log.warning(
+            "call log: %d rows the service recorded are refused by the host's %s (its"
+            " constraints: e.g. a call with no link); they stay in the service's log and go"
+            " with it", refused, CALLS,
+        )  # fmt: skip
+    log.warning("call log: %d rows the service recorded carried into the host's %s",
+                len(moved_ids), CALLS)  # fmt: skip
+    return len(moved_ids), refused
+
+
+def _insert(connection: Connection, host: Table, values: list[dict[str, Any]]) -> bool:
+    savepoint = connection.begin_nested()
+    try:
+        connection.execute(insert(host), values)
+    except DBAPIError:
+        savepoint.rollback()
+        return False
+    savepoint.commit()
+    return True

@@ -307,7 +307,7 @@ def purge_command(project_id: int | None, before: str | None, all_: bool, yes: b
         )
         sys.exit(2)
     where = purge_criteria(project_id, cutoff, all_)
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     with app_database().sessions() as session:
         count = session.scalar(select(func.count()).select_from(InferenceCall).where(where))
     if not yes and not click.confirm(f"Delete {count} calls from the call log?"):

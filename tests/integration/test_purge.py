@@ -120,3 +120,20 @@ def test_usage_check_finds_a_direct_delete_and_rebuild_repairs_it(app: Flask) ->
     assert fixed.exit_code == 0 and f"rebuilt from {ROWS - 4} calls" in fixed.output
     assert runner.invoke(args=["usage", "--check"]).exit_code == 0
     assert counts(app) == (ROWS - 4, ROWS - 4) and total_calls(app) == ROWS - 4
+
+
+def test_the_purge_command_finds_the_service_under_the_host_s_key(tmp_path: Path) -> None:
+    from headspace_inference import Inference
+
+    host = Flask("host")
+    Inference().init_app(
+        host,
+        database_url=f"sqlite:///{tmp_path / 'host.db'}",
+        overrides={"inference": {"spool_path": str(tmp_path / "spool")}},
+        extension_key="inference_service",
+    )
+    runner = host.test_cli_runner()
+    assert runner.invoke(args=["inference", "db", "upgrade"]).exit_code == 0
+    done = runner.invoke(args=["inference", "purge", "--all", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert "0 calls deleted" in done.output

@@ -116,7 +116,8 @@ def postgres_url(postgres_server: _PostgresServer, pg_driver: str) -> str:
 @pytest.fixture
 def migrated_postgres_url(postgres_server: _PostgresServer, pg_driver: str) -> str:
     """A fresh PostgreSQL database with every migration applied."""
-    return on_driver(postgres_server.create(template=postgres_server.migrated_template()), pg_driver)
+    url = postgres_server.create(template=postgres_server.migrated_template())
+    return on_driver(url, pg_driver)
 
 
 @pytest.fixture

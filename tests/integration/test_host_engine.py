@@ -5,6 +5,11 @@ entirely at ``stop()``: 200 apps started and stopped leave no connection open.""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +222,92 @@ def test_two_hundred_apps_started_and_stopped_leave_no_connection_open(
     assert redis_clients(redis_server_url) == redis_before
     assert threading.active_count() <= threads_before
     admin.dispose()
+
+
+# --------------------------------------------------------------------------- drivers installed
+
+# A process in which the named modules cannot be imported: a host without them installed.
+WITHOUT = "import sys\nfor name in {hidden!r}:\n    sys.modules[name] = None\n"
+
+
+def run_without(hidden: tuple[str, ...], code: str, **env: str) -> str:
+    script = WITHOUT.format(hidden=hidden) + textwrap.dedent(code)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_url_naming_no_driver_uses_psycopg_3_when_installed() -> None:
+    # Whatever SQLAlchemy's own default (2.0: psycopg2; 2.1: psycopg 3).
+    assert normalise_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+
+
+def test_a_host_with_psycopg2_alone_logs_its_calls_through_a_url_naming_no_driver(
+    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    # Claude Headspace installs psycopg2-binary, not the postgres extra, and its URL names
+    # no driver: on SQLAlchemy 2.1 (postgresql:// read as psycopg 3) nothing could connect.
+    plain = make_url(migrated_postgres_url).set(drivername="postgresql")
+    code = """
+        import json, os
+        from flask import Flask
+        from headspace_inference import Inference
+
+        app = Flask("host")
+        app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["URL"]
+        service = Inference().init_app(app, overrides=json.loads(os.environ["OVERRIDES"]))
+        service.infer(level="turn", purpose="p", input_text="psycopg2 alone")
+        assert service.recorder.flush(timeout=30)
+        print(service.database.engine.dialect.driver, service.recorder.stats()["written"])
+        service.close()
+    """
+    out = run_without(
+        ("psycopg",),
+        code,
+        URL=plain.render_as_string(hide_password=False),
+        OVERRIDES=json.dumps(overrides(emulator, tmp_path)),
+        OPENROUTER_API_KEY=KEY,
+        HEADSPACE_CONFIG=str(tmp_path / "no-config.yaml"),
+        DATABASE_URL="",
+    )
+    assert out.splitlines()[-1] == "psycopg2 1"
+    assert row_count(migrated_postgres_url) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "url", "hint"),
+    [
+        (
+            ("psycopg", "psycopg2"),
+            "postgresql://u@h/db",
+            "no installed driver for postgresql+psycopg: pip install "
+            "'headspace-inference[postgres]' (psycopg 3), or psycopg2-binary",
+        ),
+        (
+            ("psycopg2",),
+            "postgresql+psycopg2://u@h/db",
+            "no installed driver for postgresql+psycopg2: pip install psycopg2-binary",
+        ),
+    ],
+    ids=["neither", "psycopg2-named"],
+)
+def test_a_missing_driver_is_named_with_what_to_install(
+    hidden: tuple[str, ...], url: str, hint: str
+) -> None:
+    code = f"""
+        from headspace_inference.settings import check_url
+        try:
+            check_url({url!r})
+        except ValueError as exc:
+            print(exc)
+    """
+    assert run_without(hidden, code) == hint

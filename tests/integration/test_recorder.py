@@ -30,7 +30,7 @@ from headspace_inference.calllog.record import CallRecord
 from headspace_inference.calllog.recorder import CallRecorder, CallWriter
 from headspace_inference.calllog.rollup import apply_rollup
 from headspace_inference.clock import FakeClock
-from headspace_inference.settings import normalise_url
+from headspace_inference.settings import DatabaseSettings, normalise_url
 from headspace_inference.standalone.database import standalone_database
 
 
@@ -128,6 +128,39 @@ def test_an_error_that_is_not_the_database_s_is_reported_as_such_not_spooled_for
     assert all("not a database error" in r.getMessage() for r in messages)
     assert all(r.exc_info and r.exc_info[0] is AttributeError for r in messages)
     assert not any("database write failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_around_the_insert_that_is_not_the_database_s_says_so(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Outside a row's insert (here the journal's sync) the batch waits and is tried again,
+    # but the log names the error as what it is, with its traceback, once.
+    database = standalone_database(DatabaseSettings(url=sqlite_url))
+    database.upgrade()
+    database.dispose()
+    failures = [RuntimeError("journal sync broke"), RuntimeError("journal sync broke")]
+
+    def before_write() -> None:
+        if failures:
+            raise failures.pop()
+
+    writer = CallWriter(
+        sessions_for(sqlite_url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        before_write=before_write,
+        backoff_seconds=(0.01, 0.01),
+    )
+    writer.start()
+    with caplog.at_level(logging.ERROR, logger="headspace_inference.calllog.recorder"):
+        writer.submit(1, make_record(1))
+        assert writer.flush(timeout=30)
+    assert writer.stop(timeout=30)
+    assert count_rows(sqlite_url) == 1
+    (logged,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "RuntimeError: journal sync broke, not a database error" in logged.getMessage()
+    assert logged.exc_info and logged.exc_info[0] is RuntimeError
+    assert writer.stats()["write_failures"] == 2
 
 
 def test_outage_spools_then_catches_up_in_order(

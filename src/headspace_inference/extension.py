@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
@@ -90,7 +91,8 @@ class InferenceOptions(TypedDict, total=False):
       ``openrouter:`` that the service does not know is the host's (one warning), and the
       host's ``openrouter.timeout`` is ``timeout_seconds``.
     - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the host's),
-      else ``database_url``, else $DATABASE_URL, else the app's ``SQLALCHEMY_DATABASE_URI``.
+      else ``database_url``, else the default engine of the app's Flask-SQLAlchemy (found
+      when first used; the host's too), else $DATABASE_URL, else ``SQLALCHEMY_DATABASE_URI``.
       Redis is ``redis_url``, else $REDIS_URL, else ``inference.redis.url``.
     - ``database`` (a headspace_inference.calllog.database.Database: an engine and its
       migration histories) is what create_app() passes. ``transport`` carries the requests
@@ -249,6 +251,7 @@ def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Databas
     engine, database_url = options.get("engine"), options.get("database_url")
     if engine is not None and database_url is not None:
         raise ConfigError("database_url and engine: give one of them, not both")
+    host_engine = None
     if settings is None:
         host = load_host_settings(
             options.get("config_path"),
@@ -258,16 +261,22 @@ def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Databas
         )
         url, source = _database_url(app, database_url, engine)
         settings = host.settings(url, source=source)
+        if engine is None and database_url is None:
+            host_engine = _flask_sqlalchemy_engine(app)
     elif engine is not None or database_url is not None:
         url, source = _database_url(app, database_url, engine)
         database_settings = settings.database.with_url(url, source=source)
         settings = settings.model_copy(update={"database": database_settings})
-    database = options.get("database") or Database(settings.database, engine=engine)
+    database = options.get("database") or Database(
+        settings.database, engine=engine, host_engine=host_engine
+    )
     return settings, database
 
 
 def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple[str, str]:
-    """The host's database URL and what it came from (named in errors)."""
+    """The host's database URL and what it came from (named in errors). Where the app has
+    Flask-SQLAlchemy, its engine is used instead of the URL from the environment or the
+    app's config (``_flask_sqlalchemy_engine``); the URL is still checked here, at init_app."""
     from .settings import ConfigError
 
     if engine is not None:
@@ -283,3 +292,23 @@ def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple
         "no database for the call log: pass database_url= or engine=, set DATABASE_URL, "
         "or set the app's SQLALCHEMY_DATABASE_URI"
     )
+
+
+def _flask_sqlalchemy_engine(app: Flask) -> Callable[[], Engine | None]:
+    """What finds the default engine of the app's Flask-SQLAlchemy (None when it has none)
+    when the call log first needs it: Flask-SQLAlchemy may be set up after init_app, and
+    its engines are reached in an app context. The app is held weakly: the service is kept
+    in the app, not the other way round."""
+    app_ref = weakref.ref(app)
+
+    def find() -> Engine | None:
+        app = app_ref()
+        extension = app.extensions.get("sqlalchemy") if app is not None else None
+        if app is None or extension is None:
+            return None
+        with app.app_context():
+            engines = getattr(extension, "engines", None)  # Flask-SQLAlchemy 3
+            engine: Engine | None = engines.get(None) if engines is not None else None
+            return engine
+
+    return find

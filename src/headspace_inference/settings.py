@@ -6,6 +6,7 @@ config_loading's. Nothing inward of these models reads a dict of settings.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,13 +49,27 @@ Seconds = Annotated[float, Field(gt=0, le=DAY)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
 
 
+# The drivers a PostgreSQL URL that names none is read with, in order of preference.
+POSTGRES_DRIVERS = ("psycopg", "psycopg2")
+
+
 def normalise_url(url: str) -> str:
-    """Use psycopg 3 for PostgreSQL URLs that name no driver."""
+    """Name a driver in PostgreSQL URLs that name none: psycopg 3 (the ``postgres`` extra),
+    else psycopg2 where only it is installed (a host's), whatever SQLAlchemy's own default
+    (2.0 reads ``postgresql://`` as psycopg2, 2.1 as psycopg 3)."""
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+        url = f"postgresql+{_postgres_driver()}://" + url[len("postgresql://") :]
     return url
+
+
+def _postgres_driver() -> str:
+    # Found, not imported: a URL is normalised long before its engine connects.
+    for module in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return module
+    return POSTGRES_DRIVERS[0]  # neither: check_url's error says what to install
 
 
 def check_url(url: str) -> None:
@@ -77,9 +92,11 @@ def check_url(url: str) -> None:
 
 
 def _driver_hint(url: Any) -> str:
-    if url.get_backend_name() == "postgresql":
-        return ": pip install 'headspace-inference[postgres]' (psycopg 3)"
-    return " (PostgreSQL and SQLite are supported)"
+    if url.get_backend_name() != "postgresql":
+        return " (PostgreSQL and SQLite are supported)"
+    if url.get_driver_name() == "psycopg2":
+        return ": pip install psycopg2-binary"
+    return ": pip install 'headspace-inference[postgres]' (psycopg 3), or psycopg2-binary"
 
 
 class ConfigError(Exception):

@@ -14,6 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, inspect, select, text
+from tests.drivers import on_driver
 
 from headspace_inference.calllog.database import SERVICE_HISTORY, Database, History
 from headspace_inference.calllog.models import Base, UsageRollup
@@ -57,9 +58,11 @@ COMBINED_HISTORY = History(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres+psycopg2"])
 def empty_db(request: pytest.FixtureRequest) -> Database:
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    if request.param == "postgres+psycopg2":
+        url = on_driver(url, "psycopg2")
     db = standalone_database(DatabaseSettings(url=url))
     request.addfinalizer(db.dispose)
     return db

@@ -7,7 +7,6 @@ with rows, on SQLite and on PostgreSQL (both drivers).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -177,8 +176,6 @@ def host_db(request: pytest.FixtureRequest) -> Any:
     if request.param == "sqlite":
         url = request.getfixturevalue("sqlite_url")
     else:
-        if request.param.endswith("psycopg2") and importlib.util.find_spec("psycopg2") is None:
-            pytest.skip("psycopg2 is not installed (the test extra brings it)")
         base = make_url(request.getfixturevalue("postgres_url"))
         url = base.set(drivername=request.param).render_as_string(hide_password=False)
     db = Database(DatabaseSettings(url=url))

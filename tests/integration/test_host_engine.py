@@ -283,6 +283,36 @@ def test_a_host_with_psycopg2_alone_logs_its_calls_through_a_url_naming_no_drive
     assert row_count(migrated_postgres_url) == (1, 1)
 
 
+def test_the_live_feed_listens_on_a_host_with_psycopg2_alone(migrated_postgres_url: str) -> None:
+    # The feed's LISTEN connection comes from the engine's own driver, so a psycopg2 host's
+    # /events stream hears every process's calls.
+    code = """
+        import os, threading
+        from sqlalchemy import create_engine
+        from headspace_inference.operate.feed import PostgresTransport
+
+        class Database:
+            engine = create_engine(os.environ["URL"])
+
+        transport = PostgresTransport(Database())
+        listening, heard = threading.Event(), []
+
+        def listen():
+            for ids in transport.listen(lambda: bool(heard), listening.set):
+                heard.extend(ids)
+
+        thread = threading.Thread(target=listen)
+        thread.start()
+        assert listening.wait(30)
+        transport.publish(["r1", "r2"])
+        thread.join(30)
+        print(Database.engine.dialect.driver, ",".join(heard))
+    """
+    url = make_url(migrated_postgres_url).set(drivername="postgresql+psycopg2")
+    out = run_without(("psycopg",), code, URL=url.render_as_string(hide_password=False))
+    assert out.splitlines()[-1] == "psycopg2 r1,r2"
+
+
 @pytest.mark.parametrize(
     ("hidden", "url", "hint"),
     [

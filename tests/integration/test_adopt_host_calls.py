@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     inspect,
     select,
     text,
@@ -359,3 +360,26 @@ def test_a_purge_deletes_adopted_rows_from_the_host_s_table_too(host_db: Databas
     host_db.downgrade("base")  # what the host purged does not come back
     back = _host_rows(host_db.engine, "inference_calls")
     assert len(back) == HOST_ROWS // 2 and {r._mapping["project_id"] for r in back} == {2}
+
+
+def test_the_host_deletes_a_project_whose_calls_are_archived(host_db: Database) -> None:
+    """The archive never refuses the host an action on its own tables: deleting a project
+    (its agents first) would set an archived call's last link to NULL, which the host's
+    check constraint refuses, were it kept on the archive."""
+    engine = host_db.engine
+    md = make_host(engine)
+    with engine.begin() as conn:  # a call of the host linked to its agent only
+        conn.execute(
+            md.tables["inference_calls"].insert(),
+            [dict(host_row(HOST_ROWS + 1), project_id=None, agent_id=1)],
+        )
+    host_db.upgrade()
+
+    with engine.begin() as conn:
+        conn.execute(md.tables["agents"].delete().where(md.tables["agents"].c.project_id == 1))
+        conn.execute(md.tables["projects"].delete().where(md.tables["projects"].c.id == 1))
+
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(md.tables["projects"])) == 1
+    # The archive is frozen: its rows keep what the host had when it was adopted.
+    assert len(_host_rows(engine, HOST_ARCHIVE_TABLE)) == HOST_ROWS + 1

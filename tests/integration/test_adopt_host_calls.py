@@ -37,7 +37,11 @@ from sqlalchemy.engine import make_url
 from headspace_inference import include_name
 from headspace_inference.calllog.adopt import AdoptionError
 from headspace_inference.calllog.database import SERVICE_HISTORY, Database
-from headspace_inference.calllog.models import HOST_ARCHIVE_TABLE, InferenceCall
+from headspace_inference.calllog.models import (
+    HOST_ARCHIVE_CONSTRAINTS,
+    HOST_ARCHIVE_TABLE,
+    InferenceCall,
+)
 from headspace_inference.calllog.rollup import count_calls, rollup_disagreements
 from headspace_inference.operate.routes import parse_usage_query
 from headspace_inference.operate.usage import usage_report
@@ -160,6 +164,26 @@ def schema_names(engine: Engine, table: str) -> dict[str, Any]:
     return out
 
 
+def constraint_definitions(engine: Engine, table: str) -> dict[str, str]:
+    """PostgreSQL: each foreign key's and check's definition, by name. SQLite: the table's
+    CREATE TABLE, where they are, when it has any."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            found = conn.execute(
+                text(
+                    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                    " WHERE conrelid = to_regclass(:t) AND contype IN ('f', 'c')"
+                ),
+                {"t": table},
+            )
+            return {str(name): str(sql) for name, sql in found}
+        found = conn.execute(
+            text("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name = :t"),
+            {"t": table},
+        )
+        return {str(name): str(sql) for name, sql in found if "REFERENCES" in sql or "CHECK" in sql}
+
+
 def all_index_names(engine: Engine) -> set[str]:
     inspector = inspect(engine)
     return {
@@ -202,6 +226,8 @@ def test_a_host_s_call_log_is_adopted_and_given_back(
     md = make_host(engine)
     host_names = schema_names(engine, "inference_calls")
     assert len(host_names["indexes"]) == 8
+    host_definitions = constraint_definitions(engine, "inference_calls")
+    assert len(host_definitions) == (5 if engine.dialect.name == "postgresql" else 1)
     before = [dict(r._mapping) for r in _host_rows(engine, "inference_calls")]
     assert len(before) == HOST_ROWS
 
@@ -215,7 +241,9 @@ def test_a_host_s_call_log_is_adopted_and_given_back(
     assert all(HOST_ARCHIVE_TABLE in name for name in archived["indexes"])
     if engine.dialect.name == "postgresql":
         assert HOST_ARCHIVE_TABLE in archived["pk"] and HOST_ARCHIVE_TABLE in archived["sequence"]
-        assert archived["checks"] == [f"ck_{HOST_ARCHIVE_TABLE}_has_parent"]
+    # Without what reaches the host's tables or could refuse its actions on them.
+    assert archived["fks"] == [] and archived.get("checks", []) == []
+    assert constraint_definitions(engine, HOST_ARCHIVE_TABLE) == {}
     # The service's own names are its own: none is a host's default.
     ours = schema_names(engine, "inference_calls")
     assert all(name.startswith("hinf_") for name in ours["indexes"] + ours["fks"] + [ours["pk"]])
@@ -263,32 +291,52 @@ def test_a_host_s_call_log_is_adopted_and_given_back(
     spent = sum(usd(r["cost"]) for r in before if r["cost"] is not None and not r["cached"])
     assert report["total_cost"] == pytest.approx(float(spent))
 
-    # The service records on: one call the host's table accepts, one it refuses (no link).
+    # The service records on: a call with a link, one with none (which the host's check
+    # refuses), one with a model name longer than the host's column (PostgreSQL refuses it).
     with host_db.sessions.begin() as session:
-        for request_id, project in (("new-linked", 2), ("new-unlinked", None)):
+        for request_id, project, model in (
+            ("new-linked", 2, "m"), ("new-unlinked", None, "m"), ("new-long", 2, "m" * 150),
+        ):  # fmt: skip
             session.add(InferenceCall(
                 request_id=request_id, timestamp=datetime(2026, 4, 1, tzinfo=UTC), level="turn",
-                purpose="later", model="m", status="ok", input_hash="h", project_id=project,
+                purpose="later", model=model, status="ok", input_hash="h", project_id=project,
                 input_text="later prompt", cost_usd=Decimal("0.5"),
             ))  # fmt: skip
     with host_db.sessions() as session:
         new_ids = sorted(c.id for c in session.scalars(select(InferenceCall)) if c.id > HOST_ROWS)
-    assert len(new_ids) == 2  # ids follow the host's
+    assert len(new_ids) == 3  # ids follow the host's
 
     with caplog.at_level(logging.WARNING, logger="headspace_inference.calllog.adopt"):
         host_db.downgrade("base")
 
-    assert "1 rows the service recorded are refused by the host's inference_calls" in caplog.text
+    postgres = engine.dialect.name == "postgresql"
+    refused = "1 rows the service recorded are refused by the host's inference_calls"
+    assert (refused in caplog.text) == postgres
+    # The unlinked call is kept: the host's check comes back, unvalidated on PostgreSQL.
+    how = " NOT VALID" if postgres else ""
+    assert (
+        f"inference_calls has its constraint ck_inference_calls_has_parent back{how}:"
+        f" 1 of its rows fail it" in caplog.text
+    )
     tables = set(inspect(engine).get_table_names())
     assert "inference_calls" in tables and HOST_ARCHIVE_TABLE not in tables
+    assert HOST_ARCHIVE_CONSTRAINTS not in tables
     assert schema_names(engine, "inference_calls") == host_names
+    if postgres:
+        check = "ck_inference_calls_has_parent"
+        host_definitions[check] += " NOT VALID"
+    assert constraint_definitions(engine, "inference_calls") == host_definitions
     after = [dict(r._mapping) for r in _host_rows(engine, "inference_calls")]
     assert after[:HOST_ROWS] == before
-    assert len(after) == HOST_ROWS + 1
-    later = after[-1]
-    assert (later["purpose"], later["project_id"], later["cost"], later["input_text"]) == (
+    assert len(after) == HOST_ROWS + (2 if postgres else 3)
+    linked, unlinked = after[HOST_ROWS : HOST_ROWS + 2]
+    assert (linked["purpose"], linked["project_id"], linked["cost"], linked["input_text"]) == (
         "later", 2, 0.5, "later prompt",
     )  # fmt: skip
+    assert unlinked["purpose"] == "later"
+    assert [unlinked[link] for link in ("project_id", "agent_id", "command_id", "turn_id")] == [
+        None, None, None, None,
+    ]  # fmt: skip
     # The host's own inserts go on from its sequence.
     with engine.begin() as conn:
         new = dict(host_row(1), id=None)
@@ -298,12 +346,15 @@ def test_a_host_s_call_log_is_adopted_and_given_back(
     # And up again: everything the host has is carried over once more.
     host_db.upgrade()
     with host_db.sessions() as session:
-        assert count_calls(session) == (HOST_ROWS + 2, HOST_ROWS + 2)
+        everything = HOST_ROWS + (3 if postgres else 4)
+        assert count_calls(session) == (everything, everything)
         assert rollup_disagreements(session) == []
 
 
 def _host_rows(engine: Engine, name: str) -> list[Any]:
-    table = Table(name, MetaData(), autoload_with=engine)
+    # Its columns only (SQLAlchemy warns reflecting a NOT VALID check into a Table).
+    columns = inspect(engine).get_columns(name)
+    table = Table(name, MetaData(), *(Column(c["name"], c["type"]) for c in columns))
     with engine.connect() as conn:
         rows = conn.execute(select(table).order_by(table.c.id)).all()
     if engine.dialect.name == "sqlite":  # SQLite keeps no zone: the host wrote UTC
@@ -350,6 +401,7 @@ def test_a_purge_deletes_adopted_rows_from_the_host_s_table_too(host_db: Databas
     from headspace_inference.calllog.purge import purge
 
     make_host(host_db.engine)
+    host_definitions = constraint_definitions(host_db.engine, "inference_calls")
     host_db.upgrade()
     with host_db.sessions.begin() as session:
         assert purge(session, project_id=1) == HOST_ROWS // 2
@@ -360,9 +412,13 @@ def test_a_purge_deletes_adopted_rows_from_the_host_s_table_too(host_db: Databas
     host_db.downgrade("base")  # what the host purged does not come back
     back = _host_rows(host_db.engine, "inference_calls")
     assert len(back) == HOST_ROWS // 2 and {r._mapping["project_id"] for r in back} == {2}
+    # Every row passes the host's constraints: they are back exactly as its DDL made them.
+    assert constraint_definitions(host_db.engine, "inference_calls") == host_definitions
 
 
-def test_the_host_deletes_a_project_whose_calls_are_archived(host_db: Database) -> None:
+def test_the_host_deletes_a_project_whose_calls_are_archived(
+    host_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """The archive never refuses the host an action on its own tables: deleting a project
     (its agents first) would set an archived call's last link to NULL, which the host's
     check constraint refuses, were it kept on the archive."""
@@ -373,6 +429,7 @@ def test_the_host_deletes_a_project_whose_calls_are_archived(host_db: Database) 
             md.tables["inference_calls"].insert(),
             [dict(host_row(HOST_ROWS + 1), project_id=None, agent_id=1)],
         )
+    host_definitions = constraint_definitions(engine, "inference_calls")
     host_db.upgrade()
 
     with engine.begin() as conn:
@@ -383,3 +440,22 @@ def test_the_host_deletes_a_project_whose_calls_are_archived(host_db: Database) 
         assert conn.scalar(select(func.count()).select_from(md.tables["projects"])) == 1
     # The archive is frozen: its rows keep what the host had when it was adopted.
     assert len(_host_rows(engine, HOST_ARCHIVE_TABLE)) == HOST_ROWS + 1
+
+    with caplog.at_level(logging.WARNING, logger="headspace_inference.calllog.adopt"):
+        host_db.downgrade("base")
+
+    # Every row is given back. Links to the deleted project and agent are NULL, as the
+    # host's own foreign keys would have made them; the 20 calls of project 1 and the
+    # agent's own call are left with no link, so the host's check comes back unvalidated.
+    back = {r._mapping["id"]: r._mapping for r in _host_rows(engine, "inference_calls")}
+    assert sorted(back) == list(range(1, HOST_ROWS + 2))
+    assert {r["project_id"] for r in back.values()} == {None, 2}
+    assert {r["agent_id"] for r in back.values()} == {None}
+    assert "20 rows of the host's inference_calls linked to projects rows" in caplog.text
+    assert "14 rows of the host's inference_calls linked to agents rows" in caplog.text
+    how = " NOT VALID" if engine.dialect.name == "postgresql" else ""
+    assert f"ck_inference_calls_has_parent back{how}: 21 of its rows fail it" in caplog.text
+    definitions = constraint_definitions(engine, "inference_calls")
+    if engine.dialect.name == "postgresql":
+        host_definitions["ck_inference_calls_has_parent"] += " NOT VALID"
+    assert definitions == host_definitions

@@ -12,7 +12,9 @@ its constraints, its indexes and its rows. The service's upgrade takes it over:
    renamed ``HOST_ARCHIVE_TABLE`` (one of SERVICE_TABLES, so the host's autogenerate leaves
    it alone), and so are its schema-wide names (indexes, constraint indexes, sequences:
    ``inference_calls`` in them becomes the archive's name), so nothing of it collides
-   with the service's.
+   with the service's. Its foreign keys and check constraints are set aside (their
+   definitions kept in ``HOST_ARCHIVE_CONSTRAINTS``): a frozen copy must never refuse, nor
+   cascade from, what the host does to its own tables.
 3. ``copy_rows`` (revision i0005): every row is carried into the service's log, under its
    own id, with request_id ``adopted-<id>``: tokens, cost (``cost_usd``; a cache hit's is
    what it saved, as the service records hits), links, level, model, timestamp, error,
@@ -20,9 +22,11 @@ its constraints, its indexes and its rows. The service's upgrade takes it over:
    (``database.finish_upgrade``) rebuilds it from the rows.
 
 Downgrade runs the other way: ``carry_back`` (i0005) moves the rows the service recorded
-since into the archive where the host's table accepts them (one warning counts those it
-refuses, which stay in the service's log) and drops the adopted ones; ``restore`` (i0001,
-after the service's tables are dropped) gives the host its table back under its names.
+since into the archive where its columns take them (one warning counts those they refuse,
+which stay in the service's log) and drops the adopted ones; ``restore`` (i0001, after the
+service's tables are dropped) gives the host its table back under its names, with its
+constraints as it defined them: links to rows the host has deleted since are set to NULL,
+and a constraint that rows still fail comes back unvalidated, with one warning.
 """
 
 from __future__ import annotations
@@ -35,24 +39,38 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Column,
     Connection,
     Integer,
     MetaData,
+    String,
     Table,
+    Text,
+    and_,
     column,
     delete,
+    exists,
     func,
     insert,
     inspect,
     select,
     table,
+    text,
+    update,
 )
+from sqlalchemy.engine.interfaces import ReflectedForeignKeyConstraint
 from sqlalchemy.exc import DBAPIError
 
 from ..settings import ConfigError
 from .migrations import names
 from .models.base import UTCDateTime
-from .models.inference_call import HOST_ARCHIVE_TABLE, USD_QUANTUM, Money
+from .models.base import NAME_PREFIX
+from .models.inference_call import (
+    HOST_ARCHIVE_CONSTRAINTS,
+    HOST_ARCHIVE_TABLE,
+    USD_QUANTUM,
+    Money,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +82,8 @@ REQUIRED = ("id", "timestamp", "level", "model")
 # The request_id of a row carried over from the host's table: its id there follows.
 ADOPTED_PREFIX = "adopted-"
 BATCH = 2000
+# SQLite's table rebuild moves the table to this name while it makes it again.
+REBUILDING = NAME_PREFIX + "host_inference_calls_rebuilding"
 # PostgreSQL's longest identifier.
 MAX_NAME = 63
 
@@ -118,7 +138,12 @@ def check(connection: Connection, version: str | None) -> None:
             f" again"
         )
     renames = names.planned(connection, CALLS, _archived)
-    new_names = [HOST_ARCHIVE_TABLE, *(new for _, _, new in renames)]
+    new_names = [
+        HOST_ARCHIVE_TABLE,
+        HOST_ARCHIVE_CONSTRAINTS,
+        REBUILDING,
+        *(new for _, _, new in renames),
+    ]
     too_long = [name for name in new_names if len(name) > MAX_NAME]
     clashing = names.taken(connection, new_names)
     if too_long or clashing:
@@ -146,24 +171,29 @@ def check(connection: Connection, version: str | None) -> None:
 
 
 def archive(connection: Connection) -> bool:
-    """Move a host's ``inference_calls`` (checked adoptable) out of the service's way;
-    whether there was one."""
+    """Move a host's ``inference_calls`` (checked adoptable) out of the service's way, without
+    its foreign keys and check constraints; whether there was one."""
     if not is_foreign(connection):
         return False
+    set_aside = _set_aside_constraints(connection)
     renames = names.planned(connection, CALLS, _archived)
     q = connection.dialect.identifier_preparer.quote
     connection.exec_driver_sql(f"ALTER TABLE {q(CALLS)} RENAME TO {q(HOST_ARCHIVE_TABLE)}")
     names.apply(connection, HOST_ARCHIVE_TABLE, renames)
+    if connection.dialect.name == "sqlite":
+        _rebuild_sqlite(connection, HOST_ARCHIVE_TABLE, _bare_sqlite_table(connection))
     log.warning(
-        "call log: the host's own %s is kept as %s (%d names moved with it); its rows are"
-        " carried into the service's log",
-        CALLS, HOST_ARCHIVE_TABLE, len(renames),
+        "call log: the host's own %s is kept as %s (%d names moved with it; its %d foreign"
+        " keys and check constraints set aside until a downgrade); its rows are carried"
+        " into the service's log",
+        CALLS, HOST_ARCHIVE_TABLE, len(renames), set_aside,
     )  # fmt: skip
     return True
 
 
 def restore(connection: Connection) -> bool:
-    """Give the host its table back (the service's own is dropped); whether there was one."""
+    """Give the host its table back (the service's own is dropped), its constraints too;
+    whether there was one."""
     inspector = inspect(connection)
     if not inspector.has_table(HOST_ARCHIVE_TABLE) or inspector.has_table(CALLS):
         return False
@@ -171,8 +201,246 @@ def restore(connection: Connection) -> bool:
     q = connection.dialect.identifier_preparer.quote
     connection.exec_driver_sql(f"ALTER TABLE {q(HOST_ARCHIVE_TABLE)} RENAME TO {q(CALLS)}")
     names.apply(connection, CALLS, renames)
+    if inspector.has_table(HOST_ARCHIVE_CONSTRAINTS):
+        _put_back_constraints(connection)
+        _kept.drop(connection)
     log.warning("call log: the host's %s is back, under its own names", CALLS)
     return True
+
+
+# --------------------------------------------------------------------------- constraints
+#
+# The archive is a frozen copy, kept only for a downgrade: nothing on it may refuse or
+# cascade from the host's actions on its own tables. A host's foreign key to its projects
+# (ON DELETE SET NULL) with a check that a call has a link would refuse the host's delete
+# of a project whose calls are archived. So the archive keeps neither, and each one's
+# definition is kept in HOST_ARCHIVE_CONSTRAINTS, put back by name after the table is.
+# PostgreSQL drops and adds them; SQLite, which can do neither, makes the table again
+# (its rebuild) without them and, on downgrade, from the host's own CREATE TABLE.
+
+FOREIGN_KEY = "foreign key"
+CHECK = "check"
+# SQLite: the host's CREATE TABLE, verbatim.
+TABLE = "table"
+
+_kept = Table(
+    HOST_ARCHIVE_CONSTRAINTS,
+    MetaData(),
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("definition", Text, nullable=False),
+)
+
+
+def _set_aside_constraints(connection: Connection) -> int:
+    """Record the host table's foreign keys and checks (PostgreSQL: and drop them; SQLite:
+    its CREATE TABLE, which the rebuild leaves behind); how many."""
+    _kept.create(connection)
+    if connection.dialect.name == "postgresql":
+        found = connection.execute(
+            text(
+                "SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE conrelid = to_regclass(:t) AND contype IN ('f', 'c')"
+                " ORDER BY contype DESC, conname"
+            ),
+            {"t": connection.dialect.identifier_preparer.quote(CALLS)},
+        ).all()
+        rows = [
+            {"kind": FOREIGN_KEY if kind == "f" else CHECK, "name": name, "definition": sql}
+            for name, kind, sql in found
+        ]
+        q = connection.dialect.identifier_preparer.quote
+        for row in rows:
+            connection.exec_driver_sql(f"ALTER TABLE {q(CALLS)} DROP CONSTRAINT {q(row['name'])}")
+        count = len(rows)
+    else:
+        sql = connection.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (CALLS,)
+        ).scalar_one()
+        rows = [{"kind": TABLE, "name": CALLS, "definition": sql}]
+        inspector = inspect(connection)
+        count = len(inspector.get_foreign_keys(CALLS)) + len(
+            inspector.get_check_constraints(CALLS)
+        )
+    connection.execute(insert(_kept), [dict(row, position=i) for i, row in enumerate(rows)])
+    return count
+
+
+def _put_back_constraints(connection: Connection) -> None:
+    """Give the host's table (back under its name) the constraints set aside, by their
+    names and definitions: links to rows the host no longer has set to NULL first, and a
+    constraint that rows still fail kept unvalidated (one warning), so no row is lost."""
+    kept = connection.execute(select(_kept).order_by(_kept.c.position)).all()
+    if connection.dialect.name == "sqlite":
+        (create,) = [row.definition for row in kept if row.kind == TABLE]
+        _rebuild_sqlite(connection, CALLS, create, restoring=True)
+        return
+    q = connection.dialect.identifier_preparer.quote
+
+    def add(row: Any) -> None:
+        unvalidated = "" if row.definition.endswith(" NOT VALID") else " NOT VALID"
+        connection.exec_driver_sql(
+            f"ALTER TABLE {q(CALLS)} ADD CONSTRAINT {q(row.name)} {row.definition}{unvalidated}"
+        )
+
+    # Each added unvalidated, then validated. The foreign keys first, read back to set the
+    # links they would refuse to NULL, then the checks (which an UPDATE of a row must pass).
+    for row in kept:
+        if row.kind == FOREIGN_KEY:
+            add(row)
+    foreign_keys = {str(fk["name"]): fk for fk in inspect(connection).get_foreign_keys(CALLS)}
+    for row in kept:
+        if row.kind == FOREIGN_KEY:
+            _null_missing_links(connection, CALLS, foreign_keys[row.name])
+    for row in kept:
+        if row.kind != FOREIGN_KEY:
+            add(row)
+    checks = {
+        str(ck["name"]): ck["sqltext"] for ck in inspect(connection).get_check_constraints(CALLS)
+    }
+    for row in kept:
+        if row.definition.endswith(" NOT VALID"):
+            continue  # the host's own was so
+        savepoint = connection.begin_nested()
+        try:
+            connection.exec_driver_sql(
+                f"ALTER TABLE {q(CALLS)} VALIDATE CONSTRAINT {q(row.name)}"
+            )
+        except DBAPIError:
+            savepoint.rollback()
+            if row.kind == FOREIGN_KEY:
+                failing = _missing_links(connection, CALLS, foreign_keys[row.name])
+            else:
+                failing = _failing_check(connection, CALLS, checks[row.name])
+            _warn_failing(row.name, failing, " NOT VALID")
+        else:
+            savepoint.commit()
+
+
+def _warn_failing(constraint: str, failing: int, how: str) -> None:
+    log.warning(
+        "call log: the host's %s has its constraint %s back%s: %d of its rows fail it"
+        " (kept, as the host had them or the service recorded them)",
+        CALLS, constraint, how, failing,
+    )  # fmt: skip
+
+
+def _link_condition(
+    connection: Connection, name: str, fk: ReflectedForeignKeyConstraint
+) -> tuple[Any, Any]:
+    """(the table, SQL: a row's link points at no row of the table the key refers to)."""
+    columns = fk["constrained_columns"]
+    source = table(name, *(column(c) for c in columns))
+    target = table(
+        fk["referred_table"],
+        *(column(c) for c in fk["referred_columns"]),
+        schema=fk.get("referred_schema"),
+    )
+    pairs = zip(columns, fk["referred_columns"], strict=True)
+    matched = exists().where(and_(*(target.c[r] == source.c[c] for c, r in pairs)))
+    return source, and_(*(source.c[c].is_not(None) for c in columns), ~matched)
+
+
+def _missing_links(connection: Connection, name: str, fk: ReflectedForeignKeyConstraint) -> int:
+    source, missing = _link_condition(connection, name, fk)
+    return int(connection.scalar(select(func.count()).select_from(source).where(missing)) or 0)
+
+
+def _null_missing_links(
+    connection: Connection, name: str, fk: ReflectedForeignKeyConstraint
+) -> None:
+    # As the service's own links are reconciled (migrations/links.py).
+    source, missing = _link_condition(connection, name, fk)
+    columns = fk["constrained_columns"]
+    nulled = connection.execute(
+        update(source).where(missing).values({c: None for c in columns})
+    ).rowcount
+    if nulled:
+        log.warning(
+            "call log: %d rows of the host's %s linked to %s rows it no longer has;"
+            " their %s now NULL",
+            nulled, CALLS, fk["referred_table"], ", ".join(columns),
+        )  # fmt: skip
+
+
+def _failing_check(connection: Connection, name: str, sqltext: str) -> int:
+    q = connection.dialect.identifier_preparer.quote
+    return int(
+        connection.exec_driver_sql(
+            f"SELECT count(*) FROM {q(name)} WHERE NOT ({sqltext})"
+        ).scalar_one()
+    )
+
+
+def _bare_sqlite_table(connection: Connection) -> str:
+    """A CREATE TABLE of the archive as it is, without foreign keys and checks: its columns
+    (declared types, NOT NULL, defaults), primary key and unique constraints."""
+    q = connection.dialect.identifier_preparer.quote
+    name = HOST_ARCHIVE_TABLE
+    columns = connection.exec_driver_sql(f"PRAGMA table_xinfo({q(name)})").all()
+    parts = []
+    for _cid, col, declared, notnull, default, _pk, hidden in columns:
+        if hidden:  # a generated column: the host's CREATE TABLE makes it again
+            continue
+        words = [q(col), declared, "NOT NULL" if notnull else ""]
+        words.append("" if default is None else f"DEFAULT ({default})")
+        parts.append(" ".join(word for word in words if word))
+    key = [c[1] for c in sorted(columns, key=lambda c: int(c[5])) if c[5]]
+    if key:
+        parts.append(f"PRIMARY KEY ({', '.join(q(c) for c in key)})")
+    for _seq, index, _unique, origin, _partial in connection.exec_driver_sql(
+        f"PRAGMA index_list({q(name)})"
+    ).all():
+        if origin == "u":
+            info = connection.exec_driver_sql(f"PRAGMA index_info({q(index)})").all()
+            parts.append(f"UNIQUE ({', '.join(q(c[2]) for c in info)})")
+    return f"CREATE TABLE {q(name)} ({', '.join(parts)})"
+
+
+def _rebuild_sqlite(
+    connection: Connection, name: str, create: str, *, restoring: bool = False
+) -> None:
+    """SQLite's table rebuild: ``name`` made again by ``create`` (a CREATE TABLE of that
+    name), with its rows and indexes. ``restoring``: the host's own, whose links to rows it
+    no longer has are set to NULL first and whose checks a row may fail (kept, one
+    warning), as PostgreSQL keeps such a constraint NOT VALID."""
+    q = connection.dialect.identifier_preparer.quote
+    indexes = connection.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+        (name,),
+    ).scalars().all()
+    connection.exec_driver_sql(f"ALTER TABLE {q(name)} RENAME TO {q(REBUILDING)}")
+    connection.exec_driver_sql(create)
+    inspector = inspect(connection)
+    old = {c["name"] for c in inspector.get_columns(REBUILDING)}
+    carried = ", ".join(q(c["name"]) for c in inspector.get_columns(name) if c["name"] in old)
+    copy = f"INSERT INTO {q(name)} ({carried}) SELECT {carried} FROM {q(REBUILDING)}"
+    if restoring:
+        for fk in inspector.get_foreign_keys(name):
+            _null_missing_links(connection, REBUILDING, fk)
+    savepoint = connection.begin_nested()
+    try:
+        connection.exec_driver_sql(copy)
+    except DBAPIError:
+        savepoint.rollback()
+        if not restoring:
+            raise
+        for check in inspector.get_check_constraints(name):
+            failing = _failing_check(connection, REBUILDING, check["sqltext"])
+            if failing:
+                _warn_failing(str(check["name"]), failing, "")
+        # SQLite's counterpart of NOT VALID: the rows are kept, later writes are checked.
+        connection.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
+        try:
+            connection.exec_driver_sql(copy)
+        finally:
+            connection.exec_driver_sql("PRAGMA ignore_check_constraints = OFF")
+    else:
+        savepoint.commit()
+    connection.exec_driver_sql(f"DROP TABLE {q(REBUILDING)}")
+    for sql in indexes:
+        connection.exec_driver_sql(sql)
 
 
 def _host_table(connection: Connection) -> Table:
@@ -334,7 +602,7 @@ def _host_row(row: Any, host: Table) -> dict[str, Any]:
 
 def carry_back(connection: Connection) -> tuple[int, int]:
     """Move the rows the service recorded since the adoption into the archived host table
-    where it accepts them, and drop the adopted ones; (moved, refused)."""
+    where its columns take them, and drop the adopted ones; (moved, refused)."""
     if not inspect(connection).has_table(HOST_ARCHIVE_TABLE):
         return 0, 0
     host = _host_table(connection)
@@ -360,8 +628,8 @@ def carry_back(connection: Connection) -> tuple[int, int]:
     if refused:
         log.warning(
             "call log: %d rows the service recorded are refused by the host's %s (its"
-            " constraints: e.g. a call with no link); they stay in the service's log and go"
-            " with it", refused, CALLS,
+            " columns: e.g. a model name longer than it takes); they stay in the service's"
+            " log and go with it", refused, CALLS,
         )  # fmt: skip
     log.warning("call log: %d rows the service recorded carried into the host's %s",
                 len(moved_ids), CALLS)  # fmt: skip

@@ -3,6 +3,7 @@
 
 from .base import MAX_INTEGER, Base
 from .inference_call import (
+    HOST_ARCHIVE_CONSTRAINTS,
     HOST_ARCHIVE_TABLE,
     LINK_TABLES,
     SERVICE_TABLES,
@@ -11,6 +12,7 @@ from .inference_call import (
 )
 
 __all__ = [
+    "HOST_ARCHIVE_CONSTRAINTS",
     "HOST_ARCHIVE_TABLE",
     "LINK_TABLES",
     "MAX_INTEGER",

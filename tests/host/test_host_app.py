@@ -20,7 +20,11 @@ from sqlalchemy import Engine, inspect, select, text
 
 from headspace_inference import SERVICE_TABLES, include_name
 from headspace_inference.calllog.database import SERVICE_HISTORY
-from headspace_inference.calllog.models import HOST_ARCHIVE_TABLE, InferenceCall
+from headspace_inference.calllog.models import (
+    HOST_ARCHIVE_CONSTRAINTS,
+    HOST_ARCHIVE_TABLE,
+    InferenceCall,
+)
 from host_app import create_app, score_priorities
 from host_app.models import Agent, Command, Project, Turn, db
 from tests.service_fixtures import rows
@@ -29,7 +33,7 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "host_app"
 KEY = "sk-or-example-host"
 HOST_TABLES = {"projects", "agents", "commands", "turns"}
 # The service's tables in a host that had no call log of its own (nothing archived).
-MADE = SERVICE_TABLES - {HOST_ARCHIVE_TABLE}
+MADE = SERVICE_TABLES - {HOST_ARCHIVE_TABLE, HOST_ARCHIVE_CONSTRAINTS}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -250,6 +250,8 @@ def test_a_host_s_call_log_is_adopted_and_given_back(
     assert not [n for n in all_index_names(engine) if n.startswith("ix_inference_calls")]
     # The host's autogenerate never sees the archive (nothing for it to drop).
     assert include_name(HOST_ARCHIVE_TABLE, "table") is False
+    assert HOST_ARCHIVE_CONSTRAINTS in inspect(engine).get_table_names()
+    assert include_name(HOST_ARCHIVE_CONSTRAINTS, "table") is False
 
     # Every row carried over: ids, tokens, cost, links, level, model, time, error, status, prompt.
     with host_db.sessions() as session:
@@ -395,6 +397,18 @@ def test_an_archive_name_already_taken_is_refused_in_one_line(host_db: Database)
     ):
         host_db.upgrade()
     assert len(_host_rows(host_db.engine, "inference_calls")) == HOST_ROWS
+
+
+def test_a_constraints_table_name_already_taken_is_refused_in_one_line(
+    host_db: Database,
+) -> None:
+    make_host(host_db.engine)
+    with host_db.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {HOST_ARCHIVE_CONSTRAINTS} (id INTEGER PRIMARY KEY)"))
+    with pytest.raises(AdoptionError, match=f"{HOST_ARCHIVE_CONSTRAINTS} is taken; rename it"):
+        host_db.upgrade()
+    assert len(_host_rows(host_db.engine, "inference_calls")) == HOST_ROWS
+    assert host_db.revisions() == {"inference": None}
 
 
 def test_a_purge_deletes_adopted_rows_from_the_host_s_table_too(host_db: Database) -> None:

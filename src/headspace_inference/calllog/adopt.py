@@ -63,8 +63,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ..settings import ConfigError
 from .migrations import names
-from .models.base import UTCDateTime
-from .models.base import NAME_PREFIX
+from .models.base import NAME_PREFIX, UTCDateTime
 from .models.inference_call import (
     HOST_ARCHIVE_CONSTRAINTS,
     HOST_ARCHIVE_TABLE,
@@ -246,8 +245,12 @@ def _set_aside_constraints(connection: Connection) -> int:
             ),
             {"t": connection.dialect.identifier_preparer.quote(CALLS)},
         ).all()
-        rows = [
-            {"kind": FOREIGN_KEY if kind == "f" else CHECK, "name": name, "definition": sql}
+        rows: list[dict[str, str]] = [
+            {
+                "kind": FOREIGN_KEY if kind == "f" else CHECK,
+                "name": str(name),
+                "definition": str(sql),
+            }
             for name, kind, sql in found
         ]
         q = connection.dialect.identifier_preparer.quote
@@ -255,14 +258,12 @@ def _set_aside_constraints(connection: Connection) -> int:
             connection.exec_driver_sql(f"ALTER TABLE {q(CALLS)} DROP CONSTRAINT {q(row['name'])}")
         count = len(rows)
     else:
-        sql = connection.exec_driver_sql(
+        sql: str = connection.exec_driver_sql(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (CALLS,)
         ).scalar_one()
         rows = [{"kind": TABLE, "name": CALLS, "definition": sql}]
         inspector = inspect(connection)
-        count = len(inspector.get_foreign_keys(CALLS)) + len(
-            inspector.get_check_constraints(CALLS)
-        )
+        count = len(inspector.get_foreign_keys(CALLS)) + len(inspector.get_check_constraints(CALLS))
     connection.execute(insert(_kept), [dict(row, position=i) for i, row in enumerate(rows)])
     return count
 
@@ -304,9 +305,7 @@ def _put_back_constraints(connection: Connection) -> None:
             continue  # the host's own was so
         savepoint = connection.begin_nested()
         try:
-            connection.exec_driver_sql(
-                f"ALTER TABLE {q(CALLS)} VALIDATE CONSTRAINT {q(row.name)}"
-            )
+            connection.exec_driver_sql(f"ALTER TABLE {q(CALLS)} VALIDATE CONSTRAINT {q(row.name)}")
         except DBAPIError:
             savepoint.rollback()
             if row.kind == FOREIGN_KEY:
@@ -365,12 +364,8 @@ def _null_missing_links(
 
 
 def _failing_check(connection: Connection, name: str, sqltext: str) -> int:
-    q = connection.dialect.identifier_preparer.quote
-    return int(
-        connection.exec_driver_sql(
-            f"SELECT count(*) FROM {q(name)} WHERE NOT ({sqltext})"
-        ).scalar_one()
-    )
+    failing = select(func.count()).select_from(table(name)).where(text(f"NOT ({sqltext})"))
+    return int(connection.scalar(failing) or 0)
 
 
 def _bare_sqlite_table(connection: Connection) -> str:
@@ -383,18 +378,18 @@ def _bare_sqlite_table(connection: Connection) -> str:
     for _cid, col, declared, notnull, default, _pk, hidden in columns:
         if hidden:  # a generated column: the host's CREATE TABLE makes it again
             continue
-        words = [q(col), declared, "NOT NULL" if notnull else ""]
+        words = [q(str(col)), str(declared), "NOT NULL" if notnull else ""]
         words.append("" if default is None else f"DEFAULT ({default})")
         parts.append(" ".join(word for word in words if word))
-    key = [c[1] for c in sorted(columns, key=lambda c: int(c[5])) if c[5]]
+    key = [str(c[1]) for c in sorted(columns, key=lambda c: int(c[5])) if c[5]]
     if key:
         parts.append(f"PRIMARY KEY ({', '.join(q(c) for c in key)})")
     for _seq, index, _unique, origin, _partial in connection.exec_driver_sql(
         f"PRAGMA index_list({q(name)})"
     ).all():
         if origin == "u":
-            info = connection.exec_driver_sql(f"PRAGMA index_info({q(index)})").all()
-            parts.append(f"UNIQUE ({', '.join(q(c[2]) for c in info)})")
+            info = connection.exec_driver_sql(f"PRAGMA index_info({q(str(index))})").all()
+            parts.append(f"UNIQUE ({', '.join(q(str(c[2])) for c in info)})")
     return f"CREATE TABLE {q(name)} ({', '.join(parts)})"
 
 
@@ -406,22 +401,32 @@ def _rebuild_sqlite(
     no longer has are set to NULL first and whose checks a row may fail (kept, one
     warning), as PostgreSQL keeps such a constraint NOT VALID."""
     q = connection.dialect.identifier_preparer.quote
-    indexes = connection.exec_driver_sql(
-        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
-        (name,),
-    ).scalars().all()
+    indexes: list[str] = list(
+        connection.exec_driver_sql(
+            "SELECT sql FROM sqlite_master"
+            " WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+            (name,),
+        )
+        .scalars()
+        .all()
+    )
     connection.exec_driver_sql(f"ALTER TABLE {q(name)} RENAME TO {q(REBUILDING)}")
     connection.exec_driver_sql(create)
     inspector = inspect(connection)
-    old = {c["name"] for c in inspector.get_columns(REBUILDING)}
-    carried = ", ".join(q(c["name"]) for c in inspector.get_columns(name) if c["name"] in old)
-    copy = f"INSERT INTO {q(name)} ({carried}) SELECT {carried} FROM {q(REBUILDING)}"
+    old = {c["name"] for c in inspector.get_columns(REBUILDING) if "computed" not in c}
+    carried = [
+        c["name"] for c in inspector.get_columns(name) if c["name"] in old and "computed" not in c
+    ]
+    source = table(REBUILDING, *(column(c) for c in carried))
+    copy = insert(table(name, *(column(c) for c in carried))).from_select(
+        carried, select(*source.c)
+    )
     if restoring:
         for fk in inspector.get_foreign_keys(name):
             _null_missing_links(connection, REBUILDING, fk)
     savepoint = connection.begin_nested()
     try:
-        connection.exec_driver_sql(copy)
+        connection.execute(copy)
     except DBAPIError:
         savepoint.rollback()
         if not restoring:
@@ -433,7 +438,7 @@ def _rebuild_sqlite(
         # SQLite's counterpart of NOT VALID: the rows are kept, later writes are checked.
         connection.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
         try:
-            connection.exec_driver_sql(copy)
+            connection.execute(copy)
         finally:
             connection.exec_driver_sql("PRAGMA ignore_check_constraints = OFF")
     else:

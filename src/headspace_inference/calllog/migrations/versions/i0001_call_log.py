@@ -12,7 +12,8 @@ service had before (standalone databases made by it are adopted without change, 
 standalone/database.py); on SQLite the rollup's money columns hold integer picodollars.
 
 A host's own ``inference_calls`` (one without the service's columns) is moved out of the way
-first, and given back after the downgrade: calllog/adopt.py.
+first, without its foreign keys and checks (kept aside by name and definition), and given
+back after the downgrade with them: calllog/adopt.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Create Date: 2026-12-04 23:58:00
 Where revision i0001 kept a host's own ``inference_calls`` aside (calllog/adopt.py), its
 rows are carried into the service's log (ids kept, request_id ``adopted-<id>``) and the
 upgrade's end rebuilds the rollup from every row. Downgrade moves the rows the service
-recorded since into the host's table, where it accepts them, and drops the adopted ones.
+recorded since into the host's table, where its columns take them, and drops the adopted
+ones.
 Without a host's table, nothing is done either way.
 """
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: real databases (SQLite always, PostgreSQL when TEST_DATABASE_URL is set),
-real Redis (when TEST_REDIS_URL is set), and a fake clock.
+"""Shared fixtures: real databases (SQLite always, PostgreSQL when TEST_DATABASE_URL is set,
+through psycopg 3 or psycopg2: tests/drivers.py), real Redis (when TEST_REDIS_URL is set),
+and a fake clock.
 
 PostgreSQL and Redis are never mocked. When their variable is set and the server does not
 answer, the test fails rather than skips: CI sets both and must not go green on a skip.
@@ -18,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from headspace_inference.clock import FakeClock
 from headspace_inference.settings import normalise_url
+from tests.drivers import on_driver
 from tests.tcp_proxy import TcpProxy
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
@@ -32,6 +34,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def user_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The user state directory (where a spool goes by default) is the test's own: the suite
+    writes nothing under the home directory, and no test replays another's spool."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
 
 
 @pytest.fixture
@@ -99,15 +112,23 @@ def postgres_server() -> Iterator[_PostgresServer]:
 
 
 @pytest.fixture
-def postgres_url(postgres_server: _PostgresServer) -> str:
-    """A fresh, empty PostgreSQL database (no tables)."""
-    return postgres_server.create()
+def pg_driver() -> str:
+    """The driver the PostgreSQL fixtures' URLs name: psycopg 3, unless a test is
+    parametrized over ``pg_driver`` (tests/drivers.py: ``BOTH_DRIVERS``)."""
+    return "psycopg"
 
 
 @pytest.fixture
-def migrated_postgres_url(postgres_server: _PostgresServer) -> str:
+def postgres_url(postgres_server: _PostgresServer, pg_driver: str) -> str:
+    """A fresh, empty PostgreSQL database (no tables)."""
+    return on_driver(postgres_server.create(), pg_driver)
+
+
+@pytest.fixture
+def migrated_postgres_url(postgres_server: _PostgresServer, pg_driver: str) -> str:
     """A fresh PostgreSQL database with every migration applied."""
-    return postgres_server.create(template=postgres_server.migrated_template())
+    url = postgres_server.create(template=postgres_server.migrated_template())
+    return on_driver(url, pg_driver)
 
 
 @pytest.fixture
@@ -118,7 +139,8 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database with every migration applied, on SQLite and on PostgreSQL."""
+    """A fresh database with every migration applied, on SQLite and on PostgreSQL (and on
+    PostgreSQL through psycopg2 too where a test says ``@EVERY_DATABASE``, tests/drivers.py)."""
     if request.param == "sqlite":
         from headspace_inference.settings import DatabaseSettings
         from headspace_inference.standalone.database import standalone_database
@@ -129,7 +151,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         db.dispose()
         return url
     server: _PostgresServer = request.getfixturevalue("postgres_server")
-    return server.create(template=server.migrated_template())
+    driver = "psycopg2" if request.param == "postgres+psycopg2" else "psycopg"
+    return on_driver(server.create(template=server.migrated_template()), driver)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .extension import Inference
+from .extension import Inference, RouteClashError
 from .inference.errors import InferenceError, InvalidRequestError
 from .inference.types import InferenceResult
 
@@ -28,6 +28,7 @@ __all__ = [
     "InferenceResult",
     "InferenceService",
     "InvalidRequestError",
+    "RouteClashError",
     "__version__",
     "create_app",
     "include_name",

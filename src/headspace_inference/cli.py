@@ -23,6 +23,8 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from .extension import service_for
+
 if TYPE_CHECKING:
     from .calllog.database import Database
     from .settings import OpenRouterSettings
@@ -44,7 +46,7 @@ def or_exit(build: Callable[[], T]) -> T:
 def app_database() -> Database:
     """The current app's database: the host's (the service's history only), or the
     standalone app's (both histories)."""
-    database: Database = current_app.extensions["inference"].database
+    database: Database = service_for(current_app).database
     return database
 
 
@@ -57,7 +59,9 @@ def _revision(database: Database) -> str:
 
 def _migrate(database: Database, move: Callable[[str], None], revision: str) -> None:
     try:
-        move(revision)
+        # A database the upgrade cannot take as it is (a host's own inference_calls that
+        # cannot be adopted) is a ConfigError: one line saying what to do.
+        or_exit(lambda: move(revision))
     except ValueError as exc:  # a revision that is none of the histories'
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -131,7 +135,7 @@ def infer_command(
     """Run one inference call on TEXT and print the result as JSON."""
     from .inference.errors import InferenceError, InvalidRequestError
 
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     try:
         result = service.infer(
             level,
@@ -174,13 +178,23 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
 @with_appcontext
 def status_command(table: bool) -> None:
     """Print the service's status (as GET /api/inference/status)."""
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     data = service.status()
     service.close()
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
 
 
 @click.command("usage")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Compare the usage rollup with the call log's rows; exit 1 naming where they differ.",
+)
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Make the usage rollup again from the call log's rows (after a direct DELETE).",
+)
 @click.option("--since", default=None, help="ISO 8601 start (inclusive)")
 @click.option("--until", default=None, help="ISO 8601 end (exclusive)")
 @click.option("--level", default=None)
@@ -195,9 +209,16 @@ def usage_command(
     model: str | None,
     project_id: str | None,
     table: bool,
+    check: bool,
+    rebuild: bool,
 ) -> None:
-    """Print usage and cost (as GET /api/inference/usage, with the same options)."""
+    """Print usage and cost (as GET /api/inference/usage, with the same options); or check
+    the usage rollup against the rows (--check), or make it again from them (--rebuild)."""
     from werkzeug.datastructures import MultiDict
+
+    if check or rebuild:
+        _check_or_rebuild(check, rebuild)
+        return
 
     from .operate.http import BadParameter
     from .operate.routes import parse_usage_query
@@ -205,7 +226,7 @@ def usage_command(
 
     given = {"since": since, "until": until, "level": level, "model": model,
              "project_id": project_id}  # fmt: skip
-    service = current_app.extensions["inference"]
+    service = service_for(current_app)
     try:
         query = parse_usage_query(
             MultiDict({k: v for k, v in given.items() if v is not None}), service.settings.levels
@@ -219,9 +240,87 @@ def usage_command(
     click.echo(_table(_flatten(data)) if table else json.dumps(data, indent=2))
 
 
+def _check_or_rebuild(check: bool, rebuild: bool) -> None:
+    from .calllog.rollup import count_calls, rebuild_rollup, rollup_disagreements
+
+    database = app_database()
+    if rebuild:
+        with database.sessions.begin() as session:
+            counted = rebuild_rollup(session)
+        click.echo(f"usage rollup rebuilt from {counted} calls")
+    if check:
+        with database.sessions() as session:
+            rows, counted = count_calls(session)
+            differ = rollup_disagreements(session)
+        if differ:
+            click.echo(
+                f"error: the usage rollup disagrees with the call log: it counts {counted}"
+                f" calls, the log has {rows} rows (rows deleted or changed without"
+                " `inference purge`?); run `inference usage --rebuild` to repair it",
+                err=True,
+            )
+            for line in differ:
+                click.echo(f"  {line}", err=True)
+            sys.exit(1)
+        click.echo(f"the usage rollup agrees with the call log ({rows} calls)")
+
+
+@click.command("purge")
+@click.option(
+    "--project",
+    "project_id",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Delete this project's calls.",
+)
+@click.option(
+    "--before",
+    default=None,
+    help="Delete the calls before this ISO 8601 date or time (UTC unless given).",
+)
+@click.option("--all", "all_", is_flag=True, help="Delete every call.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_appcontext
+def purge_command(project_id: int | None, before: str | None, all_: bool, yes: bool) -> None:
+    """Delete calls from the log (by project, by age, or all), keeping the usage rollup
+    equal to the rows. --project and --before combine."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import func, select
+
+    from .calllog.models import InferenceCall
+    from .calllog.purge import purge_criteria
+
+    cutoff = None
+    if before is not None:
+        try:
+            cutoff = datetime.fromisoformat(before)
+        except ValueError:
+            click.echo(f"error: --before: not an ISO 8601 date or time: {before!r:.40}", err=True)
+            sys.exit(2)
+        cutoff = cutoff.replace(tzinfo=UTC) if cutoff.tzinfo is None else cutoff
+    if all_ == (project_id is not None or cutoff is not None):
+        click.echo(
+            "error: give --project, --before (or both), or --all alone"
+            " (nothing is deleted without one)",
+            err=True,
+        )
+        sys.exit(2)
+    where = purge_criteria(project_id, cutoff, all_)
+    service = service_for(current_app)
+    with app_database().sessions() as session:
+        count = session.scalar(select(func.count()).select_from(InferenceCall).where(where))
+    if not yes and not click.confirm(f"Delete {count} calls from the call log?"):
+        click.echo("nothing deleted")
+        return
+    deleted = service.purge(project_id=project_id, before=cutoff, all=all_)
+    service.close()
+    click.echo(f"{deleted} calls deleted")
+
+
 def app_openrouter_settings() -> OpenRouterSettings:
     """The current app's ``openrouter`` settings."""
-    settings: OpenRouterSettings = current_app.extensions["inference"].settings.openrouter
+    settings: OpenRouterSettings = service_for(current_app).settings.openrouter
     return settings
 
 
@@ -254,7 +353,7 @@ def _sync_and_report(settings: OpenRouterSettings) -> None:
     click.echo(f"{priced} model(s) priced from {settings.base_url}/models into {path}")
 
 
-COMMANDS = (infer_command, status_command, usage_command)
+COMMANDS = (infer_command, status_command, usage_command, purge_command)
 
 
 @click.group("inference", help="The inference service: its migrations, status, usage, a call.")

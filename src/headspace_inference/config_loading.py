@@ -1,10 +1,11 @@
 """Reading the settings: YAML file, environment and code, merged and validated once.
 
-Precedence, lowest first: built-in defaults < the YAML file < ``HEADSPACE__SECTION__KEY``
-variables < ``OPENROUTER_API_KEY`` / ``DATABASE_URL`` / ``REDIS_URL`` < ``overrides`` passed
-to :func:`load_settings` by code. pydantic-settings layers the sources; what is ours is the
-safe YAML reader, how a variable's text is read, and the one-line error per bad key. The
-models are settings.py's.
+Precedence, lowest first: built-in defaults < the YAML file (or a host's configuration
+mapping) < ``HEADSPACE__SECTION__KEY`` variables < ``OPENROUTER_API_KEY`` /
+``OPENROUTER_BASE_URL`` / ``DATABASE_URL`` / ``REDIS_URL`` < ``overrides`` passed by code.
+pydantic-settings layers the sources; what is ours is the safe YAML reader, how a
+variable's text is read, the one-line error per bad key, and how a host's ``openrouter:``
+is read. The models are settings.py's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .settings import (
     SECRET_KEYS,
     ConfigError,
     HostSettings,
+    OpenRouterSettings,
     Settings,
 )
 
@@ -53,11 +55,13 @@ NESTED_DELIMITER = "__"
 # and in a host's (whose database URL is chosen by the extension, not read from its file).
 NAMED_VARIABLES: dict[str, list[str]] = {
     "OPENROUTER_API_KEY": ["openrouter", "api_key"],
+    "OPENROUTER_BASE_URL": ["openrouter", "base_url"],
     "DATABASE_URL": ["database", "url"],
     "REDIS_URL": ["redis", "url"],
 }
 HOST_NAMED_VARIABLES: dict[str, list[str]] = {
     "OPENROUTER_API_KEY": ["openrouter", "api_key"],
+    "OPENROUTER_BASE_URL": ["openrouter", "base_url"],
     "REDIS_URL": ["inference", "redis", "url"],
 }
 
@@ -118,8 +122,8 @@ class _HeadspaceVariables(EnvSettingsSource):
 
 
 class _NamedVariables(PydanticBaseSettingsSource):
-    """``OPENROUTER_API_KEY``, ``DATABASE_URL``, ``REDIS_URL``: each, when set and not
-    empty, as the setting ``named`` maps it to."""
+    """``OPENROUTER_API_KEY``, ``OPENROUTER_BASE_URL``, ``DATABASE_URL``, ``REDIS_URL``: each,
+    when set and not empty, as the setting ``named`` maps it to."""
 
     def __init__(
         self,
@@ -145,24 +149,83 @@ class _NamedVariables(PydanticBaseSettingsSource):
 
 
 class _YamlFile(PydanticBaseSettingsSource):
-    """The YAML file, read by our safe loader (:func:`read_yaml`); only the sections
-    ``keep`` names when it is given (a host's file)."""
+    """The configuration below the variables: the YAML file, read by our safe loader
+    (:func:`read_yaml`), or a host's mapping; a host's (``keep`` given) reduced to the
+    sections ``keep`` names, its ``openrouter:`` read as a host writes it
+    (:func:`_host_openrouter`)."""
 
-    def __init__(
-        self, settings_cls: type[BaseSettings], path: Path, keep: frozenset[str] | None
-    ) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], given: _Inputs) -> None:
         super().__init__(settings_cls)
-        self._path, self._keep = path, keep
+        self._given = given
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # __call__ reads the whole file
 
     def __call__(self) -> dict[str, Any]:
-        data = read_yaml(self._path)
-        if self._keep is not None:
-            data = {k: v for k, v in data.items() if k in self._keep}
+        given = self._given
+        if given.mapping is not None:
+            data = {k: _plain(v) for k, v in given.mapping.items() if isinstance(k, str)}
+        else:
+            data = read_yaml(given.path)
+        if given.keep is not None:
+            data = {k: v for k, v in data.items() if k in given.keep}
+            if isinstance(data.get("openrouter"), dict):
+                data["openrouter"] = _host_openrouter(data["openrouter"])
         _check_sections(data, self.current_state)
         return data
+
+
+def _plain(value: Any) -> Any:
+    """A host's configuration value as the YAML reader would give it: its mappings as dicts
+    (copied: the host's own are never changed), its tuples as lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# The host's name for a key of ours, read as ours.
+_HOST_ALIASES = {"timeout": "timeout_seconds"}
+
+
+def _host_openrouter(section: dict[str, Any]) -> dict[str, Any]:
+    """A host's ``openrouter:`` section as the service reads it: its aliases as our keys,
+    and the keys the service does not know left out, as the host's own (a consumer's
+    settings, say), with one warning naming them. Known keys stay strictly checked, and the
+    sections inside (``rate_limits``, ``pricing``, ...) are the service's: checked whole."""
+    out = dict(section)
+    for alias, key in _HOST_ALIASES.items():
+        if alias in out:
+            if key in out:
+                raise ConfigError(
+                    f"openrouter.{alias} and openrouter.{key}: the same setting, given twice; "
+                    f"keep one"
+                )
+            out[key] = out.pop(alias)
+    known = OpenRouterSettings.model_fields
+    unknown = sorted(str(k) for k in out if k not in known)
+    if unknown:
+        named = ", ".join(f"{_shown_key(k)}{_openrouter_suggestion(k)}" for k in unknown)
+        log.warning(
+            "openrouter: the host's own, not the inference service's (left alone): %s", named
+        )
+        out = {k: v for k, v in out.items() if k in known}
+    return out
+
+
+def _openrouter_suggestion(key: str) -> str:
+    # A key of a section inside (the host's OPENROUTER_CALLS_PER_MINUTE lands on
+    # openrouter.calls_per_minute) is named where it belongs; else a close one.
+    for name, field in OpenRouterSettings.model_fields.items():
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and key in inner.model_fields:
+            return f" (did you mean {name}.{key}?)"
+    return _suggestion(key, OpenRouterSettings)
+
+
+def _shown_key(key: str) -> str:
+    return key if key.isprintable() and len(key) <= 60 else _SHOWN.repr(key)
 
 
 def _check_sections(lower: Mapping[str, Any], higher: Mapping[str, Any], prefix: str = "") -> None:
@@ -187,6 +250,12 @@ class _Inputs:
     named: Mapping[str, list[str]]
     keep: frozenset[str] | None = None
     redis_url: str | None = None
+    mapping: Mapping[str, Any] | None = None  # a host's configuration, read instead of path
+
+    @property
+    def where(self) -> str:
+        """What errors name as the configuration read."""
+        return "config=" if self.mapping is not None else str(self.path)
 
 
 _INPUTS: ContextVar[_Inputs] = ContextVar("headspace_settings_inputs")
@@ -219,7 +288,7 @@ class _Sources(BaseSettings):
             *redis_url,
             _NamedVariables(settings_cls, given.environ, given.named),
             _HeadspaceVariables(settings_cls, given.environ),
-            _YamlFile(settings_cls, given.path, given.keep),
+            _YamlFile(settings_cls, given),
         )
 
 
@@ -280,9 +349,11 @@ def _keys(model: type[BaseModel]) -> set[str]:
     return out
 
 
-def _suggestion(key: str) -> str:
+def _suggestion(key: str, within: type[BaseModel] | None = None) -> str:
+    """`` (did you mean K?)`` for a key close to a known one K (one of ``within``'s fields
+    when given), else nothing."""
     # A host's file says `timeout: 30` where this one says timeout_seconds.
-    known = _keys(Settings) | _keys(HostSettings)
+    known = set(within.model_fields) if within else _keys(Settings) | _keys(HostSettings)
     longer = sorted(k for k in known if k.startswith(f"{key}_"))
     close = longer or difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -404,14 +475,23 @@ def load_host_settings(
     environ: Mapping[str, str] | None = None,
     *,
     redis_url: str | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> HostSettings:
-    """The ``openrouter`` and ``inference`` sections of a host's config file, merged with
-    ``HEADSPACE__...``, OPENROUTER_API_KEY and REDIS_URL (below ``redis_url``, below
-    ``overrides``, which have the file's shape) and validated as strictly as load_settings."""
+    """The ``openrouter`` and ``inference`` sections of a host's configuration — the
+    ``config`` mapping (its already-merged settings), else its file at ``path`` — merged
+    with ``HEADSPACE__...``, OPENROUTER_API_KEY, OPENROUTER_BASE_URL and REDIS_URL (below
+    ``redis_url``, below ``overrides``, which have the file's shape) and validated as
+    strictly as load_settings, but for the host's ways inside ``openrouter:``: its
+    ``timeout`` is timeout_seconds, and a key the service does not know is the host's
+    (one warning names them)."""
+    if config is not None and path is not None:
+        raise TypeError("give the host's configuration as config= or config_path=, not both")
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config= must be a mapping, got {type(config).__name__}")
     source = config_path(path)
     env = os.environ if environ is None else environ
     keep = frozenset(HostSettings.model_fields)
-    given = _Inputs(source, env, HOST_NAMED_VARIABLES, keep, redis_url)
+    given = _Inputs(source, env, HOST_NAMED_VARIABLES, keep, redis_url, config)
     return _validated(HostSettings, _HOST_SOURCES, given, overrides)
 
 
@@ -429,7 +509,7 @@ def _validated(
         loaded = sources(**dict(overrides or {}))
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ConfigError(f"invalid configuration ({given.path}): {problems}") from None
+        raise ConfigError(f"invalid configuration ({given.where}): {problems}") from None
     finally:
         _INPUTS.reset(token)
     # The sections are already validated as the model's own types: taken as they are.

@@ -10,19 +10,21 @@ def create_app():
     return app
 ```
 ``init_app`` validates the configuration and gives the app its service
-(``app.extensions["inference"]``), the service's routes (/api/inference/...) and CLI group
-(``flask inference ...``), and nothing else: no connection, migration, thread, file,
-network request or exit hook until the first call, the first request to one of its routes,
-or ``service.start()``. ``create_app()`` (standalone/app.py) builds the standalone app on
-this same path.
+(``app.extensions["inference"]``, or the ``extension_key`` the host names), the JSON API
+under ``url_prefix`` (/api/inference), the operator page and /metrics only at the paths the
+host gives, the CLI group (``flask inference ...``), and nothing else: no connection,
+migration, thread, file, network request or exit hook until the first call, the first
+request to one of its routes, or ``service.start()``. ``create_app()`` (standalone/app.py)
+builds the standalone app on this same path.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
-from pathlib import Path
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from flask import Flask, current_app
@@ -35,28 +37,78 @@ if TYPE_CHECKING:
 
     from .calllog.database import Database
     from .inference.service import InferenceService
+    from .operate.live import Console
     from .settings import Settings
 
+# The default key of an app's service in app.extensions; a host may name another.
 EXTENSION_KEY = "inference"
+# Where the extension keeps what it knows of one app (the key it chose included), under a
+# name of its own: every part finds the app's service through it (service_for).
+STATE_KEY = "headspace_inference"
+DEFAULT_URL_PREFIX = "/api/inference"
+
+
+class RouteClashError(RuntimeError):
+    """A URL rule of the service's is also one of the host's (the same rule and method):
+    one of them would be shadowed, so start-up stops, naming both endpoints."""
+
+
+@dataclass
+class AppState:
+    """What the extension keeps for one app, as ``app.extensions["headspace_inference"]``."""
+
+    key: str  # the app's service is app.extensions[key]
+    url_prefix: str = DEFAULT_URL_PREFIX  # where the JSON API is
+    page_path: str | None = None  # the operator page's path, if the host asked for it
+    metrics_path: str | None = None  # /metrics' path, if the host asked for it
+    console: Console | None = None  # the live feed and metrics (operate/live.py), made at start
+
+
+def app_state(app: Flask) -> AppState:
+    """The extension's state for ``app``; RuntimeError if init_app has not run on it."""
+    state: AppState | None = app.extensions.get(STATE_KEY)
+    if state is None:
+        raise RuntimeError(
+            f"app {app.name!r} has no inference service: call Inference().init_app(app)"
+        )
+    return state
+
+
+def service_for(app: Flask) -> InferenceService:
+    """``app``'s service, under whichever key the host gave init_app."""
+    service: InferenceService = app.extensions[app_state(app).key]
+    return service
 
 
 class InferenceOptions(TypedDict, total=False):
     """What ``Inference(...)`` and ``init_app(...)`` take, all optional.
 
     - ``settings`` replaces the configuration file altogether; else the ``openrouter`` and
-      ``inference`` sections of ``config_path`` (default $HEADSPACE_CONFIG, else
-      ./config.yaml) are read, with ``overrides`` in the file's shape; every other section
-      of the file is the host's, and ignored. ConfigError names a bad key.
+      ``inference`` sections of ``config`` (the host's already-merged configuration, a
+      mapping) or of the file ``config_path`` (default $HEADSPACE_CONFIG, else
+      ./config.yaml; not both) are read, with ``overrides`` in the file's shape; every other
+      section is the host's, and ignored. ConfigError names a bad key; a key inside
+      ``openrouter:`` that the service does not know is the host's (one warning), and the
+      host's ``openrouter.timeout`` is ``timeout_seconds``.
     - The database is ``engine`` (an SQLAlchemy Engine the host has; it stays the host's),
-      else ``database_url``, else $DATABASE_URL, else the app's ``SQLALCHEMY_DATABASE_URI``.
+      else ``database_url``, else the default engine of the app's Flask-SQLAlchemy (found
+      when first used; the host's too), else $DATABASE_URL, else ``SQLALCHEMY_DATABASE_URI``.
       Redis is ``redis_url``, else $REDIS_URL, else ``inference.redis.url``.
     - ``database`` (a headspace_inference.calllog.database.Database: an engine and its
       migration histories) is what create_app() passes. ``transport`` carries the requests
       to OpenRouter (an egress proxy of the host's); or ``http_client``, the host's own
       ``httpx.Client`` (its proxies, TLS, event hooks), used as given and never closed by
-      the service: not both. ``routes=False`` leaves out /api/inference/....
+      the service: not both.
+    - URLs: the JSON API (and its live feed, /events) under ``url_prefix`` (default
+      /api/inference); the operator page at ``page_path`` and the Prometheus endpoint at
+      ``metrics_path`` (the metrics extra) only when given; ``routes=False`` leaves all of
+      them out. A rule that is also the host's (same rule, a shared method) raises
+      RouteClashError, naming both endpoints: here for the host's rules so far, and at
+      start (``service.start()`` or the app's first request) for rules added after.
+    - ``extension_key``: the service's key in app.extensions (default ``inference``).
     """
 
+    config: Mapping[str, Any]
     config_path: str | os.PathLike[str]
     overrides: Mapping[str, Any]
     settings: Settings
@@ -67,6 +119,10 @@ class InferenceOptions(TypedDict, total=False):
     transport: httpx.BaseTransport
     http_client: httpx.Client
     routes: bool
+    url_prefix: str
+    page_path: str | None
+    metrics_path: str | None
+    extension_key: str
 
 
 OPTION_NAMES = frozenset(InferenceOptions.__annotations__)
@@ -95,7 +151,8 @@ class Inference:
     ``Inference(app, **options)`` initialises ``app`` at once; ``Inference(**options)`` then
     ``init_app(app, **options)`` does it later, for each app (options given to ``init_app``
     win). The extension object keeps no app's state: each app's service is
-    ``app.extensions["inference"]``, and ``inference.service`` is the current app's.
+    ``app.extensions[extension_key]`` (``"inference"`` unless the host names another key),
+    and ``inference.service`` is the current app's.
     """
 
     def __init__(self, app: Flask | None = None, **options: Unpack[InferenceOptions]) -> None:
@@ -112,10 +169,22 @@ class Inference:
 
         check_options("init_app", options)
         given: InferenceOptions = {**self._options, **options}
-        if EXTENSION_KEY in app.extensions:
+        key = given.get("extension_key", EXTENSION_KEY)
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"extension_key= must be a non-empty string, got {key!r:.60}")
+        if STATE_KEY in app.extensions:
             raise RuntimeError(f"app {app.name!r} already has an inference service")
+        if key in app.extensions:
+            raise RuntimeError(
+                f"app {app.name!r} already has an extension under {key!r}: "
+                f"give init_app another extension_key="
+            )
         if "transport" in given and "http_client" in given:
             raise TypeError("init_app() takes transport= or http_client=, not both")
+        if "config" in given and ("config_path" in given or "settings" in given):
+            other = "config_path" if "config_path" in given else "settings"
+            raise TypeError(f"init_app() takes config= or {other}=, not both")
+        urls = _urls(given) if given.get("routes", True) else None
         settings, database = _configure(app, given)
         logsafe.protect(settings.api_key)
         if settings.api.token is not None:
@@ -123,25 +192,53 @@ class Inference:
         service = InferenceService.from_settings(
             settings,
             database,
-            spool_dir=settings.inference.spool_dir(Path(app.instance_path)),
+            spool_dir=settings.spool_dir(),
             transport=given.get("transport"),
             http_client=given.get("http_client"),
         )
-        app.extensions[EXTENSION_KEY] = service
-        if given.get("routes", True):
-            from .operate import register_blueprints
-            from .page.views import register_page
+        state = AppState(key)
+        app.extensions[STATE_KEY] = state
+        app.extensions[key] = service
+        if urls is not None:
+            from .operate import register_routes
 
-            register_blueprints(app)
-            register_page(app)
+            state.url_prefix, state.page_path, state.metrics_path = urls
+            register_routes(app, service)
         app.cli.add_command(inference_group)
         return service
 
     @property
     def service(self) -> InferenceService:
         """The current app's service (inside an app context)."""
-        service: InferenceService = current_app.extensions[EXTENSION_KEY]
-        return service
+        return service_for(current_app)
+
+
+def _urls(options: InferenceOptions) -> tuple[str, str | None, str | None]:
+    """The API's prefix, the page's and /metrics' paths, checked: ConfigError names a bad one."""
+    from .settings import ConfigError
+
+    def path(name: str, value: object, *, root: bool) -> str:
+        # Flask joins a blueprint's prefix and its rules with "/": kept without a trailing one.
+        if not isinstance(value, str) or not value.startswith("/") or "//" in value:
+            raise ConfigError(f"{name}: must be a URL path starting with '/', got {value!r:.60}")
+        stripped = value.rstrip("/")
+        if not stripped and not root:
+            raise ConfigError(f"{name}: must name a path below '/', got {value!r:.60}")
+        return stripped
+
+    prefix = path("url_prefix", options.get("url_prefix", DEFAULT_URL_PREFIX), root=True)
+    page, metrics = options.get("page_path"), options.get("metrics_path")
+    page = None if page is None else path("page_path", page, root=False)
+    metrics = None if metrics is None else path("metrics_path", metrics, root=False)
+    if metrics is not None:
+        from .operate.live import metrics_installed
+
+        if not metrics_installed():
+            raise ConfigError(
+                "metrics_path: /metrics needs the metrics extra: "
+                "pip install 'headspace-inference[metrics]'"
+            )
+    return prefix, page, metrics
 
 
 def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Database]:
@@ -154,22 +251,32 @@ def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Databas
     engine, database_url = options.get("engine"), options.get("database_url")
     if engine is not None and database_url is not None:
         raise ConfigError("database_url and engine: give one of them, not both")
+    host_engine = None
     if settings is None:
         host = load_host_settings(
-            options.get("config_path"), options.get("overrides"), redis_url=options.get("redis_url")
+            options.get("config_path"),
+            options.get("overrides"),
+            redis_url=options.get("redis_url"),
+            config=options.get("config"),
         )
         url, source = _database_url(app, database_url, engine)
         settings = host.settings(url, source=source)
+        if engine is None and database_url is None:
+            host_engine = _flask_sqlalchemy_engine(app)
     elif engine is not None or database_url is not None:
         url, source = _database_url(app, database_url, engine)
         database_settings = settings.database.with_url(url, source=source)
         settings = settings.model_copy(update={"database": database_settings})
-    database = options.get("database") or Database(settings.database, engine=engine)
+    database = options.get("database") or Database(
+        settings.database, engine=engine, host_engine=host_engine
+    )
     return settings, database
 
 
 def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple[str, str]:
-    """The host's database URL and what it came from (named in errors)."""
+    """The host's database URL and what it came from (named in errors). Where the app has
+    Flask-SQLAlchemy, its engine is used instead of the URL from the environment or the
+    app's config (``_flask_sqlalchemy_engine``); the URL is still checked here, at init_app."""
     from .settings import ConfigError
 
     if engine is not None:
@@ -185,3 +292,23 @@ def _database_url(app: Flask, given: str | None, engine: Engine | None) -> tuple
         "no database for the call log: pass database_url= or engine=, set DATABASE_URL, "
         "or set the app's SQLALCHEMY_DATABASE_URI"
     )
+
+
+def _flask_sqlalchemy_engine(app: Flask) -> Callable[[], Engine | None]:
+    """What finds the default engine of the app's Flask-SQLAlchemy (None when it has none)
+    when the call log first needs it: Flask-SQLAlchemy may be set up after init_app, and
+    its engines are reached in an app context. The app is held weakly: the service is kept
+    in the app, not the other way round."""
+    app_ref = weakref.ref(app)
+
+    def find() -> Engine | None:
+        app = app_ref()
+        extension = app.extensions.get("sqlalchemy") if app is not None else None
+        if app is None or extension is None:
+            return None
+        with app.app_context():
+            engines = getattr(extension, "engines", None)  # Flask-SQLAlchemy 3
+            engine: Engine | None = engines.get(None) if engines is not None else None
+            return engine
+
+    return find

@@ -6,6 +6,7 @@ config_loading's. Nothing inward of these models reads a dict of settings.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,13 +49,27 @@ Seconds = Annotated[float, Field(gt=0, le=DAY)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
 
 
+# The drivers a PostgreSQL URL that names none is read with, in order of preference.
+POSTGRES_DRIVERS = ("psycopg", "psycopg2")
+
+
 def normalise_url(url: str) -> str:
-    """Use psycopg 3 for PostgreSQL URLs that name no driver."""
+    """Name a driver in PostgreSQL URLs that name none: psycopg 3 (the ``postgres`` extra),
+    else psycopg2 where only it is installed (a host's), whatever SQLAlchemy's own default
+    (2.0 reads ``postgresql://`` as psycopg2, 2.1 as psycopg 3)."""
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+        url = f"postgresql+{_postgres_driver()}://" + url[len("postgresql://") :]
     return url
+
+
+def _postgres_driver() -> str:
+    # Found, not imported: a URL is normalised long before its engine connects.
+    for module in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return module
+    return POSTGRES_DRIVERS[0]  # neither: check_url's error says what to install
 
 
 def check_url(url: str) -> None:
@@ -77,9 +92,11 @@ def check_url(url: str) -> None:
 
 
 def _driver_hint(url: Any) -> str:
-    if url.get_backend_name() == "postgresql":
-        return ": pip install 'headspace-inference[postgres]' (psycopg 3)"
-    return " (PostgreSQL and SQLite are supported)"
+    if url.get_backend_name() != "postgresql":
+        return " (PostgreSQL and SQLite are supported)"
+    if url.get_driver_name() == "psycopg2":
+        return ": pip install psycopg2-binary"
+    return ": pip install 'headspace-inference[postgres]' (psycopg 3), or psycopg2-binary"
 
 
 class ConfigError(Exception):
@@ -129,7 +146,9 @@ class RedisSettings(_Section):
     """Optional Redis: when set, rate limits and the cache are shared by every process."""
 
     url: str | None = None
-    key_prefix: str = "headspace"
+    # Not "headspace": a host's own keys live under headspace:, and its namespace flush
+    # (SCAN MATCH headspace:*) must never reach the service's.
+    key_prefix: str = "headspace-inference"
     socket_timeout_seconds: Seconds = 0.5
     retry_interval_seconds: Seconds = 5.0
 
@@ -354,13 +373,42 @@ class InferenceSettings(_Section):
     shutdown_timeout_seconds: SecondsOrZero = 10.0
     log_batch_size: PositiveInt = 200
     spool_path: str | None = None
+    # The prompt is kept on the call's row only when the host asks: it is the host's
+    # conversation text. Bounded, and redacted like answers (logsafe).
+    store_input_text: bool = False
+    input_text_max_chars: PositiveInt = 20_000
 
-    def spool_dir(self, instance: Path | None = None) -> Path:
-        """Where the call log's journal lives: spool_path, else call-log/ in the app's
-        instance folder (./instance by default)."""
+    def spool_dir(self, database_url: str) -> Path:
+        """Where the call log's journal lives: spool_path, else a directory of the database's
+        own in the user's state directory (see default_spool_dir)."""
         if self.spool_path:
             return Path(self.spool_path)
-        return (Path.cwd() / "instance" if instance is None else instance) / "call-log"
+        return default_spool_dir(database_url)
+
+
+def default_spool_dir(database_url: str) -> Path:
+    """``<user state dir>/headspace-inference/call-log/<database>-<hash>``: outside any
+    source tree (a src-layout host's instance folder is inside src/), and one per database.
+
+    The journal replays what a dead process left into the database it finds itself on, so
+    two databases must never share a spool; processes and apps on one database do share it
+    (journal.py: a live process's segments are locked, only a dead one's are taken). The
+    hash is of the database's identity without its password or driver: the same database
+    reached through psycopg2 or psycopg 3 keeps one spool.
+    """
+    import hashlib
+
+    from platformdirs import user_state_path
+
+    url = make_url(normalise_url(database_url))
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:"):
+        database = str(Path(database).resolve())
+    where = f"{url.username or ''}@{url.host or ''}:{url.port or ''}"
+    identity = f"{url.get_backend_name()}://{where}/{database}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(database).stem)[:40]
+    return user_state_path("headspace-inference") / "call-log" / f"{name or 'db'}-{digest}"
 
 
 class ApiSettings(_Section):
@@ -423,6 +471,10 @@ class Settings(_Section):
         """The OpenRouter key in clear, for the client's Authorization header only."""
         key = self.openrouter.api_key
         return key.get_secret_value() if key is not None else None
+
+    def spool_dir(self) -> Path:
+        """Where the call log's journal lives (InferenceSettings.spool_dir)."""
+        return self.inference.spool_dir(self.database.url)
 
     @property
     def levels(self) -> tuple[str, ...]:

@@ -127,6 +127,7 @@ def test_a_call_with_every_field_set_answers_per_the_document(app: Flask) -> Non
         upstream_cost_usd=Decimal("0.00013"), error_type="UpstreamServerError",
         error_message="upstream said 500", generation_id="gen-1", provider="Anthropic",
         finish_reason="stop", project_id=7, agent_id=8, command_id=9, turn_id=10,
+        input_text="the prompt",
     )  # fmt: skip
     write(sessions(app), [record], batch=1)
     client = app.test_client()

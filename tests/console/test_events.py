@@ -25,6 +25,7 @@ from headspace_inference.operate.feed import Feed, LocalTransport
 from headspace_inference.operate.live import console_for
 from tests.call_rows import make_record, write
 from tests.console.sse import Event, SseReader
+from tests.drivers import BOTH_DRIVERS
 from tests.service_fixtures import settings_for
 
 CALLER = Path(__file__).with_name("caller.py")
@@ -173,6 +174,7 @@ def wait_for_all(reader: SseReader, call_ids: list[str]) -> list[Event]:
 
 
 @pytest.mark.postgres
+@BOTH_DRIVERS
 def test_calls_of_another_process_on_postgresql_appear(
     apps: list[Flask], migrated_postgres_url: str, emulator: Any, tmp_path: Path
 ) -> None:

@@ -20,7 +20,11 @@ from sqlalchemy import Engine, inspect, select, text
 
 from headspace_inference import SERVICE_TABLES, include_name
 from headspace_inference.calllog.database import SERVICE_HISTORY
-from headspace_inference.calllog.models import InferenceCall
+from headspace_inference.calllog.models import (
+    HOST_ARCHIVE_CONSTRAINTS,
+    HOST_ARCHIVE_TABLE,
+    InferenceCall,
+)
 from host_app import create_app, score_priorities
 from host_app.models import Agent, Command, Project, Turn, db
 from tests.service_fixtures import rows
@@ -28,6 +32,8 @@ from tests.service_fixtures import rows
 EXAMPLE = Path(__file__).parents[2] / "examples" / "host_app"
 KEY = "sk-or-example-host"
 HOST_TABLES = {"projects", "agents", "commands", "turns"}
+# The service's tables in a host that had no call log of its own (nothing archived).
+MADE = SERVICE_TABLES - {HOST_ARCHIVE_TABLE, HOST_ARCHIVE_CONSTRAINTS}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -116,7 +122,7 @@ def test_both_histories_coexist_in_either_order(host: Flask, order: str) -> None
     engine.dispose()
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == (
-        HOST_TABLES | SERVICE_TABLES | {"alembic_version", "alembic_version_inference"}
+        HOST_TABLES | MADE | {"alembic_version", "alembic_version_inference"}
     )
     fks = {f["constrained_columns"][0]: (f["referred_table"], f["options"].get("ondelete"))
            for f in inspector.get_foreign_keys("inference_calls")}  # fmt: skip
@@ -132,7 +138,7 @@ def test_both_histories_coexist_in_either_order(host: Flask, order: str) -> None
     # without it, it would drop the service's tables.
     assert autogenerate_diff(host, include_name=include_name) == []
     dropped = {d[1].name for d in autogenerate_diff(host) if d[0] == "remove_table"}
-    assert dropped == SERVICE_TABLES | {"alembic_version_inference"}
+    assert dropped == MADE | {"alembic_version_inference"}
 
     # Down again: the service's downgrade leaves the host's history and tables alone.
     cli(host, "inference", "db", "downgrade", "base")
@@ -249,3 +255,16 @@ def test_the_commands_on_the_host_s_flask_group(
     assert synced.returncode == 0, synced.stderr
     assert "2 model(s) priced" in synced.stdout  # haiku and sonnet, for the four levels
     assert "anthropic/claude-haiku-4.5" in (tmp_path / "prices.json").read_text()
+
+
+def test_a_call_log_the_service_cannot_adopt_stops_the_upgrade_in_one_line(host: Flask) -> None:
+    engine = host_engine(host)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE inference_calls (id INTEGER PRIMARY KEY, note TEXT)"))
+    result = host.test_cli_runner().invoke(args=["inference", "db", "upgrade"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the database's inference_calls is not")
+    assert "has no timestamp, level, model column; rename it or drop it" in lines[0]
+    assert "Traceback" not in result.output
+    engine.dispose()

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from headspace_inference.calllog.database import SERVICE_HISTORY
+from headspace_inference.settings import default_spool_dir
 from headspace_inference.standalone.database import APP_HISTORY
 
 BIN = Path(sys.executable).parent
@@ -119,6 +120,8 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
         [str(BIN / "headspace-inference"), "serve", "--port", str(port), "--workers", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    # The spool's default place: the user state directory (the test's own), per database.
+    spool = default_spool_dir(f"sqlite:///{served}")
     try:
         deadline = time.monotonic() + 60
         status = None
@@ -143,7 +146,7 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
         # Both workers up (each wrote its journal) before the signal: a worker still
         # importing when SIGTERM comes is gunicorn's business, not this test's.
         while time.monotonic() < deadline:
-            if len(list((tmp_path / "instance" / "call-log").glob("calls-*.jsonl"))) >= 2:
+            if len(list(spool.glob("calls-*.jsonl"))) >= 2:
                 break
             time.sleep(0.1)
     finally:
@@ -159,4 +162,4 @@ def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(
     assert {r.headers["authorization"] for r in emulator.requests} == {"Bearer sk-or-serve-dotenv"}
     assert served.exists() and not (tmp_path / "instance" / "headspace.db").exists()
     # Each worker flushed and removed its call-log journal on the way out.
-    assert list((tmp_path / "instance" / "call-log").glob("calls-*.jsonl")) == []
+    assert list(spool.glob("calls-*.jsonl")) == []

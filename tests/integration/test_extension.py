@@ -385,10 +385,13 @@ def test_redis_is_the_argument_then_redis_url_then_the_file_s(
 @pytest.mark.parametrize(
     ("body", "named"),
     [
-        ("openrouter: {timeout: 30}", "openrouter.timeout: unknown key (did you mean timeout_sec"),
+        # The host's own keys inside openrouter: are the host's (test_host_embedding.py);
+        # what is the service's stays checked.
+        ("openrouter: {timeout: 0}", "openrouter.timeout_seconds: Input should be greater than 0"),
+        ("openrouter: {timeout: 3, timeout_seconds: 3}", "openrouter.timeout and openrouter.tim"),
         (
-            "openrouter: {priority_scoring: {debounce_seconds: 5}}",
-            "openrouter.priority_scoring: unk",
+            "openrouter: {rate_limits: {calls_per_min: 3}}",
+            "openrouter.rate_limits.calls_per_min: u",
         ),
         ("inference: {redis: {url: 'http://cache'}}", "inference.redis.url: Value error, must st"),
         ("inference: {api: {token: 'tok en'}}", "inference.api.token: Value error, must be print"),

@@ -96,7 +96,7 @@ def host(made: list[Flask], root: Path, url: str, emulator: Any, **options: Any)
 
 
 def test_init_app_starts_nothing_and_the_first_call_starts_it(
-    made: list[Flask], root: Path, emulator: Any, hooks: ExitHooks
+    made: list[Flask], root: Path, emulator: Any, hooks: ExitHooks, user_state_dir: Path
 ) -> None:
     before = threads()
     app = host(made, root, f"sqlite:///{root / 'host.db'}", emulator)
@@ -112,7 +112,9 @@ def test_init_app_starts_nothing_and_the_first_call_starts_it(
     assert service.started
     assert result.text
     assert "call-log-writer" in threads()
-    assert (root / "instance" / "call-log").is_dir()
+    # The spool: in the user state directory, outside the app's tree.
+    assert service.recorder.spool_dir.is_dir()
+    assert service.recorder.spool_dir.is_relative_to(user_state_dir)
     assert len(hooks) == 2  # close the service, then drain its feed, at exit
 
     service.close(timeout=5)

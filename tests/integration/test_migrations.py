@@ -14,6 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, inspect, select, text
+from tests.drivers import on_driver
 
 from headspace_inference.calllog.database import SERVICE_HISTORY, Database, History
 from headspace_inference.calllog.models import Base, UsageRollup
@@ -57,9 +58,11 @@ COMBINED_HISTORY = History(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres+psycopg2"])
 def empty_db(request: pytest.FixtureRequest) -> Database:
     url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+    if request.param == "postgres+psycopg2":
+        url = on_driver(url, "psycopg2")
     db = standalone_database(DatabaseSettings(url=url))
     request.addfinalizer(db.dispose)
     return db
@@ -228,7 +231,7 @@ def test_linked_tables_made_after_the_service_s_migration_are_linked_by_the_next
     assert "1 rows linked to project_id ids missing from projects" in caplog.text
     fks = _schema(empty_db.engine, "inference_calls")["fks"]
     assert fks == [
-        ("fk_inference_calls_project_id_projects", ("project_id",), "projects", "SET NULL")
+        ("hinf_fk_inference_calls_project_id_projects", ("project_id",), "projects", "SET NULL")
     ]
     with empty_db.engine.connect() as conn:
         rows = dict(conn.execute(text("SELECT request_id, project_id FROM inference_calls")).all())
@@ -311,3 +314,22 @@ def test_i0002_keeps_existing_rows_with_zero_token_details(empty_db: Database) -
     empty_db.downgrade("i0001")
     columns = {c["name"] for c in inspect(empty_db.engine).get_columns("inference_calls")}
     assert "requested_model" not in columns and "reasoning_tokens" not in columns
+
+
+def test_i0003_gives_an_existing_install_the_service_s_own_names(empty_db: Database) -> None:
+    service_only = Database(empty_db.settings, engine=empty_db.engine)
+    service_only.upgrade("i0002")
+    old = _schema(empty_db.engine, "inference_calls")["indexes"]
+    assert ("ix_inference_calls_level", ("level",)) in old
+    service_only.upgrade()
+    for table in SERVICE_TABLES:
+        names = [name for name, _ in _schema(empty_db.engine, table)["indexes"]]
+        names.append(inspect(empty_db.engine).get_pk_constraint(table)["name"])
+        assert names and all(name.startswith("hinf_") for name in names), names
+    assert _diff(empty_db.engine, Base.metadata) == []
+    if not empty_db.is_sqlite:
+        with empty_db.engine.connect() as conn:
+            sequence = conn.scalar(text("SELECT pg_get_serial_sequence('inference_calls', 'id')"))
+        assert sequence == "public.hinf_inference_calls_id_seq"
+    service_only.downgrade("i0002")
+    assert _schema(empty_db.engine, "inference_calls")["indexes"] == old

@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 from tests.call_rows import make_record
+from tests.drivers import BOTH_DRIVERS, EVERY_DATABASE
 from tests.tcp_proxy import TcpProxy
 
 from headspace_inference.calllog.database import _sqlite_pragmas
@@ -29,7 +30,7 @@ from headspace_inference.calllog.record import CallRecord
 from headspace_inference.calllog.recorder import CallRecorder, CallWriter
 from headspace_inference.calllog.rollup import apply_rollup
 from headspace_inference.clock import FakeClock
-from headspace_inference.settings import normalise_url
+from headspace_inference.settings import DatabaseSettings, normalise_url
 from headspace_inference.standalone.database import standalone_database
 
 
@@ -57,6 +58,7 @@ def recorder_for(url: str, spool: Path) -> CallRecorder:
     return CallRecorder(sessions_for(url), spool, rollup=apply_rollup, batch_size=50).start()
 
 
+@EVERY_DATABASE
 def test_records_reach_the_table_with_every_field(database_url: str, tmp_path: Path) -> None:
     recorder = recorder_for(database_url, tmp_path / "spool")
     records = [make_record(i) for i in range(120)]
@@ -74,6 +76,91 @@ def test_records_reach_the_table_with_every_field(database_url: str, tmp_path: P
     assert recorder.stats()["written"] == 120
     assert recorder.close(timeout=5)
     assert list((tmp_path / "spool").glob("calls-*.jsonl")) == []
+
+
+@EVERY_DATABASE
+def test_every_value_comes_back_as_written(database_url: str, tmp_path: Path) -> None:
+    # Text COPY (psycopg2) escapes by hand what psycopg 3 and executemany bind: tabs,
+    # newlines, backslashes, COPY's own \N, NULLs, booleans, money, non-ASCII.
+    odd = "tab\there\nnew line\r\\N \\ back\\slash \\. 𝄞 ü"
+    records = [
+        make_record(1, result_text=odd, error_message="\\N", cached=True, provider=None),
+        make_record(2, result_text="", purpose="p\t\\", upstream_cost_usd=Decimal("1e-12")),
+        make_record(3, result_text=None, cached=False, saved_cost_usd=Decimal("1234.5")),
+    ]
+    recorder = recorder_for(database_url, tmp_path / "spool")
+    for record in records:
+        recorder.record(record)
+    assert recorder.flush(timeout=30)
+    assert recorder.stats()["rejected"] == 0
+    with sessions_for(database_url)() as session:
+        rows = {r.request_id: r for r in session.scalars(select(InferenceCall))}
+    for record in records:
+        row = rows[record.request_id]
+        assert {name: getattr(row, name) for name in record.values()} == record.values()
+    recorder.close()
+
+
+@EVERY_DATABASE
+def test_an_error_that_is_not_the_database_s_is_reported_as_such_not_spooled_forever(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The writer's COPY on a psycopg2 connection raised AttributeError, which was taken for
+    # an outage: every call was spooled, and retried, forever, logged as a database failure.
+    def broken_rollup(session: Any, records: Any) -> None:
+        raise AttributeError("'cursor' object has no attribute 'copy'")
+
+    rejected = tmp_path / "rejected.jsonl"
+    writer = CallWriter(sessions_for(database_url), rollup=broken_rollup, rejected_path=rejected)
+    writer.start()
+    with caplog.at_level(logging.ERROR, logger="headspace_inference.calllog.recorder"):
+        for seq in range(1, 4):
+            writer.submit(seq, make_record(seq))
+        assert writer.flush(timeout=30)
+    assert writer.stop(timeout=30)
+    stats = writer.stats()
+    assert stats["state"] == "ok" and stats["pending"] == 0 and stats["rejected"] == 3
+    assert stats["last_error"] == "AttributeError: 'cursor' object has no attribute 'copy'"
+    assert len(rejected.read_text().splitlines()) == 3  # kept, not lost
+    assert count_rows(database_url) == 0
+    messages = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(messages) == 3
+    assert all("not a database error" in r.getMessage() for r in messages)
+    assert all(r.exc_info and r.exc_info[0] is AttributeError for r in messages)
+    assert not any("database write failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_around_the_insert_that_is_not_the_database_s_says_so(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Outside a row's insert (here the journal's sync) the batch waits and is tried again,
+    # but the log names the error as what it is, with its traceback, once.
+    database = standalone_database(DatabaseSettings(url=sqlite_url))
+    database.upgrade()
+    database.dispose()
+    failures = [RuntimeError("journal sync broke"), RuntimeError("journal sync broke")]
+
+    def before_write() -> None:
+        if failures:
+            raise failures.pop()
+
+    writer = CallWriter(
+        sessions_for(sqlite_url),
+        rollup=apply_rollup,
+        rejected_path=tmp_path / "rejected.jsonl",
+        before_write=before_write,
+        backoff_seconds=(0.01, 0.01),
+    )
+    writer.start()
+    with caplog.at_level(logging.ERROR, logger="headspace_inference.calllog.recorder"):
+        writer.submit(1, make_record(1))
+        assert writer.flush(timeout=30)
+    assert writer.stop(timeout=30)
+    assert count_rows(sqlite_url) == 1
+    (logged,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "RuntimeError: journal sync broke, not a database error" in logged.getMessage()
+    assert logged.exc_info and logged.exc_info[0] is RuntimeError
+    assert writer.stats()["write_failures"] == 2
 
 
 def test_outage_spools_then_catches_up_in_order(
@@ -117,6 +204,7 @@ def test_outage_spools_then_catches_up_in_order(
     recorder.close()
 
 
+@EVERY_DATABASE
 def test_journal_of_a_dead_process_is_replayed_once(database_url: str, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     recorder = recorder_for(database_url, spool)
@@ -159,6 +247,7 @@ def test_a_journal_locked_by_a_live_recorder_is_not_replayed(
     sick.close(timeout=0.5)
 
 
+@EVERY_DATABASE
 def test_a_link_deleted_after_validation_is_recorded_without_it(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -237,6 +326,7 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_journal(
     assert count_rows(database_url) == 2
 
 
+@EVERY_DATABASE
 def test_a_row_the_driver_cannot_bind_is_rejected_not_retried_forever(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -311,6 +401,7 @@ def test_records_arriving_during_an_outage_do_not_cut_the_backoff_short(
     assert writer.stats()["state"] == "ok"
 
 
+@BOTH_DRIVERS
 def test_the_writer_retries_on_its_own_and_stop_cuts_its_backoff_short(
     postgres_proxy: tuple[TcpProxy, str], migrated_postgres_url: str, tmp_path: Path
 ) -> None:

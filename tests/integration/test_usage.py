@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, func, select, text
 from tests.call_rows import call, write
+from tests.drivers import EVERY_DATABASE
 
 from headspace_inference.calllog.database import Database
 from headspace_inference.calllog.models import InferenceCall, UsageRollup
@@ -162,6 +163,7 @@ def test_rollup_and_raw_rows_agree_exactly(
     assert sum(s.ints["input_tokens"] for s in everything.groups.values()) == upstream_tokens
 
 
+@EVERY_DATABASE
 def test_known_rows(database: Database) -> None:
     rows = [
         call(T0 + timedelta(minutes=5), cost=Decimal("0.0002"), project_id=1, latency_ms=5,
@@ -219,6 +221,7 @@ def test_long_windows_use_day_rows_and_agree(database: Database) -> None:
         assert usage_report(session, UsageQuery())["total_cost"] == pytest.approx(2.88)
 
 
+@EVERY_DATABASE
 def test_large_sums_stay_exact(database: Database) -> None:
     # 3,000 calls in one hour, amounts with twelve random decimals summing to about $15,000:
     # past what a float carries to the picodollar (SQLite's NUMERIC is a float).
@@ -235,6 +238,7 @@ def test_large_sums_stay_exact(database: Database) -> None:
     assert rollup.money["cost_usd"] == raw.money["cost_usd"] == sum(amounts)
 
 
+@EVERY_DATABASE
 def test_concurrent_writers_lose_no_update(database: Database) -> None:
     # Four writers on their own connections, all adding to the same few buckets at once.
     errors: list[BaseException] = []
@@ -267,6 +271,7 @@ def test_concurrent_writers_lose_no_update(database: Database) -> None:
         assert sum(s.ints["calls"] for s in rollup.groups.values()) == 4 * 15 * 8
 
 
+@EVERY_DATABASE
 def test_a_deleted_projects_usage_agrees_with_its_rows(database: Database) -> None:
     # Deleting a project sets its calls' project_id to NULL; usage filtered by its id must
     # then answer what the raw rows say (nothing), and the totals must not change.

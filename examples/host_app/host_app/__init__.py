@@ -38,7 +38,7 @@ def create_app(config_path: str | Path = HERE.parent / "config.yaml",
             event.listen(db.engine, "connect", _sqlite_foreign_keys)
     # include_name keeps the service's tables out of the host's autogenerate.
     migrate.init_app(app, db, directory=str(HERE / "migrations"), include_name=include_name)  # +
-    inference.init_app(app, config_path=config_path)  # +  (the database: SQLALCHEMY_DATABASE_URI)
+    inference.init_app(app, config=config)  # +  (the database: db.engine, found on first use)
     app.register_blueprint(routes)
     return app
 

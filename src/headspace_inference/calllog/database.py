@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -153,21 +154,63 @@ class History:
         command.downgrade(self.config(engine), revision)
 
 
+def _before_upgrade(connection: Connection) -> None:
+    # A host's own inference_calls is adopted by the migrations (calllog/adopt.py); one that
+    # cannot be is refused here, in one line, before anything is changed.
+    from alembic.runtime.migration import MigrationContext
+
+    from . import adopt
+
+    context = MigrationContext.configure(connection, opts={"version_table": SERVICE_VERSION_TABLE})
+    adopt.check(connection, context.get_current_revision())
+
+
+def _after_upgrade(connection: Connection) -> None:
+    from .rollup import refill_empty_rollup
+
+    reconcile_links(connection)
+    refill_empty_rollup(Session(bind=connection))
+
+
 # The service's history: only its own tables, then the links' constraints where the linked
-# tables exist (migrations/links.py). Embedded it is the only one; the standalone app runs
-# its own before it.
+# tables exist (migrations/links.py) and the rollup made again where a migration carried
+# rows in. Embedded it is the only one; the standalone app runs its own before it.
 SERVICE_HISTORY = History(
-    "inference", MIGRATIONS_DIR, SERVICE_VERSION_TABLE, Base.metadata, finish=reconcile_links
+    "inference",
+    MIGRATIONS_DIR,
+    SERVICE_VERSION_TABLE,
+    Base.metadata,
+    prepare=_before_upgrade,
+    finish=_after_upgrade,
 )
+
+
+class _SessionsOnFirstUse(sessionmaker[Session]):
+    """Sessions bound to the database's engine when the first one is made, not before: a
+    host's Flask-SQLAlchemy engine exists only once the host has set it up, which may be
+    after ``init_app``."""
+
+    def __init__(self, engine: Callable[[], Engine]) -> None:
+        super().__init__(expire_on_commit=False)
+        self._engine = engine
+
+    def __call__(self, **local_kw: Any) -> Session:
+        if self.kw.get("bind") is None:
+            self.configure(bind=self._engine())
+        return super().__call__(**local_kw)
 
 
 class Database:
     """One engine, its session factory, and the migration histories that shape it.
 
-    Built from settings, or around an engine the host already has (which stays the host's:
-    ``dispose`` leaves it alone). ``histories`` are applied in order on upgrade and in
-    reverse on downgrade: the service's alone inside a host; the standalone app's own
-    domain history, then the service's, in ``create_app()``.
+    The engine is found when first used (nothing connects, nothing is imported before):
+    ``engine``, an engine the host has; else what ``host_engine`` returns then (the host's
+    Flask-SQLAlchemy engine, None when it has none); else one built here from the settings.
+    A host's engine stays the host's: ``dispose`` leaves it alone, and it keeps its own
+    connect hooks (the SQLite pragmas are set on the engines built here only).
+    ``histories`` are applied in order on upgrade and in reverse on downgrade: the
+    service's alone inside a host; the standalone app's own domain history, then the
+    service's, in ``create_app()``.
     """
 
     def __init__(
@@ -175,16 +218,31 @@ class Database:
         settings: DatabaseSettings,
         *,
         engine: Engine | None = None,
+        host_engine: Callable[[], Engine | None] | None = None,
         histories: Sequence[History] = (SERVICE_HISTORY,),
     ) -> None:
         self.settings = settings
         self.histories = tuple(histories)
-        self._owns_engine = engine is None
-        if engine is None:
-            engine = build_engine(settings)
-        self.engine = engine
-        self.url = engine.url.render_as_string(hide_password=False)
-        self.sessions = session_factory(self.engine)
+        self._engine = engine
+        self._host_engine = host_engine
+        self._owns_engine = False
+        self._lock = threading.Lock()
+        self.sessions: sessionmaker[Session] = _SessionsOnFirstUse(lambda: self.engine)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, found (or built) on first use."""
+        with self._lock:
+            if self._engine is None:
+                found = self._host_engine() if self._host_engine is not None else None
+                self._owns_engine = found is None
+                self._engine = found if found is not None else build_engine(self.settings)
+            return self._engine
+
+    @property
+    def url(self) -> str:
+        """The engine's URL, password included (never logged)."""
+        return self.engine.url.render_as_string(hide_password=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -224,6 +282,8 @@ class Database:
         return out
 
     def dispose(self) -> None:
-        """Close every pooled connection of an engine built here."""
-        if self._owns_engine:
-            self.engine.dispose()
+        """Close every pooled connection of an engine built here (a host's is left alone)."""
+        with self._lock:
+            engine = self._engine if self._owns_engine else None
+        if engine is not None:
+            engine.dispose()

@@ -47,6 +47,7 @@ class CallRecord:
     input_tokens: int = 0
     output_tokens: int = 0
     result_text: str | None = None
+    input_text: str | None = None
     latency_ms: int = 0
     cost_usd: Decimal | None = None
     upstream_cost_usd: Decimal | None = None

@@ -28,11 +28,11 @@ from decimal import Decimal
 from typing import Any
 from typing import cast as typing_cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .models import UsageRollup
+from .models import InferenceCall, UsageRollup
 from .models.inference_call import LATENCY_BUCKETS_MS
 
 HIST = [f"lat_{i:02d}" for i in range(len(LATENCY_BUCKETS_MS) + 1)]
@@ -87,6 +87,11 @@ class Sums:
         for name, amount in other.money.items():
             self.money[name] += amount
 
+    def negate(self) -> None:
+        """These sums, subtracted instead of added."""
+        self.ints = {name: -value for name, value in self.ints.items()}
+        self.money = {name: -amount for name, amount in self.money.items()}
+
     def add(self, call: Any) -> None:
         ints = self.ints
         ints["calls"] += 1
@@ -132,12 +137,15 @@ def _buckets(calls: Sequence[Any]) -> dict[_Key, Sums]:
     return buckets
 
 
-def apply_rollup(session: Session, calls: Sequence[Any]) -> None:
+def apply_rollup(session: Session, calls: Sequence[Any], *, removed: bool = False) -> None:
     """Fold ``calls`` (InferenceCall rows or call records) into the rollup, in the caller's
-    transaction."""
+    transaction; with ``removed``, take them out of it (calls being deleted)."""
     buckets = _buckets(calls)
     if not buckets:
         return
+    if removed:
+        for sums in buckets.values():
+            sums.negate()
     stmt = _upsert(session.get_bind().dialect.name)
     # Sorted: concurrent writers lock shared buckets in one order, so they cannot deadlock.
     session.execute(stmt, [_values(key, sums) for key, sums in sorted(buckets.items())])
@@ -166,3 +174,97 @@ def _values(key: _Key, sums: Sums) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+# --------------------------------------------------------------------------- checking
+
+# The columns of a call the rollup sums, read in batches of this many rows.
+_SUMMED = (
+    InferenceCall.id, InferenceCall.timestamp, InferenceCall.level, InferenceCall.model,
+    InferenceCall.project_id, InferenceCall.status, InferenceCall.latency_ms,
+    *(getattr(InferenceCall, name) for name in (*TOKEN_FIELDS, *ROW_MONEY)),
+)  # fmt: skip
+_BATCH = 5000
+
+
+def _each_batch(session: Session) -> Any:
+    last: int | None = None
+    while True:
+        query = select(*_SUMMED).order_by(InferenceCall.id).limit(_BATCH)
+        if last is not None:
+            query = query.where(InferenceCall.id > last)
+        rows = session.execute(query).all()
+        if not rows:
+            return
+        yield rows
+        last = rows[-1].id
+
+
+def rebuild_rollup(session: Session) -> int:
+    """Make the rollup again from every row of the call log, in the caller's transaction;
+    the number of calls it now counts."""
+    session.execute(delete(UsageRollup))
+    counted = 0
+    for rows in _each_batch(session):
+        apply_rollup(session, rows)
+        counted += len(rows)
+    return counted
+
+
+def refill_empty_rollup(session: Session) -> int:
+    """Rebuild the rollup when it is empty and the log is not (a migration that carried rows
+    in leaves it so); the calls counted (0: nothing done)."""
+    if session.scalar(select(UsageRollup.id).limit(1)) is not None:
+        return 0
+    if session.scalar(select(InferenceCall.id).limit(1)) is None:
+        return 0
+    return rebuild_rollup(session)
+
+
+def rollup_disagreements(session: Session, limit: int = 5) -> list[str]:
+    """Where the rollup and the rows it sums differ: one line per differing bucket (at most
+    ``limit``, then a count of the rest); empty when they agree exactly."""
+    expected: dict[_Key, Sums] = {}
+    for rows in _each_batch(session):
+        for key, sums in _buckets(rows).items():
+            if key in expected:
+                expected[key].merge(sums)
+            else:
+                expected[key] = sums
+    actual: dict[_Key, Sums] = {}
+    table: Table = typing_cast(Table, UsageRollup.__table__)
+    for row in session.execute(select(table)).mappings():
+        key = (row["span"], row["bucket_start"], row["level"], row["model"], row["project_key"])
+        sums = Sums()
+        sums.ints = {name: row[name] for name in INT_FIELDS}
+        sums.money = {name: Decimal(row[name]) for name in MONEY_FIELDS}
+        actual[key] = sums
+    lines = []
+    for key in sorted(expected.keys() | actual.keys()):
+        want, have = expected.get(key, Sums()), actual.get(key, Sums())
+        differ = [
+            f"{name} {have_value} in the rollup, {want_value} in the rows"
+            for name, want_value, have_value in (
+                *((n, want.ints[n], have.ints[n]) for n in INT_FIELDS),
+                *((n, want.money[n], have.money[n]) for n in MONEY_FIELDS),
+            )
+            if want_value != have_value
+        ]
+        if differ:
+            span, start, level, model, project = key
+            lines.append(
+                f"{span} {start.isoformat()} level={level} model={model} project={project}:"
+                f" {'; '.join(differ[:3])}"
+            )
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"... and {len(lines) - limit} more buckets"]
+    return lines
+
+
+def count_calls(session: Session) -> tuple[int, int]:
+    """(rows in the call log, calls the rollup counts in its day buckets)."""
+    rows = session.scalar(select(func.count()).select_from(InferenceCall)) or 0
+    counted = session.scalar(
+        select(func.coalesce(func.sum(UsageRollup.calls), 0)).where(UsageRollup.span == "day")
+    )
+    return int(rows), int(counted or 0)

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..calllog.record import MAX_ERROR_CHARS, MAX_RESULT_CHARS, CallRecord, clip
+from ..logsafe import redact
 from .errors import StructuredAnswerError
 from .structured import AnswerSchema
 from .types import Answer, CallLinks, GenerationParams
@@ -94,8 +95,12 @@ def call_record(
     answer: Answer | None = None,
     error: BaseException | None = None,
     attempts: int = 0,
+    keep_input_chars: int | None = None,
 ) -> CallRecord:
     """The row of one call: ``answer`` for ``ok`` and ``cached``, ``error`` otherwise.
+
+    With ``keep_input_chars`` (inference.store_input_text) the row keeps the prompt: its
+    registered secrets redacted (logsafe), then cut to that many characters.
 
     A cached row costs nothing; what its answer cost when it was fetched is what it saved.
     ``model`` is the model that answered; an answer that failed its response_format was
@@ -145,5 +150,8 @@ def call_record(
         agent_id=links.agent_id,
         command_id=links.command_id,
         turn_id=links.turn_id,
+        input_text=None
+        if keep_input_chars is None
+        else clip("input_text", redact(request.input_text), keep_input_chars),
         **outcome,
     )

@@ -18,8 +18,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
@@ -28,6 +29,7 @@ from flask import has_request_context
 
 from ..calllog.database import DATABASE_AWAY, Database
 from ..calllog.journal import check_spool_dir
+from ..calllog.record import CallRecord
 from ..calllog.recorder import CallRecorder
 from ..calllog.rollup import apply_rollup
 from ..clock import SYSTEM_CLOCK, Clock
@@ -39,7 +41,6 @@ from .errors import (
     CancelledCallError,
     InferenceDisabledError,
     InferenceError,
-    InvalidRequestError,
     NotConfiguredError,
     QueueFullError,
     RateLimitedError,
@@ -53,24 +54,13 @@ from .pricing import PriceTable
 from .request import InferenceRequest, call_record
 from .retry import RetryPolicy
 from .status import status_report
-from .structured import answer_schema
 from .tracing import Tracing
 from .types import (
-    CALL_OPTIONS,
     Answer,
-    CallLinks,
     CallOptions,
     InferenceResult,
 )
-from .validation import (
-    LinkChecker,
-    check_flag,
-    check_input,
-    check_level,
-    check_params,
-    check_purpose,
-    check_system_prompt,
-)
+from .validation import LinkChecker, check_call
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -124,6 +114,7 @@ class InferenceService:
         self._on_start: list[Callable[[], object]] = []
         self._cancel_exit_hook: Callable[[], None] = lambda: None
         self._warned_request_thread = False
+        self._recorded: list[Callable[[dict[str, Any]], object]] = []
 
     @classmethod
     def from_settings(
@@ -247,6 +238,47 @@ class InferenceService:
                 return
         callback()
 
+    def on_call_recorded(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        """Call ``callback(call)`` once for each call row this process writes, after its
+        commit, with the CALL as the calls API shows it (its row ``id`` included): a host
+        re-emits it as an event of its own.
+
+        It runs on the call log's writer thread, in the order rows are written, so it must
+        return quickly (hand the call on); an exception from it is logged and goes no
+        further. Rows other processes write reach only their own callbacks.
+        """
+        with self._start_lock:
+            first = not self._recorded
+            self._recorded.append(callback)
+        if first:
+            self.recorder.on_committed(self._tell_recorded)
+
+    def _tell_recorded(self, records: Sequence[CallRecord]) -> None:
+        """The committed-rows hook behind on_call_recorded: the batch's rows read back by
+        request id (the row ids are the database's, and COPY does not return them)."""
+        from ..calllog.models import InferenceCall
+        from ..operate.calls import call_json, select_calls
+
+        ids = [r.request_id for r in records]
+        try:
+            with self.database.sessions() as session:
+                rows = session.execute(
+                    select_calls()
+                    .where(InferenceCall.request_id.in_(ids))
+                    .order_by(InferenceCall.id)
+                ).all()
+        except Exception:  # committed rows stay committed; only their callbacks are missed
+            log.exception("inference: reading %d recorded calls for on_call_recorded", len(ids))
+            return
+        callbacks = list(self._recorded)
+        for row in rows:
+            call = call_json(row)
+            for callback in callbacks:
+                try:
+                    callback(dict(call))
+                except Exception:  # the host's failure is its own: the writer goes on
+                    log.exception("inference: an on_call_recorded callback failed")
+
     def stop(self, timeout: float | None = None) -> None:
         """The same as close() (the host's code calls stop() at exit)."""
         self.close(timeout)
@@ -281,6 +313,30 @@ class InferenceService:
             prices=self.prices,
         )
 
+    def purge(
+        self,
+        project_id: int | None = None,
+        before: datetime | None = None,
+        all: bool = False,
+    ) -> int:
+        """Delete calls from the log, with the usage rollup kept equal to the rows (one
+        transaction): those of ``project_id`` and/or older than ``before`` (an aware
+        datetime), or ``all`` of them; how many. No criteria raises ValueError. Delete a
+        host's calls through this, never with SQL: a direct DELETE leaves the rollup
+        counting them (``flask inference usage --check`` finds it, ``--rebuild`` repairs)."""
+        from ..calllog.purge import purge, purge_criteria
+
+        purge_criteria(project_id, before, all)  # refused before anything is done
+        if self.started:  # calls made before the purge are purged with the rest
+            self.recorder.flush(timeout=self._limits.shutdown_timeout_seconds)
+        with self.database.sessions.begin() as session:
+            deleted = purge(session, project_id=project_id, before=before, all=all)
+        log.info(
+            "call log: %d calls purged (project_id=%s, before=%s, all=%s)",
+            deleted, project_id, before, all,
+        )  # fmt: skip
+        return deleted
+
     # ------------------------------------------------------------------ the flow
 
     def _unavailable(self) -> ServiceUnavailableError | None:
@@ -302,38 +358,22 @@ class InferenceService:
         """A validated request the service will take; raises (and logs refusals) otherwise."""
         if not self._started:
             self.start()
-        unknown = sorted(set(options) - CALL_OPTIONS)
-        if unknown:
-            # What Python says of a keyword a signature does not have.
-            raise TypeError(f"inference call got an unexpected keyword argument {unknown[0]!r}")
-        level_ = check_level(level, self.settings.levels)
-        purpose_ = check_purpose(purpose)
-        text = check_input(input_text, self._limits.max_input_chars)
-        system = check_system_prompt(options.get("system_prompt"), self._limits.max_input_chars)
-        params = check_params(options.get("max_tokens"), options.get("temperature"))
-        spec = options.get("response_format")
-        schema = None if spec is None else answer_schema(spec)
-        cache_prompt = check_flag("cache_system_prompt", options.get("cache_system_prompt"))
-        if cache_prompt and system is None:
-            raise InvalidRequestError("cache_system_prompt needs a system_prompt to cache")
-        links = CallLinks(
-            options.get("project_id"),
-            options.get("agent_id"),
-            options.get("command_id"),
-            options.get("turn_id"),
-        )
-        self._links.check(links)
-        model, fallbacks = self._or.route(level_)
+        call = check_call(
+            level, purpose, input_text, options,
+            levels=self.settings.levels, max_input_chars=self._limits.max_input_chars,
+        )  # fmt: skip
+        self._links.check(call.links)
+        model, fallbacks = self._or.route(call.level)
         key = request_key(
-            model=model, system_prompt=system, input_text=text, params=params,
-            fallbacks=fallbacks, provider=self._provider,
-            schema=None if schema is None else schema.fingerprint,
+            model=model, system_prompt=call.system_prompt, input_text=call.input_text,
+            params=call.params, fallbacks=fallbacks, provider=self._provider,
+            schema=None if call.schema is None else call.schema.fingerprint,
         )  # fmt: skip
         request = InferenceRequest(
-            level_, purpose_, text, model, key, links, system, params,
-            fallbacks=fallbacks, provider=self._provider, schema=schema,
+            call.level, call.purpose, call.input_text, model, key, call.links, call.system_prompt,
+            call.params, fallbacks=fallbacks, provider=self._provider, schema=call.schema,
             # Anthropic's cache_control; other providers cache long prefixes by themselves.
-            cache_system_prompt=cache_prompt and model.startswith(ANTHROPIC),
+            cache_system_prompt=call.cache_system_prompt and model.startswith(ANTHROPIC),
         )  # fmt: skip
         refusal = self._unavailable()
         if refusal is not None:
@@ -426,9 +466,10 @@ class InferenceService:
     ) -> int:
         """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
+        keep = self._limits.input_text_max_chars if self._limits.store_input_text else None
         record = call_record(
             request, status=status, latency_ms=latency_ms, answer=answer, error=error,
-            attempts=attempts,
+            attempts=attempts, keep_input_chars=keep,
         )  # fmt: skip
         self.recorder.record(record)
         self._tracing.record(request, record, started)

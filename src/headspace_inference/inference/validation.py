@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,7 +16,8 @@ from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import LINK_TABLES, MAX_INTEGER
 from ..calllog.models.links import link_exists
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
-from .types import CallLinks, GenerationParams
+from .structured import AnswerSchema, answer_schema
+from .types import CALL_OPTIONS, CallLinks, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,72 @@ def check_params(max_tokens: object, temperature: object) -> GenerationParams:
     )
 
 
+def check_link_ids(links: CallLinks) -> None:
+    """Each link given is a positive integer the database can hold (whether its row exists is
+    LinkChecker's question)."""
+    for name, value in links.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequestError(
+                f"{name} must be a positive integer or None; got {type(value).__name__}"
+            )
+        if not 0 < value <= MAX_INTEGER:
+            # A larger id cannot exist, and the database would refuse to even compare it.
+            raise InvalidRequestError(
+                f"{name} must be a positive integer up to {MAX_INTEGER}; got {_shown(value)}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class CallArguments:
+    """The arguments of one infer()/submit() call, checked."""
+
+    level: str
+    purpose: str
+    input_text: str
+    system_prompt: str | None
+    params: GenerationParams
+    schema: AnswerSchema | None
+    cache_system_prompt: bool
+    links: CallLinks
+
+
+def check_call(
+    level: object,
+    purpose: object,
+    input_text: object,
+    options: Mapping[str, Any],
+    *,
+    levels: tuple[str, ...],
+    max_input_chars: int,
+) -> CallArguments:
+    """Every check of a call's arguments that needs no database, in the order the service
+    makes them (the one place they are made: the service and the test kit's fake share it)."""
+    unknown = sorted(set(options) - CALL_OPTIONS)
+    if unknown:
+        # What Python says of a keyword a signature does not have.
+        raise TypeError(f"inference call got an unexpected keyword argument {unknown[0]!r}")
+    level_ = check_level(level, levels)
+    purpose_ = check_purpose(purpose)
+    text = check_input(input_text, max_input_chars)
+    system = check_system_prompt(options.get("system_prompt"), max_input_chars)
+    params = check_params(options.get("max_tokens"), options.get("temperature"))
+    spec = options.get("response_format")
+    schema = None if spec is None else answer_schema(spec)
+    cache_prompt = check_flag("cache_system_prompt", options.get("cache_system_prompt"))
+    if cache_prompt and system is None:
+        raise InvalidRequestError("cache_system_prompt needs a system_prompt to cache")
+    links = CallLinks(
+        options.get("project_id"),
+        options.get("agent_id"),
+        options.get("command_id"),
+        options.get("turn_id"),
+    )
+    check_link_ids(links)
+    return CallArguments(level_, purpose_, text, system, params, schema, cache_prompt, links)
+
+
 class LinkChecker:
     """Checks that linked project/agent/command/turn ids exist, remembering the ones that do.
 
@@ -132,21 +202,12 @@ class LinkChecker:
 
     def check(self, links: CallLinks) -> None:
         """Raise InvalidRequestError / UnknownEntityError for a bad or missing id."""
-        missing: list[tuple[str, int]] = []
-        for name, value in links.items():
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidRequestError(
-                    f"{name} must be a positive integer or None; got {type(value).__name__}"
-                )
-            if not 0 < value <= MAX_INTEGER:
-                # A larger id cannot exist, and the database would refuse to even compare it.
-                raise InvalidRequestError(
-                    f"{name} must be a positive integer up to {MAX_INTEGER}; got {_shown(value)}"
-                )
-            if (name, value) not in self._known:
-                missing.append((name, value))
+        check_link_ids(links)
+        missing = [
+            (name, value)
+            for name, value in links.items()
+            if value is not None and (name, value) not in self._known
+        ]
         if not missing:
             return
         try:

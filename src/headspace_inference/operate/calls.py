@@ -8,10 +8,13 @@ range scan on ``timestamp``, or on ``(level, timestamp)`` / ``(project_id, times
 when those filters are given). Equal timestamps are ordered by id, so no row is shown twice
 or skipped across pages.
 
-The log does not keep a call's input text, only its hash (``input_hash``, the cache key):
-inputs are the host's conversation text (user turns, code, secrets pasted into them), up to
-``max_input_chars`` each, and the log is kept for months and read by operators who should
-not be reading users' turns. The hash still finds every call with the same input.
+By default the log does not keep a call's input text, only its hash (``input_hash``, the
+cache key): inputs are the host's conversation text (user turns, code, secrets pasted into
+them), up to ``max_input_chars`` each, and the log is kept for months and read by operators
+who should not be reading users' turns. The hash still finds every call with the same
+input. A host that wants its prompts kept sets ``inference.store_input_text`` (bounded by
+``input_text_max_chars``, registered secrets redacted); ``search`` then finds words in them,
+as it does in answers and purposes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, get_args
 
 from flask import Response, jsonify, request
 from pydantic.fields import FieldInfo
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from ..calllog.database import DATABASE_AWAY
@@ -44,7 +47,13 @@ from .http import (
 from .schemas import Call, CallDetail, CallStatus
 
 STATUSES: tuple[str, ...] = get_args(CallStatus)
-CALLS_PARAMS = ("limit", "cursor", "level", "model", "status", "project_id", "since", "until")
+CALLS_PARAMS = (
+    "limit", "cursor", "level", "model", "status", "project_id", "since", "until", "search",
+)  # fmt: skip
+# The longest ``search`` accepted, in characters.
+MAX_SEARCH_CHARS = 200
+# Where ``search`` looks: case-insensitively, for the text anywhere in any of them.
+SEARCHED = (InferenceCall.input_text, InferenceCall.result_text, InferenceCall.purpose)
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 # The database's id column is a bigint on PostgreSQL: larger ids cannot exist.
@@ -118,6 +127,7 @@ class CallsQuery:
     project_id: int | None = None
     since: datetime | None = None
     until: datetime | None = None
+    search: str | None = None
 
 
 def encode_cursor(timestamp: datetime, row_id: int) -> str:
@@ -156,7 +166,18 @@ def parse_calls_query(args: Any, levels: tuple[str, ...]) -> CallsQuery:
     status = args.get("status")
     if status is not None and status not in STATUSES:
         raise BadParameter(f"status: must be one of {', '.join(STATUSES)}, got {status!r:.40}")
-    return CallsQuery(limit, after, f.level, f.model, status, f.project_id, f.since, f.until)
+    search = args.get("search")
+    if search is not None and not 1 <= len(search) <= MAX_SEARCH_CHARS:
+        raise BadParameter(f"search: must be 1 to {MAX_SEARCH_CHARS} characters long")
+    return CallsQuery(
+        limit, after, f.level, f.model, status, f.project_id, f.since, f.until, search
+    )
+
+
+def _contains(text: str) -> ColumnElement[bool]:
+    # LIKE's wildcards in the text are matched as themselves.
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return or_(*(column.ilike(f"%{escaped}%", escape="\\") for column in SEARCHED))
 
 
 def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
@@ -175,6 +196,8 @@ def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
         stmt = stmt.where(ts >= q.since)
     if q.until is not None:
         stmt = stmt.where(ts < q.until)
+    if q.search is not None:
+        stmt = stmt.where(_contains(q.search))
     if q.after is not None:
         at, last_id = q.after
         # "Strictly after (at, last_id) in descending order", written so that the

@@ -125,18 +125,42 @@ class PostgresTransport:
                 )
 
     def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
-        import psycopg
-
-        url = self._engine.url.set(drivername="postgresql")
-        dsn = url.render_as_string(hide_password=False)
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"LISTEN {CHANNEL}")
+        # A connection of the engine's own driver (psycopg 3 or a host's psycopg2), taken
+        # out of the pool for good: it stays in LISTEN until the stream ends, then closes.
+        raw = self._engine.raw_connection()
+        dbapi: Any = raw.driver_connection
+        raw.detach()
+        try:
+            raw.rollback()  # the pool's checkout ping may have begun a transaction
+            dbapi.autocommit = True
+            with dbapi.cursor() as cursor:
+                cursor.execute(f"LISTEN {CHANNEL}")
             ready()
+            psycopg2 = self._engine.dialect.driver == "psycopg2"
+            payloads = _psycopg2_notifies if psycopg2 else _notifies
             while not stop():
-                for notify in conn.notifies(timeout=1.0):
-                    yield [i for i in notify.payload.split(",") if i]
+                for payload in payloads(dbapi, timeout=1.0):
+                    yield [i for i in payload.split(",") if i]
                     if stop():
                         return
+        finally:
+            raw.close()
+
+
+def _notifies(connection: Any, timeout: float) -> Iterator[str]:
+    """psycopg 3: the payloads that arrive within ``timeout`` seconds."""
+    for notify in connection.notifies(timeout=timeout):
+        yield notify.payload
+
+
+def _psycopg2_notifies(connection: Any, timeout: float) -> Iterator[str]:
+    """psycopg2: wait up to ``timeout`` seconds for the socket, then the payloads read."""
+    import select
+
+    if select.select([connection], [], [], timeout)[0]:
+        connection.poll()
+        while connection.notifies:
+            yield connection.notifies.pop(0).payload
 
 
 class RedisTransport:

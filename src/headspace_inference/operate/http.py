@@ -20,13 +20,15 @@ from werkzeug.exceptions import HTTPException
 
 from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import MAX_INTEGER
+from ..extension import service_for
 from ..inference.service import InferenceService
 
 Q = TypeVar("Q")
 
 log = logging.getLogger(__name__)
 
-bp = Blueprint("inference_api", __name__, url_prefix="/api/inference")
+# Registered under the url_prefix the host gives init_app (/api/inference by default).
+bp = Blueprint("inference_api", __name__)
 
 
 class BadParameter(ValueError):
@@ -62,9 +64,8 @@ def database_away(exc: Exception, what: str) -> Response:
 
 
 def current_service() -> InferenceService:
-    """This app's service (the extension's, or create_app()'s)."""
-    service: InferenceService = current_app.extensions["inference"]
-    return service
+    """This app's service (the extension's, or create_app()'s), under the app's key."""
+    return service_for(current_app)
 
 
 def ensure_started() -> None:

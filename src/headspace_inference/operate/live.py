@@ -1,9 +1,9 @@
 """One app's live state: the call feed behind /api/inference/events and the Prometheus
-metrics behind /metrics.
+metrics behind /metrics (at the ``metrics_path`` the host gives init_app, if any).
 
-``register_live(app)`` (called by ``register_blueprints``) gives an app /metrics and hooks
-its service to both: one ``Console`` per app, kept as ``app.extensions["inference_console"]``,
-fed by the call log's committed-rows hook.
+``register_live(app)`` (called by ``register_routes``) hooks the app's service to both: one
+``Console`` per app, kept in the extension's state for the app (``AppState.console``), fed
+by the call log's committed-rows hook.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import importlib.util
 
 from flask import Blueprint, Flask, Response, current_app
 
+from ..extension import app_state, service_for
 from ..inference.service import InferenceService, at_exit
 from .feed import Feed, transport_for
 from .http import ensure_started, error_response, register_error_handlers, require_token
 from .metrics import Metrics
-
-EXTENSION_KEY = "inference_console"
 
 # Open event streams per process: each holds one of gunicorn's threads for as long as it is
 # open (``headspace-inference serve --threads``, 8 by default), so the default leaves half of
@@ -65,15 +64,14 @@ class Console:
 
 def console_for(app: Flask) -> Console:
     """The app's console, made on first use from its service."""
-    console: Console | None = app.extensions.get(EXTENSION_KEY)
-    if console is None:
-        console = Console(
-            app.extensions["inference"],
+    state = app_state(app)
+    if state.console is None:
+        state.console = Console(
+            service_for(app),
             max_streams=int(app.config.get("INFERENCE_EVENT_STREAMS", DEFAULT_MAX_STREAMS)),
             keepalive_seconds=float(app.config.get("INFERENCE_EVENT_KEEPALIVE_SECONDS", 15.0)),
         )
-        app.extensions[EXTENSION_KEY] = console
-    return console
+    return state.console
 
 
 def current_console() -> Console:
@@ -81,7 +79,8 @@ def current_console() -> Console:
     return console_for(current_app)
 
 
-# Not under the API's prefix: Prometheus scrapes /metrics by convention.
+# Not under the API's prefix: Prometheus scrapes /metrics by convention. Registered at the
+# host's metrics_path (the standalone app's is /metrics).
 metrics_bp = Blueprint("inference_metrics", __name__)
 register_error_handlers(metrics_bp)
 metrics_bp.before_request(ensure_started)
@@ -89,7 +88,7 @@ metrics_bp.before_request(ensure_started)
 metrics_bp.before_request(require_token)
 
 
-@metrics_bp.get("/metrics")
+@metrics_bp.get("")
 def metrics() -> Response:
     """Prometheus text format."""
     metrics = current_console().metrics
@@ -106,10 +105,6 @@ def metrics_installed() -> bool:
 
 
 def register_live(app: Flask) -> None:
-    """Give the app /metrics (with the metrics extra), and hook its service to the feed and
-    the metrics as it starts, before its first call, so no committed call is missed."""
-    if metrics_installed():
-        app.register_blueprint(metrics_bp)
-    service: InferenceService | None = app.extensions.get("inference")
-    if service is not None:
-        service.on_start(lambda: console_for(app))
+    """Hook the app's service to the feed and the metrics as it starts, before its first
+    call, so no committed call is missed."""
+    service_for(app).on_start(lambda: console_for(app))

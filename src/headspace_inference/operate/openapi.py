@@ -1,4 +1,5 @@
-"""GET /api/inference/openapi.json: the OpenAPI document of the JSON API.
+"""GET <url_prefix>/openapi.json (/api/inference/openapi.json): the OpenAPI document of the
+JSON API.
 
 The answers' schemas are generated from their models (schemas.py); what is written here is
 only the endpoints' table: paths, parameters and which errors each can answer.
@@ -16,11 +17,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, current_app, jsonify
 from pydantic.json_schema import models_json_schema
 
 from ..calllog.models import MAX_INTEGER
-from .calls import MAX_LIMIT, STATUSES
+from ..extension import DEFAULT_URL_PREFIX, app_state
+from .calls import MAX_LIMIT, MAX_SEARCH_CHARS, STATUSES
 from .daily import MAX_DAYS
 from .http import bp, current_service
 from .schemas import DOCUMENTED
@@ -41,7 +43,7 @@ class Endpoint:
     answer in the error shape (401 is added to every endpoint but a public one when api.token
     is set). A parameter named in the path is a path parameter."""
 
-    path: str
+    path: str  # below the API's prefix
     operation_id: str
     summary: str
     answer: str | None  # None: any JSON object
@@ -59,25 +61,28 @@ def endpoints(levels: tuple[str, ...]) -> tuple[Endpoint, ...]:
     window = (("since", time), ("until", time))
     read = (400, 503)
     return (
-        Endpoint("/api/inference/status", "getStatus",
+        Endpoint("/status", "getStatus",
                  "Service health, configuration and live statistics", "Status"),
-        Endpoint("/api/inference/openapi.json", "getOpenApi",
+        Endpoint("/openapi.json", "getOpenApi",
                  "This document (public, even when api.token is set)", None, public=True),
-        Endpoint("/api/inference/usage", "getUsage",
+        Endpoint("/usage", "getUsage",
                  "Usage and cost over a window [since, until)", "Usage",
                  (*window, ("level", level), ("model", model), ("project_id", project_id)),
                  read),
-        Endpoint("/api/inference/usage/daily", "getDailyCost",
+        Endpoint("/usage/daily", "getDailyCost",
                  "Cost per UTC day by model over the last `days` days", "DailyCost",
                  (("days", {"type": "integer", "minimum": 1, "maximum": MAX_DAYS}),), read),
-        Endpoint("/api/inference/calls", "listCalls",
+        Endpoint("/calls", "listCalls",
                  "The call log, newest first, a page at a time (keyset cursor)", "CallPage",
                  (("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
                   ("cursor", {"type": "string"}), ("level", level), ("model", model),
                   ("status", {"type": "string", "enum": list(STATUSES)}),
-                  ("project_id", project_id), *window),
+                  ("project_id", project_id), *window,
+                  ("search", {"type": "string", "minLength": 1, "maxLength": MAX_SEARCH_CHARS,
+                              "description": "text found, case-insensitively, in the prompt"
+                                             " (when kept), the answer or the purpose"})),
                  read),
-        Endpoint("/api/inference/calls/{id}", "getCall", "One call, with its answer",
+        Endpoint("/calls/{id}", "getCall", "One call, with its answer",
                  "CallDetail", (("id", {"type": "integer"}),), (400, 404, 503)),
     )  # fmt: skip
 
@@ -86,20 +91,30 @@ def endpoints(levels: tuple[str, ...]) -> tuple[Endpoint, ...]:
 def openapi() -> Response:
     """The OpenAPI 3 document of these endpoints."""
     settings = current_service().settings
-    return jsonify(openapi_document(settings.levels, token_required=settings.api.token is not None))
+    return jsonify(
+        openapi_document(
+            settings.levels,
+            token_required=settings.api.token is not None,
+            prefix=app_state(current_app).url_prefix,
+        )
+    )
 
 
-def openapi_document(levels: tuple[str, ...], *, token_required: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.0 document of the API for the configured ``levels``; with
-    ``token_required`` (api.token set) every endpoint but the document itself declares bearer
-    authentication and its 401."""
+def openapi_document(
+    levels: tuple[str, ...], *, token_required: bool = False, prefix: str = DEFAULT_URL_PREFIX
+) -> dict[str, Any]:
+    """The OpenAPI 3.0 document of the API for the configured ``levels``, its paths under
+    ``prefix`` (the host's url_prefix); with ``token_required`` (api.token set) every endpoint
+    but the document itself declares bearer authentication and its 401."""
     schemas = copy.deepcopy(component_schemas())
     # The levels are configuration: the status names each configured one.
     schemas["Status"]["properties"]["models"]["required"] = list(levels)
     return {
         "openapi": "3.0.3",
         "info": {"title": "Claude Headspace inference API", "version": "1.0.0"},
-        "paths": {e.path: {"get": _operation(e, token_required)} for e in endpoints(levels)},
+        "paths": {
+            prefix + e.path: {"get": _operation(e, token_required)} for e in endpoints(levels)
+        },
         "components": {
             "schemas": schemas,
             # The document itself is public: it describes the API, not its data.

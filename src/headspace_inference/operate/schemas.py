@@ -215,9 +215,11 @@ class Call(Answer):
 
 
 class CallDetail(Call):
-    """A CALL with its answer and the rest of its row (the input is kept only as its hash)."""
+    """A CALL with its answer and the rest of its row. The input is kept as its hash, and
+    as ``input_text`` only when the host sets inference.store_input_text (else null)."""
 
     result_text: str | None
+    input_text: str | None
     input_hash: str
     generation_id: str | None
     upstream_cost_usd: float | None

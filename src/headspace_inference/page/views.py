@@ -1,5 +1,7 @@
-"""GET /inference: the operator page. Besides /status, /usage and the call log, it reads
-cost per day by model from /api/inference/usage/daily (api/daily.py).
+"""GET <page_path> (the standalone app's /inference): the operator page, served only where
+the host's init_app(page_path=...) puts it. Besides /status, /usage and the call log, it reads
+cost per day by model from <url_prefix>/usage/daily (operate/daily.py); the template is
+given the API's address, wherever url_prefix put it.
 
 The page itself holds no data: it is a template and two static files (no build step, no
 CDN; operators' dashboards run on closed networks), and its script reads everything from the
@@ -11,15 +13,15 @@ feed is read with fetch() rather than EventSource, which cannot send the header.
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, render_template
+from flask import Blueprint, render_template, url_for
 
 from ..operate.calls import STATUSES
 from ..operate.http import current_service, ensure_started
 
+# Registered at the host's page_path (the standalone app's is /inference).
 console_bp = Blueprint(
     "inference_console",
     __name__,
-    url_prefix="/inference",
     template_folder="templates",
     static_folder="static",
 )
@@ -32,12 +34,9 @@ def page() -> str:
     settings = current_service().settings
     return render_template(
         "inference_console.html",
+        # The API's address as this request reaches it (the app's script root included).
+        api=url_for("inference_api.status").removesuffix("/status"),
         levels=settings.levels,
         statuses=STATUSES,
         token_required=settings.api.token is not None,
     )
-
-
-def register_page(app: Flask) -> None:
-    """Give the app the operator page."""
-    app.register_blueprint(console_bp)

@@ -17,6 +17,7 @@ from ..cli import register_commands
 from ..config_loading import load_env_file, load_settings
 from ..extension import Inference
 from ..operate.http import register_error_handlers
+from ..operate.live import metrics_installed
 from ..settings import Settings
 from .database import standalone_database
 
@@ -34,8 +35,14 @@ def create_app(
         settings = load_settings(config_path, overrides)
     app = Flask(__name__, instance_path=str(Path.cwd() / "instance"))
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep answers in the order built
+    # An app of its own: the operator page and /metrics (with the metrics extra) at the
+    # paths operators and Prometheus expect.
     service = Inference().init_app(
-        app, settings=settings, database=standalone_database(settings.database)
+        app,
+        settings=settings,
+        database=standalone_database(settings.database),
+        page_path="/inference",
+        metrics_path="/metrics" if metrics_installed() else None,
     )
     register_error_handlers(app)
     register_commands(app)

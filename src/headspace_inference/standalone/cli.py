@@ -88,7 +88,7 @@ def serve_command(host: str, port: int, workers: int, threads: int, timeout: int
     # settings: an app would start threads (its health probe), and a fork taken while
     # a thread is half-way through an import leaves the workers a half-imported module.
     settings = _configured()
-    or_exit(lambda: check_spool_dir(settings.inference.spool_dir()))
+    or_exit(lambda: check_spool_dir(settings.spool_dir()))
     # Migrate once here rather than in N workers at the same moment (no threads involved).
     database = or_exit(lambda: standalone_database(settings.database))
     if database.settings.auto_migrate:

@@ -9,13 +9,13 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ..calllog.models.base import NAMING_CONVENTION, UTCDateTime, utcnow
+from ..calllog.models.base import DOMAIN_NAMING_CONVENTION, UTCDateTime, utcnow
 
 
 class Base(DeclarativeBase):
     """Base of the standalone app's tables (a metadata apart from the service's)."""
 
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    metadata = MetaData(naming_convention=DOMAIN_NAMING_CONVENTION)
 
 
 class Project(Base):

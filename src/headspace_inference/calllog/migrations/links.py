@@ -16,6 +16,7 @@ import logging
 
 from sqlalchemy import Connection, column, exists, inspect, table, update
 
+from ..models.base import NAMING_CONVENTION
 from ..models.inference_call import LINK_TABLES
 from ..models.links import link_table
 
@@ -26,7 +27,8 @@ CALLS = "inference_calls"
 
 def constraint_name(link: str) -> str:
     """The constraint's name, as the naming convention gives it."""
-    return f"fk_{CALLS}_{link}_{LINK_TABLES[link]}"
+    names = {"table_name": CALLS, "column_0_name": link, "referred_table_name": LINK_TABLES[link]}
+    return NAMING_CONVENTION["fk"] % names
 
 
 def reconcile_links(connection: Connection) -> list[str]:

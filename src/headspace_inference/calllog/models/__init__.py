@@ -2,9 +2,18 @@
 (projects, agents, commands, turns) belong to the host, or to the standalone app."""
 
 from .base import MAX_INTEGER, Base
-from .inference_call import LINK_TABLES, SERVICE_TABLES, InferenceCall, UsageRollup
+from .inference_call import (
+    HOST_ARCHIVE_CONSTRAINTS,
+    HOST_ARCHIVE_TABLE,
+    LINK_TABLES,
+    SERVICE_TABLES,
+    InferenceCall,
+    UsageRollup,
+)
 
 __all__ = [
+    "HOST_ARCHIVE_CONSTRAINTS",
+    "HOST_ARCHIVE_TABLE",
     "LINK_TABLES",
     "MAX_INTEGER",
     "SERVICE_TABLES",

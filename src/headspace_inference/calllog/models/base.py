@@ -12,13 +12,22 @@ from sqlalchemy.types import TypeDecorator
 # counts alike.
 MAX_INTEGER = 2**31 - 1
 
-NAMING_CONVENTION = {
+# Stable constraint names across databases, as the standalone app's domain tables have them
+# (standalone/models.py): the names a host's own tables get by default, too.
+DOMAIN_NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "ck": "ck_%(table_name)s_%(constraint_name)s",
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+# Every name the service gives a schema object of its own starts with this prefix.
+# PostgreSQL keeps index, constraint-index and sequence names per schema, SQLite index names
+# per database: a host's own ``ix_inference_calls_level`` or ``inference_calls_pkey`` can
+# never take one of the service's (revision i0003 moved the older names).
+NAME_PREFIX = "hinf_"
+NAMING_CONVENTION = {kind: NAME_PREFIX + name for kind, name in DOMAIN_NAMING_CONVENTION.items()}
 
 
 class UTCDateTime(TypeDecorator[datetime]):

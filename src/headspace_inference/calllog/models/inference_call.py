@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from .base import Base, UTCDateTime
+from .base import NAME_PREFIX, Base, UTCDateTime
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -105,6 +105,9 @@ class InferenceCall(Base):
     reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0)
     input_hash: Mapped[str] = mapped_column(String(64), index=True)
     result_text: Mapped[str | None] = mapped_column(Text)
+    # The prompt, kept only when the host asks (inference.store_input_text), bounded and
+    # redacted like the answer; adopted host rows bring theirs.
+    input_text: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[Decimal | None] = mapped_column(Money)
     upstream_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
@@ -125,8 +128,8 @@ class InferenceCall(Base):
     turn_id: Mapped[int | None] = mapped_column(Integer, index=True)
 
     __table_args__ = (
-        Index("ix_inference_calls_level_timestamp", "level", "timestamp"),
-        Index("ix_inference_calls_project_id_timestamp", "project_id", "timestamp"),
+        Index(NAME_PREFIX + "ix_inference_calls_level_timestamp", "level", "timestamp"),
+        Index(NAME_PREFIX + "ix_inference_calls_project_id_timestamp", "project_id", "timestamp"),
     )
 
 
@@ -192,11 +195,22 @@ class UsageRollup(Base):
             "level",
             "model",
             "project_key",
-            name="uq_inference_usage_rollup_bucket",
+            name=NAME_PREFIX + "uq_inference_usage_rollup_bucket",
         ),
     )
 
 
-# Every table the service's migrations create, and nothing else: a host excludes these
-# from its own autogenerate (see headspace_inference.include_name).
-SERVICE_TABLES: frozenset[str] = frozenset(Base.metadata.tables)
+# Where the service keeps a host's own ``inference_calls`` it took over (calllog/adopt.py):
+# the host's table as it was, under a name of the service's, given back on downgrade.
+HOST_ARCHIVE_TABLE = NAME_PREFIX + "host_inference_calls"
+# The constraints the archive is kept without (they reach the host's tables or could refuse
+# its actions on them), with their definitions, to be put back on downgrade.
+HOST_ARCHIVE_CONSTRAINTS = NAME_PREFIX + "host_inference_calls_constraints"
+
+# Every table the service's migrations create or keep, and nothing else: a host excludes
+# these from its own autogenerate (see headspace_inference.include_name), which so never
+# proposes to drop them.
+SERVICE_TABLES: frozenset[str] = frozenset(Base.metadata.tables) | {
+    HOST_ARCHIVE_TABLE,
+    HOST_ARCHIVE_CONSTRAINTS,
+}

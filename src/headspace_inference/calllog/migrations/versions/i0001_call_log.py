@@ -9,13 +9,19 @@ app's), so the link columns carry no constraint here; the upgrade adds each one 
 its table exists (migrations/links.py). Kept in the version table
 alembic_version_inference. The same tables as revision 0002 of the combined history this
 service had before (standalone databases made by it are adopted without change, see
-standalone/legacy.py); on SQLite the rollup's money columns hold integer picodollars.
+standalone/database.py); on SQLite the rollup's money columns hold integer picodollars.
+
+A host's own ``inference_calls`` (one without the service's columns) is moved out of the way
+first, without its foreign keys and checks (kept aside by name and definition), and given
+back after the downgrade with them: calllog/adopt.py.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
+
+from headspace_inference.calllog import adopt
 
 revision = "i0001"
 down_revision = None
@@ -24,6 +30,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if not context.is_offline_mode():
+        adopt.archive(op.get_bind())
     op.create_table(
         "inference_usage_rollup",
         sa.Column(
@@ -135,3 +143,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("inference_calls")
     op.drop_table("inference_usage_rollup")
+    if not context.is_offline_mode():
+        adopt.restore(op.get_bind())

@@ -1,0 +1,316 @@
+"""FakeInferenceService: scripted answers, recorded calls, and the real service's refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from pydantic import BaseModel
+
+from headspace_inference import create_app
+from headspace_inference.inference.errors import (
+    InferenceError,
+    NotConfiguredError,
+    ShuttingDownError,
+    StructuredAnswerError,
+    UpstreamRateLimitError,
+    UpstreamServerError,
+)
+from headspace_inference.inference.service import InferenceService
+from headspace_inference.testing import (
+    FakeCall,
+    FakeInferenceService,
+    UnscriptedCallError,
+    inference_result,
+)
+from tests.service_fixtures import settings_for
+
+HOST_LEVELS = ["turn", "command", "project", "objective"]
+
+
+@pytest.fixture
+def fake() -> FakeInferenceService:
+    return FakeInferenceService(levels=HOST_LEVELS)
+
+
+# --------------------------------------------------------------------------- the script
+
+
+def test_queued_answers_are_used_once_in_order(fake: FakeInferenceService) -> None:
+    fake.script("first", "second")
+
+    texts = [fake.infer(level="turn", purpose="p", input_text="x").text for _ in range(2)]
+
+    assert texts == ["first", "second"]
+    assert fake.unused == []
+    with pytest.raises(UnscriptedCallError, match="'turn', purpose 'p'"):
+        fake.infer(level="turn", purpose="p", input_text="x")
+
+
+def test_answers_by_level_and_purpose(fake: FakeInferenceService) -> None:
+    fake.script("a command summary", level="command")
+    fake.always("scored", level="objective", purpose="priority_scoring")
+    fake.always("any turn", level="turn")
+    fake.always("anything")
+
+    assert fake.infer(level="turn", purpose="summarise_turn", input_text="x").text == "any turn"
+    assert fake.infer(level="command", purpose="c", input_text="x").text == "a command summary"
+    assert fake.infer(level="command", purpose="c", input_text="x").text == "anything"
+    scored = fake.infer(level="objective", purpose="priority_scoring", input_text="x")
+    assert scored.text == "scored"
+    assert fake.infer(level="objective", purpose="other", input_text="x").text == "anything"
+
+
+def test_a_text_answer_is_a_result_at_the_calls_level(fake: FakeInferenceService) -> None:
+    fake.always("Done.")
+
+    result = fake.infer(level="project", purpose="progress_summary", input_text="x" * 400)
+
+    assert result.level == "project"
+    assert result.purpose == "progress_summary"
+    assert result.model == "anthropic/claude-sonnet-4.5"
+    assert (result.input_tokens, result.output_tokens) == (100, 2)
+    assert result.cost_usd == pytest.approx((100 * 3.0 + 2 * 15.0) / 1e6)
+    assert result.cached is False
+
+
+def test_a_scripted_result_is_returned_as_it_is(fake: FakeInferenceService) -> None:
+    scripted = inference_result(text="t", input_tokens=50, output_tokens=10, model="m")
+    fake.script(scripted)
+
+    assert fake.infer(level="turn", purpose="p", input_text="x") is scripted
+
+
+def test_scripted_errors_are_raised(fake: FakeInferenceService) -> None:
+    error = UpstreamRateLimitError("slow down", retry_after=3.0, status_code=429)
+    fake.script(error, UpstreamServerError)
+
+    with pytest.raises(UpstreamRateLimitError) as raised:
+        fake.infer(level="turn", purpose="p", input_text="x")
+    assert raised.value is error
+    with pytest.raises(UpstreamServerError, match="scripted UpstreamServerError"):
+        fake.infer(level="turn", purpose="p", input_text="x")
+    assert [type(call.error) for call in fake.calls] == [
+        UpstreamRateLimitError,
+        UpstreamServerError,
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer", [RuntimeError("API failure"), ValueError, 42, None, StructuredAnswerError]
+)
+def test_what_the_real_service_never_gives_cannot_be_scripted(
+    fake: FakeInferenceService, answer: Any
+) -> None:
+    with pytest.raises(TypeError, match=r"InferenceError|scripted answer|more than a message"):
+        fake.script(answer)
+
+
+def test_an_answer_can_be_a_function_of_the_call(fake: FakeInferenceService) -> None:
+    fake.always(lambda call: f"echo {call.input_text} for {call.project_id}")
+
+    assert fake.infer(level="turn", purpose="p", input_text="hi", project_id=3).text == (
+        "echo hi for 3"
+    )
+
+
+def test_a_function_gives_an_answer_not_another_function(fake: FakeInferenceService) -> None:
+    fake.always(lambda call: lambda again: "x")
+
+    with pytest.raises(TypeError, match="InferenceError; got function"):
+        fake.infer(level="turn", purpose="p", input_text="x")
+    assert isinstance(fake.calls[0].error, TypeError)
+
+
+def test_a_default_answers_what_nothing_else_does() -> None:
+    fake = FakeInferenceService(default="fallback")
+
+    assert fake.infer(level="task", purpose="p", input_text="x").text == "fallback"
+
+
+def test_a_script_for_an_unknown_level_is_refused(fake: FakeInferenceService) -> None:
+    with pytest.raises(InferenceError, match="level must be one of turn, command"):
+        fake.script("x", level="task")
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def test_calls_record_what_was_asked_and_answered(fake: FakeInferenceService) -> None:
+    fake.always("ok")
+
+    fake.infer(
+        level="turn", purpose="summarise_turn", input_text="hello",
+        project_id=3, agent_id=5, command_id=10, turn_id=1,
+    )  # fmt: skip
+    fake.submit(level="objective", purpose="priority_scoring", input_text="agents")
+
+    first, second = fake.calls
+    assert isinstance(first, FakeCall)
+    assert first.method == "infer"
+    assert first.kwargs == {
+        "level": "turn",
+        "purpose": "summarise_turn",
+        "input_text": "hello",
+        "project_id": 3,
+        "agent_id": 5,
+        "command_id": 10,
+        "turn_id": 1,
+    }
+    assert (first.project_id, first.agent_id, first.command_id, first.turn_id) == (3, 5, 10, 1)
+    assert first.result is not None and first.result.text == "ok"
+    assert second.method == "submit"
+    assert second.project_id is None
+    assert fake.calls_for(level="objective") == [second]
+    assert fake.calls_for(purpose="summarise_turn") == [first]
+
+    fake.reset()
+    assert fake.calls == []
+
+
+def test_submit_returns_a_done_future(fake: FakeInferenceService) -> None:
+    fake.script("answer", UpstreamServerError("502 from the provider", status_code=502))
+
+    ok = fake.submit(level="turn", purpose="p", input_text="x")
+    failed = fake.submit(level="turn", purpose="p", input_text="x")
+
+    assert ok.done() and ok.result().text == "answer"
+    assert failed.done() and isinstance(failed.exception(), UpstreamServerError)
+
+
+def test_unavailable_and_closed_refuse_as_the_real_service(fake: FakeInferenceService) -> None:
+    fake.always("x")
+    fake.is_available = False
+    assert fake.is_available is False
+    with pytest.raises(NotConfiguredError):
+        fake.infer(level="turn", purpose="p", input_text="x")
+
+    fake.is_available = True
+    fake.stop()
+    assert fake.is_available is False
+    with pytest.raises(ShuttingDownError):
+        fake.submit(level="turn", purpose="p", input_text="x")
+    assert [type(call.error) for call in fake.calls] == [NotConfiguredError, ShuttingDownError]
+
+
+def test_start_and_close(fake: FakeInferenceService) -> None:
+    assert fake.started is False
+    assert fake.start() is fake
+    assert fake.started is True
+    fake.close()
+    assert fake.started is False
+
+
+def test_init_app_puts_the_fake_where_the_hosts_code_looks(fake: FakeInferenceService) -> None:
+    app = Flask("host")
+
+    assert fake.init_app(app, extension_key="inference_service") is fake
+    assert app.extensions["inference_service"] is fake
+    other = Flask("default")
+    second = FakeInferenceService().init_app(other)
+    assert other.extensions["inference"] is second
+
+
+# --------------------------------------------------------------------------- structured answers
+
+
+class Summary(BaseModel):
+    summary: str
+    frustration_score: int
+
+
+def test_a_structured_answer_is_parsed_as_the_real_service_parses_it(
+    fake: FakeInferenceService,
+) -> None:
+    fake.script('```json\n{"summary": "s", "frustration_score": 4}\n```', "not json")
+
+    result = fake.infer(level="turn", purpose="p", input_text="x", response_format=Summary)
+
+    assert result.data == Summary(summary="s", frustration_score=4)
+    with pytest.raises(StructuredAnswerError):
+        fake.infer(level="turn", purpose="p", input_text="x", response_format=Summary)
+
+
+# ----------------------------------------------------------------- the real service's checks
+
+
+@pytest.fixture
+def real_service(emulator: Any, tmp_path: Path) -> Iterator[InferenceService]:
+    """A real service (SQLite, the emulator) whose input limit is small."""
+    url = f"sqlite:///{tmp_path / 'real.db'}"
+    overrides = settings_for(
+        url, emulator, tmp_path,
+        openrouter={"models": dict.fromkeys(HOST_LEVELS, "anthropic/claude-haiku-4.5")},
+        inference={"max_input_chars": 100},
+    )  # fmt: skip
+    app = create_app(overrides=overrides)
+    service: InferenceService = app.extensions["inference"]
+    yield service
+    service.close(timeout=5)
+
+
+BAD_CALLS: list[tuple[str, dict[str, Any]]] = [
+    ("unknown level", {"level": "task"}),
+    ("level not a string", {"level": 1}),
+    ("empty purpose", {"purpose": ""}),
+    ("purpose with a newline", {"purpose": "a\nb"}),
+    ("empty input", {"input_text": ""}),
+    ("blank input", {"input_text": "   "}),
+    ("input not a string", {"input_text": b"bytes"}),
+    ("input over the limit", {"input_text": "x" * 101}),
+    ("input with NUL", {"input_text": "a\x00b"}),
+    ("system prompt over the limit", {"system_prompt": "s" * 101}),
+    ("max_tokens zero", {"max_tokens": 0}),
+    ("temperature 3", {"temperature": 3}),
+    ("cache without a system prompt", {"cache_system_prompt": True}),
+    ("bad response_format", {"response_format": "a schema"}),
+    ("project id negative", {"project_id": -1}),
+    ("project id a string", {"project_id": "1"}),
+    ("project that does not exist", {"project_id": 999}),
+    ("unknown keyword", {"projectid": 1}),
+]
+
+
+@pytest.mark.parametrize(("case", "bad"), BAD_CALLS, ids=[case for case, _ in BAD_CALLS])
+def test_the_fake_refuses_what_the_real_service_refuses(
+    real_service: InferenceService, case: str, bad: dict[str, Any]
+) -> None:
+    fake = FakeInferenceService(
+        settings=real_service.settings, engine=real_service.database.engine, default="ok"
+    )
+    call = {"level": "turn", "purpose": "p", "input_text": "hello", **bad}
+
+    with pytest.raises((InferenceError, TypeError)) as real:
+        real_service.infer(**call)
+    with pytest.raises(type(real.value)) as faked:
+        fake.infer(**call)
+
+    assert str(faked.value) == str(real.value)
+    assert fake.calls == []  # refused before anything, as the real one leaves no row
+
+
+def test_the_fake_takes_what_the_real_service_takes(real_service: InferenceService) -> None:
+    fake = FakeInferenceService(settings=real_service.settings, default="ok")
+    call: dict[str, Any] = {
+        "level": "command", "purpose": "summarise_command", "input_text": "x" * 100,
+        "system_prompt": "be brief", "cache_system_prompt": True, "max_tokens": 50,
+        "temperature": 0.2,
+    }  # fmt: skip
+
+    assert real_service.infer(**call).model == fake.infer(**call).model
+
+
+def test_levels_and_settings_are_not_both_given(real_service: InferenceService) -> None:
+    with pytest.raises(TypeError, match="not both"):
+        FakeInferenceService(levels=HOST_LEVELS, settings=real_service.settings)
+    with pytest.raises(TypeError, match="list of level names"):
+        FakeInferenceService(levels="turn")
+
+
+def test_levels_may_name_their_models() -> None:
+    fake = FakeInferenceService(levels={"turn": "openai/gpt-4o-mini"}, default="ok")
+
+    assert fake.infer(level="turn", purpose="p", input_text="x").model == "openai/gpt-4o-mini"

@@ -5,7 +5,8 @@
     e2e.py db-drop URL    drop it
     e2e.py seed           (the ORIGINAL host) a project, an agent, a command, turns, an
                           objective and some call rows written with the host's own model
-    e2e.py count          (the patched host) the rows of the service's call log
+    e2e.py count          (the patched host) the rows of the service's call log, and the
+                          tables the host's autogenerate would drop
     e2e.py run            (the patched host) its consumers against the OpenRouter emulator,
                           then the checks: rows, /usage, the log page API, the live event,
                           the project delete and the "clear log" button
@@ -42,8 +43,6 @@ RECORD_WAIT_SECONDS = 30.0
 # The paths this trial's patch gives the host (url_prefix in host.patch's app.py).
 SERVICE_API = "/api/llm"
 HOST_LOG_API = "/api/inference/calls"
-
-
 # The line trial.py reads the result from (the host logs to stdout too).
 RESULT_MARK = "host-trial-result:"
 

@@ -186,10 +186,7 @@ def seed() -> dict[str, Any]:
                 )
             )  # fmt: skip
         db.session.commit()
-        seeded = {
-            "host_rows": db.session.query(InferenceCall).count(),
-            "host_cost": round(sum(r[3] or 0.0 for r in HOST_ROWS), 6), **links,
-        }  # fmt: skip
+        seeded = _totals(InferenceCall)
         db.session.remove()
     _stop(app)
     return seeded
@@ -208,7 +205,7 @@ def count() -> dict[str, Any]:
 
     app = _host_app()
     with app.app_context():
-        rows = db.session.query(InferenceCall).count()
+        totals = _totals(InferenceCall)
         options = current_app.extensions["migrate"].configure_args
         with db.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts=dict(options))
@@ -216,7 +213,23 @@ def count() -> dict[str, Any]:
         drops = sorted(op[1].name for op in _flat(diff) if op[0] == "remove_table")
         db.session.remove()
     _stop(app)
-    return {"service_rows": rows, "autogenerate_drops": drops}
+    return {**totals, "autogenerate_drops": drops}
+
+
+def _totals(model: Any) -> dict[str, Any]:
+    """Rows, tokens, cost and kept prompts of a call log (the host's model or the service's)."""
+    from claude_headspace.database import db
+    from sqlalchemy import func
+
+    cost = getattr(model, "cost", None) or model.cost_usd
+    row = db.session.query(
+        func.count(model.id), func.sum(model.input_tokens), func.sum(model.output_tokens),
+        func.sum(cost), func.count(model.input_text),
+    ).one()  # fmt: skip
+    return {
+        "rows": row[0], "input_tokens": int(row[1] or 0), "output_tokens": int(row[2] or 0),
+        "cost": round(float(row[3] or 0), 6), "prompts": row[4],
+    }  # fmt: skip
 
 
 def _flat(diff: list[Any]) -> list[Any]:

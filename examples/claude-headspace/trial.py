@@ -62,6 +62,8 @@ HOST_TESTS = (
 # What the host's tests need beyond its runtime dependencies (its `dev` extra, less the
 # browser and coverage tools these files do not use).
 HOST_TEST_TOOLS = ("pytest>=7", "factory-boy>=3.3", "fakeredis[lua]>=2.20")
+# What flask inference db upgrade must carry over from the host's rows, as e2e.py counts it.
+CARRIED = ("rows", "input_tokens", "output_tokens", "cost", "prompts")
 # The host's flask CLI, built in testing mode: no background watcher, poller or tmux thread.
 HOST_FLASK_APP = "claude_headspace.app:create_app(testing=True)"
 # Variables of the caller's that would point the host or the service elsewhere.
@@ -138,6 +140,7 @@ class Trial:
         self.suite_url = f"{server}/{prefix}_suite_test"
         self.figures: dict[str, object] = {"snapshot": snapshot.name}
         self.seconds: dict[str, float] = {}  # each step's
+        self.seeded: dict[str, object] = {}  # what e2e.py seed wrote with the host's model
 
     # -- the two entry points -------------------------------------------------------------
 
@@ -215,24 +218,24 @@ class Trial:
         self.e2e("db-reset", self.e2e_url)
         env = {"DATABASE_URL": self.e2e_url, "PYTHONPATH": str(self.original / "src")}
         self.flask(self.original, env, "db", "upgrade")
-        seeded = self.e2e("seed", cwd=self.original, env=env)
-        self.figures["host_rows_before_upgrade"] = seeded["host_rows"]
+        self.seeded = self.e2e("seed", cwd=self.original, env=env)
+        self.figures["host_rows_before_upgrade"] = self.seeded["rows"]
 
     def adopt_table(self) -> None:
         env = {"DATABASE_URL": self.e2e_url}
         self.flask(self.host, env, "inference", "db", "upgrade")
         counted = self.e2e("count", cwd=self.host, env=env)
-        self.figures["host_rows_after_upgrade"] = counted["service_rows"]
+        self.figures["host_rows_after_upgrade"] = counted["rows"]
         if counted["autogenerate_drops"]:
             raise TrialError(
                 "after flask inference db upgrade the host's autogenerate would drop "
                 f"{', '.join(counted['autogenerate_drops'])} (include_name)"
             )
-        if counted["service_rows"] != self.figures["host_rows_before_upgrade"]:
-            raise TrialError(
-                f"flask inference db upgrade carried {counted['service_rows']} of the host's "
-                f"{self.figures['host_rows_before_upgrade']} call rows"
-            )
+        carried = {key: counted[key] for key in CARRIED}
+        host = {key: self.seeded[key] for key in CARRIED}
+        self.figures["carried"] = carried
+        if carried != host:
+            raise TrialError(f"flask inference db upgrade carried {carried} of the host's {host}")
 
     def host_tests(self, tree: Path, label: str) -> None:
         junit = self.build / f"junit-{label}.xml"

@@ -76,8 +76,9 @@ bench-smoke: $(VENV)/.installed-bench
 
 # Claude Headspace, the real host, adopts the library (examples/claude-headspace/README.md):
 # its snapshot unpacked, host.patch applied, its tests and an end-to-end run on PostgreSQL,
-# in a venv of its own under build/host-trial/. Fails, naming it, without the snapshot.
-HOST_SNAPSHOT ?= ../shared/hosts/claude-headspace-a0c3bbc.tar.gz
+# in a venv of its own under build/host-trial/. Fails, naming it, without the snapshot
+# (HOST_SNAPSHOT, else the nearest ../shared/hosts/ up from the checkout).
+HOST_SNAPSHOT ?=
 
 host-trial:
 	HOST_SNAPSHOT="$(HOST_SNAPSHOT)" $(PYTHON) examples/claude-headspace/trial.py

@@ -40,7 +40,19 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 PATCH = HERE / "host.patch"
 E2E = HERE / "e2e.py"
-DEFAULT_SNAPSHOT = REPO.parent / "shared" / "hosts" / "claude-headspace-a0c3bbc.tar.gz"
+SNAPSHOT_NAME = "claude-headspace-a0c3bbc.tar.gz"
+
+
+def default_snapshot() -> Path:
+    """``../shared/hosts/`` beside the checkout, or beside the nearest of its ancestors that
+    has one (a CI clone may sit deeper than the working copy)."""
+    for parent in REPO.parents:
+        found = parent / "shared" / "hosts" / SNAPSHOT_NAME
+        if found.is_file():
+            return found
+    return REPO.parent / "shared" / "hosts" / SNAPSHOT_NAME
+
+
 # The file of host.patch that the unchanged host needs to import at all on Python 3.11+
 # (its other environment fix, sqlalchemy<2.1, is a dependency the venv holds).
 ENV_FIX_FILES = ("src/claude_headspace/services/redis_manager.py",)
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--snapshot",
         type=Path,
-        default=Path(os.environ.get("HOST_SNAPSHOT") or DEFAULT_SNAPSHOT),
+        default=Path(os.environ.get("HOST_SNAPSHOT") or default_snapshot()),
         help="the host snapshot (default $HOST_SNAPSHOT, else %(default)s)",
     )
     parser.add_argument(

@@ -205,6 +205,7 @@ class Inference:
             state.url_prefix, state.page_path, state.metrics_path = urls
             register_routes(app, service)
         app.cli.add_command(inference_group)
+        _leave_out_of_host_autogenerate(app)
         return service
 
     @property
@@ -239,6 +240,27 @@ def _urls(options: InferenceOptions) -> tuple[str, str | None, str | None]:
                 "pip install 'headspace-inference[metrics]'"
             )
     return prefix, page, metrics
+
+
+def _leave_out_of_host_autogenerate(app: Flask) -> None:
+    """Give a host's Flask-Migrate (set up before the service) our ``include_name``, joined
+    with its own: its ``flask db migrate`` compares the host's models with every table in
+    the database, and would otherwise write a migration dropping the service's."""
+    migrate = app.extensions.get("migrate")
+    configure_args = getattr(migrate, "configure_args", None)
+    if not isinstance(configure_args, dict):
+        return
+    from . import include_name
+
+    hosts = configure_args.get("include_name")
+    if hosts is None:
+        configure_args["include_name"] = include_name
+        return
+
+    def both(name: str | None, type_: str, parent_names: Any) -> bool:
+        return include_name(name, type_, parent_names) and bool(hosts(name, type_, parent_names))
+
+    configure_args["include_name"] = both
 
 
 def _configure(app: Flask, options: InferenceOptions) -> tuple[Settings, Database]:

@@ -18,7 +18,7 @@ from alembic.migration import MigrationContext
 from flask import Flask
 from sqlalchemy import Engine, inspect, select, text
 
-from headspace_inference import SERVICE_TABLES, include_name
+from headspace_inference import SERVICE_TABLES
 from headspace_inference.calllog.database import SERVICE_HISTORY
 from headspace_inference.calllog.models import (
     HOST_ARCHIVE_CONSTRAINTS,
@@ -134,9 +134,9 @@ def test_both_histories_coexist_in_either_order(host: Flask, order: str) -> None
     }
     if host_only is not None:  # the service's migration left the host's tables as they were
         assert columns(engine) == host_only
-    # The host's autogenerate, with include_name as the example wires it, sees nothing to do;
-    # without it, it would drop the service's tables.
-    assert autogenerate_diff(host, include_name=include_name) == []
+    # The host's autogenerate, with the options of its Migrate (which init_app gave the
+    # service's include_name), sees nothing to do; without it, it would drop the tables.
+    assert autogenerate_diff(host, **host.extensions["migrate"].configure_args) == []
     dropped = {d[1].name for d in autogenerate_diff(host) if d[0] == "remove_table"}
     assert dropped == MADE | {"alembic_version_inference"}
 

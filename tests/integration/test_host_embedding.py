@@ -413,3 +413,57 @@ def test_each_recorded_call_reaches_the_host_s_callback_once_with_its_row(
     assert sorted(listed, key=lambda c: c["id"]) == sorted(
         by_request.values(), key=lambda c: c["id"]
     )
+
+
+# --------------------------------------------------------------------------- autogenerate
+
+
+def _host_autogenerate(app: Flask, url: str) -> set[str]:
+    """The tables the host's `flask db migrate` would drop, with its Migrate's options."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import Column as C
+    from sqlalchemy import Integer, MetaData, Table
+
+    host_metadata = MetaData()
+    Table("projects", host_metadata, C("id", Integer, primary_key=True))
+    Table("legacy_notes", host_metadata, C("id", Integer, primary_key=True))
+    engine = create_engine(url, poolclass=NullPool)
+    host_metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE host_scratch (id INTEGER)")
+    app.extensions["inference"].database.upgrade()
+    options = app.extensions["migrate"].configure_args
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts=options)
+        diff = compare_metadata(context, host_metadata)
+    engine.dispose()
+    return {d[1].name for d in diff if d[0] == "remove_table"}
+
+
+@pytest.mark.parametrize("hosts_own", [False, True])
+def test_a_host_s_migrate_leaves_the_service_s_tables_alone(
+    tmp_path: Path, hosts_own: bool
+) -> None:
+    from flask_migrate import Migrate
+    from flask_sqlalchemy import SQLAlchemy
+
+    url = f"sqlite:///{tmp_path / 'host.db'}"
+    app = Flask("host")
+    app.config["SQLALCHEMY_DATABASE_URI"] = url
+    db = SQLAlchemy()
+    db.init_app(app)
+    seen: list[str | None] = []
+
+    def host_include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+        seen.append(name)
+        return name != "host_scratch"  # the host keeps a table of its own out too
+
+    extra = {"include_name": host_include_name} if hosts_own else {}
+    Migrate().init_app(app, db, **extra)
+    Inference().init_app(app, overrides={"inference": {"spool_path": str(tmp_path / "s")}})
+    dropped = _host_autogenerate(app, url)
+    # The host's own table that its models lack is still proposed for dropping, unless the
+    # host's include_name keeps it out; none of the service's ever is.
+    assert dropped == (set() if hosts_own else {"host_scratch"})
+    assert ("host_scratch" in seen) is hosts_own

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, current_app, jsonify
 from flask_migrate import Migrate
 from sqlalchemy import event
 
-from headspace_inference import Inference, include_name  # +
+from headspace_inference import Inference  # +
 
 from .models import Agent, Command, Project, Turn, db
 
@@ -36,9 +36,10 @@ def create_app(config_path: str | Path = HERE.parent / "config.yaml",
     with app.app_context():
         if db.engine.dialect.name == "sqlite":  # so that ON DELETE acts (the host's and ours)
             event.listen(db.engine, "connect", _sqlite_foreign_keys)
-    # include_name keeps the service's tables out of the host's autogenerate.
-    migrate.init_app(app, db, directory=str(HERE / "migrations"), include_name=include_name)  # +
-    inference.init_app(app, config=config)  # +  (the database: db.engine, found on first use)
+    migrate.init_app(app, db, directory=str(HERE / "migrations"))
+    # The service uses db.engine (found on first use) and gives the Migrate above its
+    # include_name, so the host's autogenerate leaves the service's tables alone.
+    inference.init_app(app, config=config)  # +
     app.register_blueprint(routes)
     return app
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +13,26 @@ from flask import Flask
 from pydantic import BaseModel
 
 from headspace_inference import create_app
+from headspace_inference.clock import FakeClock
 from headspace_inference.inference.errors import (
     InferenceError,
     NotConfiguredError,
+    RateLimitedError,
     ShuttingDownError,
     StructuredAnswerError,
     UpstreamRateLimitError,
     UpstreamServerError,
 )
 from headspace_inference.inference.service import InferenceService
+from headspace_inference.operate.schemas import Call
 from headspace_inference.testing import (
     FakeCall,
     FakeInferenceService,
+    FakePurge,
     UnscriptedCallError,
     inference_result,
 )
+from headspace_inference.testing.emulator import Fault
 from tests.service_fixtures import settings_for
 
 HOST_LEVELS = ["turn", "command", "project", "objective"]
@@ -314,3 +321,163 @@ def test_levels_may_name_their_models() -> None:
     fake = FakeInferenceService(levels={"turn": "openai/gpt-4o-mini"}, default="ok")
 
     assert fake.infer(level="turn", purpose="p", input_text="x").model == "openai/gpt-4o-mini"
+
+
+# --------------------------------------------------------------------------- purge
+
+
+def test_purge_removes_the_calls_it_would_delete_and_says_how_many() -> None:
+    clock = FakeClock()
+    fake = FakeInferenceService(levels=HOST_LEVELS, default="ok", clock=clock)
+    for project_id in (1, 2, 1):
+        fake.infer(level="turn", purpose="p", input_text="x", project_id=project_id)
+        clock.advance(60)
+    fake.infer(level="turn", purpose="p", input_text="x")  # no project
+    third = fake.calls[2].timestamp
+
+    assert fake.purge(project_id=1, before=third) == 1  # the first only
+    assert [call.project_id for call in fake.calls] == [2, 1, None]
+    assert fake.purge(before=third) == 1
+    assert fake.purge(project_id=1) == 1
+    assert fake.purge(project_id=7) == 0
+    assert [call.project_id for call in fake.calls] == [None]
+    assert fake.purge(all=True) == 1
+    assert fake.calls == []
+    assert fake.purges[0] == FakePurge(project_id=1, before=third, removed=1)
+    assert [purge.kwargs for purge in fake.purges] == [
+        {"project_id": 1, "before": third},
+        {"before": third},
+        {"project_id": 1},
+        {"project_id": 7},
+        {"all": True},
+    ]
+    assert [purge.removed for purge in fake.purges] == [1, 1, 1, 0, 1]
+
+    fake.reset()
+    assert fake.purges == []
+
+
+def test_calls_are_stamped_by_the_fake_s_clock() -> None:
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    fake = FakeInferenceService(default="ok", clock=clock)
+
+    fake.infer(level="turn", purpose="p", input_text="x")
+
+    assert fake.calls[0].timestamp == datetime.fromtimestamp(1_700_000_000.0, UTC)
+
+
+BAD_PURGES: list[tuple[str, dict[str, Any]]] = [
+    ("no criteria", {}),
+    ("all with a project", {"all": True, "project_id": 1}),
+    ("all with before", {"all": True, "before": datetime.now(UTC)}),
+    ("project id zero", {"project_id": 0}),
+    ("project id a string", {"project_id": "1"}),
+    ("project id a bool", {"project_id": True}),
+    ("before naive", {"before": datetime(2025, 1, 1)}),
+    ("before a string", {"before": "2025-01-01"}),
+]
+
+
+@pytest.mark.parametrize(("case", "bad"), BAD_PURGES, ids=[case for case, _ in BAD_PURGES])
+def test_the_fake_refuses_the_purges_the_real_service_refuses(
+    real_service: InferenceService, case: str, bad: dict[str, Any]
+) -> None:
+    fake = FakeInferenceService(settings=real_service.settings, default="ok")
+    fake.infer(level="turn", purpose="p", input_text="x", project_id=1)
+
+    with pytest.raises(ValueError) as real:
+        real_service.purge(**bad)
+    with pytest.raises(ValueError) as faked:
+        fake.purge(**bad)
+
+    assert str(faked.value) == str(real.value)
+    assert fake.purges == []
+    assert len(fake.calls) == 1
+
+
+def test_the_fake_purges_what_the_real_service_purges(real_service: InferenceService) -> None:
+    fake = FakeInferenceService(settings=real_service.settings, default="ok")
+    for service in (real_service, fake):
+        service.infer(level="turn", purpose="p", input_text="one")
+        service.infer(level="turn", purpose="p", input_text="two")
+    cut = datetime.now(UTC) + timedelta(hours=1)  # after every call
+
+    assert fake.purge(before=cut) == real_service.purge(before=cut) == 2
+    assert fake.purge(all=True) == real_service.purge(all=True) == 0
+
+
+# --------------------------------------------------------------------------- the live feed
+
+
+def test_each_recorded_call_reaches_the_callbacks_once_as_a_call(
+    fake: FakeInferenceService, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def broken(call: dict[str, Any]) -> None:
+        raise RuntimeError("the host's bug")
+
+    fake.on_call_recorded(broken)  # logged; neither the call nor the other callback suffers
+    fake.on_call_recorded(seen.append)
+    scripted = inference_result(text="t", cached=True, cost_usd=0.5, latency_ms=7)
+    fake.script("fresh", scripted, UpstreamServerError("502", status_code=502))
+    fake.script(RateLimitedError("over the limit"))
+
+    with caplog.at_level(logging.ERROR, logger="headspace_inference.testing.fake"):
+        fresh = fake.infer(level="command", purpose="c", input_text="x", project_id=3)
+    fake.submit(level="turn", purpose="p", input_text="x")
+    with pytest.raises(UpstreamServerError):
+        fake.infer(level="turn", purpose="p", input_text="x")
+    with pytest.raises(RateLimitedError):
+        fake.infer(level="turn", purpose="p", input_text="x")
+    with pytest.raises(InferenceError):  # refused for its arguments: no row, no callback
+        fake.infer(level="task", purpose="p", input_text="x")
+    fake.is_available = False
+    with pytest.raises(NotConfiguredError):  # refused as unavailable: a row
+        fake.infer(level="turn", purpose="p", input_text="x")
+
+    assert "an on_call_recorded callback failed" in caplog.text
+    assert [call["id"] for call in seen] == [1, 2, 3, 4, 5]
+    assert [call["status"] for call in seen] == [
+        "ok", "cached", "error", "rate_limited", "refused",
+    ]  # fmt: skip
+    for call in seen:
+        Call.model_validate(call)  # the calls API's shape
+        assert list(call) == list(Call.model_fields)
+    first, cached, failed = seen[:3]
+    assert first["call_id"] == fresh.call_id
+    assert (first["level"], first["purpose"], first["project_id"]) == ("command", "c", 3)
+    assert first["model"] == fresh.model
+    assert first["input_tokens"] == fresh.input_tokens
+    assert first["timestamp"] == fake.calls[0].timestamp.isoformat().replace("+00:00", "Z")
+    assert cached["call_id"] == scripted.call_id
+    assert (cached["cost_usd"], cached["saved_cost_usd"], cached["latency_ms"]) == (0.0, 0.5, 7)
+    assert (failed["error_type"], failed["error_message"]) == ("UpstreamServerError", "502")
+
+
+def test_the_fake_s_call_is_the_real_service_s(
+    real_service: InferenceService, emulator: Any
+) -> None:
+    fake = FakeInferenceService(settings=real_service.settings, default="An answer.")
+    fake.script(UpstreamServerError("Upstream error 500", status_code=500), level="command")
+    real: list[dict[str, Any]] = []
+    faked: list[dict[str, Any]] = []
+    real_service.on_call_recorded(real.append)
+    fake.on_call_recorded(faked.append)
+    emulator.script([Fault(status=500)] * 3)  # each of the real service's attempts
+    call = {"level": "command", "purpose": "summarise_command", "input_text": "fails"}
+    for service in (real_service, fake):
+        with pytest.raises(UpstreamServerError):
+            service.infer(**call)
+    for service in (real_service, fake):
+        service.infer(level="turn", purpose="summarise_turn", input_text="a turn")
+    assert real_service.recorder.flush(timeout=30)
+
+    assert len(real) == len(faked) == 2
+    same = ("level", "purpose", "model", "status", "cached", "error_type", "project_id")
+    for ours, theirs in zip(faked, real, strict=True):
+        assert list(ours) == list(theirs)
+        for key, value in ours.items():
+            if value is not None and theirs[key] is not None:
+                assert type(value) is type(theirs[key]), key
+        assert {key: ours[key] for key in same} == {key: theirs[key] for key in same}

@@ -8,13 +8,17 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..calllog.record import MAX_ERROR_CHARS, MAX_RESULT_CHARS, CallRecord, clip
 from ..logsafe import redact
 from .errors import StructuredAnswerError
 from .structured import AnswerSchema
 from .types import Answer, CallLinks, GenerationParams
+
+if TYPE_CHECKING:
+    from ..settings import OpenRouterSettings
+    from .validation import CallArguments
 
 _CHARS_PER_TOKEN = 4  # a deliberately generous estimate: reservations are reconciled later
 
@@ -85,6 +89,36 @@ class InferenceRequest:
         """Tokens to reserve before the call: the input's estimate plus the answer's ceiling."""
         chars = len(self.input_text) + len(self.system_prompt or "")
         return chars // _CHARS_PER_TOKEN + 1 + (self.params.max_tokens or default_max_tokens)
+
+
+# The models whose prompt cache needs cache_control marks.
+ANTHROPIC = "anthropic/"
+
+
+class RequestBuilder:
+    """The request of a checked call under one ``openrouter`` configuration: its level's
+    model and fallbacks, the provider preferences, and the cache key of all that decides
+    the answer (the real service and the test kit's fake build theirs with it)."""
+
+    def __init__(self, openrouter: OpenRouterSettings) -> None:
+        self._or = openrouter
+        self._provider = openrouter.provider.as_body() if openrouter.provider else None
+
+    def __call__(self, call: CallArguments) -> InferenceRequest:
+        from .cache import request_key
+
+        model, fallbacks = self._or.route(call.level)
+        key = request_key(
+            model=model, system_prompt=call.system_prompt, input_text=call.input_text,
+            params=call.params, fallbacks=fallbacks, provider=self._provider,
+            schema=None if call.schema is None else call.schema.fingerprint,
+        )  # fmt: skip
+        return InferenceRequest(
+            call.level, call.purpose, call.input_text, model, key, call.links, call.system_prompt,
+            call.params, fallbacks=fallbacks, provider=self._provider, schema=call.schema,
+            # Anthropic's cache_control; other providers cache long prefixes by themselves.
+            cache_system_prompt=call.cache_system_prompt and model.startswith(ANTHROPIC),
+        )  # fmt: skip
 
 
 def call_record(

@@ -35,7 +35,6 @@ from ..calllog.rollup import apply_rollup
 from ..clock import SYSTEM_CLOCK, Clock
 from ..settings import Settings
 from .backends import Backends, build_backends
-from .cache import request_key
 from .client import OpenRouterClient
 from .errors import (
     CancelledCallError,
@@ -51,7 +50,7 @@ from .errors import (
 )
 from .health import HealthChecker
 from .pricing import PriceTable
-from .request import InferenceRequest, call_record
+from .request import InferenceRequest, RequestBuilder, call_record
 from .retry import RetryPolicy
 from .status import status_report
 from .tracing import Tracing
@@ -66,8 +65,6 @@ from .workers import WorkerPool
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-ANTHROPIC = "anthropic/"  # the models whose prompt cache needs cache_control marks
 
 
 class InferenceService:
@@ -90,7 +87,7 @@ class InferenceService:
         self._client = client
         # The price table the client prices with (built with the synced prices at start).
         self.prices = client.prices if client else PriceTable.from_settings(self._or)
-        self._provider = self._or.provider.as_body() if self._or.provider else None
+        self._requests = RequestBuilder(self._or)
         self._backends = backends
         self.cache = backends.cache
         self.limiter = backends.limiter
@@ -363,18 +360,7 @@ class InferenceService:
             levels=self.settings.levels, max_input_chars=self._limits.max_input_chars,
         )  # fmt: skip
         self._links.check(call.links)
-        model, fallbacks = self._or.route(call.level)
-        key = request_key(
-            model=model, system_prompt=call.system_prompt, input_text=call.input_text,
-            params=call.params, fallbacks=fallbacks, provider=self._provider,
-            schema=None if call.schema is None else call.schema.fingerprint,
-        )  # fmt: skip
-        request = InferenceRequest(
-            call.level, call.purpose, call.input_text, model, key, call.links, call.system_prompt,
-            call.params, fallbacks=fallbacks, provider=self._provider, schema=call.schema,
-            # Anthropic's cache_control; other providers cache long prefixes by themselves.
-            cache_system_prompt=call.cache_system_prompt and model.startswith(ANTHROPIC),
-        )  # fmt: skip
+        request = self._requests(call)
         refusal = self._unavailable()
         if refusal is not None:
             self._record(request, time.perf_counter(), "refused", error=refusal)

@@ -2,8 +2,9 @@
 
 - ``inference_result(text=..., input_tokens=..., ...)``: a real InferenceResult from flat
   keywords (results.py).
-- ``FakeInferenceService``: a scripted stand-in for the service that records its calls and
-  refuses what the real one refuses (fake.py).
+- ``FakeInferenceService``: a scripted stand-in for the service that records its calls
+  (and its purges, ``FakePurge``), refuses what the real one refuses, and tells
+  ``on_call_recorded`` callbacks the CALL the real one would (fake.py).
 - ``create_tables(bind)`` / ``drop_tables(bind)``: the service's tables in a test database
   built with ``create_all`` (database.py).
 - ``headspace_inference.testing.emulator``: the local OpenRouter emulator; and
@@ -20,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .database import create_tables, drop_tables
-    from .fake import FakeCall, FakeInferenceService, UnscriptedCallError
+    from .fake import FakeCall, FakeInferenceService, FakePurge, UnscriptedCallError
     from .results import inference_result
 
 __all__ = [
     "FakeCall",
     "FakeInferenceService",
+    "FakePurge",
     "UnscriptedCallError",
     "create_tables",
     "drop_tables",
@@ -36,6 +38,7 @@ __all__ = [
 _LAZY = {
     "FakeCall": ".fake",
     "FakeInferenceService": ".fake",
+    "FakePurge": ".fake",
     "UnscriptedCallError": ".fake",
     "create_tables": ".database",
     "drop_tables": ".database",

@@ -1,22 +1,33 @@
 """A scripted stand-in for InferenceService, for the tests of a host's consumers.
 
-It has the call surface consumers use (``infer``, ``submit``, ``is_available``, ``start``,
-``stop``/``close``), checks arguments with the real service's own checks (so a fake never
-takes a call the real service refuses), answers from a script, and records every call.
-Nothing is sent anywhere and nothing runs in the background: ``submit`` returns a Future
-that is already done.
+It has the surface hosts use (``infer``, ``submit``, ``is_available``, ``start``,
+``stop``/``close``, ``purge``, ``on_call_recorded``), checks arguments with the real
+service's own checks (so a fake never takes a call the real service refuses), answers from
+a script, and records every call. Nothing is sent anywhere and nothing runs in the
+background: ``submit`` returns a Future that is already done, and ``on_call_recorded``
+callbacks run in the calling thread before the call returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeAlias, Unpack
 
-from ..inference.errors import InferenceError, NotConfiguredError, ShuttingDownError
+from ..clock import SYSTEM_CLOCK, Clock
+from ..inference.errors import (
+    InferenceError,
+    NotConfiguredError,
+    RateLimitedError,
+    ShuttingDownError,
+)
 from ..inference.types import CallOptions, InferenceResult
 from ..settings import OpenRouterSettings, Settings
 from .results import default_model, inference_result
@@ -25,9 +36,12 @@ if TYPE_CHECKING:
     from flask import Flask
     from sqlalchemy import Engine
 
-    from ..inference.validation import CallArguments, LinkChecker
+    from ..inference.request import InferenceRequest
+    from ..inference.validation import LinkChecker
 
-__all__ = ["FakeCall", "FakeInferenceService", "Scripted", "UnscriptedCallError"]
+__all__ = ["FakeCall", "FakeInferenceService", "FakePurge", "Scripted", "UnscriptedCallError"]
+
+log = logging.getLogger(__name__)
 
 # What a script holds: a text (answered as a result at the call's level), a whole result,
 # an InferenceError (raised; an exception class is raised with a stock message), or a
@@ -47,7 +61,8 @@ class UnscriptedCallError(AssertionError):
 @dataclass
 class FakeCall:
     """One call the fake took: what was asked and what it answered (``result`` or
-    ``error``). ``kwargs`` is every argument by name, as the real ``infer`` takes them."""
+    ``error``), and when (``timestamp``, by the fake's clock: what ``purge(before=...)``
+    compares). ``kwargs`` is every argument by name, as the real ``infer`` takes them."""
 
     method: str  # "infer" or "submit"
     level: str
@@ -56,6 +71,7 @@ class FakeCall:
     options: dict[str, Any] = field(default_factory=dict)
     result: InferenceResult | None = None
     error: BaseException | None = None
+    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -86,6 +102,30 @@ class FakeCall:
     def turn_id(self) -> int | None:
         """The turn the call was about, if given."""
         return self.options.get("turn_id")
+
+
+@dataclass(frozen=True)
+class FakePurge:
+    """One purge the fake took: its criteria, and how many recorded calls it removed."""
+
+    project_id: int | None = None
+    before: datetime | None = None
+    all: bool = False
+    removed: int = 0
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The criteria given, by name, as ``purge`` was called (``{"all": True}``)."""
+        given = {"project_id": self.project_id, "before": self.before, "all": self.all}
+        return {name: value for name, value in given.items() if value not in (None, False)}
+
+    def removes(self, call: FakeCall) -> bool:
+        """Whether the purge takes ``call``, as the real one takes its row."""
+        if self.all:
+            return True
+        return (self.project_id is None or call.project_id == self.project_id) and (
+            self.before is None or call.timestamp < self.before
+        )
 
 
 @dataclass(frozen=True)
@@ -143,7 +183,8 @@ class FakeInferenceService:
     of ``settings`` (a real ``Settings``), else the default four. ``engine``: check link ids
     against that database as the real service does (else only their form is checked).
     ``default``: the answer to a call nothing else in the script matches (without it, such a
-    call raises UnscriptedCallError).
+    call raises UnscriptedCallError). ``clock``: the time the calls are stamped with (its
+    ``time()``), for tests of ``purge(before=...)``.
     """
 
     def __init__(
@@ -154,6 +195,7 @@ class FakeInferenceService:
         engine: Engine | None = None,
         available: bool = True,
         default: Scripted | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if levels is not None and settings is not None:
             raise TypeError("give the fake levels or settings, not both")
@@ -161,9 +203,12 @@ class FakeInferenceService:
             settings = Settings(openrouter=_openrouter_for(levels))
         self.settings = settings
         from ..inference.pricing import PriceTable
+        from ..inference.request import RequestBuilder
 
         # The configured prices (a fake reads no synced price file).
         self._prices = PriceTable(settings.openrouter.pricing)
+        self._requests = RequestBuilder(settings.openrouter)
+        self._clock = clock
         self._links: LinkChecker | None = None
         if engine is not None:
             from ..calllog.database import session_factory
@@ -177,7 +222,10 @@ class FakeInferenceService:
         self._lock = threading.Lock()
         self._started = False
         self._closed = False
+        self._recorded: list[Callable[[dict[str, Any]], object]] = []
+        self._row_ids = itertools.count(1)
         self.calls: list[FakeCall] = []
+        self.purges: list[FakePurge] = []
 
     # ------------------------------------------------------------------ the script
 
@@ -216,9 +264,11 @@ class FakeInferenceService:
             return [call for call in self.calls if entry.matches(call)]
 
     def reset(self) -> None:
-        """Forget the calls and the script (the default answer stays)."""
+        """Forget the calls, the purges and the script (the default answer and the
+        on_call_recorded callbacks stay)."""
         with self._lock:
             self.calls.clear()
+            self.purges.clear()
             self._queue.clear()
             self._standing.clear()
 
@@ -229,18 +279,18 @@ class FakeInferenceService:
     ) -> InferenceResult:
         """Check the arguments as the real service does, record the call, and answer it
         from the script (raising a scripted InferenceError)."""
-        call, arguments = self._take("infer", level, purpose, input_text, options)
-        return self._answer(call, arguments)
+        call, request = self._take("infer", level, purpose, input_text, options)
+        return self._answer(call, request)
 
     def submit(
         self, level: str, purpose: str, input_text: str, **options: Unpack[CallOptions]
     ) -> Future[InferenceResult]:
         """As infer(), answered at once into a done Future (a scripted error is the
         Future's exception); bad arguments and an unavailable service raise here."""
-        call, arguments = self._take("submit", level, purpose, input_text, options)
+        call, request = self._take("submit", level, purpose, input_text, options)
         future: Future[InferenceResult] = Future()
         try:
-            future.set_result(self._answer(call, arguments))
+            future.set_result(self._answer(call, request))
         except InferenceError as exc:
             future.set_exception(exc)
         return future
@@ -272,6 +322,37 @@ class FakeInferenceService:
         """Take no more calls: later ones raise ShuttingDownError, as the real service's do."""
         self._closed = True
 
+    def purge(
+        self,
+        project_id: int | None = None,
+        before: datetime | None = None,
+        all: bool = False,
+    ) -> int:
+        """Check the criteria as the real ``purge`` does (no criteria, or ``all`` with
+        another, raises its ValueError), remove the recorded calls it would delete from
+        ``calls`` (those of ``project_id`` and/or stamped before ``before``, or all), record
+        it in ``purges``, and return how many calls it removed."""
+        from ..calllog.purge import purge_criteria
+
+        purge_criteria(project_id, before, all)
+        with self._lock:
+            taken = FakePurge(project_id, before, all)
+            kept = [call for call in self.calls if not taken.removes(call)]
+            taken = dataclasses.replace(taken, removed=len(self.calls) - len(kept))
+            self.calls[:] = kept
+            self.purges.append(taken)
+        return taken.removed
+
+    def on_call_recorded(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        """Call ``callback(call)`` once for each call the fake records (answered, failed or
+        refused as unavailable; not one refused for its arguments, which the real service
+        writes no row for), with the CALL the real service's callbacks get, built by the
+        same code from the row the real service would write; ``id`` counts from 1. It runs
+        in the calling thread before the call returns; an exception from it is logged and
+        goes no further, as the real service's."""
+        with self._lock:
+            self._recorded.append(callback)
+
     def init_app(self, app: Flask, *, extension_key: str = "inference") -> FakeInferenceService:
         """Put the fake in ``app.extensions[extension_key]``, where the app's code looks the
         service up (Claude Headspace's consumers look under ``inference_service``), in place
@@ -294,7 +375,7 @@ class FakeInferenceService:
         purpose: object,
         input_text: object,
         options: Mapping[str, Any],
-    ) -> tuple[FakeCall, CallArguments]:
+    ) -> tuple[FakeCall, InferenceRequest]:
         """The checked call, recorded; raises what the real service would before calling."""
         from ..inference.validation import check_call
 
@@ -307,16 +388,19 @@ class FakeInferenceService:
         )  # fmt: skip
         if self._links is not None:
             self._links.check(arguments.links)
+        request = self._requests(arguments)
         call = FakeCall(
-            method, arguments.level, arguments.purpose, arguments.input_text, dict(options)
-        )
+            method, arguments.level, arguments.purpose, arguments.input_text, dict(options),
+            timestamp=datetime.fromtimestamp(self._clock.time(), UTC),
+        )  # fmt: skip
         with self._lock:
             self.calls.append(call)
         refusal = self._refusal()
         if refusal is not None:
             call.error = refusal
+            self._tell_recorded(call, request, "refused")
             raise refusal
-        return call, arguments
+        return call, request
 
     def _refusal(self) -> InferenceError | None:
         if self._closed:
@@ -325,17 +409,52 @@ class FakeInferenceService:
             return NotConfiguredError("the (fake) inference service is set unavailable")
         return None
 
-    def _answer(self, call: FakeCall, arguments: CallArguments) -> InferenceResult:
+    def _answer(self, call: FakeCall, request: InferenceRequest) -> InferenceResult:
         try:
             answer = self._next(call)
             if callable(answer) and not isinstance(answer, type):
                 answer = _checked(answer(call), function=False)
-            result = self._resolve(answer, arguments)
+            result = self._resolve(answer, request)
         except BaseException as exc:
             call.error = exc
+            # As the real service's: its own limiter's refusal is "rate_limited", any other
+            # failure (OpenRouter's 429 included) "error".
+            status = "rate_limited" if isinstance(exc, RateLimitedError) else "error"
+            self._tell_recorded(call, request, status)
             raise
         call.result = result
+        self._tell_recorded(call, request, "cached" if result.cached else "ok")
         return result
+
+    def _tell_recorded(self, call: FakeCall, request: InferenceRequest, status: str) -> None:
+        """The on_call_recorded callbacks, with the CALL of the row the real service would
+        write for ``call`` (built by its call_record and the calls API's call_json)."""
+        with self._lock:
+            callbacks = list(self._recorded)
+        if not callbacks:
+            return
+        from ..inference.request import call_record
+        from ..operate.calls import call_json
+
+        limits = self.settings.inference
+        result, error = call.result, call.error
+        answer, latency_ms = None, 0
+        attempts = error.attempts if isinstance(error, InferenceError) else 0
+        if result is not None:  # the row of the call_id the caller got
+            request = dataclasses.replace(request, request_id=result.call_id)
+            answer, latency_ms, attempts = result.answer, result.latency_ms, result.attempts
+        record = call_record(
+            request, status=status, latency_ms=latency_ms, answer=answer, error=error,
+            attempts=attempts,
+            keep_input_chars=limits.input_text_max_chars if limits.store_input_text else None,
+        )  # fmt: skip
+        record = dataclasses.replace(record, timestamp=call.timestamp)
+        row = call_json(SimpleNamespace(id=next(self._row_ids), **record.values()))
+        for callback in callbacks:
+            try:
+                callback(dict(row))
+            except Exception:  # the host's failure is its own: the call goes on
+                log.exception("inference: an on_call_recorded callback failed")
 
     def _next(self, call: FakeCall) -> object:
         with self._lock:
@@ -358,7 +477,7 @@ class FakeInferenceService:
             f"{call.purpose!r}: script one with fake.script(...) or fake.always(...)"
         )
 
-    def _resolve(self, answer: object, arguments: CallArguments) -> InferenceResult:
+    def _resolve(self, answer: object, request: InferenceRequest) -> InferenceResult:
         if isinstance(answer, type) and issubclass(answer, InferenceError):
             raise _stock(answer)
         if isinstance(answer, InferenceError):
@@ -366,30 +485,31 @@ class FakeInferenceService:
         if isinstance(answer, InferenceResult):
             result = answer
         else:
-            result = self._result_for(str(answer), arguments)  # a text (_checked saw to it)
-        if arguments.schema is not None and result.data is None:
+            result = self._result_for(str(answer), request)  # a text (_checked saw to it)
+        if request.schema is not None and result.data is None:
             # As the real service: the answer is parsed and validated against
             # response_format; one that does not fit raises StructuredAnswerError.
             from ..inference.client import OpenRouterClient
 
-            parsed = OpenRouterClient.structured(result.answer, arguments.schema)
+            parsed = OpenRouterClient.structured(result.answer, request.schema)
             result = dataclasses.replace(result, answer=parsed)
         return result
 
-    def _result_for(self, text: str, arguments: CallArguments) -> InferenceResult:
+    def _result_for(self, text: str, request: InferenceRequest) -> InferenceResult:
         """A fresh answer at the call's level: its model, the emulator's token counts, and
         their cost by the configured prices."""
         from .emulator.server import count_tokens
 
-        model, _ = self.settings.openrouter.route(arguments.level)
-        input_tokens = count_tokens(arguments.input_text + (arguments.system_prompt or ""))
+        model = request.model
+        input_tokens = count_tokens(request.input_text + (request.system_prompt or ""))
         output_tokens = count_tokens(text)
         charge = self._prices.charge(model, input_tokens, output_tokens)
         return inference_result(
             text,
             model=model,
-            level=arguments.level,
-            purpose=arguments.purpose,
+            call_id=request.request_id,
+            level=request.level,
+            purpose=request.purpose,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=None if charge is None else charge.cost,

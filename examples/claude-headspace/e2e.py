@@ -194,8 +194,8 @@ def seed() -> dict[str, Any]:
 
 def count() -> dict[str, Any]:
     """With the patched host: the service's call log as the host's log page reads it, and
-    what the host's autogenerate (`flask db migrate`) would now drop: nothing, when
-    include_name keeps the service's tables out of its view."""
+    what the host's autogenerate (`flask db migrate`) would now drop: nothing, since
+    init_app gave the host's Migrate the service's include_name."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
     from claude_headspace.database import db

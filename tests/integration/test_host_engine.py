@@ -219,7 +219,8 @@ def test_two_hundred_apps_started_and_stopped_leave_no_connection_open(
         apps.append(app)
     assert row_count(migrated_postgres_url) == (APPS, APPS)
     assert connections_to(admin, database) == 0
-    assert redis_clients(redis_server_url) == redis_before
+    # Others may close theirs meanwhile; none of the 200 services' is left open.
+    assert redis_clients(redis_server_url) <= redis_before
     assert threading.active_count() <= threads_before
     admin.dispose()
 

@@ -11,7 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .extension import Inference, RouteClashError
+from .app_state import RouteClashError
+from .extension import Inference
 from .inference.errors import InferenceError, InvalidRequestError
 from .inference.types import InferenceResult
 

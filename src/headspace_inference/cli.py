@@ -23,7 +23,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from .extension import service_for
+from .app_state import service_for
 
 if TYPE_CHECKING:
     from .calllog.database import Database

@@ -128,7 +128,7 @@ def _diff(engine: Engine, metadata: MetaData) -> list[Any]:
     with engine.connect() as conn:
         opts = {"compare_type": True, "include_name": own}
         diff: list[Any] = compare_metadata(MigrationContext.configure(conn, opts=opts), metadata)
-    # The link constraints are the database's, not the model's (migrations/links.py).
+    # The link constraints are the database's, not the model's (calllog/link_keys.py).
     return [d for d in diff if not (isinstance(d, tuple) and d[0] == "remove_fk")]
 
 
@@ -226,7 +226,7 @@ def test_linked_tables_made_after_the_service_s_migration_are_linked_by_the_next
                 ),
                 {"r": request_id, "p": project},
             )
-    with caplog.at_level("WARNING", logger="headspace_inference.calllog.migrations.links"):
+    with caplog.at_level("WARNING", logger="headspace_inference.calllog.link_keys"):
         service_only.upgrade()  # already at head: only the links are looked at
     assert "1 rows linked to project_id ids missing from projects" in caplog.text
     fks = _schema(empty_db.engine, "inference_calls")["fks"]

@@ -62,7 +62,7 @@ from sqlalchemy.engine.interfaces import ReflectedForeignKeyConstraint
 from sqlalchemy.exc import DBAPIError
 
 from ..settings import ConfigError
-from .migrations import names
+from . import names
 from .models.base import NAME_PREFIX, UTCDateTime
 from .models.inference_call import (
     HOST_ARCHIVE_CONSTRAINTS,
@@ -349,7 +349,7 @@ def _missing_links(connection: Connection, name: str, fk: ReflectedForeignKeyCon
 def _null_missing_links(
     connection: Connection, name: str, fk: ReflectedForeignKeyConstraint
 ) -> None:
-    # As the service's own links are reconciled (migrations/links.py).
+    # As the service's own links are reconciled (link_keys.py).
     source, missing = _link_condition(connection, name, fk)
     columns = fk["constrained_columns"]
     nulled = connection.execute(

@@ -17,7 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..settings import DatabaseSettings, normalise_url
-from .migrations.links import reconcile_links
+from .link_keys import reconcile_links
 from .models import Base
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def _after_upgrade(connection: Connection) -> None:
 
 
 # The service's history: only its own tables, then the links' constraints where the linked
-# tables exist (migrations/links.py) and the rollup made again where a migration carried
+# tables exist (link_keys.py) and the rollup made again where a migration carried
 # rows in. Embedded it is the only one; the standalone app runs its own before it.
 SERVICE_HISTORY = History(
     "inference",

@@ -253,8 +253,8 @@ class InferenceService:
     def _tell_recorded(self, records: Sequence[CallRecord]) -> None:
         """The committed-rows hook behind on_call_recorded: the batch's rows read back by
         request id (the row ids are the database's, and COPY does not return them)."""
+        from ..calllog.call_json import call_json, select_calls
         from ..calllog.models import InferenceCall
-        from ..operate.calls import call_json, select_calls
 
         ids = [r.request_id for r in records]
         try:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from flask import Flask
 from werkzeug.routing import Rule
 
-from ..extension import RouteClashError, app_state
+from ..app_state import RouteClashError, app_state
 from ..inference.service import InferenceService
 from . import calls, daily, events, openapi, routes  # noqa: F401  (their routes are on bp)
 from .http import bp

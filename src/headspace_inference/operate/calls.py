@@ -22,17 +22,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, get_args
 
 from flask import Response, jsonify, request
-from pydantic.fields import FieldInfo
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
+from ..calllog.call_json import DETAIL, DETAIL_COLUMNS, CallStatus, call_json, select_calls
 from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import InferenceCall
 from .http import (
@@ -44,7 +42,6 @@ from .http import (
     parse_filters,
     read_answer,
 )
-from .schemas import Call, CallDetail, CallStatus
 
 STATUSES: tuple[str, ...] = get_args(CallStatus)
 CALLS_PARAMS = (
@@ -58,61 +55,6 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 # The database's id column is a bigint on PostgreSQL: larger ids cannot exist.
 MAX_ROW_ID = 2**63 - 1
-
-# A CALL's JSON keys are its model's fields; each is the row's column of the same name but
-# call_id, the row's request_id.
-_COLUMN_OF = {"call_id": "request_id"}
-# (JSON key, column, serialiser) for each field of a model, in its order.
-Shape = tuple[tuple[str, str, Callable[[Any], Any]], ...]
-
-
-def _timestamp(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _money(value: Decimal | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _serialiser(field: FieldInfo) -> Callable[[Any], Any]:
-    """How a column's value becomes the JSON the field's type documents: datetimes as ISO
-    8601 in UTC, money (a Decimal column, a float field) as a float."""
-    if field.annotation is datetime:
-        return _timestamp
-    if field.annotation in (float, float | None):
-        return _money
-    return _same
-
-
-def _shape(model: type[Call]) -> Shape:
-    """The shape of ``model``'s JSON."""
-    return tuple(
-        (name, _COLUMN_OF.get(name, name), _serialiser(field))
-        for name, field in model.model_fields.items()
-    )
-
-
-# Plain dicts built from the model's fields, not model instances: the list and the live feed
-# serialise rows on their hot path, and the answers' agreement with the document is what
-# the tests check.
-_CALL = _shape(Call)
-_DETAIL = _shape(CallDetail)
-_COLUMNS = [getattr(InferenceCall, column) for _, column, _ in _CALL]
-_DETAIL_COLUMNS = [getattr(InferenceCall, column) for _, column, _ in _DETAIL]
-
-
-def call_json(row: Any, shape: Shape = _CALL) -> dict[str, Any]:
-    """A CALL (or, with ``_DETAIL``, a CallDetail) from a row holding its columns."""
-    return {name: serialise(getattr(row, column)) for name, column, serialise in shape}
-
-
-def select_calls() -> Select[Any]:
-    """The columns of a CALL, for any query over inference_calls."""
-    return select(*_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -214,8 +156,8 @@ def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
 
 def call_detail(session: Session, row_id: int) -> dict[str, Any] | None:
     """One CALL with its answer and the rest of its row, or None."""
-    row = session.execute(select(*_DETAIL_COLUMNS).where(InferenceCall.id == row_id)).one_or_none()
-    return None if row is None else call_json(row, _DETAIL)
+    row = session.execute(select(*DETAIL_COLUMNS).where(InferenceCall.id == row_id)).one_or_none()
+    return None if row is None else call_json(row, DETAIL)
 
 
 @bp.get("/calls")

@@ -38,11 +38,11 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..calllog.call_json import call_json, select_calls
 from ..calllog.database import Database
 from ..calllog.models import InferenceCall
 from ..calllog.record import CallRecord
 from ..settings import Settings
-from .calls import call_json, select_calls
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
+from ..app_state import service_for
 from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import MAX_INTEGER
-from ..extension import service_for
 from ..inference.service import InferenceService
 
 Q = TypeVar("Q")

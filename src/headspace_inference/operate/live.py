@@ -12,7 +12,7 @@ import importlib.util
 
 from flask import Blueprint, Flask, Response, current_app
 
-from ..extension import app_state, service_for
+from ..app_state import app_state, service_for
 from ..inference.service import InferenceService, at_exit
 from .feed import Feed, transport_for
 from .http import ensure_started, error_response, register_error_handlers, require_token
@@ -71,7 +71,8 @@ def console_for(app: Flask) -> Console:
             max_streams=int(app.config.get("INFERENCE_EVENT_STREAMS", DEFAULT_MAX_STREAMS)),
             keepalive_seconds=float(app.config.get("INFERENCE_EVENT_KEEPALIVE_SECONDS", 15.0)),
         )
-    return state.console
+    console: Console = state.console
+    return console
 
 
 def current_console() -> Console:

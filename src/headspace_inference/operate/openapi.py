@@ -20,8 +20,8 @@ from typing import Any
 from flask import Response, current_app, jsonify
 from pydantic.json_schema import models_json_schema
 
+from ..app_state import DEFAULT_URL_PREFIX, app_state
 from ..calllog.models import MAX_INTEGER
-from ..extension import DEFAULT_URL_PREFIX, app_state
 from .calls import MAX_LIMIT, MAX_SEARCH_CHARS, STATUSES
 from .daily import MAX_DAYS
 from .http import bp, current_service

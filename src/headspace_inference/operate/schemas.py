@@ -1,6 +1,7 @@
 """The JSON answers of /api/inference/..., as pydantic models: the OpenAPI document's schemas
-are generated from them (openapi.py), and a CALL is serialised by their field list
-(calls.py), so a field is added in one place and shows in both.
+are generated from them (openapi.py), and a CALL is serialised by their field list, so a
+field is added in one place and shows in both. A CALL and its detail are the call log's
+(calllog/call_json.py: the feed and on_call_recorded send them too).
 
 Models that describe an answer whose every key is known forbid others
 (``additionalProperties: false``): an answer that grows a key its model lacks fails the
@@ -13,15 +14,9 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-CallStatus = Literal["ok", "cached", "error", "rate_limited", "refused", "cancelled"]
-
-
-class Answer(BaseModel):
-    """An answer whose keys are all listed."""
-
-    model_config = ConfigDict(extra="forbid")
+from ..calllog.call_json import Answer, Call, CallDetail
 
 
 class Error(Answer):
@@ -184,45 +179,6 @@ class DailyCost(Answer):
 
 
 # -------------------------------------------------------------------------------- /calls
-
-
-class Call(Answer):
-    """A CALL: one row of the call log, in the order its JSON shows it (the list and the
-    event feed). ``call_id`` is the row's ``request_id``; money is in US dollars."""
-
-    id: int
-    call_id: str
-    timestamp: datetime
-    level: str
-    purpose: str
-    model: str
-    status: CallStatus
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float | None
-    saved_cost_usd: float | None
-    latency_ms: int
-    cached: bool
-    attempts: int
-    error_type: str | None
-    error_message: str | None
-    provider: str | None
-    finish_reason: str | None
-    project_id: int | None
-    agent_id: int | None
-    command_id: int | None
-    turn_id: int | None
-
-
-class CallDetail(Call):
-    """A CALL with its answer and the rest of its row. The input is kept as its hash, and
-    as ``input_text`` only when the host sets inference.store_input_text (else null)."""
-
-    result_text: str | None
-    input_text: str | None
-    input_hash: str
-    generation_id: str | None
-    upstream_cost_usd: float | None
 
 
 class CallPage(Answer):

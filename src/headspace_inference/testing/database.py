@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import Column, Connection, Engine, MetaData, String, Table
 
 from ..calllog.database import SERVICE_HISTORY, SERVICE_VERSION_TABLE
-from ..calllog.migrations.links import reconcile_links
+from ..calllog.link_keys import reconcile_links
 from ..calllog.models import Base
 
 __all__ = ["create_tables", "drop_tables"]

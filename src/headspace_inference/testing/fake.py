@@ -433,8 +433,8 @@ class FakeInferenceService:
             callbacks = list(self._recorded)
         if not callbacks:
             return
+        from ..calllog.call_json import call_json
         from ..inference.request import call_record
-        from ..operate.calls import call_json
 
         limits = self.settings.inference
         result, error = call.result, call.error

@@ -71,7 +71,7 @@ class RollupMoney(TypeDecorator[Decimal]):
 
 # The tables a call's links refer to, by the call's field name: the host's tables (or the
 # standalone app's). They are not the service's: the link columns carry no ForeignKey here,
-# and the database constraint (ON DELETE SET NULL) is added by migrations.links wherever the
+# and the database constraint (ON DELETE SET NULL) is added by link_keys.py wherever the
 # table exists. Ids are integers.
 LINK_TABLES: dict[str, str] = {
     "project_id": "projects",

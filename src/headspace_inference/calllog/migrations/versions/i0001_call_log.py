@@ -6,7 +6,7 @@ Create Date: 2026-12-04 13:00:00
 
 The service's tables only: the tables a call links to are the host's (or the standalone
 app's), so the link columns carry no constraint here; the upgrade adds each one wherever
-its table exists (migrations/links.py). Kept in the version table
+its table exists (calllog/link_keys.py). Kept in the version table
 alembic_version_inference. The same tables as revision 0002 of the combined history this
 service had before (standalone databases made by it are adopted without change, see
 standalone/database.py); on SQLite the rollup's money columns hold integer picodollars.

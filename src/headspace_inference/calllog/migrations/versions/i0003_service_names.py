@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from headspace_inference.calllog.migrations import names
+from headspace_inference.calllog import names
 from headspace_inference.calllog.models.base import NAME_PREFIX
 
 revision = "i0003"

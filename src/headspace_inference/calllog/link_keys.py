@@ -16,9 +16,9 @@ import logging
 
 from sqlalchemy import Connection, column, exists, inspect, table, update
 
-from ..models.base import NAMING_CONVENTION
-from ..models.inference_call import LINK_TABLES
-from ..models.links import link_table
+from .models.base import NAMING_CONVENTION
+from .models.inference_call import LINK_TABLES
+from .models.links import link_table
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from .inference.types import InferenceResult
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .calllog.database import include_name
     from .calllog.models import SERVICE_TABLES
     from .inference.service import InferenceService
 
@@ -39,6 +40,7 @@ __all__ = [
 _LAZY = {
     "InferenceService": "headspace_inference.inference.service",
     "SERVICE_TABLES": "headspace_inference.calllog.models",
+    "include_name": "headspace_inference.calllog.database",
 }
 
 
@@ -53,12 +55,3 @@ def create_app(*args: Any, **kwargs: Any) -> Flask:
     from .standalone.app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
-
-
-def include_name(name: str | None, type_: str, parent_names: Any = None) -> bool:
-    """For a host's Alembic ``include_name``: False for the service's tables and its version
-    table, so the host's autogenerate neither creates nor drops them."""
-    from .calllog.database import SERVICE_VERSION_TABLE
-    from .calllog.models import SERVICE_TABLES
-
-    return not (type_ == "table" and (name in SERVICE_TABLES or name == SERVICE_VERSION_TABLE))

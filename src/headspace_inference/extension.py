@@ -170,9 +170,11 @@ class Inference:
         app.extensions[key] = service
         if urls is not None:
             from .operate import register_routes
+            from .page.views import console_bp
 
             state.url_prefix, state.page_path, state.metrics_path = urls
-            register_routes(app, service)
+            page = console_bp if state.page_path is not None else None
+            register_routes(app, service, page)
         app.cli.add_command(inference_group)
         _leave_out_of_host_autogenerate(app)
         return service
@@ -219,7 +221,7 @@ def _leave_out_of_host_autogenerate(app: Flask) -> None:
     configure_args = getattr(migrate, "configure_args", None)
     if not isinstance(configure_args, dict):
         return
-    from . import include_name
+    from .calllog.database import include_name
 
     hosts = configure_args.get("include_name")
     if hosts is None:

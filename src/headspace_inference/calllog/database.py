@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..settings import DatabaseSettings, normalise_url
 from .link_keys import reconcile_links
-from .models import Base
+from .models import SERVICE_TABLES, Base
 
 if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
@@ -31,6 +31,12 @@ SERVICE_VERSION_TABLE = "alembic_version_inference"
 
 # What SQLAlchemy raises when the database cannot be reached (not when a statement is wrong).
 DATABASE_AWAY: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
+
+
+def include_name(name: str | None, type_: str, parent_names: Any = None) -> bool:
+    """For a host's Alembic ``include_name``: False for the service's tables and its version
+    table, so the host's autogenerate neither creates nor drops them."""
+    return not (type_ == "table" and (name in SERVICE_TABLES or name == SERVICE_VERSION_TABLE))
 
 
 def is_sqlite(url: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from flask import Flask
+from flask import Blueprint, Flask
 from werkzeug.routing import Rule
 
 from ..app_state import RouteClashError, app_state
@@ -28,17 +28,16 @@ _AUTOMATIC = frozenset({"HEAD", "OPTIONS"})
 _VARIABLE = re.compile(r"<(?:([^>:]+(?:\([^>]*\))?):)?[^>:]+>")
 
 
-def register_routes(app: Flask, service: InferenceService) -> None:
-    """Attach the API under the app's url_prefix, and the page and /metrics where the host
-    put them; hook the service to the live feed. RouteClashError if a rule the app already
+def register_routes(app: Flask, service: InferenceService, page: Blueprint | None) -> None:
+    """Attach the API under the app's url_prefix, and the page (``page``: the page's
+    blueprint, which reads this API) and /metrics where the host put them; hook the service
+    to the live feed. RouteClashError if a rule the app already
     has is one of ours; rules the host adds later are checked at the service's start and
     before the app's first request."""
     state = app_state(app)
     app.register_blueprint(bp, url_prefix=state.url_prefix)
-    if state.page_path is not None:
-        from ..page.views import console_bp
-
-        app.register_blueprint(console_bp, url_prefix=state.page_path)
+    if page is not None:
+        app.register_blueprint(page, url_prefix=state.page_path)
     if state.metrics_path is not None:
         app.register_blueprint(metrics_bp, url_prefix=state.metrics_path)
     register_live(app)

@@ -29,7 +29,7 @@ from headspace_inference import create_app
 from headspace_inference.inference import InferenceError, QueueFullError
 from headspace_inference.inference.service import InferenceService
 from headspace_inference.settings import normalise_url
-from headspace_inference.testing.emulator import EmulatorServer
+from headspace_inference.testing.emulator import REQUEST_THREAD, EmulatorServer
 from tests.tcp_proxy import TcpProxy
 
 KEY = "sk-or-faults"
@@ -198,7 +198,7 @@ def _client_connections(port: int) -> int:
 
 def _our_threads() -> int:
     """Threads of ours (the in-process emulator's request threads are not counted)."""
-    return sum(1 for t in threading.enumerate() if "process_request_thread" not in t.name)
+    return sum(1 for t in threading.enumerate() if t.name != REQUEST_THREAD)
 
 
 @pytest.mark.slow

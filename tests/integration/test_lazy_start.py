@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 
 from headspace_inference import Inference
 from headspace_inference.settings import normalise_url
+from headspace_inference.testing.emulator import REQUEST_THREAD
 
 KEY = "sk-or-lazy-key-0000"
 
@@ -74,7 +75,8 @@ def files(path: Path) -> list[str]:
 
 
 def threads() -> set[str]:
-    return {t.name for t in threading.enumerate()}
+    """The threads running, but the emulator's connection threads (not the service's)."""
+    return {t.name for t in threading.enumerate()} - {REQUEST_THREAD}
 
 
 @pytest.fixture

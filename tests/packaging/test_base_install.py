@@ -49,7 +49,7 @@ HOST = textwrap.dedent(
     from flask import Flask
 
     from headspace_inference import Inference
-    from headspace_inference.testing.emulator import EmulatorServer
+    from headspace_inference.testing.emulator import REQUEST_THREAD, EmulatorServer
 
     seen = {}
     emulator = EmulatorServer().start()
@@ -89,6 +89,7 @@ HOST = textwrap.dedent(
     seen["threads_after_close"] = sorted(
         {t.name for t in threading.enumerate()} - threads_before
         - {"health-probe"}  # a one-shot probe that ends by itself
+        - {REQUEST_THREAD}  # the emulator's, not the service's
     )
     seen["exit_hooks_after_close"] = len(hooks)
     emulator.stop()

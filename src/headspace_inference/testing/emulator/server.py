@@ -627,6 +627,10 @@ def _model_entry(model: str) -> dict[str, Any]:
     }
 
 
+# The name of the emulator's connection threads.
+REQUEST_THREAD = "openrouter-emulator-request"
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -643,7 +647,15 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.connections_lock:
             self.open_connections.add(request)
-        super().process_request(request, client_address)
+        # A thread per connection, as ThreadingMixIn's, under a name of the emulator's own:
+        # a test counting what the service left running tells these apart (a kept-alive
+        # connection's thread ends a moment after the client closes it).
+        threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=REQUEST_THREAD,
+            daemon=True,
+        ).start()
 
     def shutdown_request(self, request: Any) -> None:
         with self.connections_lock:

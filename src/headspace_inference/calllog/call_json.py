@@ -7,7 +7,7 @@ path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
 from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
 
 from .models import InferenceCall
 
@@ -120,3 +121,12 @@ def call_json(row: Any, shape: Shape = _CALL) -> dict[str, Any]:
 def select_calls() -> Select[Any]:
     """The columns of a CALL, for any query over inference_calls."""
     return select(*_COLUMNS)
+
+
+def calls_with_request_ids(session: Session, request_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The CALLs of the rows with these request ids, in row order: what a committed batch
+    looks like to those told of it (row ids are the database's; COPY returns none)."""
+    rows = session.execute(
+        select_calls().where(InferenceCall.request_id.in_(request_ids)).order_by(InferenceCall.id)
+    ).all()
+    return [call_json(row) for row in rows]

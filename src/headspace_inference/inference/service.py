@@ -253,23 +253,17 @@ class InferenceService:
     def _tell_recorded(self, records: Sequence[CallRecord]) -> None:
         """The committed-rows hook behind on_call_recorded: the batch's rows read back by
         request id (the row ids are the database's, and COPY does not return them)."""
-        from ..calllog.call_json import call_json, select_calls
-        from ..calllog.models import InferenceCall
+        from ..calllog.call_json import calls_with_request_ids
 
         ids = [r.request_id for r in records]
         try:
             with self.database.sessions() as session:
-                rows = session.execute(
-                    select_calls()
-                    .where(InferenceCall.request_id.in_(ids))
-                    .order_by(InferenceCall.id)
-                ).all()
+                calls = calls_with_request_ids(session, ids)
         except Exception:  # committed rows stay committed; only their callbacks are missed
             log.exception("inference: reading %d recorded calls for on_call_recorded", len(ids))
             return
         callbacks = list(self._recorded)
-        for row in rows:
-            call = call_json(row)
+        for call in calls:
             for callback in callbacks:
                 try:
                     callback(dict(call))

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..calllog.call_json import call_json, select_calls
+from ..calllog.call_json import call_json, calls_with_request_ids, select_calls
 from ..calllog.database import Database
 from ..calllog.models import InferenceCall
 from ..calllog.record import CallRecord
@@ -399,15 +399,10 @@ class Feed:
             return
         try:
             with self._sessions() as session:
-                rows = session.execute(
-                    select_calls()
-                    .where(InferenceCall.request_id.in_(request_ids))
-                    .order_by(InferenceCall.id)
-                ).all()
+                calls = calls_with_request_ids(session, request_ids)
         except Exception as exc:
             log.warning("event feed: reading %d calls failed: %s", len(request_ids), exc)
             return
-        calls = [call_json(row) for row in rows]
         for stream in streams:
             for call in calls:
                 try:

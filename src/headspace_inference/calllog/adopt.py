@@ -32,7 +32,6 @@ and a constraint that rows still fail comes back unvalidated, with one warning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -63,6 +62,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ..settings import ConfigError
 from . import names
+from .batches import in_id_order
 from .models.base import NAME_PREFIX, UTCDateTime
 from .models.inference_call import (
     HOST_ARCHIVE_CONSTRAINTS,
@@ -530,21 +530,6 @@ def _adopted_row(row: Any, host: Table) -> dict[str, Any]:
     }
 
 
-def _batches(connection: Connection, source: Any, where: Any = None) -> Iterator[Sequence[Any]]:
-    last: Any = None
-    while True:
-        query = select(source).order_by(source.c.id).limit(BATCH)
-        if where is not None:
-            query = query.where(where)
-        if last is not None:
-            query = query.where(source.c.id > last)
-        rows = connection.execute(query).all()
-        if not rows:
-            return
-        yield rows
-        last = rows[-1].id
-
-
 def copy_rows(connection: Connection) -> int:
     """Carry every row of the archived host table into the service's log; how many. The
     rollup is emptied, for the upgrade's end to rebuild from every row."""
@@ -552,7 +537,7 @@ def copy_rows(connection: Connection) -> int:
         return 0
     host = _host_table(connection)
     copied = 0
-    for rows in _batches(connection, host):
+    for rows in in_id_order(connection, select(host), host.c.id, BATCH):
         connection.execute(insert(_ours), [_adopted_row(row, host) for row in rows])
         copied += len(rows)
     _advance_sequence(connection, CALLS)
@@ -614,7 +599,8 @@ def carry_back(connection: Connection) -> tuple[int, int]:
     adopted = _ours.c.request_id.like(f"{ADOPTED_PREFIX}%")
     moved_ids: list[int] = []
     refused = 0
-    for rows in _batches(connection, _ours, ~adopted):
+    later = select(_ours).where(~adopted)
+    for rows in in_id_order(connection, later, _ours.c.id, BATCH):
         values = [_host_row(row, host) for row in rows]
         if _insert(connection, host, values):
             moved_ids += [row.id for row in rows]

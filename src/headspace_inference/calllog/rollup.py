@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -32,6 +32,7 @@ from sqlalchemy import Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from .batches import in_id_order
 from .models import InferenceCall, UsageRollup
 from .models.inference_call import LATENCY_BUCKETS_MS
 
@@ -187,17 +188,8 @@ _SUMMED = (
 _BATCH = 5000
 
 
-def _each_batch(session: Session) -> Any:
-    last: int | None = None
-    while True:
-        query = select(*_SUMMED).order_by(InferenceCall.id).limit(_BATCH)
-        if last is not None:
-            query = query.where(InferenceCall.id > last)
-        rows = session.execute(query).all()
-        if not rows:
-            return
-        yield rows
-        last = rows[-1].id
+def _each_batch(session: Session) -> Iterator[Sequence[Any]]:
+    return in_id_order(session, select(*_SUMMED), InferenceCall.id, _BATCH)
 
 
 def rebuild_rollup(session: Session) -> int:

@@ -330,27 +330,43 @@ def make_pricing_group(settings: Callable[[], OpenRouterSettings] | None = None)
     group = click.Group("pricing", help="Model prices.")
     read = app_openrouter_settings if settings is None else settings
 
-    def pricing_sync() -> None:
+    @click.option(
+        "--prune",
+        is_flag=True,
+        help="Drop the stored prices this answer does not give (by default they are kept).",
+    )
+    def pricing_sync(prune: bool) -> None:
         """Store the configured models' prices from OpenRouter's /models (openrouter.pricing
-        still wins); exit status 1 when OpenRouter cannot be read, 0 otherwise."""
-        _sync_and_report(read())
+        still wins), over those stored before; exit status 1 when OpenRouter cannot be read
+        or its answer lists no model (the file is then left as it was), 0 otherwise."""
+        _sync_and_report(read(), prune=prune)
 
     group.command("sync")(with_appcontext(pricing_sync) if settings is None else pricing_sync)
     return group
 
 
-def _sync_and_report(settings: OpenRouterSettings) -> None:
+def _sync_and_report(settings: OpenRouterSettings, *, prune: bool) -> None:
     from .inference.errors import InferenceError
     from .inference.pricing_sync import PricingError, sync
 
     try:
-        path, problems, priced = sync(settings, timeout=settings.timeout_seconds)
+        report = sync(settings, timeout=settings.timeout_seconds, prune=prune)
     except (InferenceError, PricingError) as exc:
         click.echo(f"error: prices not synced: {exc}", err=True)
         raise SystemExit(1) from None
-    for problem in problems:
+    for problem in report.problems:
         click.echo(f"warning: no price for {problem}", err=True)
-    click.echo(f"{priced} model(s) priced from {settings.base_url}/models into {path}")
+    for kind, models in (
+        ("added", report.added),
+        ("changed", report.changed),
+        ("kept (not priced by this answer; --prune drops them)", report.kept),
+        ("removed", report.removed),
+    ):
+        if models:
+            click.echo(f"{kind}: {', '.join(models)}")
+    click.echo(
+        f"{report.priced} model(s) priced from {settings.base_url}/models into {report.path}"
+    )
 
 
 COMMANDS = (infer_command, status_command, usage_command, purge_command)

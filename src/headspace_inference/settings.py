@@ -27,6 +27,9 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from .calllog.models.base import MAX_INTEGER
+from .calllog.models.inference_call import MAX_USD
+
 log = logging.getLogger(__name__)
 
 # The levels and their models when openrouter.models is not configured; a configured
@@ -218,13 +221,20 @@ class HealthSettings(_Section):
     cache_seconds: SecondsOrZero = 60.0
 
 
+# The most a price may be, USD per million tokens: at it, a call of the largest size a row
+# counts (each of the four token counts a cost is made of at MAX_INTEGER) still costs no
+# more than the call log holds (MAX_USD). 1,073: OpenRouter's dearest models are far below.
+MAX_PRICE_PER_MILLION = int(MAX_USD * 1_000_000 / (4 * MAX_INTEGER))
+Price = Annotated[float, Field(ge=0, le=MAX_PRICE_PER_MILLION)]
+
+
 class PriceSettings(_Section):
     """USD per million tokens for one model; a cache price not given is the input price."""
 
-    input_per_million: NonNegativeFloat
-    output_per_million: NonNegativeFloat
-    cache_read_per_million: NonNegativeFloat | None = None
-    cache_write_per_million: NonNegativeFloat | None = None
+    input_per_million: Price
+    output_per_million: Price
+    cache_read_per_million: Price | None = None
+    cache_write_per_million: Price | None = None
 
 
 # OpenRouter's documented provider preferences (provider routing), each typed as documented.

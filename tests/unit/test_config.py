@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from headspace_inference.calllog.journal import check_spool_dir
 from headspace_inference.config_loading import load_host_settings, load_settings
 from headspace_inference.inference.pricing import PriceTable
-from headspace_inference.settings import ConfigError, Settings
+from headspace_inference.settings import MAX_PRICE_PER_MILLION, ConfigError, Settings
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -412,6 +412,35 @@ def test_a_section_that_is_not_a_mapping_is_named(tmp_path: Path, env: dict[str,
 def test_an_empty_model_name_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match=r"openrouter\.models\.turn: String should have at least"):
         load_settings(write(tmp_path, f"openrouter: {{models: {{turn: '{name}'}}}}"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("price", "key"),
+    [
+        # 1.0e+15 was accepted, and every row of the model was refused by the database;
+        # 1.0e+25 ended every call in a raw decimal.InvalidOperation.
+        ("1.0e+15", "input_per_million"),
+        ("1.0e+25", "output_per_million"),
+        (f"{MAX_PRICE_PER_MILLION + 1}", "cache_read_per_million"),
+    ],
+)
+def test_a_price_no_row_can_hold_is_refused_at_start_up_naming_the_key(
+    tmp_path: Path, price: str, key: str
+) -> None:
+    prices = {"input_per_million": 1.0, "output_per_million": 5.0, key: price}
+    entry = ", ".join(f"{k}: {v}" for k, v in prices.items())
+    body = "openrouter: {pricing: {acme/dear: {" + entry + "}}}"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, body), environ={})
+    message = str(info.value)
+    assert "\n" not in message
+    assert (
+        f"openrouter.pricing.acme/dear.{key}: Input should be less than or equal to "
+        f"{MAX_PRICE_PER_MILLION}"
+    ) in message
+    # The bound itself is a price.
+    at_bound = body.replace(f"{key}: {price}", f"{key}: {MAX_PRICE_PER_MILLION}")
+    assert load_settings(write(tmp_path, at_bound), environ={}).openrouter.pricing
 
 
 def test_the_spool_directory_is_made_and_proved_writable(tmp_path: Path) -> None:

@@ -525,6 +525,12 @@ class OpenRouterClient:
                 f"{self._preview(response.content)}",
                 status_code=response.status_code,
             ) from self._redacted(exc)
+        except RecursionError:
+            raise InvalidResponseError(
+                f"OpenRouter answered {response.status_code} with JSON nested deeper than "
+                "it can be read",
+                status_code=response.status_code,
+            ) from None
         if not isinstance(data, dict):
             raise InvalidResponseError(
                 f"OpenRouter answered {response.status_code} with JSON that is not an object: "

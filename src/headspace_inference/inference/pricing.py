@@ -9,18 +9,17 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, DecimalException
 from pathlib import Path
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
-from ..calllog.models.inference_call import USD_QUANTUM
+from ..calllog.models.inference_call import MAX_USD, USD_QUANTUM
 from ..settings import OpenRouterSettings, PriceSettings
 
 log = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
-_SYNCED = TypeAdapter(dict[str, PriceSettings])
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +58,34 @@ class Charge:
 
 
 def read_synced_prices(path: Path) -> dict[str, PriceSettings]:
-    """The prices a ``headspace-inference pricing sync`` file holds; none (and one warning) when the
-    file is unreadable, so that a damaged file never stops the service."""
+    """The prices a ``headspace-inference pricing sync`` file holds: none (and one warning)
+    when the file is unreadable, and none for a model whose entry is not a price within
+    bounds (one warning each), so that a damaged file never stops the service."""
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return _SYNCED.validate_python(data.get("prices") if isinstance(data, dict) else None)
-    except (OSError, ValueError, ValidationError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser goes.
         reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
         log.warning("synced prices in %s are ignored: the file cannot be read (%s)", path, reason)
         return {}
+    entries = data.get("prices") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        log.warning("synced prices in %s are ignored: the file has no prices mapping", path)
+        return {}
+    prices: dict[str, PriceSettings] = {}
+    for model, entry in entries.items():
+        try:
+            prices[model] = PriceSettings.model_validate(entry)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"]) or "its entry"
+            log.warning(
+                "synced price of %.200s in %s is ignored: %s: %s",
+                model, path, where, problem["msg"],
+            )  # fmt: skip
+    return prices
 
 
 class PriceTable:
@@ -122,15 +138,28 @@ class PriceTable:
             self._warn_once(model)
             return None
         uncached = max(0, input_tokens - cached_tokens - cache_write_tokens)
-        cost = (
-            uncached * price.input
-            + cached_tokens * price.cache_read
-            + cache_write_tokens * price.cache_write
-            + output_tokens * price.output
-        ) / _MILLION
-        full = (input_tokens * price.input + output_tokens * price.output) / _MILLION
-        cost = cost.quantize(USD_QUANTUM)
-        return Charge(cost, full.quantize(USD_QUANTUM) - cost)
+        try:
+            cost = (
+                uncached * price.input
+                + cached_tokens * price.cache_read
+                + cache_write_tokens * price.cache_write
+                + output_tokens * price.output
+            ) / _MILLION
+            full = (input_tokens * price.input + output_tokens * price.output) / _MILLION
+            cost = cost.quantize(USD_QUANTUM)
+            charge = Charge(cost, full.quantize(USD_QUANTUM) - cost)
+        except DecimalException:
+            charge = None
+        # Prices are bounded where they are read (settings.MAX_PRICE_PER_MILLION), so this
+        # holds; a Price built some other way gets no cost (the row keeps its tokens and
+        # OpenRouter's figure), never an error after the upstream has been paid.
+        if charge is None or max(abs(charge.cost), abs(charge.cache_discount)) > MAX_USD:
+            log.warning(
+                "the cost of a call to %.200s is past what the call log holds (%s USD): "
+                "recorded without an estimated cost", model, MAX_USD,
+            )  # fmt: skip
+            return None
+        return charge
 
     def _warn_once(self, model: str) -> None:
         with self._lock:

@@ -26,14 +26,22 @@ from .base import NAME_PREFIX, Base, UTCDateTime
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 # USD with twelve decimals: exact sums on PostgreSQL, enough for fractions of a token's price.
 # Every amount the service computes is quantized to USD_QUANTUM, so sums stay exact.
+USD_DIGITS = 20
 USD_DECIMALS = 12
 USD_QUANTUM = Decimal(10) ** -USD_DECIMALS
 PICO = Decimal(10) ** USD_DECIMALS  # picodollars per dollar (SQLite keeps sums as integers)
-Money = Numeric(20, USD_DECIMALS, asdecimal=True)
+Money = Numeric(USD_DIGITS, USD_DECIMALS, asdecimal=True)
+# The largest amount one call can carry into the log: a Money column holds less than
+# 10**8 (PostgreSQL refuses the row past it), SQLite's rollup sums integer picodollars
+# (RollupMoney) up to 2**63 - 1, about 9.2 million: the lower of the two.
+MAX_USD = min(
+    Decimal(10) ** (USD_DIGITS - USD_DECIMALS) - USD_QUANTUM,
+    Decimal(2**63 - 1) / PICO,
+)
 
 
 class _RawNumeric(Numeric[Decimal]):
-    """NUMERIC(20, 12) in DDL, with the driver's values passed through untouched."""
+    """NUMERIC(20, 12) (Money's) in DDL, with the driver's values passed through untouched."""
 
     def bind_processor(self, dialect: Dialect) -> None:
         return None
@@ -52,7 +60,7 @@ class RollupMoney(TypeDecorator[Decimal]):
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "sqlite":
             # Same DDL (NUMERIC affinity keeps integers as integers), no float conversion.
-            return dialect.type_descriptor(_RawNumeric(20, USD_DECIMALS))
+            return dialect.type_descriptor(_RawNumeric(USD_DIGITS, USD_DECIMALS))
         return dialect.type_descriptor(Money)
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:

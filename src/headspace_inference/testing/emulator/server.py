@@ -218,6 +218,8 @@ class _State:
         self.down: set[str] = set()
         # Prompt prefixes marked with cache_control that a request has written (warm).
         self.prompt_cache: set[str] = set()
+        # The body GET /models answers with instead of the catalogue (None: the catalogue).
+        self.models_body: str | None = None
 
     def next_fault(self) -> Fault | None:
         with self.lock:
@@ -258,6 +260,7 @@ class _State:
             self.latency_ms = 0
             self.down.clear()
             self.prompt_cache.clear()
+            self.models_body = None
 
     def key_ok(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):
@@ -329,7 +332,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(None)
         state = self.server.state
         if parts.path == f"{API}/models":
-            self._send(200, {"data": [_model_entry(m) for m in CATALOGUE]})
+            with state.lock:
+                body = state.models_body
+            if body is None:
+                self._send(200, {"data": [_model_entry(m) for m in CATALOGUE]})
+            else:
+                self._send(200, body.encode())
         elif parts.path == f"{API}/key" and state.key_endpoint:
             if not state.key_ok(self.headers.get("Authorization")):
                 self._error(401, "No auth credentials found")
@@ -551,6 +559,12 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ValueError("models must be a list of model IDs")
                 with state.lock:
                     state.down = set(down)
+            elif path == f"{CONTROL}/models":
+                body_text = body.get("body")
+                if body_text is not None and not isinstance(body_text, str):
+                    raise ValueError("body must be the text of the /models answer, or null")
+                with state.lock:
+                    state.models_body = body_text
             elif path == f"{CONTROL}/latency":
                 ms = int(body.get("ms", 0))
                 with state.lock:
@@ -752,6 +766,11 @@ class EmulatorServer:
         is answered by the first of its ``models`` that is up."""
         with self.state.lock:
             self.state.down = set(models)
+
+    def set_models_body(self, body: str | None) -> None:
+        """Answer GET /models with ``body`` as it is (None: the catalogue again)."""
+        with self.state.lock:
+            self.state.models_body = body
 
     def set_latency(self, ms: int) -> None:
         """Delay every chat answer by ``ms``."""

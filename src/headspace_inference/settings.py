@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .calllog.models.base import MAX_INTEGER
-from .calllog.models.inference_call import MAX_USD
+from .calllog.models.inference_call import MAX_USD, MODEL_NAME_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,10 @@ class RedisSettings(_Section):
         return value
 
 
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# A model name is stored in every row of its level: no longer than the column.
+ModelName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MODEL_NAME_CHARS)
+]
 # A level's models: one name, or the primary then OpenRouter's fallbacks, in order. Told
 # apart by type, so an error is about the form given; the tags (with a space, so never a
 # key) are left out of error messages.

@@ -4,6 +4,7 @@ OpenRouter, none corrupts state."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headspace_inference import create_app
+from headspace_inference.calllog.models.inference_call import MODEL_NAME_CHARS
+from headspace_inference.calllog.record import _WIDTHS as WIDTHS
+from headspace_inference.calllog.record import CallRecord
 from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import InferenceError, InvalidRequestError
+from headspace_inference.inference.pricing import MAX_NAMED_UNPRICED
+from headspace_inference.inference.request import new_request_id
+from headspace_inference.operate.metrics import OTHER_MODEL
 from headspace_inference.settings import ENV_PREFIX, ConfigError, Settings
+from headspace_inference.testing.emulator.server import Fault
+from tests.call_rows import make_record
+from tests.console.test_metrics import samples
+from tests.drivers import EVERY_DATABASE
+from tests.integration.test_recorder import count_rows, recorder_for
+from tests.service_fixtures import AppFactory, rows
+
+HAIKU = "anthropic/claude-haiku-4.5"
+MINI = "openai/gpt-4o-mini"
 
 CHAT = "/api/v1/chat/completions"
 NAMES = ("level", "purpose", "input_text", "project_id", "agent_id", "command_id", "turn_id",
@@ -184,3 +200,86 @@ def test_bad_arguments_are_named_and_never_reach_openrouter(
         assert isinstance(result.text, str)
     # Nothing is wedged: a plain call still works after whatever came before.
     assert service.infer("turn", "p", "still fine").text
+
+
+# ------------------------------------------------------------- names no column can hold
+
+
+@pytest.mark.parametrize(
+    ("models", "key"),
+    [
+        ({"turn": "acme/" + "m" * MODEL_NAME_CHARS}, "openrouter.models.turn"),
+        ({"turn": "acme/x", "task": ["acme/x", "acme/" + "m" * 252]}, "openrouter.models.task.1"),
+    ],
+)
+def test_a_model_name_longer_than_its_column_is_refused_at_start_up_naming_the_key(
+    tmp_path: Path, models: dict[str, Any], key: str
+) -> None:
+    # 257 characters started fine; every row of the level was then refused by PostgreSQL
+    # and moved to rejected.jsonl: the calls exited 0, the log had none of them.
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"openrouter": {"models": models}}))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={})
+    assert f"{key}: String should have at most {MODEL_NAME_CHARS} characters" in str(info.value)
+    longest = {"turn": "acme/" + "m" * (MODEL_NAME_CHARS - 5)}
+    path.write_text(yaml.safe_dump({"openrouter": {"models": longest}}))
+    assert load_settings(path, environ={}).openrouter.models == longest
+
+
+@EVERY_DATABASE
+def test_every_text_of_a_row_is_cut_to_its_column(database_url: str, tmp_path: Path) -> None:
+    # An error row kept its model and requested_model whole (the answer's path cut them):
+    # PostgreSQL refused it for length. Every bounded text is cut, whatever built the record.
+    long = {name: "x" * (width + 50) for name, width in WIDTHS.items()}
+    record = make_record(1, **{**long, "request_id": new_request_id(), "status": "error",
+                               "error_message": "e" * 5000})  # fmt: skip
+    assert all(
+        len(getattr(record, name)) == width
+        for name, width in WIDTHS.items()
+        if name not in ("request_id", "status")
+    )
+    # A journal line written before the cut comes back cut too.
+    line = json.loads(record.to_json()) | {"model": "m" * 500, "provider": "p\x00" * 300}
+    from_journal = CallRecord.from_json(json.dumps(line | {"request_id": new_request_id()}))
+    assert len(from_journal.model) == WIDTHS["model"]
+    assert from_journal.provider == "p" * WIDTHS["provider"]
+    recorder = recorder_for(database_url, tmp_path / "spool")
+    try:
+        for each in (record, from_journal):
+            recorder.record(each)
+        assert recorder.flush(timeout=30)
+        assert recorder.stats()["rejected"] == 0
+    finally:
+        recorder.close()
+    assert count_rows(database_url) == 2
+
+
+def test_answering_model_names_chosen_upstream_are_bounded_in_metrics_and_warnings(
+    make_app: AppFactory, emulator: Any, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 300 distinct names the upstream said answered: 303 metric series, 303 warnings.
+    served = [f"acme/served-{i:03d}" for i in range(299)] + ["acme/" + "s" * 400]
+    app = make_app(openrouter={"models": {"turn": [HAIKU, MINI]}})
+    service = app.extensions["inference"]
+    client = app.test_client()
+    client.get("/metrics")
+    emulator.script([Fault(served_model=name) for name in served])
+    with caplog.at_level(logging.WARNING, logger="headspace_inference.inference.pricing"):
+        for i in range(len(served)):
+            assert service.infer("turn", "names", f"call {i}").cost_usd is None
+    logged = rows(app)
+    assert len(logged) == 300
+    assert {r.model for r in logged} == {*served[:-1], served[-1][:MODEL_NAME_CHARS]}
+    text = client.get("/metrics").get_data(as_text=True)
+    series = {
+        dict(labels)["model"]: value
+        for labels, value in samples(text, "headspace_inference_calls_total").items()
+    }
+    assert series == {OTHER_MODEL: 300}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # MINI (configured, not priced) is named too, at start-up.
+    named = [m for m in warnings if m.startswith("no price for model ")]
+    assert len(named) == MAX_NAMED_UNPRICED
+    assert len([m for m in warnings if "no further one is named" in m]) == 1
+    assert len(warnings) == MAX_NAMED_UNPRICED + 1

@@ -28,6 +28,7 @@ _WIDTHS: dict[str, int] = {
 
 
 def clip(name: str, value: str | None, size: int | None = None) -> str | None:
+    """``value`` without NULs, cut to ``size`` characters, else to column ``name``'s width."""
     if value is None:
         return None
     return value.replace("\x00", "")[: size or _WIDTHS[name]]
@@ -68,6 +69,14 @@ class CallRecord:
     agent_id: int | None = None
     command_id: int | None = None
     turn_id: int | None = None
+
+    def __post_init__(self) -> None:
+        # Every text is cut to its column, whatever built the record (a call's outcome, a
+        # journal line an older version wrote): the database never refuses a row for length.
+        for name, width in _WIDTHS.items():
+            value = getattr(self, name)
+            if value is not None and (len(value) > width or "\x00" in value):
+                object.__setattr__(self, name, clip(name, value))
 
     def to_json(self) -> str:
         """One journal line (no newline)."""

@@ -20,6 +20,9 @@ from ..settings import OpenRouterSettings, PriceSettings
 log = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
+# The unpriced models named in a warning each; past them, one warning says more came. The
+# name an answer carries is the upstream's choice, so the set it fills must be bounded.
+MAX_NAMED_UNPRICED = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,7 @@ class PriceTable:
         merged = {**(synced or {}), **pricing}  # configured prices win
         self._prices = {model: Price.of(p) for model, p in merged.items()}
         self._warned: set[str] = set()
+        self._summarised = False
         self._lock = threading.Lock()
 
     @classmethod
@@ -163,11 +167,20 @@ class PriceTable:
 
     def _warn_once(self, model: str) -> None:
         with self._lock:
-            if model in self._warned:
+            if model in self._warned or self._summarised:
                 return
-            self._warned.add(model)
+            self._summarised = len(self._warned) >= MAX_NAMED_UNPRICED
+            if not self._summarised:
+                self._warned.add(model)
+        if self._summarised:
+            log.warning(
+                "more models without a price answered than the %d named: their calls record "
+                "no estimated cost, and no further one is named",
+                MAX_NAMED_UNPRICED,
+            )
+            return
         log.warning(
-            "no price for model %s (neither openrouter.pricing nor "
+            "no price for model %.200s (neither openrouter.pricing nor "
             "`headspace-inference pricing sync`): its calls record no estimated cost",
             model,
         )

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 1.0
 LATENCY_BUCKETS_S = tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS)
+# The model label of a call answered by a model neither configured nor priced: the name an
+# answer carries is the upstream's choice, and every label value is a series kept by every
+# process and every scrape, so the set of them is bounded by the configuration.
+OTHER_MODEL = "(other)"
 
 
 def multiprocess_dir() -> str | None:
@@ -106,6 +110,7 @@ class Metrics:
         )
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
+        self._configured = frozenset(service.settings.openrouter.all_models())
         service.recorder.on_committed(self.committed)
         self._stop = threading.Event()
         self._sampler = _sample_in_background(self, self._stop)
@@ -119,17 +124,24 @@ class Metrics:
     def committed(self, records: Sequence[CallRecord]) -> None:
         """The call-log writer's hook: count the committed rows."""
         for r in records:
-            self.calls.labels(r.level, r.model, r.status).inc()
+            model = self.model_label(r.model)
+            self.calls.labels(r.level, model, r.status).inc()
             if r.status != "cached":
                 if r.input_tokens:
-                    self.tokens.labels(r.level, r.model, "input").inc(r.input_tokens)
+                    self.tokens.labels(r.level, model, "input").inc(r.input_tokens)
                 if r.output_tokens:
-                    self.tokens.labels(r.level, r.model, "output").inc(r.output_tokens)
+                    self.tokens.labels(r.level, model, "output").inc(r.output_tokens)
             if r.cost_usd:
-                self.cost.labels(r.level, r.model).inc(float(r.cost_usd))
+                self.cost.labels(r.level, model).inc(float(r.cost_usd))
             if r.saved_cost_usd:
-                self.saved.labels(r.level, r.model).inc(float(r.saved_cost_usd))
+                self.saved.labels(r.level, model).inc(float(r.saved_cost_usd))
             self.latency.labels(r.level).observe(r.latency_ms / 1000)
+
+    def model_label(self, model: str) -> str:
+        """``model`` when it is configured or priced, else OTHER_MODEL."""
+        if model in self._configured or self.service.prices.has(model):
+            return model
+        return OTHER_MODEL
 
     def sample(self) -> None:
         """Read the parts' own counters and gauges into the metrics."""

@@ -38,6 +38,9 @@ MAX_USD = min(
     Decimal(10) ** (USD_DIGITS - USD_DECIMALS) - USD_QUANTUM,
     Decimal(2**63 - 1) / PICO,
 )
+# The width of a model name's columns (model, requested_model, the rollup's model): the
+# configured names are bounded by it at start-up, an answering model's name is cut to it.
+MODEL_NAME_CHARS = 200
 
 
 class _RawNumeric(Numeric[Decimal]):
@@ -101,8 +104,8 @@ class InferenceCall(Base):
     purpose: Mapped[str] = mapped_column(String(200))
     # The model that answered (a fallback, when the primary failed); requested_model is
     # the primary asked for (what ``model`` is too when nothing answered).
-    model: Mapped[str] = mapped_column(String(200))
-    requested_model: Mapped[str | None] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_CHARS))
+    requested_model: Mapped[str | None] = mapped_column(String(MODEL_NAME_CHARS))
     status: Mapped[str] = mapped_column(String(16))
     # input_tokens is OpenRouter's prompt_tokens, cached and cache-write tokens included;
     # reasoning tokens are part of output_tokens.
@@ -158,7 +161,7 @@ class UsageRollup(Base):
     span: Mapped[str] = mapped_column(String(8))
     bucket_start: Mapped[datetime] = mapped_column(UTCDateTime())
     level: Mapped[str] = mapped_column(String(16))
-    model: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_CHARS))
     # 0 stands for "no project": a unique key cannot rely on NULL equality.
     project_key: Mapped[int] = mapped_column(Integer, default=0)
     calls: Mapped[int] = mapped_column(BigInteger, default=0)

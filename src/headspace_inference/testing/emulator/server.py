@@ -77,6 +77,7 @@ class Fault:
     message: str | None = None
     content: str | None = None  # the answer's text exactly (e.g. invalid JSON for a schema)
     reasoning_tokens: int = 0  # reasoning tokens the answer reports (counted as output)
+    served_model: str | None = None  # the model the answer says answered, whatever did
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fault:
@@ -438,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
         payload = {
             "id": gen_id,
             "provider": provider,
-            "model": model,
+            "model": model if fault is None or fault.served_model is None else fault.served_model,
             "object": "chat.completion",
             "created": int(time.time()),
             "choices": [] if fault is not None and fault.no_choices else [

@@ -260,23 +260,27 @@ def test_answering_model_names_chosen_upstream_are_bounded_in_metrics_and_warnin
 ) -> None:
     # 300 distinct names the upstream said answered: 303 metric series, 303 warnings.
     served = [f"acme/served-{i:03d}" for i in range(299)] + ["acme/" + "s" * 400]
-    app = make_app(openrouter={"models": {"turn": [HAIKU, MINI]}})
+    dated = [f"anthropic/claude-4.5-haiku-2025100{i}" for i in range(5)]
+    app = make_app(openrouter={"models": {"turn": [HAIKU, MINI], "task": HAIKU}})
     service = app.extensions["inference"]
     client = app.test_client()
     client.get("/metrics")
-    emulator.script([Fault(served_model=name) for name in served])
+    emulator.script([Fault(served_model=name) for name in served + dated])
     with caplog.at_level(logging.WARNING, logger="headspace_inference.inference.pricing"):
         for i in range(len(served)):
             assert service.infer("turn", "names", f"call {i}").cost_usd is None
+        # Without fallbacks another name is the model asked for (a dated one), priced as it.
+        for i in range(len(dated)):
+            assert service.infer("task", "names", f"dated {i}").cost_usd is not None
     logged = rows(app)
-    assert len(logged) == 300
-    assert {r.model for r in logged} == {*served[:-1], served[-1][:MODEL_NAME_CHARS]}
+    assert len(logged) == 305
+    assert {r.model for r in logged} == {*served[:-1], served[-1][:MODEL_NAME_CHARS], *dated}
     text = client.get("/metrics").get_data(as_text=True)
     series = {
-        dict(labels)["model"]: value
+        tuple(dict(labels)[k] for k in ("level", "model")): value
         for labels, value in samples(text, "headspace_inference_calls_total").items()
     }
-    assert series == {OTHER_MODEL: 300}
+    assert series == {("turn", OTHER_MODEL): 300, ("task", HAIKU): 5}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     # MINI (configured, not priced) is named too, at start-up.
     named = [m for m in warnings if m.startswith("no price for model ")]

@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SECONDS = 1.0
 LATENCY_BUCKETS_S = tuple(ms / 1000 for ms in LATENCY_BUCKETS_MS)
-# The model label of a call answered by a model neither configured nor priced: the name an
-# answer carries is the upstream's choice, and every label value is a series kept by every
-# process and every scrape, so the set of them is bounded by the configuration.
+# The model label of a call answered by a model neither configured nor priced, on a level
+# with fallbacks: the name an answer carries is the upstream's choice, and every label value
+# is a series kept by every process and every scrape, so the set of them is bounded by the
+# configuration.
 OTHER_MODEL = "(other)"
 
 
@@ -110,7 +111,11 @@ class Metrics:
         )
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
-        self._configured = frozenset(service.settings.openrouter.all_models())
+        openrouter = service.settings.openrouter
+        self._configured = frozenset(openrouter.all_models())
+        self._single = frozenset(
+            level for level in openrouter.models if not openrouter.route(level)[1]
+        )
         service.recorder.on_committed(self.committed)
         self._stop = threading.Event()
         self._sampler = _sample_in_background(self, self._stop)
@@ -124,7 +129,7 @@ class Metrics:
     def committed(self, records: Sequence[CallRecord]) -> None:
         """The call-log writer's hook: count the committed rows."""
         for r in records:
-            model = self.model_label(r.model)
+            model = self.model_label(r)
             self.calls.labels(r.level, model, r.status).inc()
             if r.status != "cached":
                 if r.input_tokens:
@@ -137,10 +142,16 @@ class Metrics:
                 self.saved.labels(r.level, model).inc(float(r.saved_cost_usd))
             self.latency.labels(r.level).observe(r.latency_ms / 1000)
 
-    def model_label(self, model: str) -> str:
-        """``model`` when it is configured or priced, else OTHER_MODEL."""
+    def model_label(self, record: CallRecord) -> str:
+        """The model label of a call: the model that answered when it is configured or
+        priced; else, as pricing reads it, the model asked for on a level without fallbacks
+        (OpenRouter answers under a dated name), OTHER_MODEL on one with fallbacks."""
+        model = record.model
         if model in self._configured or self.service.prices.has(model):
             return model
+        asked = record.requested_model
+        if record.level in self._single and asked in self._configured:
+            return asked
         return OTHER_MODEL
 
     def sample(self) -> None:

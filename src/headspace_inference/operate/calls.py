@@ -90,9 +90,12 @@ def decode_cursor(raw: str) -> tuple[datetime, int]:
         at = datetime.fromisoformat(moment)
         if at.tzinfo is None or not 0 < row_id <= MAX_ROW_ID:
             raise ValueError("out of range")
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # Inside the guard: an offset can take a time at the calendar's edge past year 1
+        # or 9999 (OverflowError).
+        at = at.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise BadParameter("cursor: not a cursor from this API's next_cursor") from None
-    return at.astimezone(UTC), row_id
+    return at, row_id
 
 
 def parse_calls_query(args: Any, levels: tuple[str, ...]) -> CallsQuery:

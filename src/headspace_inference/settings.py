@@ -412,14 +412,24 @@ def default_spool_dir(database_url: str) -> Path:
 
 
 class ApiSettings(_Section):
-    """Access to the operator endpoints."""
+    """Access to the operator endpoints: open without ``token``, bearer-token guarded with it."""
 
-    token: SecretStr | None = None
+    # Absent: the endpoints are open (a local, single-user setup). Present, it must hold a
+    # token: a blank one (``token: ''``, ``token:``, ``HEADSPACE__API__TOKEN=``, an unset
+    # secret in a deployment template) would otherwise open them silently, so it fails
+    # start-up. Hence the default is not validated: only a given value is.
+    token: SecretStr | None = Field(default=None, validate_default=False)
 
     @field_validator("token", mode="before")
     @classmethod
     def _header_safe_token(cls, value: Any) -> Any:
-        return _header_secret(value)
+        token = _header_secret(value)
+        if token is None:
+            raise ValueError(
+                "is blank, which would leave every endpoint open: set a token, or remove "
+                "the key to run without one"
+            )
+        return token
 
 
 class HostInferenceSettings(InferenceSettings):

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from ..calllog.call_json import DETAIL, DETAIL_COLUMNS, CallStatus, call_json, select_calls
 from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import InferenceCall
+from ..calllog.models.links import while_linked_row_exists
 from .http import (
     BadParameter,
     bp,
@@ -127,7 +128,7 @@ def _contains(text: str) -> ColumnElement[bool]:
 
 def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
     """``{"calls": [CALL, ...], "next_cursor": ... | None}`` for one page, newest first."""
-    ts, row_id = InferenceCall.timestamp, InferenceCall.id
+    ts, row_id, row_project = InferenceCall.timestamp, InferenceCall.id, InferenceCall.project_id
     stmt = select_calls()
     for column, value in (
         (InferenceCall.level, q.level),
@@ -143,6 +144,8 @@ def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
         stmt = stmt.where(ts < q.until)
     if q.search is not None:
         stmt = stmt.where(_contains(q.search))
+    if q.project_id is not None:
+        stmt = stmt.where(*while_linked_row_exists(session, "project_id", row_project))
     if q.after is not None:
         at, last_id = q.after
         # "Strictly after (at, last_id) in descending order", written so that the

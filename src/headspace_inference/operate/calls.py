@@ -186,8 +186,7 @@ def call(row_id: int) -> Response:
     if not 0 < row_id <= MAX_ROW_ID:
         return error_response(404, f"no call with id {row_id}")
     try:
-        with service.database.sessions() as session:
-            found = call_detail(session, row_id)
+        found = service.database.read(lambda session: call_detail(session, row_id))
     except DATABASE_AWAY as exc:
         return database_away(exc, "the call log cannot be read now")
     if found is None:

@@ -121,8 +121,9 @@ class DatabaseOptions(_Section):
     # this, whatever the database or the network does; on PostgreSQL it is also the read's
     # statement_timeout. The status probe has its own (openrouter.health is OpenRouter's).
     read_timeout_seconds: Annotated[float, Field(ge=0.1, le=DAY)] = 5.0
-    # Opening a PostgreSQL connection (libpq's connect_timeout; engines the service builds).
-    connect_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
+    # Opening a PostgreSQL connection (libpq's connect_timeout, which counts whole seconds:
+    # rounded up; engines the service builds).
+    connect_timeout_seconds: Annotated[float, Field(ge=1, le=DAY)] = 5.0
 
     def with_url(self, url: str, *, source: str) -> DatabaseSettings:
         """These options on the database at ``url``; ConfigError names ``source`` (where the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -95,7 +96,7 @@ def build_engine(settings: DatabaseSettings) -> Engine:
         pool_pre_ping=True,
         pool_timeout=5,
         connect_args={
-            "connect_timeout": settings.connect_timeout_seconds,
+            "connect_timeout": math.ceil(settings.connect_timeout_seconds),
             "keepalives": 1,
             "keepalives_idle": KEEPALIVE_IDLE,
             "keepalives_interval": KEEPALIVE_INTERVAL,

@@ -1,5 +1,5 @@
-"""A loopback TCP proxy that a test can cut and restore, to put a real outage between the
-code under test and a server (Redis today, PostgreSQL later)."""
+"""A loopback TCP proxy that a test can cut and restore, or stall and resume, to put a real
+outage between the code under test and a server (Redis, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ class TcpProxy:
 
     ``cut()`` closes every open connection and turns new ones away (accepted, then closed at
     once, so clients fail fast instead of hanging); ``restore()`` forwards again;
-    ``close()`` stops everything. Threads are bounded: one accept thread, and one pump
-    thread per connection up to ``max_connections`` (connections beyond it are closed).
+    ``stall()`` keeps every connection open and accepts new ones but forwards nothing, in
+    either direction, and resets nothing (a peer that stops answering: bytes sent to it are
+    still acknowledged by this host's kernel) until ``resume()``; ``close()`` stops
+    everything. Threads are bounded: one accept thread, and one pump thread per connection
+    up to ``max_connections`` (connections beyond it are closed).
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class TcpProxy:
         self._threads: set[threading.Thread] = set()
         self._cut = False
         self._closed = False
+        self._flowing = threading.Event()  # cleared while stalled
+        self._flowing.set()
         self.accepted = 0
         self.refused = 0
         self._acceptor = threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True)
@@ -70,6 +75,14 @@ class TcpProxy:
         """Forward new connections again."""
         with self._lock:
             self._cut = False
+
+    def stall(self) -> None:
+        """Forward nothing, on open connections and new ones, until ``resume()``."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again what was held during a stall, and whatever comes next."""
+        self._flowing.set()
 
     def close(self) -> None:
         """Stop listening, drop every connection and wait for the threads to end."""
@@ -143,6 +156,11 @@ class TcpProxy:
                 sel.register(client, selectors.EVENT_READ)
                 sel.register(upstream, selectors.EVENT_READ)
                 while True:
+                    if not self._flowing.wait(timeout=0.5):  # stalled: read nothing
+                        with self._lock:
+                            if pair not in self._pairs:
+                                return
+                        continue
                     for key, _ in sel.select(timeout=0.5):
                         source: socket.socket = key.fileobj  # type: ignore[assignment]
                         data = source.recv(_CHUNK)

@@ -120,6 +120,13 @@ class DatabaseOptions(_Section):
     auto_migrate: bool = False
     pool_size: PositiveInt = 10
     echo: bool = False
+    # A request's read of the call log (/usage, /calls, the page's data) answers 503 past
+    # this, whatever the database or the network does; on PostgreSQL it is also the read's
+    # statement_timeout. The status probe has its own (openrouter.health is OpenRouter's).
+    read_timeout_seconds: Annotated[float, Field(ge=0.1, le=DAY)] = 5.0
+    # Opening a PostgreSQL connection (libpq's connect_timeout, which counts whole seconds:
+    # rounded up; engines the service builds).
+    connect_timeout_seconds: Annotated[float, Field(ge=1, le=DAY)] = 5.0
 
     def with_url(self, url: str, *, source: str) -> DatabaseSettings:
         """These options on the database at ``url``; ConfigError names ``source`` (where the
@@ -425,14 +432,24 @@ def default_spool_dir(database_url: str) -> Path:
 
 
 class ApiSettings(_Section):
-    """Access to the operator endpoints."""
+    """Access to the operator endpoints: open without ``token``, bearer-token guarded with it."""
 
-    token: SecretStr | None = None
+    # Absent: the endpoints are open (a local, single-user setup). Present, it must hold a
+    # token: a blank one (``token: ''``, ``token:``, ``HEADSPACE__API__TOKEN=``, an unset
+    # secret in a deployment template) would otherwise open them silently, so it fails
+    # start-up. Hence the default is not validated: only a given value is.
+    token: SecretStr | None = Field(default=None, validate_default=False)
 
     @field_validator("token", mode="before")
     @classmethod
     def _header_safe_token(cls, value: Any) -> Any:
-        return _header_secret(value)
+        token = _header_secret(value)
+        if token is None:
+            raise ValueError(
+                "is blank, which would leave every endpoint open: set a token, or remove "
+                "the key to run without one"
+            )
+        return token
 
 
 class HostInferenceSettings(InferenceSettings):

@@ -4,6 +4,8 @@ the detail, and bad parameters as 400s naming them."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -13,6 +15,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from headspace_inference import create_app
@@ -207,6 +211,69 @@ def test_bad_parameters_are_400_naming_them(app: Flask, query: str, named: str) 
     response = app.test_client().get(f"/api/inference/calls?{query}")
     assert response.status_code == 400
     assert response.json["error"].startswith(f"{named}:")
+
+
+def _cursor(payload: object) -> str:
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+EDGE_TIMES = st.one_of(
+    st.sampled_from(
+        [
+            "0001-01-01T00:00:00+01:00",
+            "0001-01-01T00:00:00-01:00",
+            "0001-01-01T00:00:00+00:00",
+            "9999-12-31T23:59:59-01:00",
+            "9999-12-31T23:59:59.999999+00:00",
+            "9999-12-31T23:59:59+23:59",
+            "0001-01-01T00:00:00-23:59:59.999999",
+            "2026-02-30T00:00:00Z",
+        ]
+    ),
+    st.builds(
+        lambda moment, minutes: (
+            moment.isoformat() + f"{'+' if minutes >= 0 else '-'}"
+            f"{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        ),
+        st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(1, 1, 3))
+        | st.datetimes(min_value=datetime(9999, 12, 29), max_value=datetime(9999, 12, 31, 23)),
+        st.integers(-24 * 60 + 1, 24 * 60 - 1),
+    ),
+    st.text(max_size=30),
+)
+ROW_IDS = st.one_of(
+    st.integers(-2, 3),
+    st.integers(2**63 - 2, 2**64),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=5),
+)
+CURSORS = st.one_of(
+    st.builds(lambda t, i: _cursor([t, i]), EDGE_TIMES, ROW_IDS),
+    st.builds(_cursor, st.lists(EDGE_TIMES | ROW_IDS, max_size=3)),
+    st.binary(max_size=60).map(lambda b: base64.urlsafe_b64encode(b).decode().rstrip("=")),
+    st.text(max_size=60),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cursor=CURSORS)
+def test_every_cursor_is_a_page_or_a_400_naming_it(app: Flask, cursor: str) -> None:
+    # Generated cursors, at the calendar's edges too (an offset that takes year 1 or 9999
+    # out of range): each is a page, or a 400 naming the cursor; never a 500.
+    response = app.test_client().get("/api/inference/calls", query_string={"cursor": cursor})
+    assert response.status_code in (200, 400), (cursor, response.json)
+    if response.status_code == 400:
+        assert response.json["error"].startswith("cursor:")
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_cursor_past_the_calendar_is_a_400(app: Flask, moment: str) -> None:
+    response = app.test_client().get(f"/api/inference/calls?cursor={_cursor([moment, 1])}")
+    assert response.status_code == 400
+    assert response.json["error"].startswith("cursor:")
 
 
 def test_limit_bounds_and_default(app: Flask) -> None:

@@ -16,7 +16,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from flask import Flask
-from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy import Engine, func, inspect, select, text
 
 from headspace_inference import SERVICE_TABLES
 from headspace_inference.calllog.database import SERVICE_HISTORY
@@ -268,3 +268,79 @@ def test_a_call_log_the_service_cannot_adopt_stops_the_upgrade_in_one_line(host:
     assert "has no timestamp, level, model column; rename it or drop it" in lines[0]
     assert "Traceback" not in result.output
     engine.dispose()
+
+
+def _api(app: Flask, path: str) -> Any:
+    response = app.test_client().get(f"/api/inference/{path}")
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def _project_figures(app: Flask, project_id: int) -> dict[str, int]:
+    """What /usage and /calls say of one project, and what its rows say."""
+    usage = _api(app, f"usage?project_id={project_id}")
+    calls = _api(app, f"calls?project_id={project_id}&limit=500")["calls"]
+    with app.app_context():
+        linked = db.session.scalar(  # rows linked to a project that exists
+            select(func.count())
+            .select_from(InferenceCall)
+            .join(Project, Project.id == InferenceCall.project_id)
+            .where(InferenceCall.project_id == project_id)
+        )
+    return {"usage": usage["total_calls"], "calls": len(calls), "rows": int(linked or 0)}
+
+
+@pytest.mark.parametrize("keys", ["linked", "before the link keys"])
+def test_usage_agrees_with_the_rows_whatever_the_host_does_to_its_project_ids(
+    host: Flask, keys: str
+) -> None:
+    if keys == "linked":
+        cli(host, "db", "upgrade")
+        cli(host, "inference", "db", "upgrade")  # the link keys: ON DELETE SET NULL
+    else:
+        # The host's tables made after the service's migration: no key until its next one,
+        # so a deleted project's calls keep its id.
+        cli(host, "inference", "db", "upgrade")
+        cli(host, "db", "upgrade")
+    service = host.extensions["inference"]
+    with host.app_context():
+        projects = [Project(name=f"p{i}", inference_paused=False) for i in range(3)]
+        db.session.add_all(projects)
+        db.session.commit()
+        first, last = projects[0].id, projects[-1].id  # the last has the highest id
+    for i in range(5):
+        service.infer("turn", "old project", f"old {i}", project_id=last)
+    for i in range(2):
+        service.infer("turn", "first project", f"first {i}", project_id=first)
+    assert service.recorder.flush(timeout=30)
+    before = _project_figures(host, last)
+    assert before == {"usage": 5, "calls": 5, "rows": 5}
+
+    with host.app_context():
+        db.session.delete(db.session.get(Project, last))
+        db.session.commit()
+    gone = _project_figures(host, last)
+    figures = {"deleted": gone}
+    if keys == "linked":
+        # A new project under the deleted one's id: SQLite gives it the highest deleted id
+        # (no AUTOINCREMENT); on PostgreSQL the host chooses it.
+        with host.app_context():
+            reborn = Project(name="reborn", inference_paused=False)
+            if host_engine(host).dialect.name != "sqlite":
+                reborn.id = last
+            db.session.add(reborn)
+            db.session.commit()
+            assert reborn.id == last
+        figures["reused"] = _project_figures(host, last)
+        for i in range(2):
+            service.infer("turn", "new project", f"new {i}", project_id=last)
+        assert service.recorder.flush(timeout=30)
+        figures["new calls"] = _project_figures(host, last)
+    print(f"\nFAULT project-ids-{keys}: {figures}", flush=True)
+    assert gone == {"usage": 0, "calls": 0, "rows": 0}
+    if keys == "linked":
+        assert figures["reused"] == {"usage": 0, "calls": 0, "rows": 0}
+        assert figures["new calls"] == {"usage": 2, "calls": 2, "rows": 2}
+    assert _project_figures(host, first) == {"usage": 2, "calls": 2, "rows": 2}
+    # Every call still counts in the totals, whichever project it was for.
+    assert _api(host, "usage")["total_calls"] == len(rows(host))

@@ -67,6 +67,12 @@ CASES = [
     Case("token-yaml", "", "HEADSPACE__API", {"HEADSPACE__API": f'{{token: "tok-{CANARY}'}),
     Case("token-section", f"api: tok-{CANARY}\n", "api:"),
     Case("key-spaces", "", "openrouter.api_key", {"OPENROUTER_API_KEY": f"{{sk-or-{CANARY} x"}),
+    # A token key present but blank would leave every endpoint open: it fails closed.
+    Case("token-empty", "api: {token: ''}\n", "api.token: Value error, is blank"),
+    Case("token-spaces", "api: {token: '   '}\n", "api.token: Value error, is blank"),
+    Case("token-null", "api:\n  token:\n", "api.token: Value error, is blank"),
+    Case("TOKEN-empty", "", "api.token: Value error, is blank", {"HEADSPACE__API__TOKEN": ""}),
+    Case("TOKEN-spaces", "", "api.token: Value error, is blank", {"HEADSPACE__API__TOKEN": " "}),
 ]
 
 
@@ -154,7 +160,7 @@ COMMANDS = {
     "infer": ["infer", "--level", "turn", "--purpose", "p", "text"],
     "serve": ["serve", "--port", "0"],  # exits before binding
 }
-SOME = ("yaml-bomb", "spool", "mysql", "token-yaml")
+SOME = ("yaml-bomb", "spool", "mysql", "token-yaml", "TOKEN-empty")
 
 
 @pytest.mark.timeout(120)
@@ -194,3 +200,33 @@ def test_the_longest_durations_allowed_work_with_redis(
         assert service.status()["state"] == "healthy"
     finally:
         service.close(timeout=10)
+
+
+@pytest.mark.parametrize("token", ["", "  ", None])
+def test_a_hosts_blank_token_fails_init_app_naming_the_key(token: str | None) -> None:
+    from flask import Flask
+
+    from headspace_inference import Inference
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    with pytest.raises(ConfigError) as info:
+        Inference().init_app(app, config={"inference": {"api": {"token": token}}})
+    assert "inference.api.token: Value error, is blank" in str(info.value)
+
+
+def test_without_a_token_key_the_endpoints_stay_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key absent (not blank) keeps today's rule: a local setup with no token is open.
+    monkeypatch.chdir(tmp_path)
+    for name in OURS:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config.yaml").write_text("api: {}\n")
+    monkeypatch.setenv("HEADSPACE_CONFIG", str(tmp_path / "config.yaml"))
+    app = create_app(overrides={"database": {"url": f"sqlite:///{tmp_path / 'h.db'}"}})
+    try:
+        assert app.extensions["inference"].settings.api.token is None
+        assert app.test_client().get("/api/inference/usage").status_code == 200
+    finally:
+        app.extensions["inference"].close()

@@ -20,7 +20,7 @@ from headspace_inference.calllog.database import Database
 from headspace_inference.calllog.models import InferenceCall, UsageRollup
 from headspace_inference.calllog.models.inference_call import LATENCY_BUCKETS_MS
 from headspace_inference.calllog.record import CallRecord
-from headspace_inference.calllog.rollup import latency_bucket
+from headspace_inference.calllog.rollup import latency_bucket, rollup_disagreements
 from headspace_inference.operate.usage import (
     UsageQuery,
     compute_usage,
@@ -292,3 +292,5 @@ def test_a_deleted_projects_usage_agrees_with_its_rows(database: Database) -> No
         assert usage_report(session, UsageQuery(project_id=1))["total_calls"] == 0
         assert usage_report(session, UsageQuery(project_id=2))["total_calls"] == 1
         assert usage_report(session, UsageQuery())["total_calls"] == 4
+        # `usage --check` compares what is read: the rollup still agrees with the rows.
+        assert rollup_disagreements(session) == []

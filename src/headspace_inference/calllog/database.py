@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -25,12 +28,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # The service's own Alembic version table: a host's `alembic_version` is the host's.
 SERVICE_VERSION_TABLE = "alembic_version_inference"
 
-# What SQLAlchemy raises when the database cannot be reached (not when a statement is wrong).
-DATABASE_AWAY: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
+
+class ReadTimeoutError(Exception):
+    """A bounded read (Database.read) got no answer within its bound."""
+
+
+# What is raised when the database cannot be reached or does not answer in time (not when a
+# statement is wrong).
+DATABASE_AWAY: tuple[type[Exception], ...] = (
+    OperationalError, InterfaceError, PoolTimeoutError, ReadTimeoutError,
+)  # fmt: skip
+
+# TCP keepalives and a user timeout on the connections the service opens to PostgreSQL
+# (libpq's, for psycopg 3 and psycopg2 alike): a peer that vanished (a partition, a host
+# gone without a reset) ends a connection in about KEEPALIVE_IDLE + KEEPALIVE_INTERVAL x
+# KEEPALIVE_COUNT seconds when it is waiting for an answer, TCP_USER_TIMEOUT_MS when
+# it has sent bytes that are never acknowledged, not after the kernel's ~15 minutes.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+TCP_USER_TIMEOUT_MS = 30_000
 
 
 def include_name(name: str | None, type_: str, parent_names: Any = None) -> bool:
@@ -74,7 +95,14 @@ def build_engine(settings: DatabaseSettings) -> Engine:
         max_overflow=settings.pool_size,
         pool_pre_ping=True,
         pool_timeout=5,
-        connect_args={"connect_timeout": 5},
+        connect_args={
+            "connect_timeout": math.ceil(settings.connect_timeout_seconds),
+            "keepalives": 1,
+            "keepalives_idle": KEEPALIVE_IDLE,
+            "keepalives_interval": KEEPALIVE_INTERVAL,
+            "keepalives_count": KEEPALIVE_COUNT,
+            "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        },
     )
 
 
@@ -244,6 +272,40 @@ class Database:
                 self._owns_engine = found is None
                 self._engine = found if found is not None else build_engine(self.settings)
             return self._engine
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        """``work(session)``'s result within ``read_timeout_seconds``, else ReadTimeoutError
+        (one of DATABASE_AWAY): how a request handler reads, so that no database holds it.
+
+        The work runs on a thread of its own while the caller waits at most the bound. A
+        database that takes bytes and never answers (a stalled peer or proxy, whose
+        acknowledgements keep every TCP timer quiet) then holds that thread, not the
+        caller's, until the stall ends or the driver gives up; the thread holds a pooled
+        connection, so at most the pool's size of them wait (others give up at the pool's
+        timeout). On PostgreSQL the read's transaction also carries the bound as its
+        ``statement_timeout`` (``set_config(..., true)``, i.e. SET LOCAL: a host's engine
+        and its other sessions are left as they are), so the server stops a slow read too.
+        """
+        bound = self.settings.read_timeout_seconds
+        outcome: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                with self.sessions() as session:
+                    if session.get_bind().dialect.name == "postgresql":
+                        limit = str(max(1, int(bound * 1000)))
+                        session.execute(select(func.set_config("statement_timeout", limit, True)))
+                    result = work(session)
+            except BaseException as exc:  # handed to the caller, if it still waits
+                outcome.set_exception(exc)
+            else:
+                outcome.set_result(result)
+
+        threading.Thread(target=run, name="call-log-read", daemon=True).start()
+        try:
+            return outcome.result(timeout=bound)
+        except FutureTimeoutError:
+            raise ReadTimeoutError(f"no answer within {bound:g} s") from None
 
     @property
     def url(self) -> str:

@@ -215,10 +215,15 @@ def refill_empty_rollup(session: Session) -> int:
 
 def rollup_disagreements(session: Session, limit: int = 5) -> list[str]:
     """Where the rollup and the rows it sums differ: one line per differing bucket (at most
-    ``limit``, then a count of the rest); empty when they agree exactly."""
+    ``limit``, then a count of the rest); empty when they agree exactly.
+
+    Buckets are compared over all projects, as the rollup is read: a project's usage comes
+    from its rows (operate/usage.py), and a host's delete moves a project's rows to no
+    project (ON DELETE SET NULL) without moving its buckets, which is no disagreement."""
     expected: dict[_Key, Sums] = {}
     for rows in _each_batch(session):
-        for key, sums in _buckets(rows).items():
+        for (span, start, level, model, _), sums in _buckets(rows).items():
+            key = (span, start, level, model, 0)
             if key in expected:
                 expected[key].merge(sums)
             else:
@@ -226,11 +231,14 @@ def rollup_disagreements(session: Session, limit: int = 5) -> list[str]:
     actual: dict[_Key, Sums] = {}
     table: Table = typing_cast(Table, UsageRollup.__table__)
     for row in session.execute(select(table)).mappings():
-        key = (row["span"], row["bucket_start"], row["level"], row["model"], row["project_key"])
+        key = (row["span"], row["bucket_start"], row["level"], row["model"], 0)
         sums = Sums()
         sums.ints = {name: row[name] for name in INT_FIELDS}
         sums.money = {name: Decimal(row[name]) for name in MONEY_FIELDS}
-        actual[key] = sums
+        if key in actual:
+            actual[key].merge(sums)
+        else:
+            actual[key] = sums
     lines = []
     for key in sorted(expected.keys() | actual.keys()):
         want, have = expected.get(key, Sums()), actual.get(key, Sums())
@@ -243,10 +251,9 @@ def rollup_disagreements(session: Session, limit: int = 5) -> list[str]:
             if want_value != have_value
         ]
         if differ:
-            span, start, level, model, project = key
+            span, start, level, model, _ = key
             lines.append(
-                f"{span} {start.isoformat()} level={level} model={model} project={project}:"
-                f" {'; '.join(differ[:3])}"
+                f"{span} {start.isoformat()} level={level} model={model}: {'; '.join(differ[:3])}"
             )
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more buckets"]

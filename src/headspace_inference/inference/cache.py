@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..settings import CacheSettings
-from .redis_support import RedisGuard
+from .redis_support import RedisGuard, redis_error
 from .types import Answer, GenerationParams
 
 if TYPE_CHECKING:
     import redis
+
+log = logging.getLogger(__name__)
 
 # Bump when Answer's shape changes: old entries are then simply never read.
 CACHE_FORMAT = "v3"
@@ -167,26 +170,56 @@ class RedisCache:
         self._prefix = f"{prefix}:cache:{CACHE_FORMAT}:"
         self._lock = threading.Lock()
         self._counters = _Counters()
+        self.unreadable = 0  # entries found unreadable, and removed
 
     def key(self, key: str) -> str:
         """The Redis key for a request key."""
         return self._prefix + key
 
     def get_with_ttl(self, key: str, *, count: bool = True) -> tuple[Answer | None, float]:
-        """The answer and its remaining life in seconds; ``count=False`` for a peek."""
+        """The answer and its remaining life in seconds; ``count=False`` for a peek.
+
+        An entry that cannot be read (not a stored answer, or a Redis value of another
+        type) is a miss, and is removed: another process's bug, an older release or a hand
+        edit must not fail every identical call for the entry's TTL.
+        """
         pipe = self._client.pipeline(transaction=False)
         pipe.get(self.key(key))
         pipe.pttl(self.key(key))
-        raw, pttl = pipe.execute()
+        # raise_on_error=False: a key holding a list or hash fails GET (WRONGTYPE), which is
+        # an unreadable entry, not a Redis outage; an outage still raises (RedisGuard).
+        raw, pttl = pipe.execute(raise_on_error=False)
+        answer: Answer | None = None
+        problem: str | None = None
+        if isinstance(raw, redis_error()):
+            problem = f"GET failed: {str(raw)[:80]}"
+        elif raw is not None:
+            try:
+                answer = Answer.from_json(raw)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            self._discard(key, problem)
         if count:
             with self._lock:
-                if raw is None:
+                if answer is None:
                     self._counters.misses += 1
                 else:
                     self._counters.hits += 1
-        if raw is None:
-            return None, 0.0
-        return Answer.from_json(raw), max(0.0, int(pttl) / 1000)
+        if answer is None or isinstance(pttl, Exception):
+            return answer, 0.0
+        return answer, max(0.0, int(pttl) / 1000)
+
+    def _discard(self, key: str, problem: str) -> None:
+        # Deleted without comparing: should another process have just stored a good answer
+        # there, it costs one more miss, nothing else.
+        self._client.delete(self.key(key))
+        with self._lock:
+            self.unreadable += 1
+        log.warning(
+            "response cache: removed an unreadable Redis entry %s (%s); the call goes "
+            "upstream as on a miss", self.key(key), problem,
+        )  # fmt: skip
 
     def get(self, key: str) -> Answer | None:
         return self.get_with_ttl(key)[0]
@@ -199,7 +232,7 @@ class RedisCache:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"backend": "redis", **self._counters.as_dict()}
+            return {"backend": "redis", **self._counters.as_dict(), "unreadable": self.unreadable}
 
     def clear(self) -> None:
         for name in self._client.scan_iter(match=self._prefix + "*", count=1000):

@@ -363,14 +363,14 @@ class InferenceService:
 
     def _execute(self, request: InferenceRequest) -> InferenceResult:
         started = time.perf_counter()
-        hit = self.cache.get(request.key)
+        hit = self._usable(request, self.cache.get(request.key))
         if hit is not None:
             return self._result(request, hit, started)
 
         def load() -> tuple[Answer, int] | None:
             # An answer another caller put in the cache meanwhile (peek: looking again is
             # not another miss).
-            found = self.cache.peek(request.key)
+            found = self._usable(request, self.cache.peek(request.key), quiet=True)
             return None if found is None else (found, 0)
 
         outcome = self.flight.run(request.key, lambda: self._fetch(request), load)
@@ -389,6 +389,27 @@ class InferenceService:
         answer, attempts = outcome.result()
         # An answer shared with an identical call (in flight, or just cached) is a cache hit.
         return self._result(request, answer, started, attempts=attempts if outcome.led else 0)
+
+    @staticmethod
+    def _usable(
+        request: InferenceRequest, found: Answer | None, *, quiet: bool = False
+    ) -> Answer | None:
+        """A cached answer as the caller gets it, or None (a miss). The shared cache keeps a
+        structured answer's text only, so it is parsed again; it validated against this
+        same schema when it was fetched (the request key says so), so one that no longer
+        does was damaged in the cache: a miss, which the fresh answer then replaces (said
+        once a call: ``quiet`` for the second look, a peek, of the call that saw it)."""
+        if found is None or request.schema is None or found.data is not None:
+            return found
+        try:
+            return OpenRouterClient.structured(found, request.schema)
+        except StructuredAnswerError:
+            if not quiet:
+                log.warning(
+                    "response cache: an entry for %s does not fit its response_format %s; "
+                    "treated as a miss", request.model, request.schema.name,
+                )  # fmt: skip
+            return None
 
     def _fetch(self, request: InferenceRequest) -> tuple[Answer, int]:
         """The upstream call with its retries; (answer, attempts made)."""
@@ -460,10 +481,6 @@ class InferenceService:
     ) -> InferenceResult:
         """Record a call that got an answer: fresh if it made attempts, else a cache hit."""
         cached = attempts == 0
-        if request.schema is not None and answer.data is None:
-            # From the shared cache, which stores the text: parsed again (it validated when
-            # it was fetched, against this same schema, as the request key says).
-            answer = OpenRouterClient.structured(answer, request.schema)
         latency_ms = self._record(
             request, started, "cached" if cached else "ok", answer=answer, attempts=attempts
         )

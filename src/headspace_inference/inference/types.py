@@ -8,10 +8,14 @@ the call log gets a ``CallRecord`` (record.py) built from the request and the ou
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 
 class CallOptions(TypedDict, total=False):
@@ -111,15 +115,33 @@ class Answer:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Answer:
-        """The answer a stored form holds."""
-        data = json.loads(raw)
-        for name in _MONEY:
-            if data.get(name) is not None:
-                data[name] = Decimal(data[name])
-        return cls(**data)
+        """The answer a stored form holds; ValueError (never quoting it) when ``raw`` is not
+        one: not JSON, JSON of another shape, a field of the wrong type, a negative count."""
+        from pydantic import ValidationError
+
+        try:
+            answer = _stored_form().validate_json(raw, strict=True)
+        except ValidationError as exc:
+            where = ", ".join(".".join(map(str, e["loc"])) or e["type"] for e in exc.errors())
+            raise ValueError(f"not a stored answer ({where[:120]})") from None
+        negative = [name for name in _COUNTS if getattr(answer, name) < 0]
+        if negative:
+            raise ValueError(f"not a stored answer (negative {', '.join(negative)})")
+        # ``data`` is never stored: a structured answer is parsed again from its text.
+        return replace(answer, data=None)
 
 
 _STORED = tuple(f.name for f in fields(Answer) if f.name != "data")
+_COUNTS = tuple(f.name for f in fields(Answer) if f.type == "int")
+
+
+@functools.cache
+def _stored_form() -> TypeAdapter[Answer]:
+    # pydantic checks the stored form field by field (strict: "1" is not a count, money is
+    # a decimal string); built on first use, as only the shared cache reads stored answers.
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Answer)
 
 
 def _money(value: Decimal | None) -> float | None:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from ..calllog.call_json import DETAIL, DETAIL_COLUMNS, CallStatus, call_json, select_calls
 from ..calllog.database import DATABASE_AWAY
 from ..calllog.models import InferenceCall
+from ..calllog.models.links import while_linked_row_exists
 from .http import (
     BadParameter,
     bp,
@@ -90,9 +91,12 @@ def decode_cursor(raw: str) -> tuple[datetime, int]:
         at = datetime.fromisoformat(moment)
         if at.tzinfo is None or not 0 < row_id <= MAX_ROW_ID:
             raise ValueError("out of range")
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # Inside the guard: an offset can take a time at the calendar's edge past year 1
+        # or 9999 (OverflowError).
+        at = at.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise BadParameter("cursor: not a cursor from this API's next_cursor") from None
-    return at.astimezone(UTC), row_id
+    return at, row_id
 
 
 def parse_calls_query(args: Any, levels: tuple[str, ...]) -> CallsQuery:
@@ -124,7 +128,7 @@ def _contains(text: str) -> ColumnElement[bool]:
 
 def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
     """``{"calls": [CALL, ...], "next_cursor": ... | None}`` for one page, newest first."""
-    ts, row_id = InferenceCall.timestamp, InferenceCall.id
+    ts, row_id, row_project = InferenceCall.timestamp, InferenceCall.id, InferenceCall.project_id
     stmt = select_calls()
     for column, value in (
         (InferenceCall.level, q.level),
@@ -140,6 +144,8 @@ def calls_page(session: Session, q: CallsQuery) -> dict[str, Any]:
         stmt = stmt.where(ts < q.until)
     if q.search is not None:
         stmt = stmt.where(_contains(q.search))
+    if q.project_id is not None:
+        stmt = stmt.where(*while_linked_row_exists(session, "project_id", row_project))
     if q.after is not None:
         at, last_id = q.after
         # "Strictly after (at, last_id) in descending order", written so that the
@@ -180,8 +186,7 @@ def call(row_id: int) -> Response:
     if not 0 < row_id <= MAX_ROW_ID:
         return error_response(404, f"no call with id {row_id}")
     try:
-        with service.database.sessions() as session:
-            found = call_detail(session, row_id)
+        found = service.database.read(lambda session: call_detail(session, row_id))
     except DATABASE_AWAY as exc:
         return database_away(exc, "the call log cannot be read now")
     if found is None:

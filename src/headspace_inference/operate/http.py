@@ -50,8 +50,8 @@ def read_answer(parse: Callable[[], Q], read: Callable[[Session, Q], Any], what:
     except BadParameter as exc:
         return error_response(400, str(exc))
     try:
-        with current_service().database.sessions() as session:
-            return jsonify(read(session, query))
+        # Bounded (Database.read): a stalled database is a 503, not a held request.
+        return jsonify(current_service().database.read(lambda session: read(session, query)))
     except DATABASE_AWAY as exc:
         return database_away(exc, what)
 

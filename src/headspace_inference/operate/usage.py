@@ -2,7 +2,8 @@
 
 They read the rollup calllog/rollup.py writes (whole days from day rows, whole hours from
 hour rows, the partial hours at a window's edges from raw rows), so a window of any length
-reads a few hundred rows, and they give the same answer as summing the raw rows.
+reads a few hundred rows, and they give the same answer as summing the raw rows. A project's
+usage is read from its rows alone (see compute_usage).
 
 Our estimate and OpenRouter's reported cost are compared like for like: over the calls
 that have both (``compared_*``), so a model is listed in ``cost_disagreements`` when the
@@ -22,9 +23,9 @@ from typing import Any
 from sqlalchemy import BigInteger, ColumnElement, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from ..calllog.models import LINK_TABLES, InferenceCall, UsageRollup
+from ..calllog.models import InferenceCall, UsageRollup
 from ..calllog.models.inference_call import LATENCY_BUCKETS_MS, PICO
-from ..calllog.models.links import has_table, linked_row_exists
+from ..calllog.models.links import while_linked_row_exists
 from ..calllog.rollup import (
     DAY,
     HIST,
@@ -226,11 +227,6 @@ def _from_rollup(
 ) -> None:
     r = UsageRollup
     conditions = [r.span == span, *_filters(q, r.bucket_start, start, end, r.project_key)]
-    if q.project_id is not None and has_table(session.connection(), LINK_TABLES["project_id"]):
-        # A deleted project's calls keep their rows with project_id NULL (ON DELETE SET NULL),
-        # but its rollup rows keep its key: they count for the project only while it exists,
-        # so the rollup answers exactly what the raw rows do.
-        conditions.append(linked_row_exists("project_id", r.project_key))
     columns = [func.coalesce(func.sum(getattr(r, name)), 0) for name in INT_FIELDS]
     # Typed by RollupMoney, so both databases answer Decimal dollars.
     money = [func.coalesce(func.sum(getattr(r, name)), 0) for name in MONEY_FIELDS]
@@ -244,6 +240,8 @@ def _from_raw(
 ) -> None:
     c = InferenceCall
     conditions = _filters(q, c.timestamp, start, end, c.project_id)
+    if q.project_id is not None:
+        conditions += while_linked_row_exists(session, "project_id", c.project_id)
     not_cached = c.status != "cached"
     ints: list[Any] = [
         func.count(),
@@ -271,9 +269,18 @@ def _from_raw(
 
 
 def compute_usage(session: Session, q: UsageQuery) -> Usage:
-    """Aggregates for the window: whole days and hours from the rollup, the rest raw."""
+    """Aggregates for the window: whole days and hours from the rollup, the rest raw; a
+    project's from its rows alone."""
     usage = Usage()
     since, until = q.since, q.until
+    if q.project_id is not None:
+        # The rollup keys a project by the host's id, which does not name one project for
+        # good: deleting a project unlinks its rows (ON DELETE SET NULL) but not its rollup
+        # buckets, and SQLite gives the highest deleted id to the next project. Only the
+        # rows say which calls are a project's now; the (project_id, timestamp) index reads
+        # just that project's.
+        _from_raw(session, usage, q, since, until)
+        return usage
     # [h0, h1): the whole hours inside the window (None: unbounded on that side).
     h0 = None if since is None else ceil_to(since, hour_floor, HOUR)
     h1 = None if until is None else hour_floor(until)

@@ -41,3 +41,13 @@ def linked_row_exists(name: str, key: Any) -> ColumnElement[bool]:
     """SQL: a row of the link's table has id ``key`` (the table must exist)."""
     target = link_table(name)
     return exists().where(target.c.id == key)
+
+
+def while_linked_row_exists(session: Session, name: str, key: Any) -> list[ColumnElement[bool]]:
+    """The conditions under which a call counts for link ``name`` = ``key``: its row exists
+    (none when the table itself does not). A link is followed only while its row exists:
+    until the link key is added (link_keys.py) a deleted row's calls keep its id, and /usage
+    and /calls must both count them for nothing, as they do once the key sets it NULL."""
+    if not has_table(session.connection(), LINK_TABLES[name]):
+        return []
+    return [linked_row_exists(name, key)]

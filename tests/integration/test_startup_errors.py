@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,12 +114,18 @@ def _environment(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _check(case: Case, proc: subprocess.Popen[str], command: str) -> list[str]:
-    """What is wrong with the process's exit: status 2, one line naming the key, no secret."""
-    try:
-        out, err = proc.communicate(timeout=60)  # a guard: a hang is a failure, not a wait
+def _check(case: Case, command: str, args: list[str], where: Path) -> list[str]:
+    """Run one case under one command; what is wrong with its exit: status 2, one line
+    naming the key, no secret."""
+    env = _environment(_prepare(case, where))
+    try:  # a guard: a hang is a failure, not a wait (serve would start serving)
+        proc = subprocess.run(
+            [str(BIN / "headspace-inference"), *args], cwd=where, env=env,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         return [f"{case.id} ({command}): still running after 60 s"]
+    out, err = proc.stdout, proc.stderr
     lines = err.splitlines()
     problems = []
     if proc.returncode != 2:
@@ -135,24 +142,17 @@ def _check(case: Case, proc: subprocess.Popen[str], command: str) -> list[str]:
 
 
 def _run_cli(cases: list[Case], commands: dict[str, list[str]], tmp_path: Path) -> list[str]:
-    """Run every case under every command at once; what went wrong, if anything."""
-    running = []
-    try:
-        for case in cases:
-            for command, args in commands.items():
-                where = tmp_path / f"{case.id}-{command}"
-                env = _environment(_prepare(case, where))
-                proc = subprocess.Popen(
-                    [str(BIN / "headspace-inference"), *args], cwd=where, env=env,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                )  # fmt: skip
-                running.append((case, proc, command))
-        return [p for case, proc, command in running for p in _check(case, proc, command)]
-    finally:
-        for _, proc, _ in running:
-            if proc.poll() is None:  # one that hung (or, for serve, started serving)
-                proc.kill()
-                proc.communicate()
+    """Every case under every command, a few processes at a time (one per core and one
+    waiting: each is an interpreter start, and 60 of them at once on a small machine would
+    meet the hang guard by waiting for a core); what went wrong, if anything."""
+    jobs = [
+        (case, command, args, tmp_path / f"{case.id}-{command}")
+        for case in cases
+        for command, args in commands.items()
+    ]
+    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1) as pool:
+        found = pool.map(lambda job: _check(*job), jobs)
+        return [problem for problems in found for problem in problems]
 
 
 COMMANDS = {

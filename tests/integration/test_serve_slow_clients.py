@@ -17,14 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.call_rows import make_record, write
+from tests.console.sse import SseReader
+from tests.served import Served, serving
 
 from headspace_inference.operate.feed import PostgresTransport
 from headspace_inference.settings import DatabaseSettings
 from headspace_inference.standalone.database import standalone_database
 from headspace_inference.standalone.server import HEAD_SECONDS, SOCKET_SECONDS
-from tests.call_rows import make_record, write
-from tests.console.sse import SseReader
-from tests.served import Served, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -90,33 +90,44 @@ def test_streams_whose_clients_stop_reading_give_their_threads_back(
     with serving(tmp_path, emulator, migrated_postgres_url, "--workers", "1") as served:
         stuck: list[socket.socket] = []
         try:
-            # Twice as many non-reading clients as the worker has threads, in two waves:
-            # each wave's sockets fill while calls are published, and the second wave
-            # opens once the first's streams have been dropped (as reconnecting tabs would).
+            # Twice as many non-reading clients as the worker has threads, in two waves (as
+            # tabs reconnecting would): each wave's sockets fill as calls are published (about
+            # 2,400 calls fill a socket's buffers here), and the second wave opens after the
+            # first one's streams have lost their slots.
             for _wave in range(2):
                 stuck += [stuck_stream(served.port) for _ in range(THREADS)]
-                for _ in range(15):
+                for _ in range(20):
                     publisher.calls(200)
                     assert status_answers(served), "/status stopped answering"
-            # Every stream of a client that stopped reading was dropped: its write timed out.
+            # The streams' blocked writes time out: their threads and slots come back, and a
+            # reading client gets a stream and every call published.
             deadline = time.monotonic() + SOCKET_SECONDS + 30
-            while served.log_text().count("the client neither read nor sent") < 2 * STREAMS:
+            while served.log_text().count("the client neither read nor sent") < STREAMS:
                 assert time.monotonic() < deadline, served.log_text()[-3000:]
                 time.sleep(0.5)
-            # Their threads and stream slots are back: a reading client gets every call.
-            with httpx.Client(timeout=30) as client:
-                with client.stream("GET", f"{served.base}/api/inference/events") as response:
-                    assert response.status_code == 200
-                    reader = SseReader(response.iter_text())
-                    reader.wait_for(lambda e: "feed" in " ".join(e.comments))
-                    (wanted,) = publisher.calls(1)
-                    reader.wait_for(
-                        lambda e: e.event == "inference_call" and e.call()["call_id"] == wanted
-                    )
+            while not reading_stream_gets_a_call(served, publisher):
+                assert time.monotonic() < deadline, "no stream slot came back"
+                time.sleep(0.5)
             assert status_answers(served)
         finally:
             for sock in stuck:
                 sock.close()
+
+
+def reading_stream_gets_a_call(served: Served, publisher: Publisher) -> bool:
+    """Whether a reading client gets a stream (not a 503) and the next call on it."""
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("GET", f"{served.base}/api/inference/events") as response,
+    ):
+        if response.status_code == 503:
+            return False
+        assert response.status_code == 200
+        reader = SseReader(response.iter_text())
+        reader.wait_for(lambda e: any(c.endswith(" feed") for c in e.comments))
+        (wanted,) = publisher.calls(1)
+        reader.wait_for(lambda e: e.event == "inference_call" and e.call()["call_id"] == wanted)
+        return True
 
 
 def test_half_sent_requests_hold_no_thread_and_are_refused_in_time(

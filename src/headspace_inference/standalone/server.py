@@ -38,8 +38,9 @@ from .app import create_app
 # of the connection, and within this many bytes (nginx's default allows 32 KiB).
 HEAD_SECONDS = 10.0
 HEAD_MAX_BYTES = 64 * 1024
-# A thread's read or write that makes no progress for this long ends its request: a stream
-# whose client stopped reading is dropped, its thread and stream slot given back.
+# A thread's socket read that gets nothing, or write that is not done, within this many
+# seconds ends its request: a stream whose client stopped reading is dropped, its thread and
+# stream slot given back. (A write is one chunk of the answer: a whole JSON body, one event.)
 SOCKET_SECONDS = 10.0
 # The directory of its own that serve keeps its workers' metrics in, under a given
 # PROMETHEUS_MULTIPROC_DIR (it empties it at start; nothing else there is touched).
@@ -127,10 +128,12 @@ class SlowClientWorker(ThreadWorker):  # type: ignore[misc]
             self._end(conn)
             return
         conn.head += data
-        if b"\r\n\r\n" not in conn.head:
-            if len(conn.head) > HEAD_MAX_BYTES:
-                self._refuse(conn, 431, "Request Header Fields Too Large",
-                             f"the request's head is over {HEAD_MAX_BYTES} bytes")  # fmt: skip
+        end = conn.head.find(b"\r\n\r\n")
+        if (end + 4 if end >= 0 else len(conn.head)) > HEAD_MAX_BYTES:
+            self._refuse(conn, 431, "Request Header Fields Too Large",
+                         f"the request's head is over {HEAD_MAX_BYTES} bytes")  # fmt: skip
+            return
+        if end < 0:
             return
         with self._lock:
             self.poller.unregister(client)

@@ -2,8 +2,8 @@
 of the real ``headspace-inference serve`` (2 workers): half-sent requests and clients that
 stop reading the live feed cost the server nothing that /status or a reading stream needs.
 
-nginx runs unprivileged-style: in the foreground, from a temporary prefix, on a loopback
-port, with the shipped file included as it is but for its two addresses."""
+nginx runs in the foreground (not as a daemon), from a temporary prefix, on a loopback port,
+with the shipped file included as it is but for its two addresses."""
 
 from __future__ import annotations
 

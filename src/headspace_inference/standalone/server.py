@@ -140,6 +140,7 @@ class SlowClientWorker(ThreadWorker):  # type: ignore[misc]
         conn.head_done = True
         conn.init()  # blocking, with gunicorn's parser, which reads the head from here
         conn.parser.unreader.unread(conn.head)
+        conn.head = b""
         conn.sock.settimeout(SOCKET_SECONDS)
         self._wrap_future(self.tpool.submit(self.handle, conn), conn)
 

@@ -123,6 +123,23 @@ def test_a_client_that_does_not_read_is_dropped_and_the_writer_goes_on(database_
         app_db.extensions["inference"].close()
 
 
+def test_a_quiet_stream_ends_at_its_limit_not_at_the_next_keep_alive(database_url: str) -> None:
+    # A stream holds a server thread: it must end at max_stream_seconds even when no event
+    # and no keep-alive is due before then.
+    app_db = create_app(overrides={"database": {"url": database_url}})
+    try:
+        sessions = app_db.extensions["inference"].database.sessions
+        feed = Feed(sessions, LocalTransport(), keepalive_seconds=15.0, max_stream_seconds=0.2)
+        stream = feed.open()
+        started = time.monotonic()
+        text = "".join(feed.sse(stream, [], monotonic=time.monotonic))
+        assert time.monotonic() - started < 5.0  # the limit and slack, far below 15 s
+        assert text.startswith("retry:") and feed.open_streams() == 0
+        feed.close()
+    finally:
+        app_db.extensions["inference"].close()
+
+
 def test_the_stream_limit_answers_503(
     apps: list[Flask], sqlite_url: str, emulator: Any, tmp_path: Path
 ) -> None:

@@ -216,3 +216,21 @@ def test_the_child_exit_hook_imports_nothing_when_it_runs(
     monkeypatch.setitem(sys.modules, "prometheus_client.multiprocess", None)
     hook(None, SimpleNamespace(pid=12345))
     assert not (tmp_path / "gauge_livesum_12345.db").exists()  # the dead worker's gauge left
+
+
+def test_serve_keeps_its_metrics_in_a_directory_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator's PROMETHEUS_MULTIPROC_DIR may hold files of theirs (an SQLite file, say):
+    # serve empties only its own subdirectory of earlier runs' values.
+    from headspace_inference.standalone.server import prepare_metrics_dir
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    (tmp_path / "data.db").write_bytes(b"the operator's")
+    own = Path(prepare_metrics_dir())
+    assert own.parent == tmp_path and os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(own)
+    (own / "counter_12345.db").write_bytes(b"")  # a worker's values from this run
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # the next start
+    assert Path(prepare_metrics_dir()) == own
+    assert (tmp_path / "data.db").read_bytes() == b"the operator's"
+    assert not (own / "counter_12345.db").exists()

@@ -21,6 +21,7 @@ from flask import Flask
 
 from headspace_inference import create_app
 from headspace_inference.operate.live import console_for
+from headspace_inference.page.views import SECURITY_HEADERS
 from tests.call_rows import call, write
 from tests.console.live_server import serving
 from tests.service_fixtures import settings_for
@@ -88,7 +89,11 @@ def test_the_operator_page_live(app: Flask, browser: Any) -> None:
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         expect = sync_api.expect
-        page.goto(f"{base}/inference")
+        # Its security headers: the page works under its Content-Security-Policy (a
+        # violation would be a console error, asserted absent below).
+        answer = page.goto(f"{base}/inference")
+        assert answer is not None
+        assert {k: answer.headers.get(k.lower()) for k in SECURITY_HEADERS} == SECURITY_HEADERS
 
         # The token is asked for, kept in the tab, and sent as a header.
         expect(page.locator("#token-form")).to_be_visible(timeout=WAIT_MS)
@@ -106,6 +111,10 @@ def test_the_operator_page_live(app: Flask, browser: Any) -> None:
             for b in bars.all()
         }
         assert drawn == expected
+        swatches = page.locator("#cost-chart .legend i")
+        expect(swatches).to_have_count(2)
+        colours = {s.evaluate("e => getComputedStyle(e).backgroundColor") for s in swatches.all()}
+        assert len(colours) == 2 and "rgba(0, 0, 0, 0)" not in colours
         expect(page.locator("#state")).to_have_attribute("data-state", "healthy", timeout=WAIT_MS)
         expect(page.locator("#calls-by-level tr[data-level=turn] td.num")).to_have_text("2")
         expect(page.locator("#call-table tbody tr")).to_have_count(5)
@@ -150,7 +159,9 @@ def test_the_page_needs_no_token_when_none_is_set(
 ) -> None:
     app = create_app(overrides=settings_for(sqlite_url, emulator, tmp_path))
     try:
-        app.test_client()  # the page's own HTML is public either way
+        client = app.test_client()  # the page's own HTML is public either way
+        json_answer = client.get("/api/inference/status")
+        assert json_answer.headers["X-Content-Type-Options"] == "nosniff"
         with serving(app) as base:
             page = browser.new_page()
             page.goto(f"{base}/inference")

@@ -462,9 +462,10 @@ class Feed:
             yield f"retry: 2000\n: {self.transport.name} feed\n\n"
             for call in replayed:
                 yield _event(call)
-            while monotonic() - started < self.max_stream_seconds:
+            while (left := self.max_stream_seconds - (monotonic() - started)) > 0:
+                # Waits at most to the stream's end: a quiet stream ends on time too.
                 try:
-                    call = stream.events.get(timeout=self.keepalive_seconds)
+                    call = stream.events.get(timeout=min(self.keepalive_seconds, left))
                 except queue.Empty:
                     yield ": keep-alive\n\n"
                     continue

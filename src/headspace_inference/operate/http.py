@@ -79,6 +79,13 @@ def ensure_started() -> None:
 bp.before_request(ensure_started)
 
 
+@bp.after_request
+def no_sniffing(response: Response) -> Response:
+    """Browsers take the API's answers as the type they say (JSON), never as a page."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+
 @bp.before_request
 def require_token() -> Response | None:
     """With api.token set, every route but the OpenAPI document wants it as a bearer token."""

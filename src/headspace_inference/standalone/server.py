@@ -1,19 +1,50 @@
-"""``headspace-inference serve``: the app under gunicorn, one service per worker process."""
+"""``headspace-inference serve``: the app under gunicorn, one service per worker process.
+
+A gthread worker runs each request on one of its ``--threads``, on a blocking socket: left
+as it is, a client that sends half a request, or stops reading a stream, holds that thread
+for as long as it likes. So this worker (``SlowClientWorker``) reads a request's head in
+its event loop, where waiting costs no thread, and gives the connection to a thread only
+once the head is complete (or refuses it at HEAD_SECONDS after the connection or beyond
+HEAD_MAX_BYTES); and a thread's socket reads and writes time out after SOCKET_SECONDS, so
+a stream whose client stopped reading ends and gives its thread and its slot back.
+
+A request's body can still trickle (within SOCKET_SECONDS a read) and connections are
+still counted per worker: in front of the open internet put a buffering proxy
+(examples/deploy/nginx.conf, README "Production").
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import selectors
 import tempfile
+import time
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .app import create_app
+
+# A request's head (request line and headers) must arrive whole within this many seconds
+# of the connection, and within this many bytes (nginx's default allows 32 KiB).
+HEAD_SECONDS = 10.0
+HEAD_MAX_BYTES = 64 * 1024
+# A thread's socket read that gets nothing, or write that is not done, within this many
+# seconds ends its request: a stream whose client stopped reading is dropped, its thread and
+# stream slot given back. (A write is one chunk of the answer: a whole JSON body, one event.)
+SOCKET_SECONDS = 10.0
+# The directory of its own that serve keeps its workers' metrics in, under a given
+# PROMETHEUS_MULTIPROC_DIR (it empties it at start; nothing else there is touched).
+METRICS_SUBDIR = "headspace-inference-metrics"
 
 
 class HeadspaceServer(BaseApplication):  # type: ignore[misc]
@@ -41,19 +72,121 @@ def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> Non
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
-class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]
-    """gunicorn's gthread worker, answering the requests it refuses itself in JSON.
+class _Conn(TConn):  # type: ignore[misc]
+    """A connection with the part of its request head received so far."""
+
+    def __init__(self, cfg: Any, sock: Any, client: Any, server: Any, deadline: float) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.head = b""
+        self.deadline = deadline
+        self.head_done = False  # handed to a thread, or ended
+
+
+class SlowClientWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker where slow or silent clients hold no thread (module
+    docstring), answering the requests it refuses itself in JSON.
 
     gunicorn answers a request it cannot parse (a request line over its limit of 4094 bytes,
     too many or too large headers, a malformed line) before the app sees it, with an HTML
-    page; clients of this API parse ``{"error": ..., "status": N}``.
+    page; clients of this API parse ``{"error": ..., "status": N}``. Runs with keep-alive
+    off (serve sets it), so every request arrives on a fresh connection, read here first.
     """
 
     def init_process(self) -> None:
         # Only in the worker, after the fork: write_error's one caller is the worker's
         # handle_error, which keeps choosing the status and logging the refusal.
         util.write_error = _write_json_error
+        # Connections still receiving their head, oldest (earliest deadline) first.
+        self._heads: deque[_Conn] = deque()
         super().init_process()
+
+    def accept(self, server: Any, listener: Any) -> None:
+        """gunicorn's accept, with the connection's head deadline."""
+        try:
+            sock, client = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        conn = _Conn(self.cfg, sock, client, server, time.monotonic() + HEAD_SECONDS)
+        self.nr_conns += 1
+        self._heads.append(conn)
+        with self._lock:
+            self.poller.register(
+                conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn)
+            )
+
+    def on_client_socket_readable(self, conn: _Conn, client: Any) -> None:
+        """Take what arrived; hand the connection to a thread once its head is whole."""
+        try:
+            data = conn.sock.recv(HEAD_MAX_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away before finishing its request
+            self._end(conn)
+            return
+        conn.head += data
+        end = conn.head.find(b"\r\n\r\n")
+        if (end + 4 if end >= 0 else len(conn.head)) > HEAD_MAX_BYTES:
+            self._refuse(conn, 431, "Request Header Fields Too Large",
+                         f"the request's head is over {HEAD_MAX_BYTES} bytes")  # fmt: skip
+            return
+        if end < 0:
+            return
+        with self._lock:
+            self.poller.unregister(client)
+        conn.head_done = True
+        conn.init()  # blocking, with gunicorn's parser, which reads the head from here
+        conn.parser.unreader.unread(conn.head)
+        conn.head = b""
+        conn.sock.settimeout(SOCKET_SECONDS)
+        self._wrap_future(self.tpool.submit(self.handle, conn), conn)
+
+    def murder_keepalived(self) -> None:
+        """Also end the connections whose head did not arrive in time (gunicorn calls this
+        from its loop about every second)."""
+        super().murder_keepalived()
+        now = time.monotonic()
+        while self._heads and (self._heads[0].head_done or self._heads[0].deadline <= now):
+            conn = self._heads.popleft()
+            if not conn.head_done:
+                late = f"the request's head did not arrive within {HEAD_SECONDS:g} s"
+                self._refuse(conn, 408, "Request Timeout", late)
+
+    def _refuse(self, conn: _Conn, status: int, reason: str, message: str) -> None:
+        self.log.info("%s:%s refused: %s", *_peer(conn.client), message)
+        with contextlib.suppress(OSError):  # a courtesy: the connection ends either way
+            _write_json_error(conn.sock, status, reason, message)
+        self._end(conn)
+
+    def _end(self, conn: _Conn) -> None:
+        if conn.head_done:
+            return
+        conn.head_done = True  # the sweep drops it from _heads
+        with self._lock, contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(conn.sock)
+        self.nr_conns -= 1
+        conn.close()
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        """gunicorn's, with a read or write past SOCKET_SECONDS ending the request in one
+        log line (the response, a stream say, is closed on the way out)."""
+        try:
+            return bool(super().handle_request(req, conn))
+        except TimeoutError:
+            self.log.warning(
+                "%s:%s %s %s: the client neither read nor sent for %g s; connection closed",
+                *_peer(conn.client), req.method, req.path, SOCKET_SECONDS,
+            )  # fmt: skip
+            return False
+
+
+def _peer(client: Any) -> tuple[str, str]:
+    if isinstance(client, tuple) and len(client) >= 2:
+        return str(client[0]), str(client[1])
+    return str(client), "-"
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
@@ -64,18 +197,19 @@ def _worker_exit(server: Any, worker: Any) -> None:
 
 
 def prepare_metrics_dir() -> str:
-    """PROMETHEUS_MULTIPROC_DIR for the workers' metrics, emptied of an earlier run's values
-    (a fresh temporary directory unless the variable names one). It must be set before any
-    worker imports prometheus_client, which reads it at import time."""
+    """PROMETHEUS_MULTIPROC_DIR for the workers' metrics: a fresh temporary directory, or,
+    when the variable names a directory, METRICS_SUBDIR in it, emptied of an earlier run's
+    values (only there: the operator's other files in the named directory are left alone).
+    It must be set before any worker imports prometheus_client, which reads it at import."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
-        path = Path(given)
+        path = Path(given) / METRICS_SUBDIR
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("*.db"):
             stale.unlink()
     else:
         path = Path(tempfile.mkdtemp(prefix="headspace-metrics-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return str(path)
 
 
@@ -106,7 +240,9 @@ def serve(host: str, port: int, workers: int, threads: int, timeout: int) -> Non
             "bind": f"{host}:{port}",
             "workers": workers,
             "threads": threads,
-            "worker_class": f"{__name__}.JsonErrorWorker",
+            "worker_class": f"{__name__}.SlowClientWorker",
+            # Every request on a fresh connection, whose head the worker reads off-thread.
+            "keepalive": 0,
             "timeout": timeout,
             "graceful_timeout": timeout,
             "worker_exit": _worker_exit,

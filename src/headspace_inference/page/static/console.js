@@ -157,9 +157,12 @@
         plot.append(label);
       }
     });
-    const legend = el("div", { class: "legend" }, models.map((model) =>
-      el("span", { "data-model": model }, [el("i", { style: "background:" +
-        colourOf(models, model) }), model])));
+    const legend = el("div", { class: "legend" }, models.map((model) => {
+      const swatch = el("i");
+      // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+      swatch.style.background = colourOf(models, model);
+      return el("span", { "data-model": model }, [swatch, model]);
+    }));
     if (!models.length) legend.append(el("span", { text: "no cost in this window" }));
     box.replaceChildren(plot, legend);
   }

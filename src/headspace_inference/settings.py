@@ -47,6 +47,7 @@ DAY = 86_400.0
 YEAR = 365 * DAY
 Seconds = Annotated[float, Field(gt=0, le=DAY)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
+MIB = 2**20
 
 
 # The drivers a PostgreSQL URL that names none is read with, in order of preference.
@@ -201,6 +202,9 @@ class CacheSettings(_Section):
     enabled: bool = True
     ttl_seconds: Annotated[float, Field(gt=0, le=YEAR)] = 300.0
     max_entries: PositiveInt = 10000
+    # What the memory tier may hold, in bytes of answers; an answer over an eighth of it is
+    # not kept there.
+    max_memory_bytes: Annotated[int, Field(ge=64 * 1024, le=64 * 1024 * MIB)] = 64 * MIB
 
 
 class RetrySettings(_Section):

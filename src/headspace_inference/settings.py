@@ -293,6 +293,8 @@ class OpenRouterSettings(_Section):
     timeout_seconds: Seconds = 30.0
     connect_timeout_seconds: Seconds = 5.0
     max_connections: PositiveInt = 64
+    # The most an answer may be, in bytes, on the wire and decoded; a larger one is refused.
+    max_response_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * MIB)] = 8 * MIB
     site_url: str = "https://github.com/claude-headspace"
     app_name: str = "Claude Headspace"
     # Level -> model, or models (primary first, then fallbacks); its keys are the levels

@@ -582,7 +582,7 @@ class OpenRouterClient:
             self._watchdog.watch(attempt)
             with self._exchange(request, wait, attempt) as response:
                 status = response.status_code
-                body = self._read(response, attempt, cap, method, url, max_bytes is None)
+                body = self._read(response, attempt, cap, method, url)
         except (httpx.HTTPError, httpx.InvalidURL, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not self._refused_as_closed():
                 raise  # not a closed client's refusal: a bug, shown as it is
@@ -621,7 +621,6 @@ class OpenRouterClient:
         cap: int,
         method: str,
         url: httpx.URL | str,
-        configured: bool,
     ) -> bytes:
         """The body, decoded a small step at a time, refused past ``cap`` bytes on the wire
         or decoded (a gzip bomb stops within a step of the cap) or past the deadline."""
@@ -629,10 +628,14 @@ class OpenRouterClient:
         for chunk in _decoded(response):
             body += chunk
             if len(body) > cap or response.num_bytes_downloaded > cap:
-                limit = "openrouter.max_response_bytes" if configured else "the limit"
+                limit = (
+                    "openrouter.max_response_bytes"
+                    if cap == self._settings.max_response_bytes
+                    else "this endpoint's limit"
+                )
                 raise InvalidResponseError(
-                    f"OpenRouter's answer to {method} {url} is over {cap} bytes ({limit}); "
-                    "not read further",
+                    f"OpenRouter's answer to {method} {url} is over {cap} bytes ({limit}), "
+                    "as sent or decoded; not read further",
                     retryable=False,  # another answer would be as large, and paid for
                     status_code=response.status_code,
                 )

@@ -11,6 +11,7 @@ import heapq
 import itertools
 import json
 import math
+import os
 import re
 import socket
 import ssl
@@ -245,13 +246,21 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
+        self._reset()
+        self._closed = False
+
+    def _reset(self) -> None:
+        # Also after a fork: the child has neither the parent's thread nor its attempts, and
+        # must not inherit a lock the thread may have held at the fork.
+        self._pid = os.getpid()
         self._due: list[tuple[float, int, _Attempt]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     def watch(self, attempt: _Attempt) -> None:
+        if self._pid != os.getpid():
+            self._reset()
         with self._wake:
             if self._closed:
                 return

@@ -6,6 +6,8 @@ final ones. Each test prints one `FAULT <name>: ...` line with its figures.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import tracemalloc
@@ -127,6 +129,41 @@ def test_a_trickle_ends_within_the_timeout_whatever_carries_the_request(
 
     assert isinstance(error, e.UpstreamTimeoutError), error
     assert elapsed < 1 + 3
+
+
+def _reap(pid: int, within: float = GIVE_UP_SECONDS) -> int | None:
+    """The child's exit status, or None (and the child killed) if it outlives ``within``."""
+    ends = time.monotonic() + within
+    while time.monotonic() < ends:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def test_a_forked_child_keeps_the_deadline(emulator: EmulatorServer) -> None:
+    # A client that has made requests (its deadline thread running) forked, as a process
+    # running the service may be: the child has no copy of the parent's thread.
+    settings = OpenRouterSettings(base_url=emulator.base_url, timeout_seconds=1)
+    client = OpenRouterClient(settings, api_key=TEST_KEY)
+    try:
+        ask(client)
+        emulator.script([Fault(trickle_ms=300)])
+        pid = os.fork()
+        if pid == 0:  # the child: a trickled answer must still end within its timeout
+            code = 2
+            try:
+                ask(client)
+            except e.UpstreamTimeoutError:
+                code = 0
+            finally:
+                os._exit(code)
+        assert _reap(pid) == 0
+    finally:
+        client.close()
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ DAY = 86_400.0
 YEAR = 365 * DAY
 Seconds = Annotated[float, Field(gt=0, le=DAY)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=DAY)]
+MIB = 2**20
 
 
 # The drivers a PostgreSQL URL that names none is read with, in order of preference.
@@ -214,6 +215,9 @@ class CacheSettings(_Section):
     enabled: bool = True
     ttl_seconds: Annotated[float, Field(gt=0, le=YEAR)] = 300.0
     max_entries: PositiveInt = 10000
+    # What the memory tier may hold, in bytes of answers; an answer over an eighth of it is
+    # not kept there.
+    max_memory_bytes: Annotated[int, Field(ge=64 * 1024, le=64 * 1024 * MIB)] = 64 * MIB
 
 
 class RetrySettings(_Section):
@@ -309,6 +313,8 @@ class OpenRouterSettings(_Section):
     timeout_seconds: Seconds = 30.0
     connect_timeout_seconds: Seconds = 5.0
     max_connections: PositiveInt = 64
+    # The most an answer may be, in bytes, on the wire and decoded; a larger one is refused.
+    max_response_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * MIB)] = 8 * MIB
     site_url: str = "https://github.com/claude-headspace"
     app_name: str = "Claude Headspace"
     # Level -> model, or models (primary first, then fallbacks); its keys are the levels

@@ -21,7 +21,8 @@ import pytest
 from tests.emulator_fixtures import TEST_KEY
 
 from headspace_inference.settings import OpenRouterSettings
-from headspace_inference.testing.emulator import EmulatorServer, Fault
+from headspace_inference.testing.emulator import PROVIDER_ERRORS, EmulatorServer, Fault
+from headspace_inference.testing.emulator.cli import parse_faults
 from headspace_inference.testing.emulator.server import PRICES, count_tokens
 
 HAIKU = "anthropic/claude-haiku-4.5"
@@ -348,6 +349,71 @@ def test_a_held_path_waits_until_released(emulator: EmulatorServer, http: httpx.
 # --------------------------------------------------------------------------- control endpoints
 
 
+@pytest.mark.parametrize("name", sorted(PROVIDER_ERRORS))
+def test_each_provider_error_shape_then_a_normal_answer(
+    emulator: EmulatorServer, http: httpx.Client, name: str
+) -> None:
+    emulator.script([PROVIDER_ERRORS[name]] * 2)
+    first, second, third = chat(http), chat(http), chat(http)
+
+    error = first.json()["error"]
+    assert first.status_code == second.status_code == (404 if name == "provider-404" else 400)
+    assert first.json() == second.json()
+    if name.startswith("provider-400-"):
+        assert (error["code"], error["message"]) == (int(name[-3:]), "Provider returned error")
+    if name == "provider-404":
+        assert error["metadata"] == {"provider_name": "Anthropic", "raw": ""}
+    if name == "no-models-provided":
+        assert error["message"] == "No models provided"
+    assert third.status_code == 200 and third.json()["choices"]
+
+
+def test_named_faults_from_the_command_line() -> None:
+    assert parse_faults("provider-404*3") == [PROVIDER_ERRORS["provider-404"]] * 3
+    assert parse_faults('{"status": 429}') == [Fault(status=429)]
+    assert parse_faults('{"message": "a*b"}*2') == [Fault(message="a*b")] * 2
+    for bad, said in [("nope", "neither JSON nor a named fault"), ("trickle*0", "at least 1")]:
+        with pytest.raises(ValueError, match=said):
+            parse_faults(bad)
+
+
+def test_a_huge_answer_is_sent_in_chunks_and_a_gzipped_one_inflates(
+    emulator: EmulatorServer, http: httpx.Client
+) -> None:
+    emulator.script([Fault(huge_bytes=3 * 2**20), Fault(huge_bytes=3 * 2**20, gzip=True)])
+    plain = chat(http)
+    assert plain.headers["transfer-encoding"] == "chunked"
+    assert plain.json()["choices"][0]["message"]["content"] == "x" * 3 * 2**20
+    assert plain.json()["usage"]["completion_tokens"] == 3 * 2**20 // 4
+    with http.stream("POST", CHAT, json=BODY) as packed:
+        wire = sum(len(piece) for piece in packed.iter_raw())
+        assert packed.headers["content-encoding"] == "gzip"
+    assert wire < 2**20 // 50  # about a thousandth of what it inflates to
+
+
+def test_a_trickled_answer_arrives_whole_one_byte_at_a_time(
+    emulator: EmulatorServer, http: httpx.Client
+) -> None:
+    emulator.script([Fault(trickle_ms=1)], path="/api/v1/key")
+    assert http.get("/api/v1/key").json()["data"]["label"]
+
+
+def test_faults_for_the_key_and_models_endpoints(
+    emulator: EmulatorServer, http: httpx.Client, control: httpx.Client
+) -> None:
+    scripted = {"path": "/api/v1/key", "faults": [{"status": 500}, {"drop": True}]}
+    assert control.post("/_emulator/faults", json=scripted).status_code == 200
+    emulator.script([Fault(huge_bytes=1000)], path="/api/v1/models")
+    assert http.get("/api/v1/key").status_code == 500
+    with pytest.raises(httpx.TransportError):
+        http.get("/api/v1/key")
+    assert http.get("/api/v1/key").status_code == 200
+    assert chat(http).status_code == 200  # the chat endpoint's faults are its own
+    assert http.get("/api/v1/models").json()["padding"] == "x" * 1000
+    refused = control.post("/_emulator/faults", json={"path": "/api/v1/x", "faults": []})
+    assert refused.status_code == 400
+
+
 def test_the_control_endpoints_script_a_server_from_outside(
     emulator: EmulatorServer, http: httpx.Client, control: httpx.Client
 ) -> None:
@@ -607,14 +673,15 @@ def test_runs_as_a_separate_process_and_ends_cleanly_on_sigterm(command: list[st
 
 
 def test_the_process_takes_faults_keys_and_chaos_as_flags(command: list[str]) -> None:
-    faults = ['{"status": 429, "retry_after": 3}', '{"status": 503}']
-    flags = [f"--fault={faults[0]}", f"--fault={faults[1]}", "--chaos=5", "--chaos-mix=ok=1"]
+    faults = ['{"status": 429, "retry_after": 3}', '{"status": 503}', "provider-400-524*2"]
+    flags = [*(f"--fault={f}" for f in faults), "--chaos=5", "--chaos-mix=ok=1"]
     proc, base_url = _start(command, f"--accept-key={TEST_KEY}", "--latency-ms=1", *flags)
     try:
         with httpx.Client(headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=10) as client:
-            statuses = [client.post(f"{base_url}/chat/completions", json=BODY) for _ in range(3)]
-            assert [r.status_code for r in statuses] == [429, 503, 200]
+            statuses = [client.post(f"{base_url}/chat/completions", json=BODY) for _ in range(5)]
+            assert [r.status_code for r in statuses] == [429, 503, 400, 400, 200]
             assert statuses[0].headers["retry-after"] == "3"
+            assert statuses[3].json()["error"]["code"] == 524
             assert client.get(f"{base_url}/key").status_code == 200
         other = httpx.get(f"{base_url}/key", headers={"Authorization": "Bearer sk-or-v1-other"})
         assert other.status_code == 401

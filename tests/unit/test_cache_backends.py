@@ -25,6 +25,7 @@ from headspace_inference.inference.cache import (
     RedisCache,
     ResponseCache,
     TieredCache,
+    entry_bytes,
     request_key,
 )
 from headspace_inference.inference.redis_support import RedisGuard
@@ -367,6 +368,37 @@ def test_memory_bound_holds_under_concurrent_puts(fake_clock: FakeClock) -> None
     stats = cache.stats()
     assert stats["entries"] == 50
     assert stats["evictions"] == threads_n * puts - 50
+
+
+def test_memory_holds_at_most_its_bytes_and_never_an_answer_over_an_eighth(
+    fake_clock: FakeClock,
+) -> None:
+    bound = 256 * 1024
+    cache = MemoryCache(CacheSettings(max_memory_bytes=bound), clock=fake_clock)
+    for n in range(40):  # 40 answers of 20 KB: 800 KB offered
+        cache.put(key(n), answer("x" * 20_000))
+        assert cache.stats()["bytes"] <= bound
+    stats = cache.stats()
+    assert stats["entries"] == bound // entry_bytes(answer("x" * 20_000))
+    assert cache.get(key(39)) is not None and cache.get(key(0)) is None  # oldest went first
+    kept = cache.stats()["bytes"]
+    cache.put(key("big"), answer("x" * (bound // 8)))  # over an eighth: not kept
+    assert cache.get(key("big")) is None
+    assert (cache.stats()["bytes"], cache.stats()["too_large"]) == (kept, 1)
+    cache.put(key(39), answer("x" * (bound // 8)))  # nor kept when it replaces an entry
+    assert cache.get(key(39)) is None
+    assert cache.stats()["bytes"] == kept - entry_bytes(answer("x" * 20_000))
+
+
+def test_memory_bytes_follow_expiry_and_clear(fake_clock: FakeClock) -> None:
+    cache = MemoryCache(CacheSettings(ttl_seconds=10), clock=fake_clock)
+    cache.put(key(1), answer("x" * 1000))
+    cache.put(key(2), answer("y" * 1000), ttl=100)
+    fake_clock.advance(10)
+    assert cache.get(key(1)) is None
+    assert cache.stats()["bytes"] == entry_bytes(answer("y" * 1000))
+    cache.clear()
+    assert cache.stats()["bytes"] == 0
 
 
 # --------------------------------------------------------------------------- Redis only

@@ -1,12 +1,13 @@
 """The response cache, keyed by everything that decides an answer: a memory tier (TTL, LRU
-bound) and, when Redis is configured, a shared tier behind it; or NullCache when the cache
-is disabled, so that callers never ask whether it is."""
+bounds in entries and bytes) and, when Redis is configured, a shared tier behind it; or
+NullCache when the cache is disabled, so that callers never ask whether it is."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -93,19 +94,39 @@ class _Counters:
         }
 
 
+# What an entry besides its text is counted as: the rest of the answer, the key, the slot.
+_ENTRY_OVERHEAD = 1024
+# An answer over this fraction of max_memory_bytes is not kept in memory: one would push
+# out many smaller ones.
+_LARGEST_FRACTION = 8
+
+
+def entry_bytes(answer: Answer) -> int:
+    """What a cached answer counts against cache.max_memory_bytes: its text as Python holds
+    it, twice when a structured answer's parsed data (a parse of that text) is kept beside
+    it, and a fixed overhead for the rest."""
+    text = sys.getsizeof(answer.text)
+    return text * (1 if answer.data is None else 2) + _ENTRY_OVERHEAD
+
+
 class MemoryCache:
-    """A per-process cache: TTL on the injected clock, least recently used evicted first,
-    O(1) per operation, every counter updated under the one lock."""
+    """A per-process cache: TTL on the injected clock, least recently used evicted first
+    while over max_entries or max_memory_bytes, O(1) per operation (amortized), every
+    counter updated under the one lock."""
 
     def __init__(self, settings: CacheSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._ttl = settings.ttl_seconds
         self._max = settings.max_entries
+        self._max_bytes = settings.max_memory_bytes
+        self._largest = settings.max_memory_bytes // _LARGEST_FRACTION
         self._clock = clock
-        self._data: OrderedDict[str, tuple[float, Answer]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, Answer, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
         self._counters = _Counters()
         self.evictions = 0
         self.expirations = 0
+        self.too_large = 0
 
     def get(self, key: str) -> Answer | None:
         now = self._clock.monotonic()
@@ -114,9 +135,10 @@ class MemoryCache:
             if item is None:
                 self._counters.misses += 1
                 return None
-            expires, value = item
+            expires, value, size = item
             if now >= expires:
                 del self._data[key]
+                self._bytes -= size
                 self.expirations += 1
                 self._counters.misses += 1
                 return None
@@ -135,11 +157,18 @@ class MemoryCache:
 
     def put(self, key: str, value: Answer, ttl: float | None = None) -> None:
         expires = self._clock.monotonic() + (self._ttl if ttl is None else ttl)
+        size = entry_bytes(value)
         with self._lock:
-            self._data[key] = (expires, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self._max:
-                self._data.popitem(last=False)
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            if size > self._largest:
+                self.too_large += 1
+                return
+            self._data[key] = (expires, value, size)
+            self._bytes += size
+            while len(self._data) > self._max or self._bytes > self._max_bytes:
+                self._bytes -= self._data.popitem(last=False)[1][2]
                 self.evictions += 1
 
     def stats(self) -> dict[str, Any]:
@@ -148,14 +177,18 @@ class MemoryCache:
                 "backend": "memory",
                 "entries": len(self._data),
                 "max_entries": self._max,
+                "bytes": self._bytes,
+                "max_bytes": self._max_bytes,
                 "evictions": self.evictions,
                 "expirations": self.expirations,
+                "too_large": self.too_large,
                 **self._counters.as_dict(),
             }
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._bytes = 0
 
     def health(self) -> str | None:
         return None

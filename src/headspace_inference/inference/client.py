@@ -5,13 +5,19 @@ httpx errors are translated here and nowhere else; callers only see our error tr
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import heapq
+import itertools
 import json
 import math
+import os
 import re
+import socket
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -36,6 +42,7 @@ from .errors import (
     UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
+    classify,
     error_for_status,
 )
 from .pricing import PriceTable
@@ -44,6 +51,13 @@ from .types import Answer, GenerationParams
 
 _SHOWN_BYTES = 200
 _USER_AGENT = f"headspace-inference/{__version__} httpx/{httpx.__version__}"
+
+# GET /models lists every model OpenRouter has (about 1 MB in 2026): its own cap, well above
+# that, whatever openrouter.max_response_bytes allows an answer.
+MODELS_MAX_BYTES = 64 * 2**20
+# The raw body is decoded this many bytes at a time: deflate inflates at most about 1,032
+# times, so one step of a gzip bomb makes at most about 4 MiB before the cap is checked.
+_DECODE_STEP = 4096
 
 
 # A Retry-After longer than this is taken as this: a day is longer than any real
@@ -161,6 +175,147 @@ def _metadata_note(metadata: Mapping[str, Any]) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
+def _shut(stream: Any) -> None:
+    # Shut down, not closed: a thread blocked reading a socket wakes when it is shut down,
+    # not when another thread closes it.
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+# The watchdog acts this long after an attempt's deadline: a read that times out on its own
+# (httpx's per-read timeout, as long as the attempt's) says so first.
+_GRACE_SECONDS = 0.25
+
+
+class _Attempt:
+    """One request's deadline, and the connection carrying it once known (httpcore's
+    network stream): just past the deadline the connection is shut down, whatever it is
+    doing.
+
+    Real time, as httpx's own timeouts are: the deadline bounds a wait on the network.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.expired = False
+        self._done = False
+        self._stream: Any = None
+        self._lock = threading.Lock()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace extension: a new connection (or its TLS layer) is this one's."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            self.carry(info.get("return_value"))
+
+    def carry(self, stream: Any) -> None:
+        """The connection carrying the request is ``stream`` (None: not known)."""
+        if stream is None:
+            return
+        with self._lock:
+            if self._done:
+                return
+            self._stream = stream
+            if self.expired:
+                _shut(stream)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            _shut(self._stream)
+
+    def finish(self) -> None:
+        """Over: from now on its connection is never shut down for it (it may carry the
+        next request)."""
+        with self._lock:
+            self._done = True
+            self._stream = None
+
+    def past(self) -> bool:
+        return self.expired or time.monotonic() >= self.deadline
+
+
+class _Watchdog:
+    """Expires attempts at their deadlines: one thread, started by the first request and
+    ended by close(), asleep until the nearest deadline. An attempt that finished early
+    stays queued until its deadline, then is dropped (expiring a finished one does nothing).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        self._closed = False
+
+    def _reset(self) -> None:
+        # Also after a fork: the child has neither the parent's thread nor its attempts, and
+        # must not inherit a lock the thread may have held at the fork.
+        self._pid = os.getpid()
+        self._due: list[tuple[float, int, _Attempt]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, attempt: _Attempt) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._wake:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="openrouter-deadlines", daemon=True
+                )
+                self._thread.start()
+            due = attempt.deadline + _GRACE_SECONDS
+            heapq.heappush(self._due, (due, next(self._order), attempt))
+            if self._due[0][2] is attempt:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and (not self._due or self._due[0][0] > time.monotonic()):
+                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                if self._closed:
+                    return
+                _, _, attempt = heapq.heappop(self._due)
+            attempt.expire()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._due.clear()
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+
+class _RawPieces(httpx.SyncByteStream):
+    """A response's raw (still encoded) body, in pieces of at most _DECODE_STEP bytes."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._response.iter_raw(_DECODE_STEP)
+
+
+def _decoded(response: httpx.Response) -> Iterator[bytes]:
+    if response.is_stream_consumed:
+        # Read whole by its transport already (an in-memory one, such as a test's).
+        return response.iter_bytes(_DECODE_STEP)
+    # httpx decodes a body one piece of its stream at a time, as its headers say (gzip,
+    # deflate...); fed small pieces, it never inflates much at once.
+    pieces = httpx.Response(
+        response.status_code, headers=response.headers, stream=_RawPieces(response)
+    )
+    return pieces.iter_bytes()
+
+
 class ClientSlots:
     """At most ``size`` requests at once, each on a single-connection ``httpx.Client`` of
     its own, checked out for the request and back once its body has been read.
@@ -179,6 +334,8 @@ class ClientSlots:
         self._free = threading.BoundedSemaphore(size)
         self._idle: list[httpx.Client] = []
         self._all: list[httpx.Client] = []
+        # Each slot's connection, as its last response showed it (by id of the slot's client).
+        self._streams: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._closed = False
         # One TLS context for every connection: building one loads the CA bundle, a cost
@@ -189,8 +346,14 @@ class ClientSlots:
     def is_closed(self) -> bool:
         return self._closed
 
-    def send(self, request: httpx.Request, wait: float | None) -> httpx.Response:
-        """``request`` sent and its body read, over a free slot; raises as httpx does."""
+    @contextlib.contextmanager
+    def stream(
+        self, request: httpx.Request, wait: float | None, attempt: _Attempt
+    ) -> Iterator[httpx.Response]:
+        """``request`` sent over a free slot, its response open for reading until the block
+        ends; raises as httpx does. ``attempt`` learns the slot's connection up front (a
+        slot has one, and a request reuses it): a deadline then ends it even while its
+        answer's headers are still coming."""
         bounded = wait is not None and math.isfinite(wait)
         if not self._free.acquire(timeout=wait if bounded else None):
             raise httpx.PoolTimeout(f"no free connection within {wait:g} s", request=request)
@@ -200,8 +363,16 @@ class ClientSlots:
             self._free.release()
             raise
         try:
-            return client.send(request, auth=None, follow_redirects=False)
+            attempt.carry(self._streams.get(id(client)))
+            response = client.send(request, auth=None, follow_redirects=False, stream=True)
+            self._streams[id(client)] = response.extensions.get("network_stream")
+            try:
+                yield response
+            finally:
+                attempt.finish()
+                response.close()
         finally:
+            attempt.finish()
             # No lock: close() closes every client it ever opened, so one put back after a
             # close is closed already, and a request that takes it fails as on a closed one.
             self._idle.append(client)
@@ -306,6 +477,7 @@ class OpenRouterClient:
             else "the pool of the given "
             + ("httpx.Client" if http_client is not None else "transport")
         )
+        self._watchdog = _Watchdog()
         self._closed = False
         base = settings.base_url
         self._chat_url = _parsed(f"{base}/chat/completions")
@@ -317,6 +489,7 @@ class OpenRouterClient:
         self._closed = True
         if isinstance(self._sender, ClientSlots):
             self._sender.close()
+        self._watchdog.close()
 
     def _refused_as_closed(self) -> bool:
         return self._closed or self._sender.is_closed
@@ -354,8 +527,10 @@ class OpenRouterClient:
             body["provider"] = provider
         if schema is not None:
             body["response_format"] = schema.response_format()
-        response = self._send("POST", self._chat_url, content=json.dumps(body).encode())
-        answer = self._answer(self._json(response), model, fallbacks=bool(fallbacks))
+        status, data = self._send(
+            "POST", self._chat_url, content=json.dumps(body).encode(), model_named=True
+        )
+        answer = self._answer(self._json(status, data), model, fallbacks=bool(fallbacks))
         return answer if schema is None else self.structured(answer, schema)
 
     @staticmethod
@@ -373,11 +548,13 @@ class OpenRouterClient:
 
     def get_key(self, *, timeout: float) -> dict[str, Any]:
         """GET /key: the key's account details (proves the key works)."""
-        return self._json(self._send("GET", self._key_url, timeout=timeout))
+        return self._json(*self._send("GET", self._key_url, timeout=timeout))
 
     def list_models(self, *, timeout: float) -> dict[str, Any]:
-        """GET /models: the model list (proves OpenRouter answers)."""
-        return self._json(self._send("GET", self._models_url, timeout=timeout))
+        """GET /models: the model list (proves OpenRouter answers); at most MODELS_MAX_BYTES."""
+        return self._json(
+            *self._send("GET", self._models_url, timeout=timeout, max_bytes=MODELS_MAX_BYTES)
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -388,32 +565,98 @@ class OpenRouterClient:
         *,
         content: bytes | None = None,
         timeout: float | None = None,
-    ) -> httpx.Response:
+        max_bytes: int | None = None,
+        model_named: bool = False,
+    ) -> tuple[int, bytes]:
+        """(status, decoded body) of one request, which ends within its timeout (the whole
+        of it: waiting for a connection, sending, and the answer to its last byte) and
+        whose body is at most ``max_bytes`` (openrouter.max_response_bytes), on the wire
+        and decoded; an error status raises its UpstreamError."""
         if self._closed:
             raise self._closed_error()
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
+        attempt = _Attempt(self._settings.timeout_seconds if timeout is None else timeout)
+        cap = self._settings.max_response_bytes if max_bytes is None else max_bytes
         try:
             # Built here, not by the client: an absolute URL and only our headers, so a
             # host's client (its base_url, headers, params, cookies) cannot redirect or
             # add to the call. The timeout is the documented per-request extension, as
             # httpx's own build_request sets it; auth=None: the Authorization is ours.
+            # The trace extension tells the attempt which connection carries it.
             request = httpx.Request(
                 method, url, headers=self._headers, content=content,
-                extensions={"timeout": self._timeouts if timeout is None else wait.as_dict()},
+                extensions={"timeout": self._timeouts if timeout is None else wait.as_dict(),
+                            "trace": attempt.trace},
             )  # fmt: skip
-            # Not streamed: the body is read, and the connection back in the pool, on return.
-            sender = self._sender
-            if isinstance(sender, ClientSlots):
-                response = sender.send(request, wait.pool)
-            else:
-                response = sender.send(request, auth=None, follow_redirects=False)
+            self._watchdog.watch(attempt)
+            with self._exchange(request, wait, attempt) as response:
+                status = response.status_code
+                body = self._read(response, attempt, cap, method, url)
         except (httpx.HTTPError, httpx.InvalidURL, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not self._refused_as_closed():
                 raise  # not a closed client's refusal: a bug, shown as it is
+            if attempt.expired and not isinstance(exc, httpx.TimeoutException):
+                raise self._late(attempt, method, url) from self._redacted(exc)
             raise self._translate(exc, method, url, wait) from self._redacted(exc)
-        if response.status_code >= 400:
-            raise self._http_error(response)
-        return response
+        finally:
+            attempt.finish()
+        if status >= 400:
+            raise self._http_error(response, body, model_named=model_named)
+        return status, body
+
+    @contextlib.contextmanager
+    def _exchange(
+        self, request: httpx.Request, wait: httpx.Timeout, attempt: _Attempt
+    ) -> Iterator[httpx.Response]:
+        """The response to ``request``, open for reading until the block ends."""
+        sender = self._sender
+        if isinstance(sender, ClientSlots):
+            with sender.stream(request, wait.pool, attempt) as response:
+                yield response
+            return
+        response = sender.send(request, auth=None, follow_redirects=False, stream=True)
+        attempt.carry(response.extensions.get("network_stream"))
+        try:
+            yield response
+        finally:
+            # Finished first: once closed, its connection may carry another request.
+            attempt.finish()
+            response.close()
+
+    def _read(
+        self,
+        response: httpx.Response,
+        attempt: _Attempt,
+        cap: int,
+        method: str,
+        url: httpx.URL | str,
+    ) -> bytes:
+        """The body, decoded a small step at a time, refused past ``cap`` bytes on the wire
+        or decoded (a gzip bomb stops within a step of the cap) or past the deadline."""
+        body = bytearray()
+        for chunk in _decoded(response):
+            body += chunk
+            if len(body) > cap or response.num_bytes_downloaded > cap:
+                limit = (
+                    "openrouter.max_response_bytes"
+                    if cap == self._settings.max_response_bytes
+                    else "this endpoint's limit"
+                )
+                raise InvalidResponseError(
+                    f"OpenRouter's answer to {method} {url} is over {cap} bytes ({limit}), "
+                    "as sent or decoded; not read further",
+                    retryable=False,  # another answer would be as large, and paid for
+                    status_code=response.status_code,
+                )
+            if attempt.past():
+                raise self._late(attempt, method, url)
+        return bytes(body)
+
+    def _late(self, attempt: _Attempt, method: str, url: httpx.URL | str) -> UpstreamTimeoutError:
+        return UpstreamTimeoutError(
+            f"OpenRouter did not answer in time (no whole answer within {attempt.seconds:g} s "
+            f"on {method} {url})"
+        )
 
     def _translate(
         self, exc: Exception, method: str, url: httpx.URL | str, wait: httpx.Timeout
@@ -488,26 +731,32 @@ class OpenRouterClient:
         text = self._clean(window.decode("utf-8", "replace"))[:_SHOWN_BYTES]
         return repr(text) + (" ..." if len(content) > _SHOWN_BYTES else "")
 
-    def _http_error(self, response: httpx.Response) -> UpstreamError:
+    def _http_error(
+        self, response: httpx.Response, body: bytes, *, model_named: bool
+    ) -> UpstreamError:
         status = response.status_code
-        cls = error_for_status(status)
         code: int | str | None = status
+        said = ""
         metadata: dict[str, Any] = {}
         try:
-            payload = response.json()
+            payload = json.loads(body)
         except ValueError:
             payload = None
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict):
-            message = self._clean(error.get("message") or response.reason_phrase)
+            said = self._clean(error.get("message") or response.reason_phrase)
+            message = said
             code = error.get("code", status)
             if isinstance(error.get("metadata"), dict):
                 metadata = self._scrub(error["metadata"])
                 message += _metadata_note(metadata)
         elif payload is None:
-            message = f"the body is not JSON: {self._preview(response.content)}"
+            message = f"the body is not JSON: {self._preview(body)}"
         else:
-            message = f"{response.reason_phrase or 'error'}; body {self._preview(response.content)}"
+            message = f"{response.reason_phrase or 'error'}; body {self._preview(body)}"
+        cls = classify(status, code, said, model_named=model_named)
+        if cls is not error_for_status(status):
+            message += " (a provider's transient failure, whatever the status says)"
         return cls(
             f"OpenRouter answered {status} ({cls.__name__}): {message}",
             status_code=status,
@@ -516,26 +765,24 @@ class OpenRouterClient:
             metadata=metadata,
         )
 
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
+    def _json(self, status: int, body: bytes) -> dict[str, Any]:
         try:
-            data = response.json()
+            data = json.loads(body)
         except ValueError as exc:
             raise InvalidResponseError(
-                f"OpenRouter answered {response.status_code} with a body that is not JSON: "
-                f"{self._preview(response.content)}",
-                status_code=response.status_code,
+                f"OpenRouter answered {status} with a body that is not JSON: {self._preview(body)}",
+                status_code=status,
             ) from self._redacted(exc)
         except RecursionError:
             raise InvalidResponseError(
-                f"OpenRouter answered {response.status_code} with JSON nested deeper than "
-                "it can be read",
-                status_code=response.status_code,
+                f"OpenRouter answered {status} with JSON nested deeper than it can be read",
+                status_code=status,
             ) from None
         if not isinstance(data, dict):
             raise InvalidResponseError(
-                f"OpenRouter answered {response.status_code} with JSON that is not an object: "
-                f"{self._preview(response.content)}",
-                status_code=response.status_code,
+                f"OpenRouter answered {status} with JSON that is not an object: "
+                f"{self._preview(body)}",
+                status_code=status,
             )
         return data
 

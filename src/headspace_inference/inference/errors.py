@@ -19,7 +19,8 @@ InferenceError                      base; carries retryable, retry_after, status
     ├── TransportError              no HTTP answer at all (retryable)
     │   ├── UpstreamTimeoutError    connect, read, write or pool timeout
     │   └── UpstreamConnectionError refused, reset or dropped connection
-    ├── BadRequestError             400: the request itself is invalid (final)
+    ├── BadRequestError             400: the request itself is invalid (final; see
+    │                               classify for a provider's failure dressed as one)
     ├── AuthenticationError         401: the key is missing, wrong or revoked (final)
     ├── InsufficientCreditsError    402: the account has no credits left (final)
     ├── ModerationError             403: input flagged by moderation (final)
@@ -71,6 +72,7 @@ __all__ = [
     "UpstreamRateLimitError",
     "UpstreamServerError",
     "UpstreamTimeoutError",
+    "classify",
     "error_for_status",
 ]
 
@@ -276,3 +278,40 @@ def error_for_status(status_code: int) -> type[UpstreamError]:
         return UpstreamServerError
     # Any other 4xx is the request's fault and will not get better by retrying.
     return BadRequestError
+
+
+# OpenRouter passes a provider's failure through, and some arrive with a final-looking
+# status (users' reports against its SDKs and clients: OPENROUTER.md); a retry of the same
+# request then succeeds. Matched on the start of OpenRouter's error message.
+_PROVIDER_FAILED = "provider returned error"
+_NO_MODELS = "no models provided"
+
+
+def classify(
+    status_code: int, code: object, message: str, *, model_named: bool = False
+) -> type[UpstreamError]:
+    """The exception class for an HTTP error from OpenRouter, by its status and its body's
+    ``error.code`` and ``error.message``; ``model_named``: the request named a model.
+
+    ======  ===========================================  ============================
+    status  body                                         class
+    ======  ===========================================  ============================
+    400     code 408, 429 or 5xx ("Provider returned     the code's (UpstreamServer-
+    404     error" carrying 502, 503, 524, 529...)       Error for 5xx): retried
+    404     "Provider returned error"                    UpstreamServerError: retried
+    400     "No models provided", for a request that     UpstreamServerError: retried
+            named one
+    any     anything else (a caller's own bad request:   error_for_status(status)
+            code 400, a schema error, an unknown model)
+    ======  ===========================================  ============================
+    """
+    said = message.strip().lower()
+    if status_code in (400, 404) and type(code) is int and code != status_code:
+        carried = error_for_status(code)
+        if carried.retryable:
+            return carried
+    if status_code == 404 and said.startswith(_PROVIDER_FAILED):
+        return UpstreamServerError
+    if status_code == 400 and model_named and said.startswith(_NO_MODELS):
+        return UpstreamServerError
+    return error_for_status(status_code)

@@ -1,5 +1,21 @@
 """The local OpenRouter stand-in (``headspace-inference openrouter-emulator``)."""
 
-from .server import DEFAULT_CHAOS_MIX, REQUEST_THREAD, EmulatorServer, Fault, ReceivedRequest
+from .server import (
+    DEFAULT_CHAOS_MIX,
+    NAMED_FAULTS,
+    PROVIDER_ERRORS,
+    REQUEST_THREAD,
+    EmulatorServer,
+    Fault,
+    ReceivedRequest,
+)
 
-__all__ = ["DEFAULT_CHAOS_MIX", "REQUEST_THREAD", "EmulatorServer", "Fault", "ReceivedRequest"]
+__all__ = [
+    "DEFAULT_CHAOS_MIX",
+    "NAMED_FAULTS",
+    "PROVIDER_ERRORS",
+    "REQUEST_THREAD",
+    "EmulatorServer",
+    "Fault",
+    "ReceivedRequest",
+]

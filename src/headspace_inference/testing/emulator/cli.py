@@ -12,7 +12,7 @@ from typing import TextIO
 
 import click
 
-from .server import DEFAULT_CHAOS_MIX, EmulatorServer, Fault, check_chaos_mix
+from .server import DEFAULT_CHAOS_MIX, NAMED_FAULTS, EmulatorServer, Fault, check_chaos_mix
 
 
 def parse_fault(text: str) -> Fault:
@@ -22,6 +22,24 @@ def parse_fault(text: str) -> Fault:
     except ValueError as exc:
         raise ValueError(f"--fault {text!r} is not JSON: {exc}") from exc
     return Fault.from_dict(data)
+
+
+def parse_faults(text: str) -> list[Fault]:
+    """``--fault``'s value: a fault as JSON, or by name (e.g. ``provider-400-502``), either
+    optionally followed by ``*N`` to send it N times in a row."""
+    spec, count = text.strip(), 1
+    head, star, times = spec.rpartition("*")
+    if star and times.strip().isdigit():
+        spec, count = head.strip(), int(times)
+        if count < 1:
+            raise ValueError(f"--fault {text!r}: the count after * must be at least 1")
+    if spec in NAMED_FAULTS:
+        return [NAMED_FAULTS[spec]] * count
+    if not spec.startswith("{"):
+        raise ValueError(
+            f"--fault {spec!r} is neither JSON nor a named fault ({', '.join(NAMED_FAULTS)})"
+        )
+    return [parse_fault(spec)] * count
 
 
 def parse_chaos_mix(text: str | None) -> dict[str, float]:
@@ -52,7 +70,7 @@ def build(
     chaos_hang_ms: int = 3000,
 ) -> EmulatorServer:
     """An emulator (bound, not yet serving) configured from command-line values."""
-    scripted = [parse_fault(f) for f in faults]
+    scripted = [fault for text in faults for fault in parse_faults(text)]
     mix = parse_chaos_mix(chaos_mix)
     keys = set(accept_keys)
     server = EmulatorServer(host, port, latency_ms=latency_ms, accept_keys=keys or None)
@@ -85,7 +103,13 @@ def _interrupt(signum: int, frame: types.FrameType | None) -> None:
 @click.option("--port", default=8099, show_default=True, type=int, help="0 picks a free port")
 @click.option("--latency-ms", default=0, show_default=True, type=int, help="per chat answer")
 @click.option("--accept-key", multiple=True, help="A key to accept (default: any sk-or-...).")
-@click.option("--fault", multiple=True, help='A scripted fault as JSON, e.g. {"status": 429}.')
+@click.option(
+    "--fault",
+    multiple=True,
+    help='A scripted fault as JSON, e.g. {"status": 429}, or by name (provider-400-502, '
+    "provider-400-503, provider-400-524, provider-400-529, provider-404, no-models-provided, "
+    "trickle, huge, gzip-bomb); a trailing *N sends it N times.",
+)
 @click.option("--chaos", type=int, default=None, help="Seed for random faults.")
 @click.option("--chaos-mix", default=None, help="outcome=weight,... e.g. ok=0.8,429=0.1,drop=0.1")
 @click.option("--chaos-hang-ms", default=3000, show_default=True, type=int)

@@ -11,7 +11,9 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -78,6 +80,14 @@ class Fault:
     content: str | None = None  # the answer's text exactly (e.g. invalid JSON for a schema)
     reasoning_tokens: int = 0  # reasoning tokens the answer reports (counted as output)
     served_model: str | None = None  # the model the answer says answered, whatever did
+    code: int | None = None  # the error body's inner code, when it is not the HTTP status
+    # The whole answer, status line first, sent one byte every trickle_ms (a slow upstream
+    # that never lets a read time out).
+    trickle_ms: int = 0
+    # The answer's text (or, off the chat endpoint, a "padding" field) is this many bytes,
+    # streamed in chunks and never held whole.
+    huge_bytes: int = 0
+    gzip: bool = False  # the body gzip-compressed as it is sent (with huge_bytes: a bomb)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fault:
@@ -88,6 +98,28 @@ class Fault:
         if unknown:
             raise ValueError(f"unknown fault field(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+# OpenRouter's transient provider failures that arrive with a final-looking status (see
+# docs: users' reports against its SDKs): a retry of the same request succeeds.
+_PROVIDER = {"provider_name": "Anthropic", "raw": ""}
+PROVIDER_ERRORS: dict[str, Fault] = {
+    **{
+        f"provider-400-{code}": Fault(
+            status=400, code=code, message="Provider returned error", metadata=_PROVIDER
+        )
+        for code in (502, 503, 524, 529)
+    },
+    "provider-404": Fault(status=404, message="Provider returned error", metadata=_PROVIDER),
+    "no-models-provided": Fault(status=400, message="No models provided"),
+}
+# Faults by name, for the command line (``--fault NAME`` or ``--fault NAME*3``).
+NAMED_FAULTS: dict[str, Fault] = {
+    **PROVIDER_ERRORS,
+    "trickle": Fault(trickle_ms=1000),
+    "huge": Fault(huge_bytes=50 * 2**20),
+    "gzip-bomb": Fault(huge_bytes=300 * 2**20, gzip=True),
+}
 
 
 _NAMED_OUTCOMES = frozenset({"ok", "timeout", "drop", "error_in_200", "no_choices"})
@@ -209,6 +241,8 @@ class _State:
         self.latency_ms = latency_ms
         self.accept_keys = accept_keys
         self.faults: deque[Fault] = deque()
+        # Scripted answers to GET /key and GET /models, by path.
+        self.path_faults: dict[str, deque[Fault]] = {}
         self.requests: deque[ReceivedRequest] = deque(maxlen=200_000)
         self.generations: dict[str, dict[str, Any]] = {}
         self.chaos: random.Random | None = None
@@ -221,6 +255,11 @@ class _State:
         self.prompt_cache: set[str] = set()
         # The body GET /models answers with instead of the catalogue (None: the catalogue).
         self.models_body: str | None = None
+
+    def next_path_fault(self, path: str) -> Fault | None:
+        with self.lock:
+            queue = self.path_faults.get(path)
+            return queue.popleft() if queue else None
 
     def next_fault(self) -> Fault | None:
         with self.lock:
@@ -256,6 +295,7 @@ class _State:
                 gate.set()
             self.held.clear()
             self.faults.clear()
+            self.path_faults.clear()
             self.requests.clear()
             self.chaos = None
             self.latency_ms = 0
@@ -294,7 +334,17 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return raw.decode("utf-8", "replace")
 
-    def _send(self, status: int, payload: Any, *, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        fault: Fault | None = None,
+    ) -> None:
+        if fault is not None and (fault.trickle_ms or fault.huge_bytes or fault.gzip):
+            self._send_shaped(status, payload, fault, headers or {})
+            return
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -304,14 +354,50 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_shaped(
+        self, status: int, payload: dict[str, Any], fault: Fault, headers: dict[str, str]
+    ) -> None:
+        """``payload`` as ``fault`` shapes it: padded to a huge size, gzipped, trickled; a
+        huge or gzipped body goes out in chunks as it is made, never held whole."""
+        pieces = _json_pieces(payload, fault.huge_bytes)
+        if fault.gzip:
+            pieces = _gzipped(pieces)
+            headers = {**headers, "Content-Encoding": "gzip"}
+        if fault.trickle_ms:
+            body = b"".join(pieces)
+            reason = self.responses.get(status, ("Error",))[0]
+            lines = [
+                f"HTTP/1.1 {status} {reason}",
+                "Content-Type: application/json",
+                f"Content-Length: {len(body)}",
+                *(f"{k}: {v}" for k, v in headers.items()),
+            ]
+            data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+            # Until the client hangs up (the write then fails and the thread ends).
+            for i in range(len(data)):
+                self.wfile.write(data[i : i + 1])
+                time.sleep(fault.trickle_ms / 1000)
+            return
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        for piece in pieces:
+            if piece:
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
     def _error(self, status: int, message: str | None = None, **extra: Any) -> None:
+        fault: Fault | None = extra.get("fault")
         error: dict[str, Any] = {
-            "code": status,
+            "code": status if fault is None or fault.code is None else fault.code,
             "message": message or _ERROR_MESSAGES.get(status, "Error"),
         }
         if extra.get("metadata"):
             error["metadata"] = extra["metadata"]
-        self._send(status, {"error": error}, headers=extra.get("headers"))
+        self._send(status, {"error": error}, headers=extra.get("headers"), fault=fault)
 
     def _record(self, body: Any) -> None:
         state = self.server.state
@@ -332,11 +418,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._record(None)
         state = self.server.state
+        fault = state.next_path_fault(parts.path)
+        if fault is not None:
+            time.sleep(fault.delay_ms / 1000)
+            if self._fault(fault):
+                return
         if parts.path == f"{API}/models":
             with state.lock:
                 body = state.models_body
             if body is None:
-                self._send(200, {"data": [_model_entry(m) for m in CATALOGUE]})
+                catalogue = {"data": [_model_entry(m) for m in CATALOGUE]}
+                self._send(200, catalogue, fault=fault)
             else:
                 self._send(200, body.encode())
         elif parts.path == f"{API}/key" and state.key_endpoint:
@@ -344,7 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(401, "No auth credentials found")
                 return
             self._send(200, {"data": {"label": "sk-or-…emulator", "usage": 0.0, "limit": None,
-                                      "is_free_tier": False}})  # fmt: skip
+                                      "is_free_tier": False}}, fault=fault)  # fmt: skip
         elif parts.path == f"{API}/generation":
             if not state.key_ok(self.headers.get("Authorization")):
                 self._error(401)
@@ -405,7 +497,9 @@ class _Handler(BaseHTTPRequestHandler):
         cached, written = self._prompt_cache(model, messages)
         last = content_text(messages[-1].get("content")) if messages else ""
         schema = _schema_of(body.get("response_format"))
-        if fault is not None and fault.content is not None:
+        if fault is not None and fault.huge_bytes:
+            text = _HUGE_MARK  # replaced by the huge text as it is sent
+        elif fault is not None and fault.content is not None:
             text = fault.content
         elif schema is not None:
             text = json.dumps(example_of(schema))
@@ -413,6 +507,8 @@ class _Handler(BaseHTTPRequestHandler):
             text = answer_text(model, last)
         reasoning = fault.reasoning_tokens if fault is not None else 0
         completion_tokens = count_tokens(text) + reasoning
+        if fault is not None and fault.huge_bytes:
+            completion_tokens = fault.huge_bytes // 4 + reasoning
         finish = "stop"
         max_tokens = body.get("max_tokens")
         if isinstance(max_tokens, int) and 0 < max_tokens < completion_tokens:
@@ -469,7 +565,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "native_tokens_cached": cached, "native_tokens_reasoning": reasoning,
                 "provider_name": provider, "finish_reason": finish,
             }  # fmt: skip
-        self._send(200, payload)
+        self._send(200, payload, fault=fault)
 
     def _prompt_cache(self, model: str, messages: list[Any]) -> tuple[int, int]:
         """(cached, cache-write) tokens: a prefix up to a block marked ``cache_control`` is
@@ -528,7 +624,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"error": error})
             return True
         if fault.status >= 400:
-            self._error(fault.status, fault.message, metadata=fault.metadata, headers=headers)
+            self._error(
+                fault.status, fault.message, metadata=fault.metadata, headers=headers, fault=fault
+            )
             return True
         return False  # a 200 fault: a delay, or no_choices, shapes the normal answer
 
@@ -552,8 +650,18 @@ class _Handler(BaseHTTPRequestHandler):
             # Everything is validated before anything changes, so a bad call changes nothing.
             if path == f"{CONTROL}/faults":
                 faults = [Fault.from_dict(f) for f in body.get("faults", [])]
+                target = body.get("path")
+                if target not in (None, f"{API}/key", f"{API}/models"):
+                    raise ValueError(
+                        f"faults go to chat, {API}/key or {API}/models, not {target!r}"
+                    )
                 with state.lock:
-                    state.faults.extend(faults)
+                    queue = (
+                        state.faults
+                        if target is None
+                        else state.path_faults.setdefault(target, deque())
+                    )
+                    queue.extend(faults)
             elif path == f"{CONTROL}/down":
                 down = body.get("models", [])
                 if not isinstance(down, list) or not all(isinstance(m, str) for m in down):
@@ -584,6 +692,37 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"bad control request: {exc}")
             return
         self._send(200, {"ok": True})
+
+
+# Where a huge_bytes fault's text goes in the JSON, replaced as it is sent.
+_HUGE_MARK = "@@emulator-huge-text@@"
+_PIECE = 2**20
+
+
+def _json_pieces(payload: dict[str, Any], huge: int) -> Iterator[bytes]:
+    """``payload`` as JSON in pieces; with ``huge``, its huge text (the answer's, or else a
+    top-level "padding") is ``huge`` bytes of "x", made a megabyte at a time."""
+    text = json.dumps(payload)
+    if not huge:
+        yield text.encode()
+        return
+    if _HUGE_MARK not in text:
+        text = text[:-1] + f', "padding": "{_HUGE_MARK}"}}'
+    head, tail = text.split(_HUGE_MARK, 1)
+    yield head.encode()
+    piece = b"x" * min(huge, _PIECE)
+    for start in range(0, huge, _PIECE):
+        yield piece[: huge - start]
+    yield tail.encode()
+
+
+def _gzipped(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # the gzip format
+    for piece in pieces:
+        out = packer.compress(piece)
+        if out:
+            yield out
+    yield packer.flush()
 
 
 def _schema_of(response_format: Any) -> Any:
@@ -757,10 +896,14 @@ class EmulatorServer:
         with self.state.lock:
             return sum(1 for r in self.state.requests if path is None or r.path == path)
 
-    def script(self, faults: list[Fault]) -> None:
-        """Answer the next chat requests with these faults, one each, in order."""
+    def script(self, faults: list[Fault], *, path: str | None = None) -> None:
+        """Answer the next chat requests (or, with ``path``, GET /api/v1/key or
+        /api/v1/models) with these faults, one each, in order."""
         with self.state.lock:
-            self.state.faults.extend(faults)
+            if path is None:
+                self.state.faults.extend(faults)
+            else:
+                self.state.path_faults.setdefault(path, deque()).extend(faults)
 
     def set_down(self, *models: str) -> None:
         """Fail every request to these models (none: all are up); a request with fallbacks

@@ -1,5 +1,19 @@
 """The local OpenRouter stand-in (``headspace-inference openrouter-emulator``)."""
 
-from .server import DEFAULT_CHAOS_MIX, REQUEST_THREAD, EmulatorServer, Fault, ReceivedRequest
+from .server import (
+    DEFAULT_CHAOS_MIX,
+    REQUEST_THREAD,
+    Charged,
+    EmulatorServer,
+    Fault,
+    ReceivedRequest,
+)
 
-__all__ = ["DEFAULT_CHAOS_MIX", "REQUEST_THREAD", "EmulatorServer", "Fault", "ReceivedRequest"]
+__all__ = [
+    "DEFAULT_CHAOS_MIX",
+    "REQUEST_THREAD",
+    "Charged",
+    "EmulatorServer",
+    "Fault",
+    "ReceivedRequest",
+]

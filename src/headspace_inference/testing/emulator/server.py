@@ -12,7 +12,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -107,6 +108,17 @@ def check_chaos_mix(mix: dict[str, float]) -> dict[str, float]:
     if sum(mix.values()) <= 0:
         raise ValueError("the chaos weights add up to zero")
     return dict(mix)
+
+
+@dataclass
+class Charged:
+    """What the emulator's completions charged, summed as their ``usage`` said: answers,
+    tokens and cost (USD, each answer's ``usage.cost`` to twelve decimals)."""
+
+    answers: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -218,6 +230,7 @@ class _State:
         self.down: set[str] = set()
         # Prompt prefixes marked with cache_control that a request has written (warm).
         self.prompt_cache: set[str] = set()
+        self.charged = Charged()
 
     def next_fault(self) -> Fault | None:
         with self.lock:
@@ -258,6 +271,7 @@ class _State:
             self.latency_ms = 0
             self.down.clear()
             self.prompt_cache.clear()
+            self.charged = Charged()
 
     def key_ok(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):
@@ -452,6 +466,10 @@ class _Handler(BaseHTTPRequestHandler):
             },
         }  # fmt: skip
         with state.lock:
+            state.charged.answers += 1
+            state.charged.prompt_tokens += prompt_tokens
+            state.charged.completion_tokens += completion_tokens
+            state.charged.cost += Decimal(str(round(cost, 12)))
             if len(state.generations) > 50_000:
                 state.generations.clear()
             state.generations[gen_id] = {
@@ -765,6 +783,11 @@ class EmulatorServer:
         checked = check_chaos_mix(mix or DEFAULT_CHAOS_MIX)
         with self.state.lock:
             self.state.set_chaos(seed, checked, hang_ms)
+
+    def charged(self) -> Charged:
+        """What the answers since the last reset charged, summed (a copy)."""
+        with self.state.lock:
+            return replace(self.state.charged)
 
     def hold(self, path: str) -> threading.Event:
         """Hold every request to ``path`` (e.g. "/api/v1/key") once recorded, until the

@@ -12,7 +12,11 @@ from pydantic import BaseModel
 from tests.service_fixtures import CHAT, AppFactory, rows
 from tests.structured_schemas import FRUSTRATION, Scores
 
-from headspace_inference.inference import InvalidRequestError, InvalidResponseError
+from headspace_inference.inference import (
+    InvalidRequestError,
+    InvalidResponseError,
+    RateLimitedError,
+)
 from headspace_inference.inference.errors import StructuredAnswerError
 from headspace_inference.inference.service import InferenceService
 from headspace_inference.inference.structured import MAX_SCHEMA_BYTES
@@ -330,3 +334,23 @@ def test_a_recursive_schema_that_descends_is_kept_and_checks_a_deep_tree(
     emulator.script([Fault(content=json.dumps(value))])
     result = service_of(make_app).infer("turn", "tree", "a tree", response_format=tree)
     assert result.data == value
+
+
+def test_a_call_stopped_by_the_local_limiter_after_a_paid_attempt_keeps_its_cost(
+    make_app: AppFactory, emulator: Any
+) -> None:
+    # One call a minute: the retry of an answer that did not fit finds no slot.
+    limits = {"calls_per_minute": 1, "max_wait_seconds": 0}
+    app = make_app(openrouter={"retry": {"max_attempts": 3}, "rate_limits": limits})
+    service: InferenceService = app.extensions["inference"]
+    emulator.script([Fault(content=NEVER_FITS)])
+    with pytest.raises(RateLimitedError):
+        service.infer("turn", "frustration", "grr", response_format=FRUSTRATION)
+    charged = emulator.charged()
+    assert charged.answers == 1
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("rate_limited", 1)
+    assert (row.input_tokens, row.output_tokens) == (
+        charged.prompt_tokens, charged.completion_tokens,
+    )  # fmt: skip
+    assert row.upstream_cost_usd == charged.cost

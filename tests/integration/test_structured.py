@@ -289,7 +289,7 @@ NUMBER = {
         (NUMBER, '{"score": NaN}', "NaN is not a JSON number"),
         (NUMBER, '{"score": Infinity}', "Infinity is not a JSON number"),
         (NUMBER, '{"score": 1e400}', "inf, which is not a JSON number"),
-        (Scores, "[" * 100_000 + "]" * 100_000, "nested more than 128 levels"),
+        (Scores, "[" * 100_000 + "]" * 100_000, "recursion limit exceeded"),  # pydantic's
     ],
     ids=["deep-dict-schema", "deep-array", "nan", "infinity", "overflow", "deep-model"],
 )

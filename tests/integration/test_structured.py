@@ -4,7 +4,10 @@ retried when it does not fit, logged when it never does; over real HTTP to the e
 from __future__ import annotations
 
 import json
+import sys
+import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -354,3 +357,47 @@ def test_a_call_stopped_by_the_local_limiter_after_a_paid_attempt_keeps_its_cost
         charged.prompt_tokens, charged.completion_tokens,
     )  # fmt: skip
     assert row.upstream_cost_usd == charged.cost
+
+
+def _waiting_in_a_flight() -> int:
+    """Threads blocked as followers of a single-flight (waiting on its leader's outcome)."""
+    count = 0
+    for frame in sys._current_frames().values():
+        top, names = frame, []
+        while frame is not None:
+            names.append((Path(frame.f_code.co_filename).name, frame.f_code.co_name))
+            frame = frame.f_back
+        if ("singleflight.py", "run") in names and Path(top.f_code.co_filename).name == (
+            "threading.py"
+        ):
+            count += 1
+    return count
+
+
+def test_an_identical_call_that_shared_a_paid_failure_does_not_count_it_again(
+    make_app: AppFactory, emulator: Any
+) -> None:
+    app = make_app(openrouter={"retry": {"max_attempts": 2}})
+    service: InferenceService = app.extensions["inference"]
+    emulator.script([Fault(content=NEVER_FITS)] * 2)
+    gate = emulator.hold(CHAT)  # the leader's attempts wait at the emulator
+    leader = service.submit("turn", "frustration", "same", response_format=FRUSTRATION)
+    deadline = time.monotonic() + 30
+    while emulator.request_count(CHAT) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    follower = service.submit("turn", "frustration", "same", response_format=FRUSTRATION)
+    while _waiting_in_a_flight() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _waiting_in_a_flight() == 1  # the follower has joined the leader's flight
+    gate.set()
+    for future in (leader, follower):
+        with pytest.raises(StructuredAnswerError):
+            future.result(timeout=30)
+    charged = emulator.charged()
+    assert charged.answers == 2
+    led, shared = sorted(rows(app), key=lambda r: -r.attempts)
+    assert (led.attempts, led.upstream_cost_usd) == (2, charged.cost)
+    assert (shared.attempts, shared.input_tokens, shared.output_tokens) == (0, 0, 0)
+    assert shared.cost_usd is None and shared.upstream_cost_usd is None
+    usage = app.test_client().get("/api/inference/usage").json
+    assert Decimal(str(usage["upstream_reported_cost"])) == round(charged.cost, 10)

@@ -3,7 +3,8 @@
 "(retryable)" marks the classes whose ``retryable`` is true: the retry policy tries again
 (an upstream one), or the caller may (a local one); every other class is final.
 
-InferenceError                      base; carries retryable, retry_after, status_code
+InferenceError                      base; carries retryable, retry_after, status_code,
+                                    and the attempts made and what they were charged
 ├── InvalidRequestError             the caller's arguments are wrong; nothing was sent
 │   ├── UnknownLevelError           level is not turn, task, project or objective
 │   ├── InputTooLargeError          input_text is over inference.max_input_chars
@@ -41,7 +42,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .types import Answer
+    from .types import Answer, Spend
 
 __all__ = [
     "AuthenticationError",
@@ -104,6 +105,11 @@ class InferenceError(Exception):
         self.metadata: dict[str, Any] = dict(metadata or {})
         # Upstream attempts made before this error was raised (set by the retry loop).
         self.attempts = 0
+        # What came back and was paid for though it failed the call (a structured answer
+        # that does not fit), else None.
+        self.answer: Answer | None = None
+        # What all the call's attempts were charged (set by the service with ``attempts``).
+        self.spent: Spend | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -252,6 +258,8 @@ class InvalidResponseError(UpstreamError):
 class StructuredAnswerError(InvalidResponseError):
     """An answer that does not parse or validate against the call's response_format;
     ``answer`` is what came back (its raw text, tokens and cost: it was paid for)."""
+
+    answer: Answer
 
     def __init__(self, message: str, *, answer: Answer, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..calllog.record import MAX_ERROR_CHARS, MAX_RESULT_CHARS, CallRecord, clip
 from ..logsafe import redact
-from .errors import StructuredAnswerError
+from .errors import InferenceError
 from .structured import AnswerSchema
-from .types import Answer, CallLinks, GenerationParams
+from .types import Answer, CallLinks, GenerationParams, Spend
 
 if TYPE_CHECKING:
     from ..settings import OpenRouterSettings
@@ -129,6 +129,7 @@ def call_record(
     answer: Answer | None = None,
     error: BaseException | None = None,
     attempts: int = 0,
+    spent: Spend | None = None,
     keep_input_chars: int | None = None,
 ) -> CallRecord:
     """The row of one call: ``answer`` for ``ok`` and ``cached``, ``error`` otherwise.
@@ -138,31 +139,37 @@ def call_record(
 
     A cached row costs nothing; what its answer cost when it was fetched is what it saved.
     ``model`` is the model that answered; an answer that failed its response_format was
-    answered (and paid for) too, so its row keeps it, raw text, tokens and cost, beside
-    the error.
+    answered (and paid for) too, so its row keeps it, raw text and all, beside the error.
+
+    The tokens and costs of any other row are the whole call's: ``spent``, what every
+    attempt was charged (answers retried away included); without it, ``answer``'s own.
     """
     links = request.links
     outcome: dict[str, Any] = {}
-    if answer is None and isinstance(error, StructuredAnswerError):
+    if answer is None and isinstance(error, InferenceError):
         answer = error.answer
+    cached = status == "cached"
     if answer is not None:
-        cached = status == "cached"
         outcome = {
             "model": clip("model", answer.model),
-            "input_tokens": answer.input_tokens,
-            "output_tokens": answer.output_tokens,
-            "cached_input_tokens": answer.cached_input_tokens,
-            "cache_write_tokens": answer.cache_write_tokens,
-            "reasoning_tokens": answer.reasoning_tokens,
             "result_text": clip("result_text", answer.text, MAX_RESULT_CHARS),
-            "cost_usd": Decimal(0) if cached else answer.cost_usd,
-            "upstream_cost_usd": None if cached else answer.upstream_cost_usd,
             "saved_cost_usd": answer.cost_usd if cached else None,
-            "cache_discount_usd": None if cached else answer.cache_discount_usd,
             "cached": cached,
             "generation_id": clip("generation_id", answer.generation_id),
             "provider": clip("provider", answer.provider),
             "finish_reason": clip("finish_reason", answer.finish_reason),
+        }
+    usage: Answer | Spend | None = answer if cached or spent is None else spent
+    if usage is not None:
+        outcome |= {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "cost_usd": Decimal(0) if cached else usage.cost_usd,
+            "upstream_cost_usd": None if cached else usage.upstream_cost_usd,
+            "cache_discount_usd": None if cached else usage.cache_discount_usd,
         }
     if error is not None:
         outcome |= {

@@ -55,9 +55,11 @@ from .retry import RetryPolicy
 from .status import status_report
 from .tracing import Tracing
 from .types import (
+    NOTHING_SPENT,
     Answer,
     CallOptions,
     InferenceResult,
+    Spend,
 )
 from .validation import LinkChecker, check_call
 from .workers import WorkerPool
@@ -367,28 +369,32 @@ class InferenceService:
         if hit is not None:
             return self._result(request, hit, started)
 
-        def load() -> tuple[Answer, int] | None:
+        def load() -> tuple[Answer, int, Spend | None] | None:
             # An answer another caller put in the cache meanwhile (peek: looking again is
             # not another miss).
             found = self._usable(request, self.cache.peek(request.key), quiet=True)
-            return None if found is None else (found, 0)
+            return None if found is None else (found, 0, None)
 
         outcome = self.flight.run(request.key, lambda: self._fetch(request), load)
         error = outcome.error
         if error is not None:
             if isinstance(error, InferenceError):
                 status = "rate_limited" if isinstance(error, RateLimitedError) else "error"
-                # Only the caller that made the attempts counts them; the others shared them.
+                # Only the caller that made the attempts counts them, and what they were
+                # charged; the others shared them.
                 attempts = error.attempts if outcome.led else 0
+                spent = (error.spent or NOTHING_SPENT) if outcome.led else NOTHING_SPENT
             else:
                 # Not an InferenceError: a bug somewhere below. The call still gets its row
                 # (error_type names the exception), and the caller still sees the exception.
-                status, attempts = "error", 0
-            self._record(request, started, status, error=error, attempts=attempts)
+                status, attempts, spent = "error", 0, NOTHING_SPENT
+            self._record(request, started, status, error=error, attempts=attempts, spent=spent)
             raise error
-        answer, attempts = outcome.result()
-        # An answer shared with an identical call (in flight, or just cached) is a cache hit.
-        return self._result(request, answer, started, attempts=attempts if outcome.led else 0)
+        answer, attempts, paid = outcome.result()
+        if not outcome.led:
+            # An answer shared with an identical call (in flight, or just cached) is a hit.
+            return self._result(request, answer, started)
+        return self._result(request, answer, started, attempts=attempts, spent=paid)
 
     @staticmethod
     def _usable(
@@ -411,15 +417,19 @@ class InferenceService:
                 )  # fmt: skip
             return None
 
-    def _fetch(self, request: InferenceRequest) -> tuple[Answer, int]:
-        """The upstream call with its retries; (answer, attempts made)."""
+    def _fetch(self, request: InferenceRequest) -> tuple[Answer, int, Spend | None]:
+        """The upstream call with its retries: (answer, attempts made, what they were charged
+        in all). A failure carries its ``attempts`` and ``spent`` likewise."""
         client = self._client
         if client is None:  # refused before; kept for the type checker
             raise NotConfiguredError("no OpenRouter API key is configured")
         estimate = request.estimated_tokens(self._limits.default_max_tokens)
         messages = request.messages()
+        # Every answer that came back was paid for, kept or not: the call counts them all.
+        spent = NOTHING_SPENT
 
         def attempt(number: int) -> Answer:
+            nonlocal spent
             try:
                 reservation = self.limiter.acquire(estimate)
             except RateLimitedError as exc:
@@ -431,22 +441,27 @@ class InferenceService:
                     fallbacks=request.fallbacks, provider=request.provider,
                     schema=request.schema,
                 )  # fmt: skip
-            except StructuredAnswerError as exc:
-                # Answered, so spent, even though the answer does not fit.
-                spent = exc.answer.input_tokens + exc.answer.output_tokens
-                self.limiter.reconcile(reservation, spent)
+            except InferenceError as exc:
+                # An answer that does not fit was answered, so spent, all the same.
+                paid = exc.answer
+                if paid is not None:
+                    spent = spent.add(paid)
+                used = 0 if paid is None else paid.input_tokens + paid.output_tokens
+                self.limiter.reconcile(reservation, used)
                 raise
-            except InferenceError:
-                self.limiter.reconcile(reservation, 0)
-                raise
+            spent = spent.add(answer)
             self.limiter.reconcile(reservation, answer.input_tokens + answer.output_tokens)
             return answer
 
-        answer, attempts = self._retry.run(
-            attempt, clock=self._clock, on_error=self._on_upstream_error
-        )
+        try:
+            answer, attempts = self._retry.run(
+                attempt, clock=self._clock, on_error=self._on_upstream_error
+            )
+        except InferenceError as exc:
+            exc.spent = spent
+            raise
         self.cache.put(request.key, answer)
-        return answer, attempts
+        return answer, attempts, spent
 
     def _on_upstream_error(self, error: InferenceError, attempt: int, delay: float | None) -> None:
         # OpenRouter's 429 is about the account, not this request: everyone waits.
@@ -464,26 +479,34 @@ class InferenceService:
         answer: Answer | None = None,
         error: BaseException | None = None,
         attempts: int = 0,
+        spent: Spend | None = None,
     ) -> int:
         """Journal the call's row; its latency in ms."""
         latency_ms = int((time.perf_counter() - started) * 1000)
         keep = self._limits.input_text_max_chars if self._limits.store_input_text else None
         record = call_record(
             request, status=status, latency_ms=latency_ms, answer=answer, error=error,
-            attempts=attempts, keep_input_chars=keep,
+            attempts=attempts, spent=spent, keep_input_chars=keep,
         )  # fmt: skip
         self.recorder.record(record)
         self._tracing.record(request, record, started)
         return latency_ms
 
     def _result(
-        self, request: InferenceRequest, answer: Answer, started: float, *, attempts: int = 0
+        self,
+        request: InferenceRequest,
+        answer: Answer,
+        started: float,
+        *,
+        attempts: int = 0,
+        spent: Spend | None = None,
     ) -> InferenceResult:
         """Record a call that got an answer: fresh if it made attempts, else a cache hit."""
         cached = attempts == 0
         latency_ms = self._record(
-            request, started, "cached" if cached else "ok", answer=answer, attempts=attempts
-        )
+            request, started, "cached" if cached else "ok", answer=answer, attempts=attempts,
+            spent=None if cached else spent,
+        )  # fmt: skip
         return InferenceResult(
             answer=answer,
             call_id=request.request_id,
@@ -492,6 +515,7 @@ class InferenceService:
             latency_ms=latency_ms,
             cached=cached,
             attempts=attempts,
+            spent=None if cached else spent,
         )
 
     def _cancelled(self, request: InferenceRequest, error: CancelledCallError) -> None:

@@ -144,13 +144,57 @@ def _stored_form() -> TypeAdapter[Answer]:
     return TypeAdapter(Answer)
 
 
+def _plus(total: Decimal | None, amount: Decimal | None) -> Decimal | None:
+    # An unknown amount (an unpriced model) adds nothing; only all unknown is unknown.
+    if amount is None:
+        return total
+    return amount if total is None else total + amount
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What a call's upstream attempts were charged, summed over every answer that came
+    back: the one kept, and those paid for and then discarded (a structured answer that did
+    not fit, retried). What a call's row and its result count as the call's tokens and cost.
+    A cost is None only when no answer had one (amounts are exact: quantized each)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: Decimal | None = None
+    upstream_cost_usd: Decimal | None = None
+    cache_discount_usd: Decimal | None = None
+
+    def add(self, answer: Answer) -> Spend:
+        """This spend with ``answer``'s tokens and costs added."""
+        return Spend(
+            input_tokens=self.input_tokens + answer.input_tokens,
+            output_tokens=self.output_tokens + answer.output_tokens,
+            cached_input_tokens=self.cached_input_tokens + answer.cached_input_tokens,
+            cache_write_tokens=self.cache_write_tokens + answer.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens + answer.reasoning_tokens,
+            cost_usd=_plus(self.cost_usd, answer.cost_usd),
+            upstream_cost_usd=_plus(self.upstream_cost_usd, answer.upstream_cost_usd),
+            cache_discount_usd=_plus(self.cache_discount_usd, answer.cache_discount_usd),
+        )
+
+
+NOTHING_SPENT = Spend()
+
+
 def _money(value: Decimal | None) -> float | None:
     return float(value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
 class InferenceResult:
-    """What a caller of InferenceService gets back: the answer, and what this call did."""
+    """What a caller of InferenceService gets back: the answer, and what this call did.
+
+    The tokens and costs are the whole call's, as its row says: every attempt's answer
+    that was paid for (``spent``), not only the one kept; a cache hit's are its answer's.
+    """
 
     answer: Answer
     call_id: str
@@ -159,6 +203,11 @@ class InferenceResult:
     latency_ms: int
     cached: bool
     attempts: int = 0
+    spent: Spend | None = None
+
+    @property
+    def _usage(self) -> Answer | Spend:
+        return self.answer if self.cached or self.spent is None else self.spent
 
     @property
     def text(self) -> str:
@@ -179,37 +228,37 @@ class InferenceResult:
     @property
     def input_tokens(self) -> int:
         """Prompt tokens, as OpenRouter counted them."""
-        return self.answer.input_tokens
+        return self._usage.input_tokens
 
     @property
     def output_tokens(self) -> int:
         """Completion tokens, as OpenRouter counted them."""
-        return self.answer.output_tokens
+        return self._usage.output_tokens
 
     @property
     def cost_usd(self) -> float | None:
         """What this call cost by our prices: 0 for a cache hit, None for an unpriced model."""
-        return 0.0 if self.cached else _money(self.answer.cost_usd)
+        return 0.0 if self.cached else _money(self._usage.cost_usd)
 
     @property
     def upstream_cost_usd(self) -> float | None:
         """What OpenRouter reported this call cost (None for a cache hit: nothing was sent)."""
-        return None if self.cached else _money(self.answer.upstream_cost_usd)
+        return None if self.cached else _money(self._usage.upstream_cost_usd)
 
     @property
     def cached_input_tokens(self) -> int:
         """Prompt tokens read from the provider's prompt cache (part of input_tokens)."""
-        return self.answer.cached_input_tokens
+        return self._usage.cached_input_tokens
 
     @property
     def cache_write_tokens(self) -> int:
         """Prompt tokens written to the provider's prompt cache (part of input_tokens)."""
-        return self.answer.cache_write_tokens
+        return self._usage.cache_write_tokens
 
     @property
     def reasoning_tokens(self) -> int:
         """Reasoning tokens (part of output_tokens)."""
-        return self.answer.reasoning_tokens
+        return self._usage.reasoning_tokens
 
     @property
     def generation_id(self) -> str | None:

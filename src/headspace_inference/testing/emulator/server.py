@@ -14,7 +14,8 @@ import uuid
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -142,6 +143,17 @@ def check_chaos_mix(mix: dict[str, float]) -> dict[str, float]:
     return dict(mix)
 
 
+@dataclass
+class Charged:
+    """What the emulator's completions charged, summed as their ``usage`` said: answers,
+    tokens and cost (USD, each answer's ``usage.cost`` to twelve decimals)."""
+
+    answers: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+
 @dataclass(frozen=True)
 class ReceivedRequest:
     """What the emulator saw of one request."""
@@ -255,6 +267,7 @@ class _State:
         self.prompt_cache: set[str] = set()
         # The body GET /models answers with instead of the catalogue (None: the catalogue).
         self.models_body: str | None = None
+        self.charged = Charged()
 
     def next_path_fault(self, path: str) -> Fault | None:
         with self.lock:
@@ -302,6 +315,7 @@ class _State:
             self.down.clear()
             self.prompt_cache.clear()
             self.models_body = None
+            self.charged = Charged()
 
     def key_ok(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):
@@ -557,6 +571,10 @@ class _Handler(BaseHTTPRequestHandler):
             },
         }  # fmt: skip
         with state.lock:
+            state.charged.answers += 1
+            state.charged.prompt_tokens += prompt_tokens
+            state.charged.completion_tokens += completion_tokens
+            state.charged.cost += Decimal(str(round(cost, 12)))
             if len(state.generations) > 50_000:
                 state.generations.clear()
             state.generations[gen_id] = {
@@ -928,6 +946,11 @@ class EmulatorServer:
         checked = check_chaos_mix(mix or DEFAULT_CHAOS_MIX)
         with self.state.lock:
             self.state.set_chaos(seed, checked, hang_ms)
+
+    def charged(self) -> Charged:
+        """What the answers since the last reset charged, summed (a copy)."""
+        with self.state.lock:
+            return replace(self.state.charged)
 
     def hold(self, path: str) -> threading.Event:
         """Hold every request to ``path`` (e.g. "/api/v1/key") once recorded, until the

@@ -1,7 +1,7 @@
 """PostgreSQL stalled behind the TCP proxy (its connections held open, nothing forwarded,
 nothing reset: what a hung server or a silent peer looks like): every read a request makes
-answers 503 within ``database.read_timeout_seconds``, on psycopg 3 and psycopg2, and reads
-work again once the stall ends.
+(a stream's resume included) answers 503 within ``database.read_timeout_seconds``, on
+psycopg 3 and psycopg2, and reads work again once the stall ends.
 
 Prints one `FAULT ...` line, like tests/faults/test_faults.py, for RELIABILITY.md.
 """
@@ -34,6 +34,9 @@ PATHS = (
     "/api/inference/calls/1",
     "/api/inference/usage/daily",
 )
+# A stream resuming after a row id replays the rows after it before going live.
+RESUME = {"Last-Event-ID": "0"}
+EVENTS = "/api/inference/events"
 
 
 @pytest.mark.slow
@@ -54,6 +57,9 @@ def test_a_stalled_database_is_a_503_within_the_read_timeout(
     try:
         for path in PATHS:  # started, and the pool holds connections that worked
             assert client.get(path).status_code in (200, 404)
+        resumed = client.get(EVENTS, headers=RESUME)
+        assert resumed.status_code == 200
+        resumed.close()  # the stream given back
         proxy.stall()
         timer.start()
         answers: dict[str, tuple[int, float]] = {}
@@ -63,6 +69,10 @@ def test_a_stalled_database_is_a_503_within_the_read_timeout(
             answers[path] = (response.status_code, round(time.monotonic() - started, 2))
             if response.status_code == 503:
                 assert "no answer within 1 s" in response.json["error"]
+        started = time.monotonic()
+        resumed = client.get(EVENTS, headers=RESUME)
+        answers[f"{EVENTS} (resumed)"] = (resumed.status_code, round(time.monotonic() - started, 2))
+        resumed.close()
         timer.cancel()
         proxy.resume()
         print(

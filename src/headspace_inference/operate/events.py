@@ -17,7 +17,7 @@ from flask import Response, request
 
 from ..calllog.database import DATABASE_AWAY
 from .calls import MAX_ROW_ID
-from .feed import TooManyStreams
+from .feed import TooManyStreams, replay
 from .http import bp, database_away, error_response
 from .live import current_console
 
@@ -45,7 +45,12 @@ def events() -> Response:
         response.headers["Retry-After"] = "10"
         return response
     try:
-        replayed = feed.replay(last_id) if last_id is not None else []
+        # A request's read, bounded like every other (database.read_timeout_seconds).
+        replayed = (
+            []
+            if last_id is None
+            else current_console().service.database.read(lambda s: replay(s, last_id))
+        )
     except DATABASE_AWAY as exc:
         feed.close_stream(stream)
         return database_away(exc, "the feed cannot resume now")

@@ -348,24 +348,6 @@ class Feed:
         with self._lock:
             return len(self._streams)
 
-    def replay(self, after_id: int) -> list[dict[str, Any]]:
-        """The CALLs with a row id above ``after_id``, oldest first (at most REPLAY_MAX)."""
-        out: list[dict[str, Any]] = []
-        last = after_id
-        with self._sessions() as session:
-            while len(out) < REPLAY_MAX:
-                rows = session.execute(
-                    select_calls()
-                    .where(InferenceCall.id > last)
-                    .order_by(InferenceCall.id)
-                    .limit(_REPLAY_CHUNK)
-                ).all()
-                out += [call_json(row) for row in rows]
-                if len(rows) < _REPLAY_CHUNK:
-                    break
-                last = rows[-1].id
-        return out[:REPLAY_MAX]
-
     def _listen_loop(self) -> None:
         while True:
             try:
@@ -476,6 +458,25 @@ class Feed:
                     yield _event(call)
         finally:
             self.close_stream(stream)
+
+
+def replay(session: Session, after_id: int) -> list[dict[str, Any]]:
+    """The CALLs with a row id above ``after_id``, oldest first (at most REPLAY_MAX): what a
+    stream resuming with Last-Event-ID is sent before live events."""
+    out: list[dict[str, Any]] = []
+    last = after_id
+    while len(out) < REPLAY_MAX:
+        rows = session.execute(
+            select_calls()
+            .where(InferenceCall.id > last)
+            .order_by(InferenceCall.id)
+            .limit(_REPLAY_CHUNK)
+        ).all()
+        out += [call_json(row) for row in rows]
+        if len(rows) < _REPLAY_CHUNK:
+            break
+        last = rows[-1].id
+    return out[:REPLAY_MAX]
 
 
 def _event(call: dict[str, Any]) -> str:

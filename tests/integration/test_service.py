@@ -22,6 +22,7 @@ from headspace_inference.clock import FakeClock
 from headspace_inference.config_loading import load_settings
 from headspace_inference.inference import (
     CancelledCallError,
+    EmptyResponseError,
     InferenceDisabledError,
     InferenceError,
     InputTooLargeError,
@@ -519,3 +520,29 @@ def test_an_unexpected_exception_below_the_service_still_leaves_a_row(
         ("turn", "error", "KeyError"),
         ("task", "error", "KeyError"),
     ]
+
+
+def test_a_200_with_no_choices_that_reports_usage_is_counted_in_its_calls_row(
+    make_app: AppFactory, emulator: Any
+) -> None:
+    # OpenRouter charged each answer it sent with usage, the ones the client refused too.
+    app = make_app(openrouter={"retry": {"max_attempts": 3, "base_delay_seconds": 0.0}})
+    service: InferenceService = app.extensions["inference"]
+    emulator.script([Fault(no_choices=True), Fault(no_choices=True)])
+    result = service.infer("turn", "summary", "count me")
+    charged = emulator.charged()
+    assert charged.answers == 3 and result.attempts == 3
+    (row,) = rows(app)
+    assert (row.status, row.attempts) == ("ok", 3)
+    assert (row.input_tokens, row.output_tokens) == (
+        charged.prompt_tokens, charged.completion_tokens,
+    )  # fmt: skip
+    assert row.upstream_cost_usd == charged.cost
+    # All three failed the same way: the error row counts every one of them.
+    emulator.script([Fault(no_choices=True)] * 3)
+    with pytest.raises(EmptyResponseError):
+        service.infer("turn", "summary", "count me again")
+    error_row = rows(app)[1]
+    assert (error_row.status, error_row.attempts) == ("error", 3)
+    assert error_row.upstream_cost_usd == emulator.charged().cost - charged.cost > 0
+    assert error_row.cost_usd is not None and error_row.cost_usd > 0

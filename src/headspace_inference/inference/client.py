@@ -788,26 +788,48 @@ class OpenRouterClient:
 
     def _answer(self, data: dict[str, Any], model: str, *, fallbacks: bool) -> Answer:
         error = data.get("error")
+        failure: InferenceError | None = None
         if error is not None:
             detail = error if isinstance(error, dict) else {"message": error}
             metadata = self._scrub(detail.get("metadata"))
             note = _metadata_note(metadata) if isinstance(metadata, dict) else ""
-            raise ErrorInResponseError(
+            failure = ErrorInResponseError(
                 "OpenRouter answered 200 but the body carries an error: "
                 f"{self._clean(detail.get('message', detail))}{note}",
                 status_code=200,
                 code=detail.get("code"),
                 metadata=metadata if isinstance(metadata, dict) else None,
             )
-        choices = data.get("choices")
-        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-            raise EmptyResponseError("OpenRouter answered 200 with no choices", status_code=200)
-        choice = choices[0]
-        message = choice.get("message")
-        if not isinstance(message, dict):
-            raise EmptyResponseError(
-                "OpenRouter answered 200 with a choice that carries no message", status_code=200
-            )
+        else:
+            choices = data.get("choices")
+            if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+                failure = EmptyResponseError(
+                    "OpenRouter answered 200 with no choices", status_code=200
+                )
+            elif not isinstance(choices[0].get("message"), dict):
+                failure = EmptyResponseError(
+                    "OpenRouter answered 200 with a choice that carries no message",
+                    status_code=200,
+                )
+        if failure is not None:
+            # A failed 200 that reports usage was charged for it: the call counts it.
+            if isinstance(data.get("usage"), dict) and data["usage"]:
+                with contextlib.suppress(InvalidResponseError):
+                    failure.answer = self._priced(data, {}, {}, model, fallbacks=fallbacks)
+            raise failure
+        choice = data["choices"][0]
+        return self._priced(data, choice, choice["message"], model, fallbacks=fallbacks)
+
+    def _priced(
+        self,
+        data: dict[str, Any],
+        choice: dict[str, Any],
+        message: dict[str, Any],
+        model: str,
+        *,
+        fallbacks: bool,
+    ) -> Answer:
+        """The answer a 200 body gives: its text, tokens and costs as ``usage`` reports them."""
         usage = data.get("usage") or {}
         try:
             input_tokens = _token_count(usage, "prompt_tokens")

@@ -27,8 +27,7 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .calllog.models.base import MAX_INTEGER
-from .calllog.models.inference_call import MAX_USD, MODEL_NAME_CHARS
+from .row_bounds import MAX_INTEGER, MAX_USD, MODEL_NAME_CHARS
 
 log = logging.getLogger(__name__)
 

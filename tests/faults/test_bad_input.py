@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headspace_inference import create_app
-from headspace_inference.calllog.models.inference_call import MODEL_NAME_CHARS
 from headspace_inference.calllog.record import _WIDTHS as WIDTHS
 from headspace_inference.calllog.record import CallRecord
 from headspace_inference.config_loading import load_settings
@@ -22,6 +21,7 @@ from headspace_inference.inference import InferenceError, InvalidRequestError
 from headspace_inference.inference.pricing import MAX_NAMED_UNPRICED
 from headspace_inference.inference.request import new_request_id
 from headspace_inference.operate.metrics import OTHER_MODEL
+from headspace_inference.row_bounds import MODEL_NAME_CHARS
 from headspace_inference.settings import ENV_PREFIX, ConfigError, Settings
 from headspace_inference.testing.emulator.server import Fault
 from tests.call_rows import make_record

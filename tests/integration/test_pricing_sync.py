@@ -16,9 +16,9 @@ from tests.integration.test_recorder import count_rows, recorder_for
 from tests.service_fixtures import AppFactory, rows
 
 from headspace_inference.calllog.models import MAX_INTEGER
-from headspace_inference.calllog.models.inference_call import MAX_USD
 from headspace_inference.inference.pricing import PriceTable
 from headspace_inference.inference.service import InferenceService
+from headspace_inference.row_bounds import MAX_USD
 from headspace_inference.settings import MAX_PRICE_PER_MILLION, OpenRouterSettings, PriceSettings
 from headspace_inference.standalone.cli import main
 

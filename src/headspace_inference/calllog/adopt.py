@@ -60,16 +60,12 @@ from sqlalchemy import (
 from sqlalchemy.engine.interfaces import ReflectedForeignKeyConstraint
 from sqlalchemy.exc import DBAPIError
 
+from ..row_bounds import USD_QUANTUM
 from ..settings import ConfigError
 from . import names
 from .batches import in_id_order
 from .models.base import NAME_PREFIX, UTCDateTime
-from .models.inference_call import (
-    HOST_ARCHIVE_CONSTRAINTS,
-    HOST_ARCHIVE_TABLE,
-    USD_QUANTUM,
-    Money,
-)
+from .models.inference_call import HOST_ARCHIVE_CONSTRAINTS, HOST_ARCHIVE_TABLE, Money
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,8 @@ import httpcore  # noqa: F401
 import httpx
 
 from .._version import __version__
-from ..calllog.models import MAX_INTEGER
-from ..calllog.models.inference_call import USD_QUANTUM
 from ..clock import SYSTEM_CLOCK, Clock
+from ..row_bounds import MAX_INTEGER, USD_QUANTUM
 from ..settings import OpenRouterSettings
 from .errors import (
     EmptyResponseError,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..calllog.models.inference_call import MAX_USD, USD_QUANTUM
+from ..row_bounds import MAX_USD, USD_QUANTUM
 from ..settings import OpenRouterSettings, PriceSettings
 
 log = logging.getLogger(__name__)

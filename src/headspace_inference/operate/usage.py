@@ -24,7 +24,7 @@ from sqlalchemy import BigInteger, ColumnElement, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from ..calllog.models import InferenceCall, UsageRollup
-from ..calllog.models.inference_call import LATENCY_BUCKETS_MS, PICO
+from ..calllog.models.inference_call import LATENCY_BUCKETS_MS
 from ..calllog.models.links import while_linked_row_exists
 from ..calllog.rollup import (
     DAY,
@@ -39,6 +39,7 @@ from ..calllog.rollup import (
     day_floor,
     hour_floor,
 )
+from ..row_bounds import PICO
 
 DISAGREEMENT = Decimal("0.01")
 

@@ -1,7 +1,8 @@
 """The service's own tables: the call log and its usage rollup. The tables a call links to
 (projects, agents, commands, turns) belong to the host, or to the standalone app."""
 
-from .base import MAX_INTEGER, Base
+from ...row_bounds import MAX_INTEGER
+from .base import Base
 from .inference_call import (
     HOST_ARCHIVE_CONSTRAINTS,
     HOST_ARCHIVE_TABLE,

@@ -8,10 +8,6 @@ from sqlalchemy import DateTime, MetaData
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
-# The largest value an INTEGER column holds (32-bit on PostgreSQL): ids, links and token
-# counts alike.
-MAX_INTEGER = 2**31 - 1
-
 # Stable constraint names across databases, as the standalone app's domain tables have them
 # (standalone/models.py): the names a host's own tables get by default, too.
 DOMAIN_NAMING_CONVENTION = {

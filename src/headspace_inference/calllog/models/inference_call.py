@@ -20,27 +20,17 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from ...row_bounds import (
+    MODEL_NAME_CHARS,
+    PICO,
+    USD_DECIMALS,
+    USD_DIGITS,
+)
 from .base import NAME_PREFIX, Base, UTCDateTime
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
-# USD with twelve decimals: exact sums on PostgreSQL, enough for fractions of a token's price.
-# Every amount the service computes is quantized to USD_QUANTUM, so sums stay exact.
-USD_DIGITS = 20
-USD_DECIMALS = 12
-USD_QUANTUM = Decimal(10) ** -USD_DECIMALS
-PICO = Decimal(10) ** USD_DECIMALS  # picodollars per dollar (SQLite keeps sums as integers)
 Money = Numeric(USD_DIGITS, USD_DECIMALS, asdecimal=True)
-# The largest amount one call can carry into the log: a Money column holds less than
-# 10**8 (PostgreSQL refuses the row past it), SQLite's rollup sums integer picodollars
-# (RollupMoney) up to 2**63 - 1, about 9.2 million: the lower of the two.
-MAX_USD = min(
-    Decimal(10) ** (USD_DIGITS - USD_DECIMALS) - USD_QUANTUM,
-    Decimal(2**63 - 1) / PICO,
-)
-# The width of a model name's columns (model, requested_model, the rollup's model): the
-# configured names are bounded by it at start-up, an answering model's name is cut to it.
-MODEL_NAME_CHARS = 200
 
 
 class _RawNumeric(Numeric[Decimal]):

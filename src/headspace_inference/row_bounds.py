@@ -26,3 +26,6 @@ MAX_USD = min(
 # The width of a model name's columns (model, requested_model, the rollup's model): the
 # configured names are bounded by it at start-up, an answering model's name is cut to it.
 MODEL_NAME_CHARS = 200
+# The width of the purpose column: a caller's longer purpose is refused before anything is
+# spent (validation), never cut.
+PURPOSE_CHARS = 200

@@ -13,15 +13,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..calllog.database import DATABASE_AWAY
-from ..calllog.models import LINK_TABLES, MAX_INTEGER
+from ..calllog.models import LINK_TABLES
 from ..calllog.models.links import link_exists
+from ..row_bounds import MAX_INTEGER, PURPOSE_CHARS
 from .errors import InputTooLargeError, InvalidRequestError, UnknownEntityError, UnknownLevelError
 from .structured import AnswerSchema, answer_schema
 from .types import CALL_OPTIONS, CallLinks, GenerationParams
 
 log = logging.getLogger(__name__)
 
-MAX_PURPOSE_CHARS = 200
 MAX_TOKENS_LIMIT = 1_000_000
 
 
@@ -76,7 +76,7 @@ def check_level(level: object, levels: tuple[str, ...]) -> str:
 
 def check_purpose(purpose: object) -> str:
     """A short single-line purpose, stored with the call."""
-    return _check_text("purpose", purpose, allow_control=False, max_chars=MAX_PURPOSE_CHARS)
+    return _check_text("purpose", purpose, allow_control=False, max_chars=PURPOSE_CHARS)
 
 
 def check_input(input_text: object, max_chars: int) -> str:

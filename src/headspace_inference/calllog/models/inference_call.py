@@ -23,6 +23,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from ...row_bounds import (
     MODEL_NAME_CHARS,
     PICO,
+    PURPOSE_CHARS,
     USD_DECIMALS,
     USD_DIGITS,
 )
@@ -91,7 +92,7 @@ class InferenceCall(Base):
     request_id: Mapped[str] = mapped_column(String(32), unique=True)
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     level: Mapped[str] = mapped_column(String(16), index=True)
-    purpose: Mapped[str] = mapped_column(String(200))
+    purpose: Mapped[str] = mapped_column(String(PURPOSE_CHARS))
     # The model that answered (a fallback, when the primary failed); requested_model is
     # the primary asked for (what ``model`` is too when nothing answered).
     model: Mapped[str] = mapped_column(String(MODEL_NAME_CHARS))

@@ -293,21 +293,26 @@ def _load(body: str) -> Any:
 
 
 def _check_value(value: Any) -> None:
-    # Iterative: the walk itself must not recurse. Containers only are counted as depth.
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list | tuple):
-            if depth >= MAX_ANSWER_DEPTH:
-                raise AnswerFormatError(
-                    f"the answer is nested more than {MAX_ANSWER_DEPTH} levels deep"
-                )
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-        elif (isinstance(item, float) and not math.isfinite(item)) or (
+    too_deep = f"the answer is nested more than {MAX_ANSWER_DEPTH} levels deep"
+    for item in _within_depth(value, MAX_ANSWER_DEPTH, lambda: AnswerFormatError(too_deep)):
+        if (isinstance(item, float) and not math.isfinite(item)) or (
             isinstance(item, Decimal) and not item.is_finite()
         ):
             raise AnswerFormatError(f"the answer holds {item}, which is not a JSON number")
+
+
+def _within_depth(value: Any, limit: int, too_deep: Callable[[], Exception]) -> Iterator[Any]:
+    """Every item of ``value`` (containers and what they hold, iteratively: the walk itself
+    must not recurse); raises ``too_deep()`` at a container ``limit`` containers down."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        yield item
+        if isinstance(item, dict | list | tuple):
+            if depth >= limit:
+                raise too_deep()
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 # ---------------------------------------------------------------------- the schema's shape
@@ -374,16 +379,9 @@ def _check_shape(schema: dict[str, Any]) -> None:
 
 
 def _check_depth(schema: Any) -> None:
-    stack: list[tuple[Any, int]] = [(schema, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth >= MAX_SCHEMA_DEPTH:
-                raise InvalidRequestError(
-                    f"response_format is nested more than {MAX_SCHEMA_DEPTH} levels deep"
-                )
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+    too_deep = f"response_format is nested more than {MAX_SCHEMA_DEPTH} levels deep"
+    for _ in _within_depth(schema, MAX_SCHEMA_DEPTH, lambda: InvalidRequestError(too_deep)):
+        pass
 
 
 def _escape(token: str) -> str:

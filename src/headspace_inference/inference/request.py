@@ -14,7 +14,7 @@ from ..calllog.record import MAX_ERROR_CHARS, MAX_RESULT_CHARS, CallRecord, clip
 from ..logsafe import redact
 from .errors import InferenceError
 from .structured import AnswerSchema
-from .types import Answer, CallLinks, GenerationParams, Spend
+from .types import Answer, CallLinks, GenerationParams, Spend, counted
 
 if TYPE_CHECKING:
     from ..settings import OpenRouterSettings
@@ -159,7 +159,7 @@ def call_record(
             "provider": clip("provider", answer.provider),
             "finish_reason": clip("finish_reason", answer.finish_reason),
         }
-    usage: Answer | Spend | None = answer if cached or spent is None else spent
+    usage = spent if answer is None else counted(answer, spent, cached=cached)
     if usage is not None:
         outcome |= {
             "input_tokens": usage.input_tokens,

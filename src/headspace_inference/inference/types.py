@@ -184,6 +184,13 @@ class Spend:
 NOTHING_SPENT = Spend()
 
 
+def counted(answer: Answer, spent: Spend | None, *, cached: bool) -> Answer | Spend:
+    """Whose tokens and costs a call counts: a cache hit's answer (it cost nothing; the
+    figures are what it saved), else what every attempt was charged (``spent``), else the
+    answer's own."""
+    return answer if cached or spent is None else spent
+
+
 def _money(value: Decimal | None) -> float | None:
     return float(value) if value is not None else None
 
@@ -207,7 +214,7 @@ class InferenceResult:
 
     @property
     def _usage(self) -> Answer | Spend:
-        return self.answer if self.cached or self.spent is None else self.spent
+        return counted(self.answer, self.spent, cached=self.cached)
 
     @property
     def text(self) -> str:

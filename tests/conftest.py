@@ -218,4 +218,4 @@ def emulator(_emulator_server: object) -> object:
     return _emulator_server
 
 
-pytest_plugins = ["tests.emulator_fixtures", "tests.service_fixtures"]
+pytest_plugins = ["tests.emulator_fixtures", "tests.service_fixtures", "tests.served"]

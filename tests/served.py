@@ -4,7 +4,8 @@ Its output goes to a file (a pipe nobody reads would fill and stop the server).
 
 Also the clients those tests play (one that stops reading a stream, one that sends half a
 request) and a publisher of calls: rows committed to the PostgreSQL call log the server
-shares, then ``pg_notify``, as another process's calls reach its streams."""
+shares, then ``pg_notify``, as another process's calls reach its streams (the ``publisher``
+fixture: a plugin of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from headspace_inference.operate.feed import PostgresTransport
 from headspace_inference.settings import DatabaseSettings
@@ -128,6 +130,14 @@ class Publisher:
 
     def close(self) -> None:
         self.database.dispose()
+
+
+@pytest.fixture
+def publisher(migrated_postgres_url: str) -> Iterator[Publisher]:
+    """A Publisher on the test's migrated PostgreSQL database, disposed after the test."""
+    made = Publisher(migrated_postgres_url)
+    yield made
+    made.close()
 
 
 def status_answers(base: str, seconds: float = 30.0) -> bool:

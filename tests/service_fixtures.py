@@ -69,3 +69,13 @@ def rows(app: Flask) -> list[InferenceCall]:
         found = list(session.scalars(select(InferenceCall).order_by(InferenceCall.id)))
     engine.dispose()
     return found
+
+
+def assert_row_is_the_bill(row: InferenceCall, charged: Any, status: str, attempts: int) -> None:
+    """``row`` has ``status`` and ``attempts`` and counts what the emulator charged
+    (``emulator.charged()``): every answer's tokens, and OpenRouter's cost."""
+    assert (row.status, row.attempts) == (status, attempts)
+    assert (row.input_tokens, row.output_tokens) == (
+        charged.prompt_tokens, charged.completion_tokens,
+    )  # fmt: skip
+    assert row.upstream_cost_usd == charged.cost

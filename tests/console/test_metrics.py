@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from headspace_inference.inference import InferenceError
 from headspace_inference.operate.live import console_for
 from headspace_inference.settings import normalise_url
 from headspace_inference.testing.emulator.server import Fault
+from tests.served import free_port
 from tests.service_fixtures import settings_for
 
 GUNICORN_APP = Path(__file__).with_name("gunicorn_app.py")
@@ -130,13 +130,6 @@ def test_metrics_follow_the_token_rule(sqlite_url: str, emulator: Any, tmp_path:
     finally:
         console_for(app).close()
         app.extensions["inference"].close(timeout=5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.mark.postgres

@@ -27,7 +27,7 @@ from headspace_inference.testing.emulator.server import Fault
 from tests.call_rows import make_record
 from tests.console.test_metrics import samples
 from tests.drivers import EVERY_DATABASE
-from tests.integration.test_recorder import count_rows, recorder_for
+from tests.integration.test_recorder import count_rows, write_all
 from tests.service_fixtures import AppFactory, rows
 
 HAIKU = "anthropic/claude-haiku-4.5"
@@ -244,14 +244,7 @@ def test_every_text_of_a_row_is_cut_to_its_column(database_url: str, tmp_path: P
     from_journal = CallRecord.from_json(json.dumps(line | {"request_id": new_request_id()}))
     assert len(from_journal.model) == WIDTHS["model"]
     assert from_journal.provider == "p" * WIDTHS["provider"]
-    recorder = recorder_for(database_url, tmp_path / "spool")
-    try:
-        for each in (record, from_journal):
-            recorder.record(each)
-        assert recorder.flush(timeout=30)
-        assert recorder.stats()["rejected"] == 0
-    finally:
-        recorder.close()
+    write_all(database_url, tmp_path / "spool", [record, from_journal])
     assert count_rows(database_url) == 2
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.served import free_port
 
 from headspace_inference.calllog.database import SERVICE_HISTORY
 from headspace_inference.settings import default_spool_dir
@@ -96,12 +96,6 @@ def test_dotenv_is_read_but_set_variables_win(tmp_path: Path, emulator: Any) -> 
     assert seen and {r.headers["authorization"] for r in seen} == {"Bearer sk-or-from-environment"}
     # What the environment does not set, .env does.
     assert {r.headers["x-title"] for r in seen} == {"from dotenv"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_serve_with_workers_answers_and_stops_cleanly_on_sigterm(

@@ -100,13 +100,6 @@ def nginx_in_front(binary: str, tmp_path: Path, upstream_port: int) -> Iterator[
             proc.wait()
 
 
-@pytest.fixture
-def publisher(migrated_postgres_url: str) -> Iterator[Publisher]:
-    made = Publisher(migrated_postgres_url)
-    yield made
-    made.close()
-
-
 def test_nginx_in_front_takes_the_slow_clients(
     nginx_binary: str,
     migrated_postgres_url: str,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from tests.call_rows import make_record
-from tests.integration.test_recorder import count_rows, recorder_for
+from tests.integration.test_recorder import count_rows, write_all
 from tests.service_fixtures import AppFactory, rows
 
 from headspace_inference.calllog.models import MAX_INTEGER
@@ -200,13 +200,7 @@ def test_a_price_at_the_bound_costs_what_a_row_holds_for_the_largest_call(
     record = make_record(1, model="acme/dear", input_tokens=MAX_INTEGER,
                          output_tokens=MAX_INTEGER, cost_usd=charge.cost,
                          cache_discount_usd=charge.cache_discount)  # fmt: skip
-    recorder = recorder_for(database_url, tmp_path / "spool")
-    try:
-        recorder.record(record)
-        assert recorder.flush(timeout=30)
-        assert recorder.stats()["rejected"] == 0
-    finally:
-        recorder.close()
+    write_all(database_url, tmp_path / "spool", [record])
     assert count_rows(database_url) == 1
 
 
@@ -225,17 +219,28 @@ def test_a_cost_past_what_the_log_holds_is_no_cost_never_a_decimal_error(
     assert any("past what the call log holds" in r.getMessage() for r in caplog.records)
 
 
-def test_an_empty_listing_is_refused_and_the_file_left_as_it_was(
-    emulator: Any, tmp_path: Path
-) -> None:
+def refused_after_a_good_sync(emulator: Any, tmp_path: Path, body: str, said: str) -> Path:
+    """A good sync, then one answered with ``body``: refused (exit 1, ``said``, no traceback)
+    and the file left byte for byte as it was; the file's path."""
     prices = tmp_path / "prices.json"
     assert sync(emulator.base_url, prices, tmp_path).exit_code == 0
     before = prices.read_bytes()
-    emulator.set_models_body('{"data": []}')
+    emulator.set_models_body(body)
     result = sync(emulator.base_url, prices, tmp_path)
-    assert result.exit_code == 1
-    assert "error: prices not synced: the /models answer lists no model" in result.output
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert said in result.output
     assert prices.read_bytes() == before
+    return prices
+
+
+def test_an_empty_listing_is_refused_and_the_file_left_as_it_was(
+    emulator: Any, tmp_path: Path
+) -> None:
+    refused_after_a_good_sync(
+        emulator, tmp_path, '{"data": []}',
+        "error: prices not synced: the /models answer lists no model",
+    )  # fmt: skip
 
 
 def test_a_partial_listing_keeps_the_prices_it_does_not_give_unless_pruned(
@@ -274,18 +279,11 @@ def test_a_partial_listing_keeps_the_prices_it_does_not_give_unless_pruned(
 def test_a_deeply_nested_models_answer_is_a_clear_error_and_the_file_untouched(
     emulator: Any, tmp_path: Path
 ) -> None:
-    prices = tmp_path / "prices.json"
-    assert sync(emulator.base_url, prices, tmp_path).exit_code == 0
-    before = prices.read_bytes()
     depth = 100_000
-    emulator.set_models_body('{"data": ' + "[" * depth + "]" * depth + "}")
-    result = sync(emulator.base_url, prices, tmp_path)
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "error: prices not synced: OpenRouter answered 200 with JSON nested deeper" in (
-        result.output
-    )
-    assert prices.read_bytes() == before
+    prices = refused_after_a_good_sync(
+        emulator, tmp_path, '{"data": ' + "[" * depth + "]" * depth + "}",
+        "error: prices not synced: OpenRouter answered 200 with JSON nested deeper",
+    )  # fmt: skip
     # A price nested deep inside an entry is that model's problem, not a traceback.
     deep = json.loads(listing())
     deep["data"][0]["pricing"]["prompt"] = json.loads("[" * 500 + "]" * 500)

@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -56,6 +56,18 @@ def rollup_calls(url: str) -> int:
 
 def recorder_for(url: str, spool: Path) -> CallRecorder:
     return CallRecorder(sessions_for(url), spool, rollup=apply_rollup, batch_size=50).start()
+
+
+def write_all(url: str, spool: Path, records: Sequence[CallRecord]) -> None:
+    """``records`` written through a recorder of their own, flushed, none rejected."""
+    recorder = recorder_for(url, spool)
+    try:
+        for record in records:
+            recorder.record(record)
+        assert recorder.flush(timeout=30)
+        assert recorder.stats()["rejected"] == 0
+    finally:
+        recorder.close()
 
 
 @EVERY_DATABASE

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 # A worker's request threads (serve's default --threads) and open streams (the app's).
 THREADS = 8
 STREAMS = 4
-
-
-@pytest.fixture
-def publisher(migrated_postgres_url: str) -> Iterator[Publisher]:
-    made = Publisher(migrated_postgres_url)
-    yield made
-    made.close()
 
 
 def test_streams_whose_clients_stop_reading_give_their_threads_back(

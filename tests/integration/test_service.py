@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
-from tests.service_fixtures import CHAT, AppFactory, rows, settings_for
+from tests.service_fixtures import CHAT, AppFactory, assert_row_is_the_bill, rows, settings_for
 
 from headspace_inference import create_app
 from headspace_inference.calllog.models import InferenceCall
@@ -533,11 +533,7 @@ def test_a_200_with_no_choices_that_reports_usage_is_counted_in_its_calls_row(
     charged = emulator.charged()
     assert charged.answers == 3 and result.attempts == 3
     (row,) = rows(app)
-    assert (row.status, row.attempts) == ("ok", 3)
-    assert (row.input_tokens, row.output_tokens) == (
-        charged.prompt_tokens, charged.completion_tokens,
-    )  # fmt: skip
-    assert row.upstream_cost_usd == charged.cost
+    assert_row_is_the_bill(row, charged, "ok", 3)
     # All three failed the same way: the error row counts every one of them.
     emulator.script([Fault(no_choices=True)] * 3)
     with pytest.raises(EmptyResponseError):

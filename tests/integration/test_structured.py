@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from tests.service_fixtures import CHAT, AppFactory, rows
+from tests.service_fixtures import CHAT, AppFactory, assert_row_is_the_bill, rows
 from tests.structured_schemas import FRUSTRATION, Scores
 
 from headspace_inference.inference import (
@@ -258,11 +258,7 @@ def test_a_call_kept_at_its_last_attempt_counts_the_ones_before_in_row_and_resul
     charged = emulator.charged()
     assert charged.answers == 3 and result.attempts == 3
     (row,) = rows(app)
-    assert (row.status, row.attempts) == ("ok", 3)
-    assert (row.input_tokens, row.output_tokens) == (
-        charged.prompt_tokens, charged.completion_tokens,
-    )  # fmt: skip
-    assert row.upstream_cost_usd == charged.cost
+    assert_row_is_the_bill(row, charged, "ok", 3)
     # The result says what the row says; its answer keeps the kept answer's own figures.
     assert (result.input_tokens, result.output_tokens) == (row.input_tokens, row.output_tokens)
     assert result.upstream_cost_usd == float(charged.cost)
@@ -352,11 +348,7 @@ def test_a_call_stopped_by_the_local_limiter_after_a_paid_attempt_keeps_its_cost
     charged = emulator.charged()
     assert charged.answers == 1
     (row,) = rows(app)
-    assert (row.status, row.attempts) == ("rate_limited", 1)
-    assert (row.input_tokens, row.output_tokens) == (
-        charged.prompt_tokens, charged.completion_tokens,
-    )  # fmt: skip
-    assert row.upstream_cost_usd == charged.cost
+    assert_row_is_the_bill(row, charged, "rate_limited", 1)
 
 
 def _waiting_in_a_flight() -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 import tracemalloc
@@ -27,6 +26,7 @@ from headspace_inference.standalone.cli import main
 from headspace_inference.testing.emulator import PROVIDER_ERRORS, EmulatorServer, Fault
 from tests.emulator_fixtures import TEST_KEY
 from tests.integration.test_client import ask
+from tests.integration.test_recorder import reap
 from tests.service_fixtures import AppFactory, rows
 
 CHAT = "/api/v1/chat/completions"
@@ -131,19 +131,6 @@ def test_a_trickle_ends_within_the_timeout_whatever_carries_the_request(
     assert elapsed < 1 + 3
 
 
-def _reap(pid: int, within: float = GIVE_UP_SECONDS) -> int | None:
-    """The child's exit status, or None (and the child killed) if it outlives ``within``."""
-    ends = time.monotonic() + within
-    while time.monotonic() < ends:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return None
-
-
 def test_a_forked_child_keeps_the_deadline(emulator: EmulatorServer) -> None:
     # A client that has made requests (its deadline thread running) forked, as a process
     # running the service may be: the child has no copy of the parent's thread.
@@ -161,7 +148,7 @@ def test_a_forked_child_keeps_the_deadline(emulator: EmulatorServer) -> None:
                 code = 0
             finally:
                 os._exit(code)
-        assert _reap(pid) == 0
+        assert reap(pid, GIVE_UP_SECONDS) == 0
     finally:
         client.close()
 

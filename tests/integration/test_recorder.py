@@ -300,7 +300,7 @@ def test_record_roundtrips_through_json() -> None:
     assert CallRecord.from_json(record.to_json()) == record
 
 
-def _reap(pid: int, seconds: float = 30.0) -> int:
+def reap(pid: int, seconds: float = 30.0) -> int:
     """The exit status of a forked child; kills it and fails if it does not end."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -331,7 +331,7 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_journal(
             recorder.close(timeout=0.1)
         finally:
             os._exit(0)
-    assert _reap(pid) == 0
+    assert reap(pid) == 0
     assert [p for p in journals if not p.exists()] == []
     recorder.record(make_record(1))
     assert recorder.close(timeout=30)

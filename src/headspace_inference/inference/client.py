@@ -575,7 +575,11 @@ class OpenRouterClient:
             raise self._closed_error()
         wait = self.timeout if timeout is None else httpx.Timeout(timeout)
         attempt = _Attempt(self._settings.timeout_seconds if timeout is None else timeout)
-        cap = self._settings.max_response_bytes if max_bytes is None else max_bytes
+        cap, limit = (
+            (self._settings.max_response_bytes, "openrouter.max_response_bytes")
+            if max_bytes is None
+            else (max_bytes, "this endpoint's limit")
+        )
         try:
             # Built here, not by the client: an absolute URL and only our headers, so a
             # host's client (its base_url, headers, params, cookies) cannot redirect or
@@ -590,7 +594,7 @@ class OpenRouterClient:
             self._watchdog.watch(attempt)
             with self._exchange(request, wait, attempt) as response:
                 status = response.status_code
-                body = self._read(response, attempt, cap, method, url)
+                body = self._read(response, attempt, cap, limit, method, url)
         except (httpx.HTTPError, httpx.InvalidURL, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not self._refused_as_closed():
                 raise  # not a closed client's refusal: a bug, shown as it is
@@ -627,20 +631,17 @@ class OpenRouterClient:
         response: httpx.Response,
         attempt: _Attempt,
         cap: int,
+        limit: str,
         method: str,
         url: httpx.URL | str,
     ) -> bytes:
-        """The body, decoded a small step at a time, refused past ``cap`` bytes on the wire
-        or decoded (a gzip bomb stops within a step of the cap) or past the deadline."""
+        """The body, decoded a small step at a time, refused past ``cap`` bytes (the setting
+        or bound named ``limit``) on the wire or decoded (a gzip bomb stops within a step of
+        the cap), or past the deadline."""
         body = bytearray()
         for chunk in _decoded(response):
             body += chunk
             if len(body) > cap or response.num_bytes_downloaded > cap:
-                limit = (
-                    "openrouter.max_response_bytes"
-                    if cap == self._settings.max_response_bytes
-                    else "this endpoint's limit"
-                )
                 raise InvalidResponseError(
                     f"OpenRouter's answer to {method} {url} is over {cap} bytes ({limit}), "
                     "as sent or decoded; not read further",

@@ -199,10 +199,11 @@ def _merge_rows(usage: Usage, rows: Any, money_value: Callable[[Any], Decimal]) 
 
 
 def _filters(
-    q: UsageQuery, moment: Any, start: datetime | None, end: datetime | None, project: Any
+    q: UsageQuery, moment: Any, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
-    """The window [start, end) on ``moment`` and the query's filters, for either table
-    (both name their level and model columns alike)."""
+    """The window [start, end) on ``moment`` and the level and model filters, for either
+    table (both name those columns alike). A project's usage is read from the rows alone
+    (compute_usage), so its filter is _from_raw's."""
     table = moment.class_
     conditions: list[ColumnElement[bool]] = []
     if start is not None:
@@ -213,8 +214,6 @@ def _filters(
         conditions.append(table.level == q.level)
     if q.model is not None:
         conditions.append(table.model == q.model)
-    if q.project_id is not None:
-        conditions.append(project == q.project_id)
     return conditions
 
 
@@ -227,7 +226,7 @@ def _from_rollup(
     end: datetime | None,
 ) -> None:
     r = UsageRollup
-    conditions = [r.span == span, *_filters(q, r.bucket_start, start, end, r.project_key)]
+    conditions = [r.span == span, *_filters(q, r.bucket_start, start, end)]
     columns = [func.coalesce(func.sum(getattr(r, name)), 0) for name in INT_FIELDS]
     # Typed by RollupMoney, so both databases answer Decimal dollars.
     money = [func.coalesce(func.sum(getattr(r, name)), 0) for name in MONEY_FIELDS]
@@ -240,8 +239,9 @@ def _from_raw(
     session: Session, usage: Usage, q: UsageQuery, start: datetime | None, end: datetime | None
 ) -> None:
     c = InferenceCall
-    conditions = _filters(q, c.timestamp, start, end, c.project_id)
+    conditions = _filters(q, c.timestamp, start, end)
     if q.project_id is not None:
+        conditions.append(c.project_id == q.project_id)
         conditions += while_linked_row_exists(session, "project_id", c.project_id)
     not_cached = c.status != "cached"
     ints: list[Any] = [

@@ -21,7 +21,7 @@ from flask import Flask
 from headspace_inference import create_app
 from headspace_inference.calllog.recorder import CallWriter
 from headspace_inference.calllog.rollup import apply_rollup
-from headspace_inference.operate.feed import Feed, LocalTransport
+from headspace_inference.operate.feed import REPLAY_MAX, Feed, LocalTransport, replay
 from headspace_inference.operate.live import console_for
 from tests.call_rows import make_record, write
 from tests.console.sse import Event, SseReader
@@ -86,6 +86,22 @@ def test_last_event_id_replays_the_rows_after_it(
     reader = stream(app, **{"Last-Event-ID": str(ids[1])})
     seen = reader.wait_for(lambda e: e.id == str(ids[-1]))
     assert [int(e.id) for e in seen if e.event == "inference_call"] == ids[2:]
+
+
+def test_a_replay_reads_past_its_chunks_in_id_order_up_to_its_most(
+    apps: list[Flask], sqlite_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    app = build(apps, overrides(sqlite_url, emulator, tmp_path))
+    sessions = app.extensions["inference"].database.sessions
+    total = REPLAY_MAX + 200
+    write(sessions, [make_record(i) for i in range(total)], 1000)
+    with sessions() as session:
+        everything = replay(session, 0)
+        ids = [c["id"] for c in everything]
+        assert len(ids) == REPLAY_MAX and ids == sorted(ids)  # the oldest, in id order
+        after = replay(session, ids[-1])
+    assert len(after) == total - REPLAY_MAX
+    assert after[0]["id"] > ids[-1]
 
 
 def test_a_quiet_stream_gets_keep_alive_comments(

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..calllog.batches import in_id_order
 from ..calllog.call_json import call_json, calls_with_request_ids, select_calls
 from ..calllog.database import Database
 from ..calllog.models import InferenceCall
@@ -464,18 +465,11 @@ def replay(session: Session, after_id: int) -> list[dict[str, Any]]:
     """The CALLs with a row id above ``after_id``, oldest first (at most REPLAY_MAX): what a
     stream resuming with Last-Event-ID is sent before live events."""
     out: list[dict[str, Any]] = []
-    last = after_id
-    while len(out) < REPLAY_MAX:
-        rows = session.execute(
-            select_calls()
-            .where(InferenceCall.id > last)
-            .order_by(InferenceCall.id)
-            .limit(_REPLAY_CHUNK)
-        ).all()
+    after = select_calls().where(InferenceCall.id > after_id)
+    for rows in in_id_order(session, after, InferenceCall.id, _REPLAY_CHUNK):
         out += [call_json(row) for row in rows]
-        if len(rows) < _REPLAY_CHUNK:
+        if len(out) >= REPLAY_MAX or len(rows) < _REPLAY_CHUNK:
             break
-        last = rows[-1].id
     return out[:REPLAY_MAX]
 
 

@@ -71,16 +71,22 @@ def test_each_rule_window_is_one_hash_and_every_key_expires(
 
     base = f"{redis_prefix}:budget"
     calls, cooling = f"{base}-storm:summarise|42", f"{base}-cooling:summarise|42"
-    assert direct.hgetall(f"{base}:daily|day|1800000000") == {b"usd:": b"1000000000", b"tokens:": b"100"}
+    assert direct.hgetall(f"{base}:daily|day|1800000000") == {
+        b"usd:": b"1000000000",
+        b"tokens:": b"100",
+    }
     assert direct.hgetall(f"{base}:each|month|1800000000") == {
-        b"usd:42": b"1000000000", b"tokens:42": b"100"
+        b"usd:42": b"1000000000",
+        b"tokens:42": b"100",
     }
     assert direct.exists(cooling) and not direct.exists(calls)  # the trip cleared the calls
     # A window's hash lives until an hour after the window ends, reckoned from the caller's
     # now; the breaker's keys for the longer of its window and cool-down, and a second.
     # (The margins below are Redis's own clock moving between the write and the read.)
-    assert 86_400_000 + 3_600_000 - 5000 < direct.pttl(f"{base}:daily|day|1800000000") <= (
-        86_400_000 + 3_600_000
+    assert (
+        86_400_000 + 3_600_000 - 5000
+        < direct.pttl(f"{base}:daily|day|1800000000")
+        <= (86_400_000 + 3_600_000)
     )
     month_ms = (30 * 86_400 + 3600) * 1000
     assert month_ms - 5000 < direct.pttl(f"{base}:each|month|1800000000") <= month_ms

@@ -34,14 +34,29 @@ def clock() -> FakeClock:
     return FakeClock(wall_start=BEFORE_MIDNIGHT)
 
 
+@pytest.fixture(params=["database", "redis"])
+def store(request: pytest.FixtureRequest) -> str:
+    """Where the budgets are counted: the call log's database, or Redis when configured."""
+    return str(request.param)
+
+
 @pytest.fixture
 def make_service(
-    database_url: str, emulator: Any, tmp_path: Path, clock: FakeClock
+    database_url: str,
+    emulator: Any,
+    tmp_path: Path,
+    clock: FakeClock,
+    store: str,
+    request: pytest.FixtureRequest,
 ) -> Iterator[ServiceFactory]:
     made: list[InferenceService] = []
+    redis: dict[str, Any] = {}
+    if store == "redis":
+        url = request.getfixturevalue("redis_server_url")
+        redis = {"redis": {"url": url, "key_prefix": request.getfixturevalue("redis_prefix")}}
 
     def factory(**openrouter: Any) -> InferenceService:
-        extra: dict[str, Any] = {"openrouter": openrouter}
+        extra: dict[str, Any] = {"openrouter": openrouter, **redis}
         settings = load_settings(
             tmp_path / "none.yaml",
             overrides=settings_for(database_url, emulator, tmp_path, **extra),
@@ -95,7 +110,7 @@ def test_a_call_that_would_cross_a_cap_is_refused_before_anything_is_sent(
     assert service.infer("project", "describe", "a project", max_tokens=100).text
     row = service_rows(service)[-2]
     assert (row.status, row.attempts, row.error_type) == ("over_budget", 0, "BudgetExceededError")
-    assert row.input_tokens is None and row.cost_usd is None
+    assert row.input_tokens == 0 and row.cost_usd is None
 
 
 def test_a_call_whose_worst_case_is_over_the_whole_cap_is_told_so(
@@ -145,7 +160,7 @@ def test_the_reservation_is_the_worst_case_until_the_answer_corrects_it(
 def test_a_window_rolls_over_at_its_calendar_end(
     make_service: ServiceFactory, emulator: Any, clock: FakeClock
 ) -> None:
-    service = make_service(budgets=[{"name": "daily", "window": "day", "cap_tokens": 150}])
+    service = make_service(budgets=[{"name": "daily", "window": "day", "cap_tokens": 120}])
     service.infer("turn", "summarise", "first" + INPUT, max_tokens=100)
     with pytest.raises(BudgetExceededError) as refused:
         service.infer("turn", "summarise", "second" + INPUT, max_tokens=100)
@@ -163,7 +178,7 @@ def test_a_window_rolls_over_at_its_calendar_end(
 def test_cache_hits_cost_nothing_and_are_never_refused(
     make_service: ServiceFactory, emulator: Any
 ) -> None:
-    service = make_service(budgets=[{"window": "day", "cap_tokens": 150}])
+    service = make_service(budgets=[{"window": "day", "cap_tokens": 120}])
     first = service.infer("turn", "summarise", INPUT, max_tokens=100)
     with pytest.raises(BudgetExceededError):
         service.infer("turn", "summarise", "another" + INPUT, max_tokens=100)
@@ -239,7 +254,7 @@ def test_a_rule_for_each_project_caps_each_apart(
 ) -> None:
     service = make_service(
         budgets=[{"name": "per-project", "scope": {"project_id": "each"}, "window": "month",
-                  "cap_tokens": 150}]
+                  "cap_tokens": 120}]
     )  # fmt: skip
     add_projects(service, 1, 2)
     service.infer("turn", "summarise", "one" + INPUT, max_tokens=100, project_id=1)
@@ -252,7 +267,7 @@ def test_a_rule_for_each_project_caps_each_apart(
     assert [s["project_id"] for s in states] == [1, 2]
     assert all(s["resets_at"] == "2027-01-01T00:00:00+00:00" for s in states)
     (three,) = service.budget(project_id=3)
-    assert (three["project_id"], three["used_tokens"], three["left_tokens"]) == (3, 0, 150)
+    assert (three["project_id"], three["used_tokens"], three["left_tokens"]) == (3, 0, 120)
     assert service.budget(level="turn", project_id=2) == [states[1]]
 
 
@@ -271,7 +286,7 @@ def test_a_route_with_fallbacks_reserves_at_its_dearest_model(
 
 
 def test_status_shows_each_budget_and_where_it_is_counted(
-    make_service: ServiceFactory, emulator: Any
+    make_service: ServiceFactory, emulator: Any, store: str
 ) -> None:
     service = make_service(budgets=[{"name": "all", "window": "day", "cap_usd": 2}])
     service.infer("turn", "summarise", INPUT, max_tokens=100)
@@ -280,5 +295,5 @@ def test_status_shows_each_budget_and_where_it_is_counted(
     assert state["rule"] == "all" and state["cap_usd"] == 2
     assert state["used_usd"] == pytest.approx(float(emulator.charged().cost), abs=1e-9)
     guard = status["spend_guard"]
-    assert (guard["store"], guard["shared"], guard["reason"]) == ("database", True, None)
+    assert (guard["store"], guard["shared"], guard["reason"]) == (store, True, None)
     assert guard["storm_breaker"]["enabled"] is True

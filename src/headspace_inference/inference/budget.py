@@ -345,8 +345,8 @@ class SpendGuard:
             where = "" if not bucket.part else f" for project {bucket.part}"
             what = "has reached its cap" if kind == "cap" else f"passed {state['warn_at']:.0%}"
             log.warning(
-                "spend guard: budget %r%s %s: used $%.6f and %d tokens of %s this %s "
-                "(resets at %s)",
+                "spend guard: budget %r%s %s: $%.6f and %d tokens of %s used or reserved "
+                "this %s (resets at %s)",
                 rule.label, where, what, use.usd / NANO, use.tokens, _caps(rule),
                 rule.settings.window, state["resets_at"],
             )  # fmt: skip

@@ -53,6 +53,17 @@ class TestRedisStore(BudgetStoreContract):
         return redis_store(redis_server_url, redis_prefix, clients)
 
 
+def test_the_store_connects_on_first_use_and_leaves_its_client_to_its_owner(
+    redis_server_url: str, redis_prefix: str, clients: list[redis.Redis]
+) -> None:
+    nowhere = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    RedisBudgetStore(nowhere, prefix=redis_prefix).close()  # no connection tried
+    nowhere.close()
+    store = redis_store(redis_server_url, redis_prefix, clients)
+    store.close()
+    assert clients[0].ping() is True
+
+
 # --------------------------------------------------------------------------- keys and expiry
 
 NOW = 1_800_000_000.0  # the callers' clock, years away from Redis's own: expiries are relative

@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 from sqlalchemy import text
+from tests.conftest import redis_url_through
 from tests.service_fixtures import CHAT, service_rows, settings_for
+from tests.tcp_proxy import TcpProxy
 
 from headspace_inference.clock import FakeClock
 from headspace_inference.config_loading import load_settings
@@ -25,6 +29,7 @@ from headspace_inference.standalone.database import standalone_database
 BEFORE_MIDNIGHT = datetime(2026, 12, 5, 23, 59, 30, tzinfo=UTC).timestamp()
 INPUT = "x" * 40  # an estimated 11 input tokens: with max_tokens=100, a worst case of 111
 WORST = 111
+RETRY_INTERVAL = 0.2  # how soon a guard tries Redis again after it failed
 
 ServiceFactory = Callable[..., InferenceService]
 
@@ -55,8 +60,12 @@ def make_service(
         url = request.getfixturevalue("redis_server_url")
         redis = {"redis": {"url": url, "key_prefix": request.getfixturevalue("redis_prefix")}}
 
-    def factory(**openrouter: Any) -> InferenceService:
+    def factory(
+        *, redis_section: dict[str, Any] | None = None, **openrouter: Any
+    ) -> InferenceService:
         extra: dict[str, Any] = {"openrouter": openrouter, **redis}
+        if redis_section is not None:
+            extra["redis"] = redis_section
         settings = load_settings(
             tmp_path / "none.yaml",
             overrides=settings_for(database_url, emulator, tmp_path, **extra),
@@ -297,3 +306,49 @@ def test_status_shows_each_budget_and_where_it_is_counted(
     guard = status["spend_guard"]
     assert (guard["store"], guard["shared"], guard["reason"]) == (store, True, None)
     assert guard["storm_breaker"]["enabled"] is True
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_with_redis_cut_each_process_keeps_the_caps_and_pays_back_when_it_returns(
+    make_service: ServiceFactory,
+    emulator: Any,
+    redis_proxy: TcpProxy,
+    redis_server_url: str,
+    redis_prefix: str,
+) -> None:
+    service = make_service(
+        redis_section={
+            "url": redis_url_through(redis_proxy, redis_server_url),
+            "key_prefix": redis_prefix,
+            "retry_interval_seconds": RETRY_INTERVAL,
+            "socket_timeout_seconds": 0.2,
+        },
+        budgets=[{"name": "turns", "window": "day", "cap_tokens": 300}],
+    )
+    results = [service.infer("turn", "summarise", "before" + INPUT[6:], max_tokens=100)]
+    redis_proxy.cut()
+    spent = lambda: sum(r.input_tokens + r.output_tokens for r in results)  # noqa: E731
+    # Cut off, the process stands in from the use it last saw: the cap still holds here.
+    while spent() + WORST <= 300:
+        results.append(
+            service.infer("turn", "summarise", f"cut{len(results):02d}" + INPUT[5:], max_tokens=100)
+        )
+    with pytest.raises(BudgetExceededError):
+        service.infer("turn", "summarise", "refused while cut" + INPUT, max_tokens=100)
+    status = service.status()
+    assert status["state"] == "degraded" and not status["spend_guard"]["shared"]
+    assert "Redis unreachable" in status["spend_guard"]["reason"]
+    assert status["budgets"][0]["used_tokens"] == spent()  # the stand-in's count
+    redis_proxy.restore()
+    time.sleep(RETRY_INTERVAL * 2)  # the guard tries Redis again after its interval
+    with pytest.raises(BudgetExceededError):  # refused by Redis, which was paid back
+        service.infer("turn", "summarise", "refused by redis" + INPUT, max_tokens=100)
+    direct = redis_lib.Redis.from_url(redis_server_url)
+    try:
+        (key,) = [k for k in direct.scan_iter(match=f"{redis_prefix}:budget:turns|*")]
+        counted = {k.decode(): int(v) for k, v in direct.hgetall(key).items()}
+    finally:
+        direct.close()
+    assert counted["tokens:"] == spent()  # every call made while cut is in Redis, once
+    assert service.status()["spend_guard"]["shared"]
+    assert chat_count(emulator) == len(results)

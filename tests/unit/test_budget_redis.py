@@ -117,15 +117,16 @@ def test_a_window_already_past_its_slack_is_kept_a_second_not_forever(
     assert 0 < clients[0].pttl(f"{redis_prefix}:budget:late|hour|1") <= 1000
 
 
-def test_a_correction_to_a_window_no_longer_kept_adds_nothing(
+def test_a_correction_to_an_ended_window_no_longer_kept_adds_nothing(
     redis_server_url: str, redis_prefix: str, clients: list[redis.Redis]
 ) -> None:
     store = redis_store(redis_server_url, redis_prefix, clients)
-    kept = bucket("kept|day|1", part="1")
+    kept = bucket("kept|day|1", part="1", ends_at=NOW + 1)
     assert store.reserve([kept], usd(0.1), 10, None, NOW).granted
-    gone = bucket("gone|day|1", part="1")  # expired, or never reserved against
-    other_part = bucket("kept|day|1", part="2")
-    assert store.adjust([gone, other_part, kept], usd(0.2), 5, NOW) == ()
+    later = NOW + 2  # the window has ended; its hash is kept for its slack
+    gone = bucket("gone|day|1", part="1", ends_at=NOW + 1)  # expired, or never counted
+    other_part = bucket("kept|day|1", part="2", ends_at=NOW + 1)
+    assert store.adjust([gone, other_part, kept], usd(0.2), 5, later) == ()
     assert store.read("gone|day|1") == {}
     assert store.read("kept|day|1") == {"1": Use(usd(0.3), 15)}
     assert clients[0].keys(f"{redis_prefix}:budget:gone*") == []

@@ -38,6 +38,9 @@ def settings_for(url: str, emulator: Any, tmp_path: Path, **extra: Any) -> dict[
             "api_key": KEY,
             "retry": {"base_delay_seconds": 0.0, "max_delay_seconds": 0.0},
             "rate_limits": {"calls_per_minute": 10_000, "tokens_per_minute": 10_000_000},
+            # Tests make many calls of one purpose at once: the breaker counts them, and
+            # trips only where a test asks it to (test_spend_guard.py).
+            "storm_breaker": {"calls": 100_000},
             # Never the working directory's synced prices.
             "pricing_file": str(tmp_path / "openrouter-pricing.json"),
         },

@@ -53,6 +53,8 @@ def app_for(url: str, emulator: Any, tmp_path: Path, **extra: Any) -> Flask:
         "base_url": emulator.base_url,
         "api_key": KEY,
         "rate_limits": {"calls_per_minute": 100_000, "tokens_per_minute": 100_000_000},
+        # Thousands of calls of one purpose: the breaker counts them, and must not trip.
+        "storm_breaker": {"calls": 100_000},
         "retry": {"base_delay_seconds": 0.01, "max_delay_seconds": 0.05},
         **extra.pop("openrouter", {}),
     }
@@ -129,7 +131,8 @@ def test_sigkill_mid_run_loses_only_calls_in_flight(
         "database": {"url": migrated_postgres_url},
         "openrouter": {"base_url": emulator.base_url, "api_key": KEY,
                        "rate_limits": {"calls_per_minute": 100_000,
-                                       "tokens_per_minute": 100_000_000}},
+                                       "tokens_per_minute": 100_000_000},
+                       "storm_breaker": {"calls": 100_000}},
         "inference": {"spool_path": str(tmp_path / "spool"), "workers": 8},
     }))  # fmt: skip
     env = {**os.environ, "HEADSPACE_CONFIG": str(config)}

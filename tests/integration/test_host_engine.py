@@ -37,6 +37,7 @@ def overrides(emulator: Any, tmp_path: Path, **inference: Any) -> dict[str, Any]
             "base_url": emulator.base_url,
             "retry": {"base_delay_seconds": 0, "max_delay_seconds": 0},
             "rate_limits": {"calls_per_minute": 100_000, "tokens_per_minute": 100_000_000},
+            "storm_breaker": {"calls": 100_000},  # 200 apps' calls of one purpose, one Redis
             "pricing_file": str(tmp_path / "openrouter-pricing.json"),
         },
         "inference": {"spool_path": str(tmp_path / "spool"), **inference},

@@ -102,8 +102,9 @@ class DatabaseBudgetStore:
 
     name = "database"
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, lock_wait_ms: int = LOCK_WAIT_MS) -> None:
         self._database = database
+        self._bounds = _bounds(lock_wait_ms)
         self._breaker = MemoryBudgetStore()
 
     def reserve(
@@ -174,7 +175,7 @@ class DatabaseBudgetStore:
         # Bounded like every read a request makes (/status, service.budget()).
         def work(session: Session) -> dict[str, Use]:
             found = session.execute(_READ, {"key": key})
-            return {part: Use(usd, tokens) for part, usd, tokens in found}
+            return {r.part: Use(r.used_usd, r.used_tokens) for r in found}
 
         return self._database.read(work)
 
@@ -185,7 +186,7 @@ class DatabaseBudgetStore:
     def _transaction(self) -> Iterator[Connection]:
         with self._database.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(_BOUNDS)
+                conn.execute(self._bounds)
             yield conn
 
 
@@ -241,7 +242,10 @@ def _locked(conn: Connection, where: Sequence[tuple[str, str]]) -> dict[tuple[st
         .order_by(_C.key, _C.part)
         .with_for_update()
     )
-    return {(r.key, r.part): _Row(*r) for r in found}
+    return {
+        (r.key, r.part): _Row(r.key, r.part, r.used_usd, r.used_tokens, r.warned, r.capped)
+        for r in found
+    }
 
 
 def _write(conn: Connection, rows: Iterable[_Row]) -> None:
@@ -282,9 +286,7 @@ _SET = (
         capped=bindparam("c"),
     )
 )
-_READ: Executable = select(_C.part, _C.used_usd, _C.used_tokens).where(
-    _C.key == bindparam("key")
-)
+_READ = select(_C.part, _C.used_usd, _C.used_tokens).where(_C.key == bindparam("key"))
 # Rows ended long ago; one another caller holds (an old window's late correction) is left
 # for the next time, so that the clean-up never waits.
 _CLEAN = delete(_TABLE).where(
@@ -294,7 +296,11 @@ _CLEAN = delete(_TABLE).where(
         .with_for_update(skip_locked=True)
     )
 )
-_BOUNDS = select(
-    func.set_config("lock_timeout", str(LOCK_WAIT_MS), True),
-    func.set_config("idle_in_transaction_session_timeout", str(LOCK_WAIT_MS), True),
-)
+
+
+def _bounds(ms: int) -> Executable:
+    # For this transaction only (set_config's ``true``: SET LOCAL), on a host's engine too.
+    return select(
+        func.set_config("lock_timeout", str(ms), True),
+        func.set_config("idle_in_transaction_session_timeout", str(ms), True),
+    )

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.pool import NullPool
 from tests.budget_contract import NOW, BudgetStoreContract, bucket, usd
 from tests.drivers import BOTH_DRIVERS, EVERY_DATABASE
@@ -148,6 +149,47 @@ def test_a_bucket_locked_past_the_lock_wait_fails_as_the_database_away(
         holder.dispose()
         assert store.reserve([cap], usd(0.1), 1, None, NOW).granted
         assert store.read(cap.key) == {"": Use(usd(0.2), 2)}
+
+
+@BOTH_DRIVERS
+def test_a_caller_stopped_mid_transaction_gives_its_rows_back_within_the_bound(
+    migrated_postgres_url: str,
+) -> None:
+    """A process that stops between two statements of an operation (paused, partitioned)
+    holding a bucket's row: past the bound the server ends its session, so the others go on,
+    and it is told the database is away (psycopg 3 and psycopg2 say it differently)."""
+    cap = bucket()
+    engine = create_engine(normalise_url(migrated_postgres_url))
+    paused = threading.Event()
+
+    def pause(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE") and not paused.is_set():
+            paused.set()  # the row locked, its new use not yet written
+            time.sleep(2.0)  # ten times the bound
+
+    event.listen(engine, "before_cursor_execute", pause)
+    stopped = DatabaseBudgetStore(Database(DatabaseSettings(), engine=engine), lock_wait_ms=200)
+    outcome: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            stopped.reserve([cap], usd(0.1), 1, None, NOW)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with database_store(migrated_postgres_url) as other:
+        assert other.reserve([cap], usd(0.1), 1, None, NOW).granted
+        worker = threading.Thread(target=stop)
+        worker.start()
+        assert paused.wait(timeout=30)
+        # Waits for the row until the server ends the stopped session (were it not ended,
+        # the stopped reservation would go through when it wakes, and be counted).
+        assert other.reserve([cap], usd(0.1), 1, None, NOW).granted
+        worker.join()
+        assert len(outcome) == 1 and isinstance(outcome[0], DATABASE_AWAY), outcome
+        assert other.read(cap.key) == {"": Use(usd(0.2), 2)}
+    assert stopped.reserve([cap], usd(0.1), 1, None, NOW).granted  # on a new connection
+    engine.dispose()
 
 
 @BOTH_DRIVERS

@@ -46,6 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from ..inference.budget_store import (
@@ -59,7 +60,7 @@ from ..inference.budget_store import (
     first_crossed,
     reached,
 )
-from .database import Database
+from .database import DATABASE_AWAY, Database
 from .models import BudgetUse
 
 _TABLE = cast(Table, BudgetUse.__table__)
@@ -184,10 +185,21 @@ class DatabaseBudgetStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        with self._database.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(self._bounds)
-            yield conn
+        try:
+            with self._database.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(self._bounds)
+                yield conn
+        except DBAPIError as exc:
+            if exc.connection_invalidated and not isinstance(exc, DATABASE_AWAY):
+                # The server ended the session (one idle in its transaction past the bound,
+                # say): psycopg 3 says so with an InternalError, psycopg2 with an
+                # OperationalError. Either way the connection is gone: the database is away.
+                orig = exc.orig if exc.orig is not None else exc
+                raise OperationalError(
+                    exc.statement, exc.params, orig, connection_invalidated=True
+                ) from exc
+            raise
 
 
 # --------------------------------------------------------------------------- deciding

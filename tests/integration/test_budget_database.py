@@ -101,7 +101,7 @@ def test_rows_are_kept_a_day_past_their_window_then_deleted(
     recent = bucket("recent|hour|2", ends_at=NOW + 10)
     for b in (old, recent):
         assert store.reserve([b], usd(0.5), 1, None, NOW - 60).granted
-    # A new row made a day and a bit after the old window ended: the old one goes.
+    # A reservation a day and a bit after the old window ended: the old row goes.
     later = NOW + KEPT_AFTER_WINDOW + 1
     assert store.reserve([bucket("new|hour|3", ends_at=later + 3600)], 1, 1, None, later).granted
     assert set(rows(database_url)) == {("recent|hour|2", ""), ("new|hour|3", "")}

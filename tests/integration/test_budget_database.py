@@ -112,12 +112,6 @@ def test_rows_are_kept_a_day_past_their_window_then_deleted(
 
 
 @EVERY_DATABASE
-def test_a_correction_never_makes_a_row(store: BudgetStore, database_url: str) -> None:
-    assert store.adjust([bucket("never|day|1", cap_usd=0.1)], usd(1), 10, NOW) == ()
-    assert rows(database_url) == {}
-
-
-@EVERY_DATABASE
 def test_the_flags_in_the_row_say_which_alerts_were_given(
     store: BudgetStore, database_url: str
 ) -> None:

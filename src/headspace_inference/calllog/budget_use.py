@@ -7,15 +7,17 @@ one transaction that takes the rows it changes first, in one order (by key, then
 that callers queue on a bucket instead of overtaking each other, and two callers never wait
 for each other in a circle:
 
-- PostgreSQL: the rows are made if missing (``INSERT ... ON CONFLICT DO NOTHING``, in that
-  order) and then locked (``SELECT ... FOR UPDATE``, in that order). A lock waited for past
-  ``LOCK_WAIT_MS`` fails the operation, and a session sitting in one of these transactions
-  that long is ended by the server (a caller cut off mid-way, e.g. by a partition, releases
-  its rows), each an error of DATABASE_AWAY, as the database being gone is.
+- PostgreSQL: the rows of live windows are made if missing (``INSERT ... ON CONFLICT DO
+  NOTHING``, in that order), then locked in that order (a reservation's ``SELECT ... FOR
+  UPDATE``, a correction's UPDATEs). A lock waited for past ``LOCK_WAIT_MS`` fails the
+  operation, and a session sitting in one of these transactions that long is ended by the
+  server (a caller cut off mid-way, e.g. by a partition, gives its rows back), each an error
+  of DATABASE_AWAY, as the database being gone is.
 - SQLite: the database has one writer at a time. The transaction's first statement is a
-  write (that INSERT, or the correction's UPDATE), so it waits for the writer's lock at its
-  start (the busy timeout) and holds it to the end; a transaction that read first and then
-  wrote could find another writer in between and fail instead of waiting.
+  write (that INSERT; or the UPDATE, for a correction to ended windows alone), so it waits
+  for the writer's lock at its start (the busy timeout) and holds it to the end; one that
+  read first and then wrote could find another writer in between and fail instead of
+  waiting.
 
 The rows' values are then read, decided on exactly as MemoryBudgetStore decides, and written
 back before the commit. The storm breaker is not kept here: it counts each call in this
@@ -158,7 +160,11 @@ class DatabaseBudgetStore:
         if not buckets:
             return ()
         with self._transaction() as conn:
-            # Buckets without a row (their window ended and was deleted) are left without.
+            # A bucket of a live window is counted from nothing when it has no row yet (what
+            # a process counted while the store was away); one whose window ended, left alone.
+            live = [w for w in _wanted(buckets) if w[2] > now]
+            if live:
+                conn.execute(_insert(conn.dialect.name).values([_new_row(*w) for w in live]))
             conn.execute(
                 _ADD,
                 [

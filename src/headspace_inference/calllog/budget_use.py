@@ -132,7 +132,7 @@ class DatabaseBudgetStore:
             return Reserved(True)
         with self._transaction() as conn:
             wanted = _wanted(buckets)
-            conn.execute(_insert(conn.dialect.name).values([_new_row(*w) for w in wanted]))
+            conn.execute(_insert(conn.dialect.name), [_new_row(*w) for w in wanted])
             rows = _locked(conn, [(k, p) for k, p, _ in wanted])
             parts = [rows[(b.key, b.part)] for b in buckets]
             uses = tuple(Use(p.usd, p.tokens) for p in parts)
@@ -164,7 +164,7 @@ class DatabaseBudgetStore:
             # a process counted while the store was away); one whose window ended, left alone.
             live = [w for w in _wanted(buckets) if w[2] > now]
             if live:
-                conn.execute(_insert(conn.dialect.name).values([_new_row(*w) for w in live]))
+                conn.execute(_insert(conn.dialect.name), [_new_row(*w) for w in live])
             conn.execute(
                 _ADD,
                 [
@@ -252,18 +252,15 @@ def _new_row(key: str, part: str, ends_at: float) -> dict[str, Any]:
 
 @functools.cache
 def _insert(dialect: str) -> Any:
+    # Built once per dialect, and given its rows as parameters: a statement built with its
+    # rows is compiled again on every call, which cost more than running it.
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(_TABLE).on_conflict_do_nothing(index_elements=["key", "part"])
 
 
 def _locked(conn: Connection, where: Sequence[tuple[str, str]]) -> dict[tuple[str, str], _Row]:
     """The rows at ``where`` (sorted), locked on PostgreSQL in that order."""
-    found = conn.execute(
-        select(_C.key, _C.part, _C.used_usd, _C.used_tokens, _C.warned, _C.capped)
-        .where(tuple_(_C.key, _C.part).in_(where))
-        .order_by(_C.key, _C.part)
-        .with_for_update()
-    )
+    found = conn.execute(_LOCK, {"where": list(where)})
     return {
         (r.key, r.part): _Row(r.key, r.part, r.used_usd, r.used_tokens, r.warned, r.capped)
         for r in found
@@ -307,6 +304,12 @@ _SET = (
         warned=bindparam("w"),
         capped=bindparam("c"),
     )
+)
+_LOCK = (
+    select(_C.key, _C.part, _C.used_usd, _C.used_tokens, _C.warned, _C.capped)
+    .where(tuple_(_C.key, _C.part).in_(bindparam("where", expanding=True)))
+    .order_by(_C.key, _C.part)
+    .with_for_update()
 )
 _READ = select(_C.part, _C.used_usd, _C.used_tokens).where(_C.key == bindparam("key"))
 # Rows ended long ago; one another caller holds (an old window's late correction) is left

@@ -7,15 +7,17 @@ one transaction that takes the rows it changes first, in one order (by key, then
 that callers queue on a bucket instead of overtaking each other, and two callers never wait
 for each other in a circle:
 
-- PostgreSQL: the rows are made if missing (``INSERT ... ON CONFLICT DO NOTHING``, in that
-  order) and then locked (``SELECT ... FOR UPDATE``, in that order). A lock waited for past
-  ``LOCK_WAIT_MS`` fails the operation, and a session sitting in one of these transactions
-  that long is ended by the server (a caller cut off mid-way, e.g. by a partition, releases
-  its rows), each an error of DATABASE_AWAY, as the database being gone is.
+- PostgreSQL: the rows of live windows are made if missing (``INSERT ... ON CONFLICT DO
+  NOTHING``, in that order), then locked in that order (a reservation's ``SELECT ... FOR
+  UPDATE``, a correction's UPDATEs). A lock waited for past ``LOCK_WAIT_MS`` fails the
+  operation, and a session sitting in one of these transactions that long is ended by the
+  server (a caller cut off mid-way, e.g. by a partition, gives its rows back), each an error
+  of DATABASE_AWAY, as the database being gone is.
 - SQLite: the database has one writer at a time. The transaction's first statement is a
-  write (that INSERT, or the correction's UPDATE), so it waits for the writer's lock at its
-  start (the busy timeout) and holds it to the end; a transaction that read first and then
-  wrote could find another writer in between and fail instead of waiting.
+  write (that INSERT; or the UPDATE, for a correction to ended windows alone), so it waits
+  for the writer's lock at its start (the busy timeout) and holds it to the end; one that
+  read first and then wrote could find another writer in between and fail instead of
+  waiting.
 
 The rows' values are then read, decided on exactly as MemoryBudgetStore decides, and written
 back before the commit. The storm breaker is not kept here: it counts each call in this
@@ -28,6 +30,7 @@ connection is held between operations.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from ..inference.budget_store import (
@@ -59,15 +63,18 @@ from ..inference.budget_store import (
     first_crossed,
     reached,
 )
-from .database import Database
+from .database import DATABASE_AWAY, Database
 from .models import BudgetUse
 
 _TABLE = cast(Table, BudgetUse.__table__)
 _C = _TABLE.c
 
 # A row is deleted this long after its window ended (a correction arriving later adds to
-# nothing, as in MemoryBudgetStore once a window is forgotten).
+# nothing, as in MemoryBudgetStore once a window is forgotten), by a reservation at most
+# once a minute in each process: one probe of the index on ends_at, which finds nothing
+# most times.
 KEPT_AFTER_WINDOW = 86_400  # seconds
+SWEEP_EVERY = 60  # seconds
 # PostgreSQL: the longest a caller waits for a bucket's row, and the longest a session may
 # sit in one of these transactions between statements (each takes milliseconds).
 LOCK_WAIT_MS = 5_000
@@ -102,9 +109,11 @@ class DatabaseBudgetStore:
 
     name = "database"
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, lock_wait_ms: int = LOCK_WAIT_MS) -> None:
         self._database = database
+        self._bounds = _bounds(lock_wait_ms)
         self._breaker = MemoryBudgetStore()
+        self._swept_at = -math.inf
 
     def reserve(
         self,
@@ -123,9 +132,7 @@ class DatabaseBudgetStore:
             return Reserved(True)
         with self._transaction() as conn:
             wanted = _wanted(buckets)
-            made = conn.execute(
-                _insert(conn.dialect.name).values([_new_row(*w) for w in wanted])
-            ).rowcount
+            conn.execute(_insert(conn.dialect.name), [_new_row(*w) for w in wanted])
             rows = _locked(conn, [(k, p) for k, p, _ in wanted])
             parts = [rows[(b.key, b.part)] for b in buckets]
             uses = tuple(Use(p.usd, p.tokens) for p in parts)
@@ -142,7 +149,8 @@ class DatabaseBudgetStore:
                 alerts = _crossings(enumerate(zip(buckets, parts, strict=True)))
                 result = Reserved(True, uses, None, alerts)
             _write(conn, rows.values())
-            if made:  # a new window began: the rare moment to drop the ended ones
+            if now - self._swept_at >= SWEEP_EVERY:
+                self._swept_at = now
                 conn.execute(_CLEAN, {"before": now - KEPT_AFTER_WINDOW})
         return result
 
@@ -152,7 +160,11 @@ class DatabaseBudgetStore:
         if not buckets:
             return ()
         with self._transaction() as conn:
-            # Buckets without a row (their window ended and was deleted) are left without.
+            # A bucket of a live window is counted from nothing when it has no row yet (what
+            # a process counted while the store was away); one whose window ended, left alone.
+            live = [w for w in _wanted(buckets) if w[2] > now]
+            if live:
+                conn.execute(_insert(conn.dialect.name), [_new_row(*w) for w in live])
             conn.execute(
                 _ADD,
                 [
@@ -174,7 +186,7 @@ class DatabaseBudgetStore:
         # Bounded like every read a request makes (/status, service.budget()).
         def work(session: Session) -> dict[str, Use]:
             found = session.execute(_READ, {"key": key})
-            return {part: Use(usd, tokens) for part, usd, tokens in found}
+            return {r.part: Use(r.used_usd, r.used_tokens) for r in found}
 
         return self._database.read(work)
 
@@ -183,10 +195,21 @@ class DatabaseBudgetStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        with self._database.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(_BOUNDS)
-            yield conn
+        try:
+            with self._database.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(self._bounds)
+                yield conn
+        except DBAPIError as exc:
+            if exc.connection_invalidated and not isinstance(exc, DATABASE_AWAY):
+                # The server ended the session (one idle in its transaction past the bound,
+                # say): psycopg 3 says so with an InternalError, psycopg2 with an
+                # OperationalError. Either way the connection is gone: the database is away.
+                orig = exc.orig if exc.orig is not None else exc
+                raise OperationalError(
+                    exc.statement, exc.params, orig, connection_invalidated=True
+                ) from exc
+            raise
 
 
 # --------------------------------------------------------------------------- deciding
@@ -229,19 +252,19 @@ def _new_row(key: str, part: str, ends_at: float) -> dict[str, Any]:
 
 @functools.cache
 def _insert(dialect: str) -> Any:
+    # Built once per dialect, and given its rows as parameters: a statement built with its
+    # rows is compiled again on every call, which cost more than running it.
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(_TABLE).on_conflict_do_nothing(index_elements=["key", "part"])
 
 
 def _locked(conn: Connection, where: Sequence[tuple[str, str]]) -> dict[tuple[str, str], _Row]:
     """The rows at ``where`` (sorted), locked on PostgreSQL in that order."""
-    found = conn.execute(
-        select(_C.key, _C.part, _C.used_usd, _C.used_tokens, _C.warned, _C.capped)
-        .where(tuple_(_C.key, _C.part).in_(where))
-        .order_by(_C.key, _C.part)
-        .with_for_update()
-    )
-    return {(r.key, r.part): _Row(*r) for r in found}
+    found = conn.execute(_LOCK, {"where": list(where)})
+    return {
+        (r.key, r.part): _Row(r.key, r.part, r.used_usd, r.used_tokens, r.warned, r.capped)
+        for r in found
+    }
 
 
 def _write(conn: Connection, rows: Iterable[_Row]) -> None:
@@ -282,7 +305,13 @@ _SET = (
         capped=bindparam("c"),
     )
 )
-_READ: Executable = select(_C.part, _C.used_usd, _C.used_tokens).where(_C.key == bindparam("key"))
+_LOCK = (
+    select(_C.key, _C.part, _C.used_usd, _C.used_tokens, _C.warned, _C.capped)
+    .where(tuple_(_C.key, _C.part).in_(bindparam("where", expanding=True)))
+    .order_by(_C.key, _C.part)
+    .with_for_update()
+)
+_READ = select(_C.part, _C.used_usd, _C.used_tokens).where(_C.key == bindparam("key"))
 # Rows ended long ago; one another caller holds (an old window's late correction) is left
 # for the next time, so that the clean-up never waits.
 _CLEAN = delete(_TABLE).where(
@@ -292,7 +321,11 @@ _CLEAN = delete(_TABLE).where(
         .with_for_update(skip_locked=True)
     )
 )
-_BOUNDS = select(
-    func.set_config("lock_timeout", str(LOCK_WAIT_MS), True),
-    func.set_config("idle_in_transaction_session_timeout", str(LOCK_WAIT_MS), True),
-)
+
+
+def _bounds(ms: int) -> Executable:
+    # For this transaction only (set_config's ``true``: SET LOCAL), on a host's engine too.
+    return select(
+        func.set_config("lock_timeout", str(ms), True),
+        func.set_config("idle_in_transaction_session_timeout", str(ms), True),
+    )

@@ -24,7 +24,7 @@ class BudgetUse(Base):
     # The window's end in epoch seconds, as the store's callers give it (Bucket.ends_at and
     # their ``now``): compared with ``now`` as it comes, no timezone or conversion on either
     # database. Only the clean-up reads it (rows ended a day ago are deleted), through its
-    # index: a probe that finds nothing most times.
+    # index.
     ends_at: Mapped[float] = mapped_column(Double, index=True)
     warned: Mapped[bool] = mapped_column(Boolean, default=False)
     capped: Mapped[bool] = mapped_column(Boolean, default=False)

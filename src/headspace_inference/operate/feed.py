@@ -255,7 +255,7 @@ _CLOSED: dict[str, Any] = {}  # put in a stream's queue when it is dropped
 
 
 @dataclass(frozen=True, eq=False)
-class BudgetEvent:
+class Announcement:
     """A budget event on its way to a stream (a CALL travels as its dict)."""
 
     event: dict[str, Any]
@@ -266,7 +266,7 @@ class Stream:
     """One open event stream: its queue of CALLs and budget events, and why it was dropped,
     if it was."""
 
-    events: queue.Queue[dict[str, Any] | BudgetEvent] = field(
+    events: queue.Queue[dict[str, Any] | Announcement] = field(
         default_factory=lambda: queue.Queue(maxsize=STREAM_QUEUE)
     )
     dropped: str | None = None
@@ -490,9 +490,9 @@ class Feed:
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
-            self._put(stream, BudgetEvent(event))
+            self._put(stream, Announcement(event))
 
-    def _put(self, stream: Stream, item: dict[str, Any] | BudgetEvent) -> bool:
+    def _put(self, stream: Stream, item: dict[str, Any] | Announcement) -> bool:
         """Queue ``item`` for ``stream``; a stream whose queue is full is dropped."""
         try:
             stream.events.put_nowait(item)
@@ -562,7 +562,7 @@ class Feed:
                 except queue.Empty:
                     yield ": keep-alive\n\n"
                     continue
-                if isinstance(item, BudgetEvent):
+                if isinstance(item, Announcement):
                     yield _budget_event(item.event)
                 elif item is _CLOSED:
                     yield f": closed: {stream.dropped}\n\n"

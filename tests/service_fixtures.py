@@ -61,9 +61,12 @@ def make_app(database_url: str, emulator: Any, tmp_path: Path) -> Iterator[AppFa
 
 
 def rows(app: Flask) -> list[InferenceCall]:
-    service: InferenceService = app.extensions["inference"]
+    return service_rows(app.extensions["inference"])
+
+
+def service_rows(service: InferenceService) -> list[InferenceCall]:
     assert service.recorder.flush(timeout=30)
-    url = app.extensions["inference"].database.url
+    url = service.database.url
     engine = create_engine(normalise_url(url), poolclass=NullPool)
     with Session(engine) as session:
         found = list(session.scalars(select(InferenceCall).order_by(InferenceCall.id)))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .app_state import RouteClashError
 from .extension import Inference
-from .inference.errors import InferenceError, InvalidRequestError
+from .inference.errors import BudgetExceededError, InferenceError, InvalidRequestError
 from .inference.types import InferenceResult
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SERVICE_TABLES",
+    "BudgetExceededError",
     "Inference",
     "InferenceError",
     "InferenceResult",

@@ -29,3 +29,8 @@ MODEL_NAME_CHARS = 200
 # The width of the purpose column: a caller's longer purpose is refused before anything is
 # spent (validation), never cut.
 PURPOSE_CHARS = 200
+# The widths of the spend guard's counts (inference_budget_use): a bucket's key ("<rule
+# name>|<window>|<window start>", so a rule's name is bounded to leave room for the rest)
+# and its part ("" or a project id, at most 11 characters for a 32-bit id).
+BUDGET_KEY_CHARS = 200
+BUDGET_PART_CHARS = 20

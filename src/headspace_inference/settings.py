@@ -23,11 +23,12 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .row_bounds import MAX_INTEGER, MAX_USD, MODEL_NAME_CHARS
+from .row_bounds import MAX_INTEGER, MAX_USD, MODEL_NAME_CHARS, PURPOSE_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,69 @@ def default_pricing() -> dict[str, PriceSettings]:
     }
 
 
+# A budget's calendar window, in UTC: the hour, the day or the month a call is made in.
+BudgetWindow = Literal["hour", "day", "month"]
+# Named in errors, log lines, /status and the store's keys: printable, short.
+RuleName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[ -~]+$")
+]
+Purpose = Annotated[str, StringConstraints(min_length=1, max_length=PURPOSE_CHARS)]
+ProjectId = Annotated[int, Field(ge=1, le=MAX_INTEGER)]
+# The guard counts USD in whole nanodollars, which Lua's doubles add exactly to 2**53: a
+# million dollars is far below that and far above any budget.
+MAX_BUDGET_USD = 1_000_000
+MAX_BUDGET_TOKENS = 10**12
+
+
+class BudgetScope(_Section):
+    """The calls a budget counts: every call ({}), or those of a ``level``, a ``purpose``
+    and/or a project: one (``project_id: 42``), or each project apart (``project_id: each``,
+    a cap per project). Keys given together must all match."""
+
+    level: LevelName | None = None
+    purpose: Purpose | None = None
+    project_id: ProjectId | Literal["each"] | None = None
+
+    def describe(self) -> str:
+        """``level=turn, project_id=each``; ``all`` for every call."""
+        given = self.model_dump(exclude_none=True)
+        return ", ".join(f"{k}={v}" for k, v in given.items()) or "all"
+
+
+class BudgetRule(_Section):
+    """A cap on what the calls of a scope may spend in a window: USD and/or tokens, with a
+    warning when ``warn_at`` of a cap is used."""
+
+    name: RuleName | None = None
+    scope: BudgetScope = Field(default_factory=BudgetScope)
+    window: BudgetWindow
+    cap_usd: Annotated[float, Field(gt=0, le=MAX_BUDGET_USD)] | None = None
+    cap_tokens: Annotated[int, Field(gt=0, le=MAX_BUDGET_TOKENS)] | None = None
+    warn_at: Annotated[float, Field(gt=0, le=1)] = 0.8
+
+    @model_validator(mode="after")
+    def _a_cap(self) -> BudgetRule:
+        if self.cap_usd is None and self.cap_tokens is None:
+            raise ValueError("a budget needs cap_usd and/or cap_tokens")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Its name, else ``<scope>/<window>`` (``level=turn/day``, ``all/month``)."""
+        return self.name or f"{self.scope.describe()}/{self.window}"
+
+
+class StormBreakerSettings(_Section):
+    """Refuse a purpose (per project, when the call names one) that makes more than
+    ``calls`` calls that go upstream in ``seconds``, for ``cooldown_seconds``. On by
+    default, far above what the host's features make: a loop, not a busy hour."""
+
+    enabled: bool = True
+    calls: PositiveInt = 60
+    seconds: Seconds = 60.0
+    cooldown_seconds: Seconds = 300.0
+
+
 class OpenRouterSettings(_Section):
     """How to reach OpenRouter and what to ask of it."""
 
@@ -327,6 +391,9 @@ class OpenRouterSettings(_Section):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     pricing: dict[str, PriceSettings] = Field(default_factory=default_pricing)
+    # The spend guard: caps per scope and window, and the breaker for call storms.
+    budgets: list[BudgetRule] = Field(default_factory=list)
+    storm_breaker: StormBreakerSettings = Field(default_factory=StormBreakerSettings)
     # Prices read from OpenRouter's /models by `headspace-inference pricing sync`
     # (openrouter.pricing wins over them); default ./instance/openrouter-pricing.json.
     pricing_file: str | None = None
@@ -351,6 +418,20 @@ class OpenRouterSettings(_Section):
         if self.pricing_file:
             return Path(self.pricing_file)
         return Path.cwd() / "instance" / "openrouter-pricing.json"
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_levels(self) -> OpenRouterSettings:
+        labels: set[str] = set()
+        for rule in self.budgets:
+            if rule.scope.level is not None and rule.scope.level not in self.models:
+                raise ValueError(
+                    f"budget {rule.label!r}: scope.level {rule.scope.level!r} is not a level of "
+                    f"openrouter.models ({', '.join(self.models)})"
+                )
+            if rule.label in labels:
+                raise ValueError(f"two budgets are called {rule.label!r}: give each its own name")
+            labels.add(rule.label)
+        return self
 
     @field_validator("base_url")
     @classmethod

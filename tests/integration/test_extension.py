@@ -188,7 +188,8 @@ def test_the_service_drops_into_a_host(
     inspector = inspect(service.database.engine)
     assert set(inspector.get_table_names()) == {
         "projects", "agents", "commands", "turns",
-        "inference_calls", "inference_usage_rollup", "alembic_version_inference",
+        "inference_calls", "inference_usage_rollup", "inference_budget_use",
+        "alembic_version_inference",
     }  # fmt: skip
     fks = {f["constrained_columns"][0]: f["referred_table"] for f in
            inspector.get_foreign_keys("inference_calls")}  # fmt: skip

@@ -44,7 +44,7 @@ INFERENCE_CALL_COLUMNS = {
     "upstream_cost_usd",
 }
 DOMAIN_TABLES = {"projects", "agents", "commands", "turns", "objectives"}
-SERVICE_TABLES = {"inference_calls", "inference_usage_rollup"}
+SERVICE_TABLES = {"inference_calls", "inference_usage_rollup", "inference_budget_use"}
 LINKS = [
     ("project_id", "projects"),
     ("agent_id", "agents"),

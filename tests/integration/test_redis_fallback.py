@@ -39,7 +39,7 @@ from headspace_inference.settings import RedisSettings, Settings
 pytestmark = pytest.mark.redis
 
 GUARD_LOGGER = "headspace_inference.inference.redis_support"
-PARTS = "rate limiter, response cache and single-flight"
+PARTS = "rate limiter, response cache, single-flight and spend guard"
 RETRY_INTERVAL = 0.2
 DEADLINE = 15.0
 

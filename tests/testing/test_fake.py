@@ -481,3 +481,24 @@ def test_the_fake_s_call_is_the_real_service_s(
             if value is not None and theirs[key] is not None:
                 assert type(value) is type(theirs[key]), key
         assert {key: ours[key] for key in same} == {key: theirs[key] for key in same}
+
+
+def test_the_fake_states_its_budgets_unspent_and_passes_on_budget_events() -> None:
+    from headspace_inference.inference.errors import BudgetExceededError
+    from headspace_inference.settings import OpenRouterSettings, Settings
+
+    budgets = [{"name": "turns", "scope": {"level": "turn"}, "window": "day", "cap_usd": 2.0}]
+    fake = FakeInferenceService(settings=Settings(openrouter=OpenRouterSettings(budgets=budgets)))
+    (state,) = fake.budget(level="turn")
+    assert (state["rule"], state["used_usd"], state["left_usd"]) == ("turns", 0.0, 2.0)
+    assert fake.budget(level="project") == []
+    rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    fake.on_call_recorded(rows.append)
+    fake.on_budget_event(events.append)
+    fake.script(BudgetExceededError("budget 'turns' (day) would be crossed", rule="turns"))
+    with pytest.raises(BudgetExceededError):
+        fake.infer("turn", "summarise", "text")
+    assert rows[0]["status"] == "over_budget"  # the row the real service writes
+    fake.budget_event({"kind": "warning", "rule": "turns"})
+    assert events == [{"kind": "warning", "rule": "turns"}]

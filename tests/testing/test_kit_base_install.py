@@ -56,6 +56,7 @@ def test_the_kit_works_without_pytest_and_starts_nothing(
     assert seen["fake"] == "answer"
     assert seen["tables"] == [
         "alembic_version_inference",
+        "inference_budget_use",
         "inference_calls",
         "inference_usage_rollup",
     ]

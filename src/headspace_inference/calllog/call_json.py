@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from .models import InferenceCall
 
-CallStatus = Literal["ok", "cached", "error", "rate_limited", "refused", "cancelled"]
+CallStatus = Literal["ok", "cached", "error", "rate_limited", "over_budget", "refused", "cancelled"]
 
 
 class Answer(BaseModel):

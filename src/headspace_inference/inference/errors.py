@@ -15,6 +15,8 @@ InferenceError                      base; carries retryable, retry_after, status
 │   ├── QueueFullError              submit() found the work queue full (retryable)
 │   └── ShuttingDownError           the service is stopping (or stopped) and took no new work
 ├── RateLimitedError                no local rate-limit slot within max_wait (retryable)
+├── BudgetExceededError             a budget's cap would be crossed; nothing was sent
+│   └── CallStormError              the storm breaker refuses the call's purpose for now
 ├── CancelledCallError              accepted, then cancelled by shutdown (retryable)
 └── UpstreamError                   OpenRouter, or the way to it, failed the call
     ├── TransportError              no HTTP answer at all (retryable)
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "BudgetExceededError",
+    "CallStormError",
     "CancelledCallError",
     "EmptyResponseError",
     "ErrorInResponseError",
@@ -167,6 +171,26 @@ class RateLimitedError(InferenceError):
     """The local rate limiter cannot admit the call within max_wait_seconds."""
 
     retryable = True
+
+
+class BudgetExceededError(InferenceError):
+    """A budget (openrouter.budgets) would be crossed by the call's worst case: refused
+    before anything was sent. ``rule`` names the budget; ``retry_after`` is the seconds to
+    its window's end (None when the call's worst case alone is over the whole cap). Final:
+    the retry policy does not try again, and neither should a caller before then."""
+
+    def __init__(self, message: str, *, rule: str, **kwargs: Any) -> None:
+        super().__init__(message, retryable=False, **kwargs)
+        self.rule = rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "rule": self.rule}
+
+
+class CallStormError(BudgetExceededError):
+    """The storm breaker (openrouter.storm_breaker) refuses the call's purpose (and
+    project) for its cool-down: it made more calls than allowed in a short time.
+    ``retry_after`` is the cool-down left; other purposes run on."""
 
 
 class CancelledCallError(InferenceError):

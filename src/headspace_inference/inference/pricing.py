@@ -123,6 +123,15 @@ class PriceTable:
         """Whether ``model`` has a price."""
         return model in self._prices
 
+    def worst_case(self, model: str, input_tokens: int, output_tokens: int) -> Decimal | None:
+        """The most a call of these sizes can cost at ``model``'s prices (its input billed at
+        the dearest of the input and cache prices), or None when it has no price."""
+        price = self._prices.get(model)
+        if price is None:
+            return None
+        dearest_input = max(price.input, price.cache_read, price.cache_write)
+        return (input_tokens * dearest_input + output_tokens * price.output) / _MILLION
+
     def charge(
         self,
         model: str,

@@ -1,5 +1,6 @@
-"""Redis plumbing shared by the limiter, the cache and single-flight: one client per process,
-and one guard that falls back to local tiers while Redis is unreachable and says so.
+"""Redis plumbing shared by the limiter, the cache, single-flight and the spend guard: one
+client per process, and one guard that falls back to local tiers while Redis is unreachable
+and says so (``OutageGuard``, which the spend guard also keeps for the database).
 
 ``redis`` is imported where a client is built or its exceptions are caught, never at module
 level: a process configured without Redis never loads it.
@@ -49,7 +50,7 @@ def redis_error() -> type[Exception]:
 
 
 # What the guard of the whole process is called in its log lines and reasons.
-ALL_PARTS = "rate limiter, response cache and single-flight"
+ALL_PARTS = "rate limiter, response cache, single-flight and spend guard"
 
 
 def make_client(settings: RedisSettings) -> redis.Redis:
@@ -66,57 +67,71 @@ def make_client(settings: RedisSettings) -> redis.Redis:
     )
 
 
-class RedisGuard:
-    """Runs Redis commands, and after a failure skips Redis for retry_interval_seconds.
+class OutageGuard:
+    """Runs a shared store's commands, and after a failure skips the store for
+    ``retry_interval`` seconds, running the caller's per-process fallback instead.
 
-    The first failure logs a warning (limits and cache then hold per process only);
-    the first success after it logs that Redis is back. :meth:`health` says whether Redis
-    answers now, probing with a PING when nothing has been heard from it for a while.
+    The first failure logs a warning (the parts then hold per process only); the first
+    success after it logs that the store is back. :meth:`health` says whether the store
+    answers now, probing (``probe``) when nothing has been heard from it for a while.
+    ``down()`` is the exceptions that mean the store is unreachable (not that it refused a
+    command); a probe also counts ``refused()`` (reachable, not usable) as down.
     """
 
     def __init__(
-        self, client: redis.Redis, settings: RedisSettings, *, name: str = ALL_PARTS
+        self,
+        *,
+        store: str,
+        name: str,
+        retry_interval: float,
+        probe: Callable[[], object],
+        probe_timeout: float,
+        down: Callable[[], tuple[type[BaseException], ...]],
+        refused: Callable[[], tuple[type[BaseException], ...]] = lambda: (),
     ) -> None:
-        self.client = client
-        self._retry_interval = settings.retry_interval_seconds
+        self._store = store
         self._name = name
+        self._retry_interval = retry_interval
+        self._probe = probe
+        self._down = down
+        self._refused = refused
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0
-        # When Redis was last heard from (a command's outcome or a probe); -inf: never, so
-        # a fresh process probes at its first health() instead of assuming all is well.
+        # When the store was last heard from (a command's outcome or a probe); -inf: never,
+        # so a fresh process probes at its first health() instead of assuming all is well.
         self._observed_at = float("-inf")
         self._probing = False
         self._probed = threading.Event()  # set when the current probe ends
-        self._probe_timeout = settings.socket_timeout_seconds * 2 + 0.5
+        self._probe_timeout = probe_timeout
         self.last_error: str | None = None
 
     @property
     def available(self) -> bool:
-        """Whether Redis should be tried now."""
+        """Whether the store should be tried now."""
         with self._lock:
             return self._down_since is None or time.monotonic() >= self._retry_at
 
     def run(self, command: Callable[[], T], fallback: Callable[[], T]) -> T:
-        """``command()`` on Redis, or ``fallback()`` while Redis is unavailable."""
+        """``command()`` on the store, or ``fallback()`` while it is unavailable."""
         if not self.available:
             return fallback()
         try:
             result = command()
-        except redis_down() as exc:
+        except self._down() as exc:
             self.failed(exc)
             return fallback()
         self.succeeded()
         return result
 
     def health(self) -> str | None:
-        """None while Redis answers, else why the parts are running without it.
+        """None while the store answers, else why the parts are running without it.
 
         Cheap and current: the last outcome when Redis was heard from within the retry
-        interval, otherwise one PING (bounded by the socket timeout) made by the first
+        interval, otherwise one probe (bounded by the store's own timeout) made by the first
         caller while concurrent callers take the last known state. So a fresh process with
-        Redis down reports it at once, and a process whose Redis came back says so without
-        waiting for a call to go through it.
+        the store down reports it at once, and a process whose store came back says so
+        without waiting for a call to go through it.
         """
         now = time.monotonic()
         with self._lock:
@@ -128,8 +143,8 @@ class RedisGuard:
             probed = self._probed
         if probe:
             try:
-                self.client.ping()
-            except (*redis_down(), redis_error()) as exc:  # NOAUTH too: reachable, not usable
+                self._probe()
+            except (*self._down(), *self._refused()) as exc:
                 self.failed(exc)
             else:
                 self.succeeded()
@@ -147,12 +162,12 @@ class RedisGuard:
             if self._down_since is None:
                 return None
             return (
-                f"Redis unreachable for the {self._name} ({self.last_error}); "
+                f"{self._store} unreachable for the {self._name} ({self.last_error}); "
                 "using per-process state"
             )
 
     def failed(self, exc: BaseException) -> None:
-        """Record that a Redis command failed: skip Redis for the retry interval."""
+        """Record that a command failed: skip the store for the retry interval."""
         now = time.monotonic()
         with self._lock:
             first = self._down_since is None
@@ -163,16 +178,34 @@ class RedisGuard:
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]
         if first:
             log.warning(
-                "Redis unreachable for the %s (%s): falling back to this process alone "
-                "until it is back", self._name, self.last_error,
+                "%s unreachable for the %s (%s): falling back to this process alone "
+                "until it is back", self._store, self._name, self.last_error,
             )  # fmt: skip
 
     def succeeded(self) -> None:
-        """Record that a Redis command went through."""
+        """Record that a command went through."""
         now = time.monotonic()
         with self._lock:
             was_down = self._down_since is not None
             self._down_since = None
             self._observed_at = now
         if was_down:
-            log.info("Redis is back for the %s", self._name)
+            log.info("%s is back for the %s", self._store, self._name)
+
+
+class RedisGuard(OutageGuard):
+    """The process's one view of whether Redis is there (a PING probes it)."""
+
+    def __init__(
+        self, client: redis.Redis, settings: RedisSettings, *, name: str = ALL_PARTS
+    ) -> None:
+        super().__init__(
+            store="Redis",
+            name=name,
+            retry_interval=settings.retry_interval_seconds,
+            probe=client.ping,
+            probe_timeout=settings.socket_timeout_seconds * 2 + 0.5,
+            down=redis_down,
+            refused=lambda: (redis_error(),),  # NOAUTH too: reachable, not usable
+        )
+        self.client = client

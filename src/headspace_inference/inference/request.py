@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..calllog.record import MAX_ERROR_CHARS, MAX_RESULT_CHARS, CallRecord, clip
 from ..logsafe import redact
-from .errors import InferenceError
+from .errors import BudgetExceededError, InferenceError, RateLimitedError
 from .structured import AnswerSchema
 from .types import Answer, CallLinks, GenerationParams, Spend, counted
 
@@ -85,10 +85,18 @@ class InferenceRequest:
         messages.append({"role": "user", "content": self.input_text})
         return messages
 
+    def estimated_input_tokens(self) -> int:
+        """The prompt's tokens, estimated from its length before the call."""
+        chars = len(self.input_text) + len(self.system_prompt or "")
+        return chars // _CHARS_PER_TOKEN + 1
+
+    def output_ceiling(self, default_max_tokens: int) -> int:
+        """The most tokens the answer may have: max_tokens, else the service's default."""
+        return self.params.max_tokens or default_max_tokens
+
     def estimated_tokens(self, default_max_tokens: int) -> int:
         """Tokens to reserve before the call: the input's estimate plus the answer's ceiling."""
-        chars = len(self.input_text) + len(self.system_prompt or "")
-        return chars // _CHARS_PER_TOKEN + 1 + (self.params.max_tokens or default_max_tokens)
+        return self.estimated_input_tokens() + self.output_ceiling(default_max_tokens)
 
 
 # The models whose prompt cache needs cache_control marks.
@@ -119,6 +127,17 @@ class RequestBuilder:
             # Anthropic's cache_control; other providers cache long prefixes by themselves.
             cache_system_prompt=call.cache_system_prompt and model.startswith(ANTHROPIC),
         )  # fmt: skip
+
+
+def failed_status(error: BaseException) -> str:
+    """The status of the row of a call that failed with ``error``: the local limiter's and
+    the spend guard's refusals have their own; any other failure (OpenRouter's 429 too) is
+    ``error``."""
+    if isinstance(error, RateLimitedError):
+        return "rate_limited"
+    if isinstance(error, BudgetExceededError):
+        return "over_budget"
+    return "error"
 
 
 def call_record(

@@ -2,12 +2,14 @@
 
 ```
 infer()/submit() -> validate (level, input, ids, size) -> model for level, request key
-  -> cache -> single-flight [leader: cache again -> (limiter -> client) x retry -> cache]
+  -> cache -> single-flight [leader: cache again
+       -> (spend guard reserve -> limiter -> client -> spend guard settle) x retry -> cache]
   -> CallRecord into the call log -> InferenceResult
 ```
 Every part is built elsewhere and injected: the client (client.py), the limiter, cache and
-single-flight (backends.py), the call log (recorder.py), the health probe (health.py), the
-threads behind submit() (workers.py); the status answer is composed in status.py.
+single-flight (backends.py), the spend guard (budget.py), the call log (recorder.py), the
+health probe (health.py), the threads behind submit() (workers.py); the status answer is
+composed in status.py.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from ..calllog.rollup import apply_rollup
 from ..clock import SYSTEM_CLOCK, Clock
 from ..settings import Settings
 from .backends import Backends, build_backends
+from .budget import BudgetEvent, SpendGuard, build_spend_guard
 from .client import OpenRouterClient
 from .errors import (
+    BudgetExceededError,
     CancelledCallError,
     InferenceDisabledError,
     InferenceError,
@@ -50,7 +54,7 @@ from .errors import (
 )
 from .health import HealthChecker
 from .pricing import PriceTable
-from .request import InferenceRequest, RequestBuilder, call_record
+from .request import InferenceRequest, RequestBuilder, call_record, failed_status
 from .retry import RetryPolicy
 from .status import status_report
 from .tracing import Tracing
@@ -80,6 +84,7 @@ class InferenceService:
         client: OpenRouterClient | None,
         backends: Backends,
         recorder: CallRecorder,
+        guard: SpendGuard | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
@@ -95,6 +100,9 @@ class InferenceService:
         self.limiter = backends.limiter
         self.flight = backends.flight
         self.recorder = recorder
+        self.guard = guard or build_spend_guard(
+            settings, database=database, backends=backends, prices=self.prices, clock=clock
+        )
         # Only a service with a key can ask OpenRouter anything.
         self.health = HealthChecker(client, self._or, clock=clock) if client else None
         self._clock = clock
@@ -272,6 +280,26 @@ class InferenceService:
                 except Exception:  # the host's failure is its own: the writer goes on
                     log.exception("inference: an on_call_recorded callback failed")
 
+    def on_budget_event(self, callback: Callable[[BudgetEvent], object]) -> None:
+        """Call ``callback(event)`` for each spend-guard event this process's calls give: a
+        budget passing its warning mark (``kind: warning``) or reaching its cap (``cap``),
+        each once per window across every process sharing the counts, and the storm breaker
+        tripping (``storm``). It runs on the calling thread, so it must return quickly; an
+        exception from it is logged and goes no further."""
+        self.guard.on_event(callback)
+
+    def budget(
+        self,
+        *,
+        level: str | None = None,
+        purpose: str | None = None,
+        project_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """What each budget has used and has left this window, and when it resets; with a
+        call's ``level``, ``purpose`` and/or ``project_id``, only the budgets such a call
+        would meet (ask before a batch). See SpendGuard.budget."""
+        return self.guard.budget(level=level, purpose=purpose, project_id=project_id)
+
     def stop(self, timeout: float | None = None) -> None:
         """The same as close() (the host's code calls stop() at exit)."""
         self.close(timeout)
@@ -290,6 +318,7 @@ class InferenceService:
             self.recorder.close(timeout=max(wait, 1.0))
         if self._client is not None:
             self._client.close()
+        self.guard.close()
         self._backends.close()
         self._cancel_exit_hook()
         self.database.dispose()
@@ -304,6 +333,7 @@ class InferenceService:
             recorder=self.recorder,
             pool=self.pool,
             prices=self.prices,
+            guard=self.guard,
         )
 
     def purge(
@@ -379,7 +409,7 @@ class InferenceService:
         error = outcome.error
         if error is not None:
             if isinstance(error, InferenceError):
-                status = "rate_limited" if isinstance(error, RateLimitedError) else "error"
+                status = failed_status(error)
                 # Only the caller that made the attempts counts them, and what they were
                 # charged; the others shared them.
                 attempts = error.attempts if outcome.led else 0
@@ -431,27 +461,36 @@ class InferenceService:
         def attempt(number: int) -> Answer:
             nonlocal spent
             try:
-                reservation = self.limiter.acquire(estimate)
-            except RateLimitedError as exc:
+                # The guard first: a call over budget is refused at once, not after waiting
+                # for a rate-limit slot; the slot's wait is spent holding the reservation.
+                hold = self.guard.reserve(request, first_attempt=number == 1)
+                try:
+                    reservation = self.limiter.acquire(estimate)
+                except BaseException:
+                    self.guard.settle(hold, None)
+                    raise
+            except (RateLimitedError, BudgetExceededError) as exc:
                 exc.attempts = number - 1  # the attempts that did reach OpenRouter
                 raise
+            # What this attempt was charged, when an answer came back.
+            paid: Answer | None = None
             try:
-                answer = client.complete(
+                paid = client.complete(
                     model=request.model, messages=messages, params=request.params,
                     fallbacks=request.fallbacks, provider=request.provider,
                     schema=request.schema,
                 )  # fmt: skip
+                return paid
             except InferenceError as exc:
                 # An answer that does not fit was answered, so spent, all the same.
                 paid = exc.answer
+                raise
+            finally:
                 if paid is not None:
                     spent = spent.add(paid)
                 used = 0 if paid is None else paid.input_tokens + paid.output_tokens
                 self.limiter.reconcile(reservation, used)
-                raise
-            spent = spent.add(answer)
-            self.limiter.reconcile(reservation, answer.input_tokens + answer.output_tokens)
-            return answer
+                self.guard.settle(hold, paid)
 
         try:
             answer, attempts = self._retry.run(

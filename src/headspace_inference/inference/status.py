@@ -10,6 +10,7 @@ from typing import Any
 from ..calllog.recorder import CallRecorder
 from ..settings import OpenRouterSettings
 from .backends import Backends
+from .budget import SpendGuard
 from .errors import (
     InferenceDisabledError,
     NotConfiguredError,
@@ -37,6 +38,7 @@ def status_report(
     recorder: CallRecorder,
     pool: WorkerPool[Any, Any],
     prices: PriceTable,
+    guard: SpendGuard,
 ) -> dict[str, Any]:
     """The status: ``healthy``, ``degraded`` with every reason, or ``disabled``.
 
@@ -52,7 +54,10 @@ def status_report(
         report = health.check()
         if report.state != "healthy":
             reasons.append(f"OpenRouter {report.state.replace('_', ' ')}: {report.error}")
-    reasons += [r for r in (backends.health(), recorder.health()) if r]
+    guarded = guard.report()
+    for reason in (backends.health(), recorder.health(), guarded["reason"]):
+        if reason and reason not in reasons:  # the guard's Redis is the backends' Redis
+            reasons.append(reason)
     rl, cache = settings.rate_limits, settings.cache
     return {
         "enabled": settings.enabled,
@@ -87,6 +92,8 @@ def status_report(
             "stats": backends.cache.stats(),
         },
         "retry": settings.retry.model_dump(),
+        "budgets": guard.budget(),
+        "spend_guard": guarded,
         "queue": pool.stats(),
         "call_log": recorder.stats(),
     }

@@ -85,6 +85,40 @@ class CallLogStatus(Answer):
     spool_bytes: int
 
 
+class BudgetState(Answer):
+    """One budget's use this window (for a per-project rule, one project's)."""
+
+    rule: str
+    scope: dict[str, Any] = Field(description="level, purpose and/or project_id; {} = every call")
+    window: Literal["hour", "day", "month"]
+    project_id: int | None = Field(description="the project, for a rule with project_id: each")
+    warn_at: float
+    cap_usd: float | None
+    cap_tokens: int | None
+    used_usd: float | None = Field(description="reservations of calls in flight included")
+    used_tokens: int
+    left_usd: float | None
+    left_tokens: int | None
+    resets_at: datetime = Field(description="the window's end (calendar windows, UTC)")
+
+
+class StormBreaker(Answer):
+    enabled: bool
+    calls: int
+    seconds: float
+    cooldown_seconds: float
+
+
+class SpendGuardStatus(Answer):
+    """Where the budgets' counts are kept; ``shared`` is false while they are held per
+    process (no Redis or database answering, or none configured for them)."""
+
+    store: Literal["memory", "redis", "database"]
+    shared: bool
+    reason: str | None
+    storm_breaker: StormBreaker
+
+
 class Status(Answer):
     """Service health, configuration and live statistics."""
 
@@ -105,6 +139,8 @@ class Status(Answer):
     retry: dict[str, Any]
     queue: dict[str, Any]
     call_log: CallLogStatus
+    budgets: list[BudgetState]
+    spend_guard: SpendGuardStatus
 
 
 # ------------------------------------------------------------------------------- /usage

@@ -25,7 +25,6 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..inference.errors import (
     InferenceError,
     NotConfiguredError,
-    RateLimitedError,
     ShuttingDownError,
 )
 from ..inference.types import CallOptions, InferenceResult
@@ -226,6 +225,7 @@ class FakeInferenceService:
         self._row_ids = itertools.count(1)
         self.calls: list[FakeCall] = []
         self.purges: list[FakePurge] = []
+        self._budget_listeners: list[Callable[[dict[str, Any]], object]] = []
 
     # ------------------------------------------------------------------ the script
 
@@ -353,6 +353,38 @@ class FakeInferenceService:
         with self._lock:
             self._recorded.append(callback)
 
+    def budget(
+        self,
+        *,
+        level: str | None = None,
+        purpose: str | None = None,
+        project_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The budgets of the fake's settings as the real service states them, with nothing
+        used: the fake spends nothing (script a BudgetExceededError to test a refusal)."""
+        from ..inference.budget import SpendGuard
+        from ..inference.budget_store import MemoryBudgetStore
+
+        guard = SpendGuard(
+            self.settings.openrouter, store=MemoryBudgetStore(), prices=self._prices,
+            default_max_tokens=self.settings.inference.default_max_tokens, clock=self._clock,
+        )  # fmt: skip
+        return guard.budget(level=level, purpose=purpose, project_id=project_id)
+
+    def on_budget_event(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        """Keep ``callback`` for ``budget_event()``: the fake's calls spend nothing, so they
+        give no budget event of their own."""
+        with self._lock:
+            self._budget_listeners.append(callback)
+
+    def budget_event(self, event: dict[str, Any]) -> None:
+        """Give ``event`` (the shape ``InferenceService.on_budget_event`` documents) to every
+        on_budget_event callback, as a host's test of its own handling needs."""
+        with self._lock:
+            listeners = list(self._budget_listeners)
+        for callback in listeners:
+            callback(dict(event))
+
     def init_app(self, app: Flask, *, extension_key: str = "inference") -> FakeInferenceService:
         """Put the fake in ``app.extensions[extension_key]``, where the app's code looks the
         service up (Claude Headspace's consumers look under ``inference_service``), in place
@@ -417,10 +449,9 @@ class FakeInferenceService:
             result = self._resolve(answer, request)
         except BaseException as exc:
             call.error = exc
-            # As the real service's: its own limiter's refusal is "rate_limited", any other
-            # failure (OpenRouter's 429 included) "error".
-            status = "rate_limited" if isinstance(exc, RateLimitedError) else "error"
-            self._tell_recorded(call, request, status)
+            from ..inference.request import failed_status  # as the real service's row says
+
+            self._tell_recorded(call, request, failed_status(exc))
             raise
         call.result = result
         self._tell_recorded(call, request, "cached" if result.cached else "ok")

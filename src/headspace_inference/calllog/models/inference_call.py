@@ -208,11 +208,3 @@ HOST_ARCHIVE_TABLE = NAME_PREFIX + "host_inference_calls"
 # The constraints the archive is kept without (they reach the host's tables or could refuse
 # its actions on them), with their definitions, to be put back on downgrade.
 HOST_ARCHIVE_CONSTRAINTS = NAME_PREFIX + "host_inference_calls_constraints"
-
-# Every table the service's migrations create or keep, and nothing else: a host excludes
-# these from its own autogenerate (see headspace_inference.include_name), which so never
-# proposes to drop them.
-SERVICE_TABLES: frozenset[str] = frozenset(Base.metadata.tables) | {
-    HOST_ARCHIVE_TABLE,
-    HOST_ARCHIVE_CONSTRAINTS,
-}

@@ -1,0 +1,300 @@
+"""The spend guard's counts in the database the call log lives in: the store every process
+sharing that database shares when there is no Redis (inference/budget_store.py has the
+contract; tests/budget_contract.py holds this store to it).
+
+One row per bucket (``inference_budget_use``, models/budget_use.py), and every operation is
+one transaction that takes the rows it changes first, in one order (by key, then part), so
+that callers queue on a bucket instead of overtaking each other, and two callers never wait
+for each other in a circle:
+
+- PostgreSQL: the rows are made if missing (``INSERT ... ON CONFLICT DO NOTHING``, in that
+  order) and then locked (``SELECT ... FOR UPDATE``, in that order). A lock waited for past
+  ``LOCK_WAIT_MS`` fails the operation, and a session sitting in one of these transactions
+  that long is ended by the server (a caller cut off mid-way, e.g. by a partition, releases
+  its rows), each an error of DATABASE_AWAY, as the database being gone is.
+- SQLite: the database has one writer at a time. The transaction's first statement is a
+  write (that INSERT, or the correction's UPDATE), so it waits for the writer's lock at its
+  start (the busy timeout) and holds it to the end; a transaction that read first and then
+  wrote could find another writer in between and fail instead of waiting.
+
+The rows' values are then read, decided on exactly as MemoryBudgetStore decides, and written
+back before the commit. The storm breaker is not kept here: it counts each call in this
+process only (a MemoryBudgetStore of the store's own), before the database is asked.
+
+Errors of DATABASE_AWAY reach the caller (the guard falls back to a per-process store). No
+connection is held between operations.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Executable,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ..inference.budget_store import (
+    ALERT_KINDS,
+    AlertKind,
+    Bucket,
+    MemoryBudgetStore,
+    Reserved,
+    Storm,
+    Use,
+    first_crossed,
+    reached,
+)
+from .database import Database
+from .models import BudgetUse
+
+_TABLE = cast(Table, BudgetUse.__table__)
+_C = _TABLE.c
+
+# A row is deleted this long after its window ended (a correction arriving later adds to
+# nothing, as in MemoryBudgetStore once a window is forgotten).
+KEPT_AFTER_WINDOW = 86_400  # seconds
+# PostgreSQL: the longest a caller waits for a bucket's row, and the longest a session may
+# sit in one of these transactions between statements (each takes milliseconds).
+LOCK_WAIT_MS = 5_000
+
+
+@dataclass
+class _Row:
+    """One bucket's row as read under its lock; ``dirty`` once it must be written back."""
+
+    key: str
+    part: str
+    usd: int
+    tokens: int
+    warned: bool
+    capped: bool
+    dirty: bool = False
+
+    def given(self, kind: AlertKind) -> bool:
+        return self.warned if kind == "warning" else self.capped
+
+    def give(self, kind: AlertKind) -> None:
+        if kind == "warning":
+            self.warned = True
+        else:
+            self.capped = True
+        self.dirty = True
+
+
+class DatabaseBudgetStore:
+    """The spend guard's counts in ``database``'s ``inference_budget_use``; the storm
+    breaker per process."""
+
+    name = "database"
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._breaker = MemoryBudgetStore()
+
+    def reserve(
+        self,
+        buckets: Sequence[Bucket],
+        usd: int,
+        tokens: int,
+        storm: Storm | None,
+        now: float,
+    ) -> Reserved:
+        if storm is not None:
+            # The breaker alone (no bucket): a refusal counts nothing in the database.
+            refusal = self._breaker.reserve((), 0, 0, storm, now)
+            if not refusal.granted:
+                return refusal
+        if not buckets:
+            return Reserved(True)
+        with self._transaction() as conn:
+            wanted = _wanted(buckets)
+            made = conn.execute(
+                _insert(conn.dialect.name).values([_new_row(*w) for w in wanted])
+            ).rowcount
+            rows = _locked(conn, [(k, p) for k, p, _ in wanted])
+            parts = [rows[(b.key, b.part)] for b in buckets]
+            uses = tuple(Use(p.usd, p.tokens) for p in parts)
+            crossed = first_crossed(buckets, uses, usd, tokens)
+            if crossed is not None:
+                alerts = _once([(crossed, "cap", parts[crossed])])
+                result = Reserved(False, uses, crossed, alerts)
+            else:
+                for part in parts:
+                    part.usd += usd
+                    part.tokens += tokens
+                    part.dirty = True
+                uses = tuple(Use(p.usd, p.tokens) for p in parts)
+                alerts = _crossings(enumerate(zip(buckets, parts, strict=True)))
+                result = Reserved(True, uses, None, alerts)
+            _write(conn, rows.values())
+            if made:  # a new window began: the rare moment to drop the ended ones
+                conn.execute(_CLEAN, {"before": now - KEPT_AFTER_WINDOW})
+        return result
+
+    def adjust(
+        self, buckets: Sequence[Bucket], usd: int, tokens: int, now: float
+    ) -> tuple[tuple[int, AlertKind], ...]:
+        if not buckets:
+            return ()
+        with self._transaction() as conn:
+            # Buckets without a row (their window ended and was deleted) are left without.
+            conn.execute(
+                _ADD,
+                [
+                    {"k": b.key, "p": b.part, "usd": usd, "tokens": tokens}
+                    for b in sorted(buckets, key=lambda b: (b.key, b.part))
+                ],
+            )
+            rows = _locked(conn, sorted({(b.key, b.part) for b in buckets}))
+            counted = [
+                (i, (b, rows[(b.key, b.part)]))
+                for i, b in enumerate(buckets)
+                if (b.key, b.part) in rows
+            ]
+            alerts = _crossings(counted)
+            _write(conn, rows.values())
+        return alerts
+
+    def read(self, key: str) -> dict[str, Use]:
+        # Bounded like every read a request makes (/status, service.budget()).
+        def work(session: Session) -> dict[str, Use]:
+            found = session.execute(_READ, {"key": key})
+            return {part: Use(usd, tokens) for part, usd, tokens in found}
+
+        return self._database.read(work)
+
+    def close(self) -> None:
+        pass  # the connections are the database's pool's
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self._database.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(_BOUNDS)
+            yield conn
+
+
+# --------------------------------------------------------------------------- deciding
+# As MemoryBudgetStore decides, on the rows read under their locks.
+
+
+def _crossings(
+    counted: Iterable[tuple[int, tuple[Bucket, _Row]]],
+) -> tuple[tuple[int, AlertKind], ...]:
+    found: list[tuple[int, AlertKind, _Row]] = []
+    for i, (bucket, row) in counted:
+        use = Use(row.usd, row.tokens)
+        found += [(i, kind, row) for kind in ALERT_KINDS if reached(bucket, use, kind)]
+    return _once(found)
+
+
+def _once(found: Sequence[tuple[int, AlertKind, _Row]]) -> tuple[tuple[int, AlertKind], ...]:
+    # Each kind once per bucket and window: the row's flag says it was given.
+    new: list[tuple[int, AlertKind]] = []
+    for index, kind, row in found:
+        if not row.given(kind):
+            row.give(kind)
+            new.append((index, kind))
+    return tuple(new)
+
+
+# --------------------------------------------------------------------------- SQL
+
+
+def _wanted(buckets: Sequence[Bucket]) -> list[tuple[str, str, float]]:
+    """Each bucket's row once, in the one order every caller takes rows in."""
+    ends = {(b.key, b.part): b.ends_at for b in buckets}
+    return sorted((key, part, ends_at) for (key, part), ends_at in ends.items())
+
+
+def _new_row(key: str, part: str, ends_at: float) -> dict[str, Any]:
+    return {"key": key, "part": part, "used_usd": 0, "used_tokens": 0, "ends_at": ends_at,
+            "warned": False, "capped": False}  # fmt: skip
+
+
+@functools.cache
+def _insert(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(_TABLE).on_conflict_do_nothing(index_elements=["key", "part"])
+
+
+def _locked(conn: Connection, where: Sequence[tuple[str, str]]) -> dict[tuple[str, str], _Row]:
+    """The rows at ``where`` (sorted), locked on PostgreSQL in that order."""
+    found = conn.execute(
+        select(_C.key, _C.part, _C.used_usd, _C.used_tokens, _C.warned, _C.capped)
+        .where(tuple_(_C.key, _C.part).in_(where))
+        .order_by(_C.key, _C.part)
+        .with_for_update()
+    )
+    return {(r.key, r.part): _Row(*r) for r in found}
+
+
+def _write(conn: Connection, rows: Iterable[_Row]) -> None:
+    changed = [
+        {"k": r.key, "p": r.part, "usd": r.usd, "tokens": r.tokens, "w": r.warned, "c": r.capped}
+        for r in rows
+        if r.dirty
+    ]
+    if changed:
+        conn.execute(_SET, changed)
+
+
+_HERE = (_C.key == bindparam("k")) & (_C.part == bindparam("p"))
+
+
+def _floored(total: Any) -> Any:
+    # No use below zero (a correction gives back at most what was counted).
+    return case((total < 0, 0), else_=total)
+
+
+# A correction: the amounts added to the row, whatever the caps.
+_ADD = (
+    update(_TABLE)
+    .where(_HERE)
+    .values(
+        used_usd=_floored(_C.used_usd + bindparam("usd")),
+        used_tokens=_floored(_C.used_tokens + bindparam("tokens")),
+    )
+)
+# A row's values as decided under its lock.
+_SET = (
+    update(_TABLE)
+    .where(_HERE)
+    .values(
+        used_usd=bindparam("usd"),
+        used_tokens=bindparam("tokens"),
+        warned=bindparam("w"),
+        capped=bindparam("c"),
+    )
+)
+_READ: Executable = select(_C.part, _C.used_usd, _C.used_tokens).where(
+    _C.key == bindparam("key")
+)
+# Rows ended long ago; one another caller holds (an old window's late correction) is left
+# for the next time, so that the clean-up never waits.
+_CLEAN = delete(_TABLE).where(
+    tuple_(_C.key, _C.part).in_(
+        select(_C.key, _C.part)
+        .where(_C.ends_at < bindparam("before"))
+        .with_for_update(skip_locked=True)
+    )
+)
+_BOUNDS = select(
+    func.set_config("lock_timeout", str(LOCK_WAIT_MS), True),
+    func.set_config("idle_in_transaction_session_timeout", str(LOCK_WAIT_MS), True),
+)

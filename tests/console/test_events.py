@@ -359,3 +359,42 @@ def test_one_message_shape_tells_ids_from_an_event(message: str, read: Any) -> N
     assert [len(m.split(",")) for m in messages] == [200, 200, 50]
     assert [i for m in messages for i in read_message(m) or []] == ids
     assert read_message(event_message(budget_warning())) == budget_warning()
+
+
+WARN_EARLY = [{"name": "turns", "scope": {"level": "turn"}, "window": "day",
+               "cap_tokens": 1_000_000, "warn_at": 0.00001}]  # fmt: skip
+
+
+def test_the_guards_warning_arrives_on_the_feed(
+    apps: list[Flask], sqlite_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    settings = overrides(sqlite_url, emulator, tmp_path, openrouter={"budgets": WARN_EARLY})
+    app = build(apps, settings)
+    reader = stream(app)
+    app.extensions["inference"].infer("turn", "feed test", "past the warning mark")
+    seen = reader.wait_for(lambda e: e.event == "inference_budget")
+    event = json.loads(seen[-1].data)
+    assert (event["kind"], event["rule"], event["cap_tokens"]) == ("warning", "turns", 1_000_000)
+    assert seen[-1].id is None
+
+
+@pytest.mark.postgres
+def test_the_guards_warning_in_another_process_arrives_on_postgresql(
+    apps: list[Flask], migrated_postgres_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    settings = overrides(
+        migrated_postgres_url, emulator, tmp_path, openrouter={"budgets": WARN_EARLY}
+    )
+    reader = stream(build(apps, settings))
+    ids = run_caller(settings, 2)  # its first call passes the mark: the warning is its own
+    missing, warnings = set(ids), []
+
+    def wanted(event: Event) -> bool:
+        if event.event == "inference_call":
+            missing.discard(event.call()["call_id"])
+        elif event.event == "inference_budget":
+            warnings.append(json.loads(event.data))
+        return not missing and bool(warnings)
+
+    reader.wait_for(wanted, seconds=60)
+    assert [(w["kind"], w["rule"]) for w in warnings] == [("warning", "turns")]

@@ -361,7 +361,7 @@ def test_one_message_shape_tells_ids_from_an_event(message: str, read: Any) -> N
     assert read_message(event_message(budget_warning())) == budget_warning()
 
 
-WARN_EARLY = [{"name": "turns", "scope": {"level": "turn"}, "window": "day",
+WARN_EARLY = [{"name": "turns", "scope": {"level": "turn"}, "window": "month",
                "cap_tokens": 1_000_000, "warn_at": 0.00001}]  # fmt: skip
 
 

@@ -273,7 +273,7 @@ def test_the_budget_gauges_are_the_stores_at_each_scrape_and_events_are_counted(
     database_url: str, emulator: Any, tmp_path: Path
 ) -> None:
     budgets = [
-        {"name": "turns", "scope": {"level": "turn"}, "window": "day", "cap_tokens": 600,
+        {"name": "turns", "scope": {"level": "turn"}, "window": "month", "cap_tokens": 600,
          "warn_at": 0.25},
         {"name": "per-project", "scope": {"project_id": "each"}, "window": "month",
          "cap_usd": 1.0},
@@ -330,7 +330,7 @@ def test_the_budget_gauges_are_the_stores_at_each_scrape_and_events_are_counted(
 def test_every_worker_scrapes_the_shared_budget_once_and_counts_its_own_events(
     migrated_postgres_url: str, emulator: Any, tmp_path: Path
 ) -> None:
-    budgets = [{"name": "turns", "scope": {"level": "turn"}, "window": "day",
+    budgets = [{"name": "turns", "scope": {"level": "turn"}, "window": "month",
                 "cap_tokens": 1_000_000, "warn_at": 0.00005}]  # fmt: skip
     config = settings_for(
         migrated_postgres_url, emulator, tmp_path, openrouter={"budgets": budgets}

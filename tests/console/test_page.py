@@ -235,3 +235,26 @@ def test_the_spend_panel_shows_the_budgets_and_a_warning_from_the_feed(
         console_for(app).close()
         service.close(timeout=5)
     assert errors == []
+
+
+def test_the_spend_panel_says_when_the_guard_counts_per_process(
+    sqlite_url: str, emulator: Any, tmp_path: Path, browser: Any, closed_port: int
+) -> None:
+    # Redis configured but away: the guard counts in this process alone, and says why.
+    redis = {"url": f"redis://127.0.0.1:{closed_port}/0"}
+    app = create_app(overrides=settings_for(sqlite_url, emulator, tmp_path, redis=redis))
+    try:
+        app.extensions["inference"].infer("turn", "guard away", "counted here alone")
+        with serving(app) as base:
+            page = browser.new_page()
+            page.goto(f"{base}/inference")
+            guard = page.locator("#guard")
+            sync_api.expect(guard).to_have_attribute("data-shared", "false", timeout=WAIT_MS)
+            sync_api.expect(guard).to_contain_text("counted per process")
+            sync_api.expect(guard).to_contain_text("Redis unreachable")
+            sync_api.expect(page.locator("#no-budgets")).to_be_visible()
+            assert page.locator("#budgets").is_hidden()
+            page.close()
+    finally:
+        console_for(app).close()
+        app.extensions["inference"].close(timeout=5)

@@ -94,6 +94,7 @@ def render(r: dict[str, Any]) -> str:
             f"  {st['parse_validate_dict_ratio_to_floor']:.3f}× for the same schema as a dict"
             " (jsonschema).",
         ]
+    out += _spend_guard(lat, ratio)
     tp = r["throughput"]
     out += [
         "",
@@ -256,6 +257,44 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+GUARD = "spend guard: reserve + settle, "
+
+
+def _spend_guard(lat: dict[str, Any], ratio: dict[str, float]) -> list[str]:
+    """What the spend guard adds to a call, from the per-call rows of the same run."""
+    if GUARD + "Redis" not in lat:
+        return []
+
+    def us(name: str) -> float:
+        return float(lat[name]["median_us"])
+
+    redis_off = "ours: infer(), fresh, SQLite log, Redis, no budgets"
+    redis_on = "ours: infer(), fresh, SQLite log, Redis, budgets in Redis"
+    sqlite_on = "ours: infer(), fresh, SQLite log, budgets in SQLite"
+    sqlite_off = "ours: infer(), fresh, SQLite log"
+    return [
+        "",
+        "## Spend guard",
+        "",
+        "Three budgets every call meets (its purpose's day, its project's month, everything's",
+        "day) and the storm breaker: one attempt's reservation of its worst case and its",
+        "correction to the answer's cost, timed alone in each store (rows above):",
+        "",
+        f"- Per process (what each process counts while its shared store is away):"
+        f" **{ratio[GUARD + 'per process']:.3f}×** the floor ({us(GUARD + 'per process'):.0f} µs).",
+        f"- Redis (one script per operation, two round trips a call):"
+        f" **{ratio[GUARD + 'Redis']:.3f}×** ({us(GUARD + 'Redis'):.0f} µs).",
+        f"- The database, when no Redis is configured: SQLite"
+        f" {ratio[GUARD + 'SQLite']:.3f}×, PostgreSQL {ratio[GUARD + 'PostgreSQL']:.3f}× (two",
+        "  transactions a call, each a commit; a host that guards many calls a second",
+        "  configures Redis).",
+        f"- A whole fresh call: {ratio[sqlite_off]:.2f}× without budgets, {ratio[sqlite_on]:.2f}×"
+        " with them in SQLite;",
+        f"  with Redis (limiter, cache and single-flight there too) {ratio[redis_off]:.2f}×"
+        f" without budgets, {ratio[redis_on]:.2f}× with them.",
+    ]
 
 
 def _console(c: dict[str, Any]) -> list[str]:

@@ -67,7 +67,15 @@ class Run:
 # --------------------------------------------------------------------------- databases
 
 
-def make_service(base_url: str, db_url: str, spool: Path, **inference: Any) -> Any:
+def make_service(
+    base_url: str,
+    db_url: str,
+    spool: Path,
+    *,
+    openrouter: dict[str, Any] | None = None,
+    redis: dict[str, Any] | None = None,
+    **inference: Any,
+) -> Any:
     from headspace_inference import create_app
 
     app = create_app(
@@ -78,8 +86,13 @@ def make_service(base_url: str, db_url: str, spool: Path, **inference: Any) -> A
                 "api_key": BENCH_KEY,
                 "rate_limits": {"calls_per_minute": 10**7, "tokens_per_minute": 10**9},
                 "health": {"cache_seconds": 3600},
+                # Thousands of calls of one purpose a second: the breaker counts them (its
+                # cost is part of every figure) but must not trip.
+                "storm_breaker": {"calls": 10**9},
+                **(openrouter or {}),
             },
             "inference": {"spool_path": str(spool), **inference},
+            **({"redis": redis} if redis else {}),
         }
     )
     return app.extensions["inference"]
@@ -186,6 +199,103 @@ def per_call(run: Run, base_url: str, work: Path) -> None:
         ),
         samples=max(60, run.samples // 4),
     )
+
+
+# --------------------------------------------------------------------------- spend guard
+
+# Claude Headspace's kind of rules: a purpose's day, each project's month, everything's day;
+# every call below meets all three, and the storm breaker (on, its default).
+BENCH_BUDGETS = [
+    {"name": "summaries", "scope": {"purpose": "bench"}, "window": "day", "cap_usd": 10**5},
+    {"name": "per-project", "scope": {"project_id": "each"}, "window": "month", "cap_usd": 10**5},
+    {"name": "everything", "window": "day", "cap_usd": 10**5, "cap_tokens": 10**11},
+]
+GUARD_NAMES = {
+    "memory": "spend guard: reserve + settle, per process",
+    "redis": "spend guard: reserve + settle, Redis",
+    "sqlite": "spend guard: reserve + settle, SQLite",
+    "postgresql": "spend guard: reserve + settle, PostgreSQL",
+}
+
+
+def spend_guard(run: Run, base_url: str, work: Path) -> None:
+    """What the guard adds to a fresh call: its reserve and settle alone, in each store
+    (three budgets and the breaker), and a whole fresh call with and without budgets."""
+    from sqlalchemy import text
+
+    from headspace_inference.inference.budget import SpendGuard
+    from headspace_inference.inference.budget_store import MemoryBudgetStore
+    from headspace_inference.inference.request import RequestBuilder
+    from headspace_inference.inference.types import Answer
+    from headspace_inference.inference.validation import check_call
+
+    print("\nSpend guard (three budgets and the storm breaker on every call)", flush=True)
+    answer = Answer("text " * 40, HAIKU, 120, 60, Decimal("0.0004"), Decimal("0.0004"))
+
+    def timed(name: str, guard: SpendGuard, settings: Any) -> None:
+        build = RequestBuilder(settings.openrouter)
+        options = {"project_id": 1, "max_tokens": 200}
+        call = check_call("turn", "bench", "a turn to summarise " * 20, options,
+                          levels=settings.levels, max_input_chars=10**6)  # fmt: skip
+        request = build(call)
+
+        def once(i: int) -> None:
+            guard.settle(guard.reserve(request, first_attempt=True), answer)
+
+        run.time(name, once)
+
+    def with_project(service: Any) -> Any:
+        with service.database.engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at) "
+                              "VALUES (1, 'bench', '2026-01-01 00:00:00')"))  # fmt: skip
+        return service
+
+    openrouter = {"budgets": BENCH_BUDGETS, "storm_breaker": {"calls": 10**9}}
+    sqlite = with_project(make_service(base_url, f"sqlite:///{work / 'guard.db'}",
+                                       work / "spool-guard", openrouter=openrouter))  # fmt: skip
+    # The same rules counted in this process alone (what each process does while its
+    # shared store is away).
+    per_process = SpendGuard(
+        sqlite.settings.openrouter, store=MemoryBudgetStore(), prices=sqlite.prices,
+        default_max_tokens=sqlite.settings.inference.default_max_tokens,
+    )  # fmt: skip
+    timed(GUARD_NAMES["memory"], per_process, sqlite.settings)
+    timed(GUARD_NAMES["sqlite"], sqlite.guard, sqlite.settings)
+    run.time(
+        "ours: infer(), fresh, SQLite log, budgets in SQLite",
+        lambda i: sqlite.infer("turn", "bench", f"guarded {i} {uuid.uuid4().hex}", project_id=1),
+    )
+    sqlite.close()
+    prefix = f"hs-bench-{uuid.uuid4().hex[:8]}"
+    redis = {"url": REDIS_URL, "key_prefix": prefix}
+    # With Redis the limiter, the cache and single-flight go through it too: the same
+    # service without budgets tells the guard's part.
+    for budgets, name in (({}, "no budgets"), (openrouter, "budgets in Redis")):
+        redis_service = with_project(make_service(
+            base_url, f"sqlite:///{work / f'guard-redis-{len(budgets)}.db'}",
+            work / f"spool-guard-redis-{len(budgets)}", openrouter=budgets, redis=redis,
+        ))  # fmt: skip
+        if budgets:
+            timed(GUARD_NAMES["redis"], redis_service.guard, redis_service.settings)
+        run.time(
+            f"ours: infer(), fresh, SQLite log, Redis, {name}",
+            lambda i: redis_service.infer(  # noqa: B023 (timed before the loop moves on)
+                "turn", "bench", f"redis {i} {uuid.uuid4()}", project_id=1
+            ),
+        )
+        redis_service.close()
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+    with postgres_database() as pg_url:
+        pg = with_project(make_service(base_url, pg_url, work / "spool-guard-pg",
+                                       openrouter=openrouter))  # fmt: skip
+        timed(GUARD_NAMES["postgresql"], pg.guard, pg.settings)
+        pg.close()
 
 
 # --------------------------------------------------------------------------- structured
@@ -547,6 +657,7 @@ def main() -> None:
         work = Path(tmp)
         with emulator_process(latency_ms=0) as base_url:
             per_call(run, base_url, work)
+            spend_guard(run, base_url, work)
         with emulator_process(latency_ms=50) as base_url:
             throughput(run, base_url, work)
     limiter_burst(run)

@@ -162,3 +162,15 @@ class BudgetStoreContract:
         refused = store.reserve([cap], usd(0.1), 1, storm, NOW + 1)
         assert refused.storm_tripped and refused.uses == ()
         assert store.read(cap.key) == {"": Use(usd(0.1), 1)}
+
+    def test_a_correction_counts_a_bucket_of_a_live_window_from_nothing(
+        self, store: BudgetStore, twin: BudgetStore
+    ) -> None:
+        # What a process counted while the store was away, in a window the store had not
+        # seen yet, is paid back in full; a window that has ended is left alone.
+        fresh = bucket("fresh|day|1", part="7", cap_usd=1.0, warn_at=0.5)
+        assert store.adjust([fresh], usd(0.75), 30, NOW) == ((0, "warning"),)
+        assert twin.read(fresh.key) == {"7": Use(usd(0.75), 30)}
+        ended = bucket("ended|day|0", ends_at=NOW)
+        assert store.adjust([ended], usd(0.75), 30, NOW) == ()
+        assert twin.read(ended.key) == {}

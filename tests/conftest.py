@@ -199,6 +199,24 @@ def redis_prefix(redis_server_url: str) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture
+def redis_proxy(redis_server_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the test Redis, to cut and restore it."""
+    import redis
+
+    target = redis.connection.parse_url(redis_server_url)
+    with TcpProxy(target.get("host", "127.0.0.1"), int(target.get("port", 6379))) as proxy:
+        yield proxy
+
+
+def redis_url_through(proxy: TcpProxy, redis_server_url: str) -> str:
+    """The test Redis's URL (its database number kept) through ``proxy``."""
+    import redis
+
+    db = redis.connection.parse_url(redis_server_url).get("db", 0)
+    return proxy.url("redis", f"/{db}")
+
+
 # --------------------------------------------------------------------------- OpenRouter emulator
 
 

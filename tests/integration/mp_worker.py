@@ -34,8 +34,9 @@ def main() -> None:
     out: dict[str, Any] = {"index": index, "calls": []}
     for phase in plan:
         time.sleep(max(0.0, phase["at"] + start_at - time.time()))
+        level, max_tokens = phase.get("level", "turn"), phase.get("max_tokens")
         futures: list[tuple[str, Future[Any]]] = [
-            (text, service.submit(phase.get("level", "turn"), "mp", text))
+            (text, service.submit(level, "mp", text, max_tokens=max_tokens))
             for text in phase["inputs"]
         ]
         for text, future in futures:
@@ -45,7 +46,9 @@ def main() -> None:
                     {"input": text, "ok": True, "cached": result.cached, "id": result.call_id}
                 )
             except InferenceError as exc:
-                out["calls"].append({"input": text, "ok": False, "error": type(exc).__name__})
+                out["calls"].append(
+                    {"input": text, "ok": False, "error": type(exc).__name__, "why": str(exc)}
+                )
     service.close()
     print(json.dumps(out), flush=True)
 

@@ -189,3 +189,64 @@ def test_a_killed_holder_is_taken_over_within_its_lock_life(
     assert other["led"] is True
     assert calls == 2
     assert other["waited"] < 10.0  # generous: the bound is the lock's life, 1 s
+
+
+# --------------------------------------------------------------------------- the spend guard
+
+RACERS = 8  # processes, each with 4 worker threads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_by", ["redis", "database"])
+def test_eight_processes_of_four_threads_never_spend_past_one_small_cap(
+    shared_by: str,
+    migrated_postgres_url: str,
+    redis_server_url: str,
+    redis_prefix: str,
+    emulator: Any,
+    tmp_path: Path,
+) -> None:
+    # Each call's worst case: ~5 input tokens at Haiku's dearest input price and 64 output
+    # tokens at its output price, ~$0.000326; its answer costs about a third of that.
+    cap = 0.003
+    config = tmp_path / "config.yaml"
+    settings: dict[str, Any] = {
+        "database": {"url": migrated_postgres_url},
+        "openrouter": {
+            "base_url": emulator.base_url,
+            "api_key": "sk-or-multiprocess",
+            "rate_limits": {"calls_per_minute": 100_000, "tokens_per_minute": 100_000_000},
+            "retry": {"base_delay_seconds": 0, "max_delay_seconds": 0},
+            "budgets": [{"name": "small", "window": "month", "cap_usd": cap}],
+            "storm_breaker": {"enabled": False},
+        },
+        "inference": {"spool_path": str(tmp_path / "spool"), "workers": 4},
+    }
+    if shared_by == "redis":
+        settings["redis"] = {"url": redis_server_url, "key_prefix": redis_prefix}
+    config.write_text(json.dumps(settings))
+    emulator.set_latency(20)
+    inputs = [[f"racer {i} call {j:02d}" for j in range(16)] for i in range(RACERS)]
+    plans = [[{"at": 0, "inputs": mine, "max_tokens": 64}] for mine in inputs]
+    results = run_workers(config, plans)
+
+    calls = [c for r in results for c in r["calls"]]
+    ok = [c for c in calls if c["ok"]]
+    refused = [c for c in calls if not c["ok"]]
+    assert {c["error"] for c in refused} == {"BudgetExceededError"}
+    charged = emulator.charged()
+    print(
+        f"\nSPEND GUARD RACE ({shared_by}): {len(calls)} calls from {RACERS} processes x 4 "
+        f"threads, {len(ok)} sent, {len(refused)} refused; OpenRouter charged "
+        f"${float(charged.cost):.6f} of a ${cap} cap"
+    )
+    assert refused and ok  # the cap was reached, and raced for
+    assert float(charged.cost) <= cap  # never past the cap, whatever the race
+    assert sum(1 for r in emulator.requests if r.path == CHAT) == len(ok)
+    engine = create_engine(normalise_url(migrated_postgres_url), poolclass=NullPool)
+    with engine.connect() as conn:
+        statuses = dict(
+            conn.execute(text("SELECT status, count(*) FROM inference_calls GROUP BY status")).all()
+        )
+    engine.dispose()
+    assert statuses == {"ok": len(ok), "over_budget": len(refused)}

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+from tests.conftest import redis_url_through
 from tests.tcp_proxy import TcpProxy
 
 from headspace_inference.clock import FakeClock
@@ -45,17 +46,14 @@ DEADLINE = 15.0
 
 
 @pytest.fixture
-def proxy(redis_server_url: str) -> Iterator[TcpProxy]:
-    target = redis.connection.parse_url(redis_server_url)
-    with TcpProxy(target.get("host", "127.0.0.1"), int(target.get("port", 6379))) as p:
-        yield p
+def proxy(redis_proxy: TcpProxy) -> TcpProxy:
+    return redis_proxy
 
 
 @pytest.fixture
 def redis_settings(proxy: TcpProxy, redis_server_url: str, redis_prefix: str) -> RedisSettings:
-    db = redis.connection.parse_url(redis_server_url).get("db", 0)
     return RedisSettings(
-        url=proxy.url("redis", f"/{db}"),
+        url=redis_url_through(proxy, redis_server_url),
         key_prefix=redis_prefix,
         retry_interval_seconds=RETRY_INTERVAL,
         socket_timeout_seconds=0.2,

@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 from sqlalchemy import text
+from tests.conftest import redis_url_through
 from tests.service_fixtures import CHAT, service_rows, settings_for
+from tests.tcp_proxy import TcpProxy
 
 from headspace_inference.clock import FakeClock
 from headspace_inference.config_loading import load_settings
@@ -25,6 +29,7 @@ from headspace_inference.standalone.database import standalone_database
 BEFORE_MIDNIGHT = datetime(2026, 12, 5, 23, 59, 30, tzinfo=UTC).timestamp()
 INPUT = "x" * 40  # an estimated 11 input tokens: with max_tokens=100, a worst case of 111
 WORST = 111
+RETRY_INTERVAL = 0.2  # how soon a guard tries Redis again after it failed
 
 ServiceFactory = Callable[..., InferenceService]
 
@@ -34,14 +39,33 @@ def clock() -> FakeClock:
     return FakeClock(wall_start=BEFORE_MIDNIGHT)
 
 
+@pytest.fixture(params=["database", "redis"])
+def store(request: pytest.FixtureRequest) -> str:
+    """Where the budgets are counted: the call log's database, or Redis when configured."""
+    return str(request.param)
+
+
 @pytest.fixture
 def make_service(
-    database_url: str, emulator: Any, tmp_path: Path, clock: FakeClock
+    database_url: str,
+    emulator: Any,
+    tmp_path: Path,
+    clock: FakeClock,
+    store: str,
+    request: pytest.FixtureRequest,
 ) -> Iterator[ServiceFactory]:
     made: list[InferenceService] = []
+    redis: dict[str, Any] = {}
+    if store == "redis":
+        url = request.getfixturevalue("redis_server_url")
+        redis = {"redis": {"url": url, "key_prefix": request.getfixturevalue("redis_prefix")}}
 
-    def factory(**openrouter: Any) -> InferenceService:
-        extra: dict[str, Any] = {"openrouter": openrouter}
+    def factory(
+        *, redis_section: dict[str, Any] | None = None, **openrouter: Any
+    ) -> InferenceService:
+        extra: dict[str, Any] = {"openrouter": openrouter, **redis}
+        if redis_section is not None:
+            extra["redis"] = redis_section
         settings = load_settings(
             tmp_path / "none.yaml",
             overrides=settings_for(database_url, emulator, tmp_path, **extra),
@@ -95,7 +119,7 @@ def test_a_call_that_would_cross_a_cap_is_refused_before_anything_is_sent(
     assert service.infer("project", "describe", "a project", max_tokens=100).text
     row = service_rows(service)[-2]
     assert (row.status, row.attempts, row.error_type) == ("over_budget", 0, "BudgetExceededError")
-    assert row.input_tokens is None and row.cost_usd is None
+    assert row.input_tokens == 0 and row.cost_usd is None
 
 
 def test_a_call_whose_worst_case_is_over_the_whole_cap_is_told_so(
@@ -145,7 +169,7 @@ def test_the_reservation_is_the_worst_case_until_the_answer_corrects_it(
 def test_a_window_rolls_over_at_its_calendar_end(
     make_service: ServiceFactory, emulator: Any, clock: FakeClock
 ) -> None:
-    service = make_service(budgets=[{"name": "daily", "window": "day", "cap_tokens": 150}])
+    service = make_service(budgets=[{"name": "daily", "window": "day", "cap_tokens": 120}])
     service.infer("turn", "summarise", "first" + INPUT, max_tokens=100)
     with pytest.raises(BudgetExceededError) as refused:
         service.infer("turn", "summarise", "second" + INPUT, max_tokens=100)
@@ -163,7 +187,7 @@ def test_a_window_rolls_over_at_its_calendar_end(
 def test_cache_hits_cost_nothing_and_are_never_refused(
     make_service: ServiceFactory, emulator: Any
 ) -> None:
-    service = make_service(budgets=[{"window": "day", "cap_tokens": 150}])
+    service = make_service(budgets=[{"window": "day", "cap_tokens": 120}])
     first = service.infer("turn", "summarise", INPUT, max_tokens=100)
     with pytest.raises(BudgetExceededError):
         service.infer("turn", "summarise", "another" + INPUT, max_tokens=100)
@@ -239,7 +263,7 @@ def test_a_rule_for_each_project_caps_each_apart(
 ) -> None:
     service = make_service(
         budgets=[{"name": "per-project", "scope": {"project_id": "each"}, "window": "month",
-                  "cap_tokens": 150}]
+                  "cap_tokens": 120}]
     )  # fmt: skip
     add_projects(service, 1, 2)
     service.infer("turn", "summarise", "one" + INPUT, max_tokens=100, project_id=1)
@@ -252,7 +276,7 @@ def test_a_rule_for_each_project_caps_each_apart(
     assert [s["project_id"] for s in states] == [1, 2]
     assert all(s["resets_at"] == "2027-01-01T00:00:00+00:00" for s in states)
     (three,) = service.budget(project_id=3)
-    assert (three["project_id"], three["used_tokens"], three["left_tokens"]) == (3, 0, 150)
+    assert (three["project_id"], three["used_tokens"], three["left_tokens"]) == (3, 0, 120)
     assert service.budget(level="turn", project_id=2) == [states[1]]
 
 
@@ -271,7 +295,7 @@ def test_a_route_with_fallbacks_reserves_at_its_dearest_model(
 
 
 def test_status_shows_each_budget_and_where_it_is_counted(
-    make_service: ServiceFactory, emulator: Any
+    make_service: ServiceFactory, emulator: Any, store: str
 ) -> None:
     service = make_service(budgets=[{"name": "all", "window": "day", "cap_usd": 2}])
     service.infer("turn", "summarise", INPUT, max_tokens=100)
@@ -280,5 +304,51 @@ def test_status_shows_each_budget_and_where_it_is_counted(
     assert state["rule"] == "all" and state["cap_usd"] == 2
     assert state["used_usd"] == pytest.approx(float(emulator.charged().cost), abs=1e-9)
     guard = status["spend_guard"]
-    assert (guard["store"], guard["shared"], guard["reason"]) == ("database", True, None)
+    assert (guard["store"], guard["shared"], guard["reason"]) == (store, True, None)
     assert guard["storm_breaker"]["enabled"] is True
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_with_redis_cut_each_process_keeps_the_caps_and_pays_back_when_it_returns(
+    make_service: ServiceFactory,
+    emulator: Any,
+    redis_proxy: TcpProxy,
+    redis_server_url: str,
+    redis_prefix: str,
+) -> None:
+    service = make_service(
+        redis_section={
+            "url": redis_url_through(redis_proxy, redis_server_url),
+            "key_prefix": redis_prefix,
+            "retry_interval_seconds": RETRY_INTERVAL,
+            "socket_timeout_seconds": 0.2,
+        },
+        budgets=[{"name": "turns", "window": "day", "cap_tokens": 300}],
+    )
+    results = [service.infer("turn", "summarise", "before" + INPUT[6:], max_tokens=100)]
+    redis_proxy.cut()
+    spent = lambda: sum(r.input_tokens + r.output_tokens for r in results)  # noqa: E731
+    # Cut off, the process stands in from the use it last saw: the cap still holds here.
+    while spent() + WORST <= 300:
+        results.append(
+            service.infer("turn", "summarise", f"cut{len(results):02d}" + INPUT[5:], max_tokens=100)
+        )
+    with pytest.raises(BudgetExceededError):
+        service.infer("turn", "summarise", "refused while cut" + INPUT, max_tokens=100)
+    status = service.status()
+    assert status["state"] == "degraded" and not status["spend_guard"]["shared"]
+    assert "Redis unreachable" in status["spend_guard"]["reason"]
+    assert status["budgets"][0]["used_tokens"] == spent()  # the stand-in's count
+    redis_proxy.restore()
+    time.sleep(RETRY_INTERVAL * 2)  # the guard tries Redis again after its interval
+    with pytest.raises(BudgetExceededError):  # refused by Redis, which was paid back
+        service.infer("turn", "summarise", "refused by redis" + INPUT, max_tokens=100)
+    direct = redis_lib.Redis.from_url(redis_server_url)
+    try:
+        (key,) = [k for k in direct.scan_iter(match=f"{redis_prefix}:budget:turns|*")]
+        counted = {k.decode(): int(v) for k, v in direct.hgetall(key).items()}
+    finally:
+        direct.close()
+    assert counted["tokens:"] == spent()  # every call made while cut is in Redis, once
+    assert service.status()["spend_guard"]["shared"]
+    assert chat_count(emulator) == len(results)

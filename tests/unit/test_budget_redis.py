@@ -53,6 +53,17 @@ class TestRedisStore(BudgetStoreContract):
         return redis_store(redis_server_url, redis_prefix, clients)
 
 
+def test_the_store_connects_on_first_use_and_leaves_its_client_to_its_owner(
+    redis_server_url: str, redis_prefix: str, clients: list[redis.Redis]
+) -> None:
+    nowhere = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    RedisBudgetStore(nowhere, prefix=redis_prefix).close()  # no connection tried
+    nowhere.close()
+    store = redis_store(redis_server_url, redis_prefix, clients)
+    store.close()
+    assert clients[0].ping() is True
+
+
 # --------------------------------------------------------------------------- keys and expiry
 
 NOW = 1_800_000_000.0  # the callers' clock, years away from Redis's own: expiries are relative
@@ -71,16 +82,22 @@ def test_each_rule_window_is_one_hash_and_every_key_expires(
 
     base = f"{redis_prefix}:budget"
     calls, cooling = f"{base}-storm:summarise|42", f"{base}-cooling:summarise|42"
-    assert direct.hgetall(f"{base}:daily|day|1800000000") == {b"usd:": b"1000000000", b"tokens:": b"100"}
+    assert direct.hgetall(f"{base}:daily|day|1800000000") == {
+        b"usd:": b"1000000000",
+        b"tokens:": b"100",
+    }
     assert direct.hgetall(f"{base}:each|month|1800000000") == {
-        b"usd:42": b"1000000000", b"tokens:42": b"100"
+        b"usd:42": b"1000000000",
+        b"tokens:42": b"100",
     }
     assert direct.exists(cooling) and not direct.exists(calls)  # the trip cleared the calls
     # A window's hash lives until an hour after the window ends, reckoned from the caller's
     # now; the breaker's keys for the longer of its window and cool-down, and a second.
     # (The margins below are Redis's own clock moving between the write and the read.)
-    assert 86_400_000 + 3_600_000 - 5000 < direct.pttl(f"{base}:daily|day|1800000000") <= (
-        86_400_000 + 3_600_000
+    assert (
+        86_400_000 + 3_600_000 - 5000
+        < direct.pttl(f"{base}:daily|day|1800000000")
+        <= (86_400_000 + 3_600_000)
     )
     month_ms = (30 * 86_400 + 3600) * 1000
     assert month_ms - 5000 < direct.pttl(f"{base}:each|month|1800000000") <= month_ms
@@ -100,15 +117,16 @@ def test_a_window_already_past_its_slack_is_kept_a_second_not_forever(
     assert 0 < clients[0].pttl(f"{redis_prefix}:budget:late|hour|1") <= 1000
 
 
-def test_a_correction_to_a_window_no_longer_kept_adds_nothing(
+def test_a_correction_to_an_ended_window_no_longer_kept_adds_nothing(
     redis_server_url: str, redis_prefix: str, clients: list[redis.Redis]
 ) -> None:
     store = redis_store(redis_server_url, redis_prefix, clients)
-    kept = bucket("kept|day|1", part="1")
+    kept = bucket("kept|day|1", part="1", ends_at=NOW + 1)
     assert store.reserve([kept], usd(0.1), 10, None, NOW).granted
-    gone = bucket("gone|day|1", part="1")  # expired, or never reserved against
-    other_part = bucket("kept|day|1", part="2")
-    assert store.adjust([gone, other_part, kept], usd(0.2), 5, NOW) == ()
+    later = NOW + 2  # the window has ended; its hash is kept for its slack
+    gone = bucket("gone|day|1", part="1", ends_at=NOW + 1)  # expired, or never counted
+    other_part = bucket("kept|day|1", part="2", ends_at=NOW + 1)
+    assert store.adjust([gone, other_part, kept], usd(0.2), 5, later) == ()
     assert store.read("gone|day|1") == {}
     assert store.read("kept|day|1") == {"1": Use(usd(0.3), 15)}
     assert clients[0].keys(f"{redis_prefix}:budget:gone*") == []

@@ -282,9 +282,7 @@ _SET = (
         capped=bindparam("c"),
     )
 )
-_READ: Executable = select(_C.part, _C.used_usd, _C.used_tokens).where(
-    _C.key == bindparam("key")
-)
+_READ: Executable = select(_C.part, _C.used_usd, _C.used_tokens).where(_C.key == bindparam("key"))
 # Rows ended long ago; one another caller holds (an old window's late correction) is left
 # for the next time, so that the clean-up never waits.
 _CLEAN = delete(_TABLE).where(

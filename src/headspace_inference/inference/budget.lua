@@ -150,21 +150,25 @@ function commands.reserve(now, usd, tokens, n)
   return {'granted', -1, uses, crossings(buckets, all)}
 end
 
--- adjust usd tokens n <bucket arguments> x n -> {index, kind} of each alert given.
--- Adds to each bucket counted (one no longer kept has had its window end), whatever its
--- caps; no use goes below zero.
+-- adjust usd tokens n <bucket arguments> x n <1 if the bucket's window is live, else 0> x n
+-- -> {index, kind} of each alert given.
+-- Adds to each bucket counted, and to each whose window has not ended though it is not
+-- counted yet (what a process counted while Redis was away, paid back); one whose window
+-- has ended and is no longer kept is left alone. Whatever the caps; no use goes below zero.
 function commands.adjust(usd, tokens, n)
   n = tonumber(n)
   local buckets = buckets_from(n, 5)
+  local live_at = 5 + n * PER_BUCKET
   local counted = {}
   for i, b in ipairs(buckets) do
-    if redis.call('HEXISTS', b.key, 'usd:' .. b.part) == 1 then
+    if ARGV[live_at + i - 1] == '1' or redis.call('HEXISTS', b.key, 'usd:' .. b.part) == 1 then
       for _, what in ipairs({{'usd:', usd}, {'tokens:', tokens}}) do
         local field = what[1] .. b.part
         if redis.call('HINCRBY', b.key, field, what[2]) < 0 then
           redis.call('HSET', b.key, field, 0)
         end
       end
+      redis.call('PEXPIRE', b.key, b.ttl)
       counted[#counted + 1] = i
     end
   end

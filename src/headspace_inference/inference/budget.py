@@ -345,8 +345,8 @@ class SpendGuard:
             where = "" if not bucket.part else f" for project {bucket.part}"
             what = "has reached its cap" if kind == "cap" else f"passed {state['warn_at']:.0%}"
             log.warning(
-                "spend guard: budget %r%s %s: used $%.6f and %d tokens of %s this %s "
-                "(resets at %s)",
+                "spend guard: budget %r%s %s: $%.6f and %d tokens of %s used or reserved "
+                "this %s (resets at %s)",
                 rule.label, where, what, use.usd / NANO, use.tokens, _caps(rule),
                 rule.settings.window, state["resets_at"],
             )  # fmt: skip
@@ -501,7 +501,9 @@ class FallbackBudgetStore:
     ) -> tuple[tuple[int, AlertKind], ...]:
         def shared() -> tuple[tuple[int, AlertKind], ...]:
             self._pay_back(now)
-            return self.shared.adjust(buckets, usd, tokens, now)
+            alerts = self.shared.adjust(buckets, usd, tokens, now)
+            self._saw_added(buckets, usd, tokens)
+            return alerts
 
         def local() -> tuple[tuple[int, AlertKind], ...]:
             self._stood_in = True
@@ -526,6 +528,16 @@ class FallbackBudgetStore:
         with self._lock:
             for bucket, use in zip(buckets, uses, strict=False):
                 self._seen[(bucket.key, bucket.part)] = (bucket, use)
+
+    def _saw_added(self, buckets: Sequence[Bucket], usd: int, tokens: int) -> None:
+        # A correction's answer carries no use: the last seen one moves by what it added.
+        with self._lock:
+            for bucket in buckets:
+                where = (bucket.key, bucket.part)
+                if where in self._seen:
+                    use = self._seen[where][1]
+                    moved = Use(max(0, use.usd + usd), max(0, use.tokens + tokens))
+                    self._seen[where] = (bucket, moved)
 
     def _seed(self, buckets: Sequence[Bucket]) -> None:
         with self._lock:

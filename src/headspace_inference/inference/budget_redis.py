@@ -93,6 +93,7 @@ class RedisBudgetStore:
         keys = [self._bucket_key(b.key) for b in buckets]
         args: list[str | int | float] = ["adjust", usd, tokens, len(buckets)]
         args += self._bucket_args(buckets, now)
+        args += [int(b.ends_at > now) for b in buckets]
         return _alerts(self._script(keys=keys, args=args))
 
     def read(self, key: str) -> dict[str, Use]:

@@ -122,7 +122,9 @@ class BudgetStore(Protocol):
     ) -> tuple[tuple[int, AlertKind], ...]:
         """Add (``usd``, ``tokens``) to every bucket, whatever the caps (a correction of a
         reservation to what was really spent: negative gives back, and no use goes below
-        zero). The alerts this gives for the first time in their window."""
+        zero; or what a process counted while the store was away, paid back). A bucket not
+        counted yet is counted from nothing while its window lasts (``ends_at`` > ``now``);
+        after, it is left alone. The alerts this gives for the first time in their window."""
         ...
 
     def read(self, key: str) -> dict[str, Use]:
@@ -221,6 +223,8 @@ class MemoryBudgetStore:
             counted: list[tuple[int, tuple[Bucket, _Part]]] = []
             for i, bucket in enumerate(buckets):
                 part = self._parts.get((bucket.key, bucket.part))
+                if part is None and bucket.ends_at > now:
+                    part = self._part(bucket)
                 if part is not None:  # else its window has ended and been forgotten
                     part.usd = max(0, part.usd + usd)
                     part.tokens = max(0, part.tokens + tokens)

@@ -22,6 +22,7 @@ import pytest
 from flask import Flask
 
 from headspace_inference import create_app
+from headspace_inference.inference import CallStormError
 from headspace_inference.operate.live import console_for
 from headspace_inference.page.views import SECURITY_HEADERS
 from tests.call_rows import call, write
@@ -189,7 +190,10 @@ def test_the_spend_panel_shows_the_budgets_and_a_warning_from_the_feed(
         {"name": "everything", "window": "month", "cap_tokens": 1_000_000},
     ]  # fmt: skip
     emulator.set_key_credit(25.0, usage=5.0)
-    settings = settings_for(sqlite_url, emulator, tmp_path, openrouter={"budgets": budgets})
+    breaker = {"calls": 12, "seconds": 60, "cooldown_seconds": 30}
+    settings = settings_for(
+        sqlite_url, emulator, tmp_path, openrouter={"budgets": budgets, "storm_breaker": breaker}
+    )
     app = create_app(overrides=settings)
     service = app.extensions["inference"]
     errors: list[str] = []
@@ -210,7 +214,9 @@ def test_the_spend_panel_shows_the_budgets_and_a_warning_from_the_feed(
             )
             expect(page.locator("#guard")).to_have_attribute("data-shared", "true")
             expect(page.locator("#guard")).to_contain_text("database")
-            expect(page.locator("#storm-breaker")).to_contain_text("calls in")
+            expect(page.locator("#storm-breaker")).to_have_text(
+                "a purpose making over 12 calls in 60 s is refused for 30 s"
+            )
             expect(page.locator("#key-credit")).to_have_text("$20.0000 left of $25.0000")
             page.screenshot(path=str(SHOTS / "6-spend.png"), full_page=True)
 
@@ -230,6 +236,15 @@ def test_the_spend_panel_shows_the_budgets_and_a_warning_from_the_feed(
             width = summaries.locator(".meter .fill").evaluate("e => e.style.width")
             assert float(width.removesuffix("%")) == pytest.approx(used / 0.002 * 100)
             page.screenshot(path=str(SHOTS / "7-budget-warning.png"), full_page=True)
+
+            # A loop of one purpose trips the storm breaker: its notice comes first.
+            with pytest.raises(CallStormError):
+                for i in range(13):
+                    service.infer("task", "loop", f"hook {i}", max_tokens=20)
+            storm = page.locator("#budget-notices li").first
+            expect(storm).to_have_attribute("data-kind", "storm", timeout=WAIT_MS)
+            expect(storm).to_contain_text('Storm breaker: "loop" made over 12 calls in 60 s')
+            expect(page.locator("#budget-notices li")).to_have_count(2)
             page.close()
     finally:
         console_for(app).close()

@@ -120,7 +120,7 @@
       "data-state": share >= 1 ? "over" : share >= warnAt ? "warning" : "ok",
       "aria-label": `${(share * 100).toFixed(0)} % of the cap` });
     const fill = el("span", { class: "fill" });
-    const mark = el("i", { class: "warn-mark", title: `warning at ${warnAt * 100} %` });
+    const mark = el("i", { class: "warn-mark", title: `warning at ${Math.round(warnAt * 100)} %` });
     // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
     fill.style.width = Math.min(share, 1) * 100 + "%";
     mark.style.left = warnAt * 100 + "%";

@@ -352,3 +352,43 @@ def test_with_redis_cut_each_process_keeps_the_caps_and_pays_back_when_it_return
     assert counted["tokens:"] == spent()  # every call made while cut is in Redis, once
     assert service.status()["spend_guard"]["shared"]
     assert chat_count(emulator) == len(results)
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_a_window_that_began_while_redis_was_cut_is_paid_back_in_full(
+    make_service: ServiceFactory,
+    emulator: Any,
+    clock: FakeClock,
+    redis_proxy: TcpProxy,
+    redis_server_url: str,
+    redis_prefix: str,
+) -> None:
+    service = make_service(
+        redis_section={
+            "url": redis_url_through(redis_proxy, redis_server_url),
+            "key_prefix": redis_prefix,
+            "retry_interval_seconds": RETRY_INTERVAL,
+            "socket_timeout_seconds": 0.2,
+        },
+        budgets=[{"name": "daily", "window": "day", "cap_tokens": 10_000}],
+    )
+    service.infer("turn", "summarise", "yesterday" + INPUT, max_tokens=100)
+    redis_proxy.cut()
+    clock.advance(60)  # a new day, which Redis has not seen
+    today = service.infer("turn", "summarise", "today" + INPUT, max_tokens=100)
+    redis_proxy.restore()
+    time.sleep(RETRY_INTERVAL * 2)
+    service.infer("turn", "summarise", "today again" + INPUT, max_tokens=100)
+    (state,) = service.budget()  # read from Redis again
+    assert service.status()["spend_guard"]["shared"]
+    direct = redis_lib.Redis.from_url(redis_server_url)
+    try:
+        day = int(datetime(2026, 12, 6, tzinfo=UTC).timestamp())
+        counted = direct.hgetall(f"{redis_prefix}:budget:daily|day|{day}")
+    finally:
+        direct.close()
+    last = service_rows(service)[-1]
+    assert int(counted[b"tokens:"]) == (
+        today.input_tokens + today.output_tokens + last.input_tokens + last.output_tokens
+    )
+    assert state["used_tokens"] == int(counted[b"tokens:"])

@@ -173,6 +173,12 @@ def test_the_status_shows_the_keys_credit_and_what_the_calls_charged(
     emulator.set_key_credit(10.0, usage=2.0)
     app: Flask = make_app(openrouter={"health": {"cache_seconds": 0}})
     service = app.extensions["inference"]
+    service.start()
+    # Its start probes once in the background: done before the call, so the status's own
+    # probe (nothing cached) is the one that tells what the call charged.
+    for thread in threading.enumerate():
+        if thread.name == "health-probe":
+            thread.join(timeout=10)
     service.infer("turn", "credit", "spend a little")
     charged = float(emulator.charged().cost)
 

@@ -1,6 +1,8 @@
 """GET /metrics: Prometheus text whose call counters equal the call log's rows, in one
 process and summed over two gunicorn workers after a mixed run (ok, cached, error,
-rate-limited); the sampled gauges and counters; the token rule."""
+rate-limited); the sampled gauges and counters; the token rule; the budget gauges, read from
+the spend guard's store at the scrape (the shared count once, whichever worker is scraped),
+and the budget events by kind."""
 
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ import pytest
 import yaml
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
 from headspace_inference import create_app
 from headspace_inference.calllog.models import InferenceCall
-from headspace_inference.inference import InferenceError
+from headspace_inference.inference import BudgetExceededError, InferenceError
 from headspace_inference.operate.live import console_for
 from headspace_inference.settings import normalise_url
 from headspace_inference.testing.emulator.server import Fault
@@ -132,14 +134,10 @@ def test_metrics_follow_the_token_rule(sqlite_url: str, emulator: Any, tmp_path:
         app.extensions["inference"].close(timeout=5)
 
 
-@pytest.mark.postgres
-def test_two_gunicorn_workers_sum_to_the_rows(
-    migrated_postgres_url: str, emulator: Any, tmp_path: Path
-) -> None:
-    limits = {"calls_per_minute": 4, "tokens_per_minute": 10_000_000, "max_wait_seconds": 0}
-    config = settings_for(
-        migrated_postgres_url, emulator, tmp_path, openrouter={"rate_limits": limits}
-    )
+@contextlib.contextmanager
+def gunicorn(config: dict[str, Any], tmp_path: Path) -> Iterator[httpx.Client]:
+    """``headspace-inference serve`` with two workers (gunicorn_app.py) on this
+    configuration: a client at its address once it answers; stopped afterwards."""
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
@@ -152,9 +150,8 @@ def test_two_gunicorn_workers_sum_to_the_rows(
         stderr=subprocess.PIPE,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 60
             while True:
                 try:
@@ -164,33 +161,51 @@ def test_two_gunicorn_workers_sum_to_the_rows(
                     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                     assert time.monotonic() < deadline, "gunicorn did not start"
                     time.sleep(0.2)
-            outcomes: Counter[str] = Counter()
-
-            def call(level: str, text: str) -> None:
-                # A new connection each time, so both workers get calls.
-                response = httpx.post(f"{base}/test/call", json={"level": level, "text": text})
-                outcomes[response.json()["outcome"]] += 1
-
-            mixed_run(call, emulator)
-            expected_rows = sum(outcomes.values())
-            # The writers commit within moments; poll until the table and the scrape agree.
-            deadline = time.monotonic() + 60
-            while True:
-                rows = rows_by_key(migrated_postgres_url)
-                counted = calls_by_key(client.get("/metrics").text)
-                if sum(rows.values()) == expected_rows and counted == rows:
-                    break
-                assert time.monotonic() < deadline, (outcomes, rows, counted)
-                time.sleep(0.2)
-            assert {s for _, _, s in counted} == {"ok", "cached", "error", "rate_limited"}
-            # Read through the multiprocess directory (one process' registry has _created).
-            assert "headspace_inference_calls_created" not in client.get("/metrics").text
+            yield client
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def worker_call(client: httpx.Client, outcomes: Counter[str]) -> Any:
+    """A call on one of the workers (a new connection each time, so both get calls)."""
+
+    def call(level: str, text: str) -> None:
+        response = httpx.post(
+            client.base_url.join("/test/call"), json={"level": level, "text": text}
+        )
+        outcomes[response.json()["outcome"]] += 1
+
+    return call
+
+
+@pytest.mark.postgres
+def test_two_gunicorn_workers_sum_to_the_rows(
+    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    limits = {"calls_per_minute": 4, "tokens_per_minute": 10_000_000, "max_wait_seconds": 0}
+    config = settings_for(
+        migrated_postgres_url, emulator, tmp_path, openrouter={"rate_limits": limits}
+    )
+    with gunicorn(config, tmp_path) as client:
+        outcomes: Counter[str] = Counter()
+        mixed_run(worker_call(client, outcomes), emulator)
+        expected_rows = sum(outcomes.values())
+        # The writers commit within moments; poll until the table and the scrape agree.
+        deadline = time.monotonic() + 60
+        while True:
+            rows = rows_by_key(migrated_postgres_url)
+            counted = calls_by_key(client.get("/metrics").text)
+            if sum(rows.values()) == expected_rows and counted == rows:
+                break
+            assert time.monotonic() < deadline, (outcomes, rows, counted)
+            time.sleep(0.2)
+        assert {s for _, _, s in counted} == {"ok", "cached", "error", "rate_limited"}
+        # Read through the multiprocess directory (one process' registry has _created).
+        assert "headspace_inference_calls_created" not in client.get("/metrics").text
 
 
 def test_the_child_exit_hook_imports_nothing_when_it_runs(
@@ -227,3 +242,130 @@ def test_serve_keeps_its_metrics_in_a_directory_of_its_own(
     assert Path(prepare_metrics_dir()) == own
     assert (tmp_path / "data.db").read_bytes() == b"the operator's"
     assert not (own / "counter_12345.db").exists()
+
+
+# --------------------------------------------------------------------------- budgets
+
+BUDGET_GAUGES = ("used_usd", "cap_usd", "used_tokens", "cap_tokens")
+
+
+def budget_gauges(text: str) -> dict[tuple[str, str, str], float]:
+    """The budget gauges of a scrape: (gauge, rule, project) -> value."""
+    out = {}
+    for gauge in BUDGET_GAUGES:
+        for labels, value in samples(text, f"headspace_inference_budget_{gauge}").items():
+            d = dict(labels)
+            out[(gauge, d["rule"], d["project"])] = value
+    return out
+
+
+def gauges_of(states: list[dict[str, Any]]) -> dict[tuple[str, str, str], float]:
+    """What the gauges should show of service.budget()'s entries (no series for no cap)."""
+    return {
+        (gauge, s["rule"], "" if s["project_id"] is None else str(s["project_id"])): float(s[gauge])
+        for s in states
+        for gauge in BUDGET_GAUGES
+        if s[gauge] is not None
+    }
+
+
+def test_the_budget_gauges_are_the_stores_at_each_scrape_and_events_are_counted(
+    database_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    budgets = [
+        {"name": "turns", "scope": {"level": "turn"}, "window": "month", "cap_tokens": 600,
+         "warn_at": 0.25},
+        {"name": "per-project", "scope": {"project_id": "each"}, "window": "month",
+         "cap_usd": 1.0},
+    ]  # fmt: skip
+    app = create_app(
+        overrides=settings_for(database_url, emulator, tmp_path, openrouter={"budgets": budgets})
+    )
+    try:
+        service = app.extensions["inference"]
+        with service.database.engine.begin() as conn:
+            for project in (1, 2):
+                conn.execute(
+                    text("INSERT INTO projects (id, name, created_at) VALUES (:id, :n, :t)"),
+                    {"id": project, "n": f"p{project}", "t": "2026-01-01 00:00:00"},
+                )
+        client = app.test_client()
+        before = budget_gauges(client.get("/metrics").get_data(as_text=True))
+        # Nothing used yet: the whole-rule entry, with its cap; no project has a series.
+        assert before == {("used_usd", "turns", ""): 0, ("used_tokens", "turns", ""): 0,
+                          ("cap_tokens", "turns", ""): 600}  # fmt: skip
+        service.infer("task", "metrics", "a call of project one", project_id=1)
+        service.infer("task", "metrics", "a call of project two", project_id=2)
+        refused = 0
+        for i in range(40):
+            try:
+                service.infer("turn", "metrics", f"turn call {i} " + "x" * 60, max_tokens=100)
+            except BudgetExceededError:
+                refused += 1
+                break
+        assert refused == 1
+        scraped = client.get("/metrics").get_data(as_text=True)
+        states = service.budget()
+        assert {(s["rule"], s["project_id"]) for s in states} == {
+            ("turns", None), ("per-project", 1), ("per-project", 2),
+        }  # fmt: skip
+        assert budget_gauges(scraped) == gauges_of(states)
+        assert budget_gauges(scraped)[("used_usd", "per-project", "1")] > 0
+        events = samples(scraped, "headspace_inference_budget_events_total")
+        assert events == {(("kind", "warning"),): 1, (("kind", "cap"),): 1}
+        # The next scrape reads the store again: a call since shows at once.
+        service.infer("task", "metrics", "another call of project two", project_id=2)
+        again = budget_gauges(client.get("/metrics").get_data(as_text=True))
+        assert again == gauges_of(service.budget())
+        assert (
+            again[("used_usd", "per-project", "2")]
+            > budget_gauges(scraped)[("used_usd", "per-project", "2")]
+        )
+    finally:
+        console_for(app).close()
+        app.extensions["inference"].close(timeout=5)
+
+
+@pytest.mark.postgres
+def test_every_worker_scrapes_the_shared_budget_once_and_counts_its_own_events(
+    migrated_postgres_url: str, emulator: Any, tmp_path: Path
+) -> None:
+    budgets = [{"name": "turns", "scope": {"level": "turn"}, "window": "month",
+                "cap_tokens": 1_000_000, "warn_at": 0.00005}]  # fmt: skip
+    config = settings_for(
+        migrated_postgres_url, emulator, tmp_path, openrouter={"budgets": budgets}
+    )
+    with gunicorn(config, tmp_path) as client:
+        outcomes: Counter[str] = Counter()
+        call = worker_call(client, outcomes)
+        for i in range(8):
+            call("turn", f"shared budget {i}")
+        assert outcomes == {"ok": 8}
+        # Every call has settled when its answer is sent: the store holds their tokens now.
+        engine = create_engine(normalise_url(migrated_postgres_url), poolclass=NullPool)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                with engine.connect() as conn:
+                    rows, used = conn.execute(
+                        select(
+                            func.count(),
+                            func.sum(InferenceCall.input_tokens + InferenceCall.output_tokens),
+                        ).where(InferenceCall.status == "ok")
+                    ).one()
+                if rows == 8:
+                    break
+                assert time.monotonic() < deadline, rows
+                time.sleep(0.2)
+        finally:
+            engine.dispose()
+        # Each scrape (a new connection: either worker) shows the one shared figure, not
+        # each worker's share nor their sum; the warning was given once, by one worker.
+        for _ in range(6):
+            text = httpx.get(client.base_url.join("/metrics")).text
+            gauges = budget_gauges(text)
+            assert gauges[("used_tokens", "turns", "")] == used
+            assert gauges[("cap_tokens", "turns", "")] == 1_000_000
+            assert samples(text, "headspace_inference_budget_events_total") == {
+                (("kind", "warning"),): 1
+            }

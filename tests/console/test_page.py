@@ -2,7 +2,9 @@
 
 With api.token set, the page asks for the token; then the chart shows the seeded log's cost
 per day by model, a call made after the page opened arrives in the live table, the filters
-narrow the table, and a row opens the call's detail; no console error along the way. A
+narrow the table, and a row opens the call's detail; the Spend panel shows each budget,
+the guard's store, the storm breaker and the key's credit, and a budget passing its warning
+mark shows a notice from the feed and its new use; no console error along the way. A
 screenshot of each state is kept under instance/console/ (CI keeps them as artifacts).
 """
 
@@ -20,6 +22,7 @@ import pytest
 from flask import Flask
 
 from headspace_inference import create_app
+from headspace_inference.inference import CallStormError
 from headspace_inference.operate.live import console_for
 from headspace_inference.page.views import SECURITY_HEADERS
 from tests.call_rows import call, write
@@ -172,6 +175,100 @@ def test_the_page_needs_no_token_when_none_is_set(
             sync_api.expect(page.locator("#cost-chart .legend")).to_contain_text(
                 "no cost in this window"
             )
+            page.close()
+    finally:
+        console_for(app).close()
+        app.extensions["inference"].close(timeout=5)
+
+
+def test_the_spend_panel_shows_the_budgets_and_a_warning_from_the_feed(
+    sqlite_url: str, emulator: Any, tmp_path: Path, browser: Any
+) -> None:
+    budgets = [
+        {"name": "summaries", "scope": {"level": "turn"}, "window": "month", "cap_usd": 0.002,
+         "warn_at": 0.5},
+        {"name": "everything", "window": "month", "cap_tokens": 1_000_000},
+    ]  # fmt: skip
+    emulator.set_key_credit(25.0, usage=5.0)
+    breaker = {"calls": 12, "seconds": 60, "cooldown_seconds": 30}
+    settings = settings_for(
+        sqlite_url, emulator, tmp_path, openrouter={"budgets": budgets, "storm_breaker": breaker}
+    )
+    app = create_app(overrides=settings)
+    service = app.extensions["inference"]
+    errors: list[str] = []
+    expect = sync_api.expect
+    try:
+        with serving(app) as base:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{base}/inference")
+            expect(page.locator("#live")).to_have_attribute("data-live", "true", timeout=WAIT_MS)
+            summaries = page.locator('#budgets tr[data-rule="summaries"]')
+            expect(summaries).to_have_attribute("data-used-usd", "0", timeout=WAIT_MS)
+            expect(summaries.locator("td").nth(1)).to_have_text("level turn")
+            expect(summaries.locator(".meter")).to_have_attribute("data-state", "ok")
+            expect(page.locator('#budgets tr[data-rule="everything"] td').nth(1)).to_have_text(
+                "every call"
+            )
+            expect(page.locator("#guard")).to_have_attribute("data-shared", "true")
+            expect(page.locator("#guard")).to_contain_text("database")
+            expect(page.locator("#storm-breaker")).to_have_text(
+                "a purpose making over 12 calls in 60 s is refused for 30 s"
+            )
+            expect(page.locator("#key-credit")).to_have_text("$20.0000 left of $25.0000")
+            page.screenshot(path=str(SHOTS / "6-spend.png"), full_page=True)
+
+            # Calls (whose worst case fits the cap) until the summaries budget passes its
+            # warning mark: a notice, and the panel read again.
+            for i in range(40):
+                service.infer("turn", "summarise", f"summary {i}: " + "words " * 20, max_tokens=60)
+                if service.budget(level="turn")[0]["used_usd"] >= 0.001:
+                    break
+            (used,) = [s["used_usd"] for s in service.budget() if s["rule"] == "summaries"]
+            notice = page.locator('#budget-notices li[data-kind="warning"]')
+            expect(notice).to_have_count(1, timeout=WAIT_MS)
+            expect(notice).to_contain_text('Budget "summaries"')
+            expect(notice).to_contain_text("warning mark (50 %)")
+            expect(summaries).to_have_attribute("data-used-usd", str(used), timeout=WAIT_MS)
+            expect(summaries.locator(".meter")).to_have_attribute("data-state", "warning")
+            width = summaries.locator(".meter .fill").evaluate("e => e.style.width")
+            assert float(width.removesuffix("%")) == pytest.approx(used / 0.002 * 100)
+            page.screenshot(path=str(SHOTS / "7-budget-warning.png"), full_page=True)
+
+            # A loop of one purpose trips the storm breaker: its notice comes first.
+            with pytest.raises(CallStormError):
+                for i in range(13):
+                    service.infer("task", "loop", f"hook {i}", max_tokens=20)
+            storm = page.locator("#budget-notices li").first
+            expect(storm).to_have_attribute("data-kind", "storm", timeout=WAIT_MS)
+            expect(storm).to_contain_text('Storm breaker: "loop" made over 12 calls in 60 s')
+            expect(page.locator("#budget-notices li")).to_have_count(2)
+            page.close()
+    finally:
+        console_for(app).close()
+        service.close(timeout=5)
+    assert errors == []
+
+
+def test_the_spend_panel_says_when_the_guard_counts_per_process(
+    sqlite_url: str, emulator: Any, tmp_path: Path, browser: Any, closed_port: int
+) -> None:
+    # Redis configured but away: the guard counts in this process alone, and says why.
+    redis = {"url": f"redis://127.0.0.1:{closed_port}/0"}
+    app = create_app(overrides=settings_for(sqlite_url, emulator, tmp_path, redis=redis))
+    try:
+        app.extensions["inference"].infer("turn", "guard away", "counted here alone")
+        with serving(app) as base:
+            page = browser.new_page()
+            page.goto(f"{base}/inference")
+            guard = page.locator("#guard")
+            sync_api.expect(guard).to_have_attribute("data-shared", "false", timeout=WAIT_MS)
+            sync_api.expect(guard).to_contain_text("counted per process")
+            sync_api.expect(guard).to_contain_text("Redis unreachable")
+            sync_api.expect(page.locator("#no-budgets")).to_be_visible()
+            assert page.locator("#budgets").is_hidden()
             page.close()
     finally:
         console_for(app).close()

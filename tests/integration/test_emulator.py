@@ -259,6 +259,44 @@ def test_the_key_endpoint_gives_401_for_a_key_not_accepted(
     assert response.json()["error"]["code"] == 401
 
 
+def test_the_key_endpoint_tells_the_credit_and_what_the_answers_charged(
+    emulator: EmulatorServer, http: httpx.Client
+) -> None:
+    unlimited = http.get("/api/v1/key").json()["data"]
+    assert (unlimited["limit"], unlimited["limit_remaining"], unlimited["usage"]) == (None, None, 0)
+
+    emulator.set_key_credit(5.0, usage=1.25)
+    for text in ("one", "two"):
+        assert chat(http, messages=[{"role": "user", "content": text}]).status_code == 200
+    charged = float(emulator.charged().cost)
+    assert charged > 0
+    data = http.get("/api/v1/key").json()["data"]
+    assert data["limit"] == 5.0
+    assert data["usage"] == pytest.approx(1.25 + charged, abs=1e-12)
+    assert data["limit_remaining"] == pytest.approx(5.0 - 1.25 - charged, abs=1e-12)
+
+    emulator.set_key_credit(1.0, usage=3.0)  # spent past its limit: nothing is left
+    assert http.get("/api/v1/key").json()["data"]["limit_remaining"] == 0
+    emulator.reset()
+    reset = http.get("/api/v1/key").json()["data"]
+    assert (reset["limit"], reset["usage"]) == (None, 0)
+
+
+def test_the_key_credit_is_set_from_outside_and_checked(
+    http: httpx.Client, control: httpx.Client
+) -> None:
+    assert control.post("/_emulator/key", json={"limit": 10, "usage": 2.5}).status_code == 200
+    data = http.get("/api/v1/key").json()["data"]
+    assert (data["limit"], data["limit_remaining"], data["usage"]) == (10.0, 7.5, 2.5)
+    for bad in ({"limit": -1}, {"limit": "10"}, {"limit": 1, "usage": True}, {"usage": None}):
+        refused = control.post("/_emulator/key", json=bad)
+        assert refused.status_code == 400, bad
+        assert "USD" in refused.json()["error"]["message"]
+    assert http.get("/api/v1/key").json()["data"]["limit"] == 10.0  # unchanged
+    assert control.post("/_emulator/key", json={"limit": None}).status_code == 200
+    assert http.get("/api/v1/key").json()["data"]["limit"] is None
+
+
 def test_own_emulator_listens_on_its_own_port(
     emulator: EmulatorServer, strict_emulator: EmulatorServer
 ) -> None:
@@ -674,7 +712,7 @@ def test_runs_as_a_separate_process_and_ends_cleanly_on_sigterm(command: list[st
 
 def test_the_process_takes_faults_keys_and_chaos_as_flags(command: list[str]) -> None:
     faults = ['{"status": 429, "retry_after": 3}', '{"status": 503}', "provider-400-524*2"]
-    flags = [*(f"--fault={f}" for f in faults), "--chaos=5", "--chaos-mix=ok=1"]
+    flags = [*(f"--fault={f}" for f in faults), "--chaos=5", "--chaos-mix=ok=1", "--key-limit=7"]
     proc, base_url = _start(command, f"--accept-key={TEST_KEY}", "--latency-ms=1", *flags)
     try:
         with httpx.Client(headers={"Authorization": f"Bearer {TEST_KEY}"}, timeout=10) as client:
@@ -682,7 +720,8 @@ def test_the_process_takes_faults_keys_and_chaos_as_flags(command: list[str]) ->
             assert [r.status_code for r in statuses] == [429, 503, 400, 400, 200]
             assert statuses[0].headers["retry-after"] == "3"
             assert statuses[3].json()["error"]["code"] == 524
-            assert client.get(f"{base_url}/key").status_code == 200
+            key = client.get(f"{base_url}/key")
+            assert key.status_code == 200 and key.json()["data"]["limit"] == 7.0
         other = httpx.get(f"{base_url}/key", headers={"Authorization": "Bearer sk-or-v1-other"})
         assert other.status_code == 401
     finally:

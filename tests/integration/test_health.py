@@ -3,6 +3,7 @@ forced probes, and one shared probe for concurrent callers."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -11,10 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from flask import Flask
 from tests.emulator_fixtures import TEST_KEY, ClientFactory, settings_for
+from tests.service_fixtures import AppFactory
 
 from headspace_inference.clock import FakeClock
-from headspace_inference.inference.health import HealthChecker, HealthReport
+from headspace_inference.inference.health import HealthChecker, HealthReport, KeyCredit
 from headspace_inference.testing.emulator import EmulatorServer, Fault
 
 KEY_PATH = "/api/v1/key"
@@ -63,6 +66,7 @@ def test_healthy(
         "checked_at": report.checked_at.isoformat(),
         "latency_ms": report.latency_ms,
         "error": None,
+        "credit": {"limit": None, "limit_remaining": None, "usage": 0.0},  # the key's
     }
     assert TEST_KEY not in repr(report.to_dict())
     assert emulator.request_count(KEY_PATH) == 1
@@ -108,6 +112,83 @@ def test_falls_back_to_models_without_a_key_endpoint(
 
     assert report.state == "healthy"
     assert [r.path for r in gateway.requests] == [KEY_PATH, MODELS_PATH]
+
+
+# --------------------------------------------------------------------------- the key's credit
+
+
+def test_the_probe_keeps_the_keys_credit(
+    emulator: EmulatorServer, checker_for: Callable[..., HealthChecker]
+) -> None:
+    emulator.set_key_credit(20.0, usage=4.5)
+
+    report = checker_for().check()
+
+    assert report.credit == KeyCredit(limit=20.0, limit_remaining=15.5, usage=4.5)
+    assert report.to_dict()["credit"] == {"limit": 20.0, "limit_remaining": 15.5, "usage": 4.5}
+
+
+@pytest.mark.parametrize(
+    ("data", "credit"),
+    [
+        ({"limit": "20", "limit_remaining": True, "usage": [1]}, KeyCredit(None, None, None)),
+        ({"limit": 1e400, "limit_remaining": -1, "usage": 3}, KeyCredit(None, -1.0, 3.0)),
+        ({"label": "no numbers at all"}, KeyCredit(None, None, None)),
+        ("not an object", KeyCredit(None, None, None)),
+    ],
+    ids=["not-numbers", "infinite", "missing", "data-not-an-object"],
+)
+def test_a_credit_that_is_not_numbers_is_null_not_an_error(
+    emulator: EmulatorServer,
+    checker_for: Callable[..., HealthChecker],
+    data: Any,
+    credit: KeyCredit,
+) -> None:
+    body = json.dumps({"data": data}).replace("Infinity", "1e400")
+    emulator.script([Fault(status=200, body=body)], path=KEY_PATH)
+
+    report = checker_for().check()
+
+    assert (report.state, report.credit) == ("healthy", credit)
+
+
+def test_no_credit_from_the_models_fallback_or_a_failed_probe(
+    own_emulator: Callable[..., EmulatorServer],
+    emulator: EmulatorServer,
+    checker_for: Callable[..., HealthChecker],
+) -> None:
+    gateway = own_emulator(key_endpoint=False)
+    fallback = checker_for(base_url=gateway.base_url).check()
+    assert (fallback.state, fallback.credit) == ("healthy", None)
+    assert fallback.to_dict()["credit"] is None
+
+    emulator.script([Fault(status=500)], path=KEY_PATH)
+    failed = checker_for().check()
+    assert (failed.state, failed.credit) == ("unreachable", None)
+
+
+def test_the_status_shows_the_keys_credit_and_what_the_calls_charged(
+    make_app: AppFactory, emulator: EmulatorServer
+) -> None:
+    emulator.set_key_credit(10.0, usage=2.0)
+    app: Flask = make_app(openrouter={"health": {"cache_seconds": 0}})
+    service = app.extensions["inference"]
+    service.start()
+    # Its start probes once in the background: done before the call, so the status's own
+    # probe (nothing cached) is the one that tells what the call charged.
+    for thread in threading.enumerate():
+        if thread.name == "health-probe":
+            thread.join(timeout=10)
+    service.infer("turn", "credit", "spend a little")
+    charged = float(emulator.charged().cost)
+
+    credit = app.test_client().get("/api/inference/status").json["openrouter"]["credit"]
+
+    assert credit["limit"] == 10.0
+    assert credit["usage"] == pytest.approx(2.0 + charged, abs=1e-12)
+    assert credit["limit_remaining"] == pytest.approx(8.0 - charged, abs=1e-12)
+    disabled: Flask = make_app(openrouter={"enabled": False})
+    assert disabled.test_client().get("/api/inference/status").json["openrouter"]["credit"] is None
 
 
 def test_chat_faults_do_not_affect_the_probe(

@@ -300,13 +300,13 @@ def test_the_live_feed_listens_on_a_host_with_psycopg2_alone(migrated_postgres_u
         listening, heard = threading.Event(), []
 
         def listen():
-            for ids in transport.listen(lambda: bool(heard), listening.set):
-                heard.extend(ids)
+            for message in transport.listen(lambda: bool(heard), listening.set):
+                heard.append(message)
 
         thread = threading.Thread(target=listen)
         thread.start()
         assert listening.wait(30)
-        transport.publish(["r1", "r2"])
+        transport.publish(["r1,r2"])
         thread.join(30)
         print(Database.engine.dialect.driver, ",".join(heard))
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +23,36 @@ HealthState = Literal["healthy", "unreachable", "key_rejected", "no_key", "disab
 
 
 @dataclass(frozen=True)
+class KeyCredit:
+    """The key's credit as OpenRouter's GET /key told it, in USD: its ``limit`` (None:
+    unlimited, or not told), what is left of it and what the key has used."""
+
+    limit: float | None
+    limit_remaining: float | None
+    usage: float | None
+
+    @classmethod
+    def from_key(cls, answer: dict[str, Any]) -> KeyCredit:
+        """From /key's answer (``{"data": {...}}``). A field that is not a finite number is
+        read as None: the credit is shown to an operator, never a reason to fail a probe."""
+        data = answer.get("data")
+        fields = data if isinstance(data, dict) else {}
+        return cls(*(_usd(fields.get(name)) for name in ("limit", "limit_remaining", "usage")))
+
+    def to_dict(self) -> dict[str, float | None]:
+        """JSON-ready form."""
+        return {"limit": self.limit, "limit_remaining": self.limit_remaining, "usage": self.usage}
+
+
+def _usd(value: Any) -> float | None:
+    # JSON parsers accept NaN and Infinity (and true is an int to Python): neither is a sum.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+@dataclass(frozen=True)
 class HealthReport:
     """The answer of one probe."""
 
@@ -30,6 +61,8 @@ class HealthReport:
     checked_at: datetime | None
     latency_ms: int | None
     error: str | None
+    # Known when the probe read GET /key; None when it fell back to /models or failed.
+    credit: KeyCredit | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for /api/inference/status."""
@@ -39,12 +72,14 @@ class HealthReport:
             "checked_at": self.checked_at.isoformat() if self.checked_at else None,
             "latency_ms": self.latency_ms,
             "error": self.error,
+            "credit": self.credit.to_dict() if self.credit else None,
         }
 
 
 class HealthChecker:
-    """Probes OpenRouter (GET /key, else GET /models) with its own short timeout, caches the
-    answer for health.cache_seconds, and lets concurrent callers share one probe."""
+    """Probes OpenRouter (GET /key, whose answer also tells the key's credit, else GET
+    /models) with its own short timeout, caches the answer for health.cache_seconds, and
+    lets concurrent callers share one probe."""
 
     def __init__(
         self,
@@ -113,14 +148,15 @@ class HealthChecker:
     def _probe(self, client: OpenRouterClient, timeout: float) -> HealthReport:
         started = time.perf_counter()
         checked_at = datetime.fromtimestamp(self._clock.time(), UTC)
+        credit: KeyCredit | None = None  # what /key said of the key's credit, once it answers
 
         def report(state: HealthState, reachable: bool, error: str | None) -> HealthReport:
             latency = int((time.perf_counter() - started) * 1000)
-            return HealthReport(state, reachable, checked_at, latency, error)
+            return HealthReport(state, reachable, checked_at, latency, error, credit)
 
         try:
             try:
-                client.get_key(timeout=timeout)
+                credit = KeyCredit.from_key(client.get_key(timeout=timeout))
             except ModelNotFoundError:
                 # No /key endpoint here: a model list at least proves OpenRouter answers.
                 client.list_models(timeout=timeout)

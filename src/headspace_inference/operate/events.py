@@ -4,7 +4,10 @@ One ``event: inference_call`` per recorded call (every process sharing the call 
 ``id:`` the row's id and its ``data:`` the CALL as /api/inference/calls shows it; a comment
 line at least every 15 s keeps proxies from closing a quiet stream. A ``Last-Event-ID``
 header replays the rows after that id from the table first, so a reconnecting client misses
-nothing the table holds. Each stream holds one server thread while open (see console/).
+nothing the table holds. The spend guard's events (a budget's warning or cap reached, the
+storm breaker tripped, in any process) arrive as ``event: inference_budget`` with the event
+as ``data:`` and no ``id:``, so they leave Last-Event-ID to the calls; they are not replayed.
+Each stream holds one server thread while open (see console/).
 
 It is not in the OpenAPI document: an endless stream has no response body to describe.
 """
@@ -24,7 +27,7 @@ from .live import current_console
 
 @bp.get("/events")
 def events() -> Response:
-    """The live feed of recorded calls."""
+    """The live feed of recorded calls and budget events."""
     if request.args:
         name = sorted(request.args)[0]
         return error_response(400, f"{name}: unknown parameter (this endpoint takes none)")

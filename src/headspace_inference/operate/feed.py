@@ -1,11 +1,14 @@
 """The live call feed behind GET /api/inference/events: every call recorded by any process
-sharing this call log, delivered to this process's open streams.
+sharing this call log, delivered to this process's open streams; and the spend guard's
+budget events, from any process, beside them.
 
 ```
 call-log writer (any process) --commit--> on_committed --(bounded queue)--> publisher thread
    --> transport: pg_notify / Redis PUBLISH / in-process      (request ids, never rows)
 listener thread (each process with open streams) <-- transport
    --> one SELECT of the rows by request_id --> each stream's bounded queue --> SSE
+service.on_budget_event (any process) --> announce --(bounded queue)--> publisher thread
+   --> the same transport (the event's JSON) --> each stream's queue --> SSE, with no id
 ```
 
 The transport is PostgreSQL ``LISTEN/NOTIFY`` when the call log is on PostgreSQL: the
@@ -15,6 +18,14 @@ set, Redis pub/sub (processes on one host sharing the file and the Redis); on SQ
 in-process delivery. Notifications carry request ids only: the rows themselves are read from
 the table, so an event is exactly what the calls API shows, with its row ``id`` as the SSE
 event id, and ``Last-Event-ID`` replays the rows with a larger id from the table.
+
+A budget event (a warning, a cap reached, the storm breaker tripping: ``Feed.announce``)
+travels whole, as its JSON, on the same transport: one message is either a list of request
+ids or one event, told apart by its first character (an event is a JSON object, ``{``; a
+request id is hex, or ``adopted-<id>``). It reaches each stream as ``event:
+inference_budget`` with no ``id:`` line, so a client's ``Last-Event-ID`` stays the last
+call's and a resume replays calls as before; events themselves are not replayed (the table
+does not hold them; /status shows the budgets' state).
 
 Nothing here can hold up a call or the writer: the writer's hook appends to a bounded queue
 and returns (a full queue drops the notification, counted); a stream whose queue fills (a
@@ -48,8 +59,12 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 
 CHANNEL = "headspace_inference_calls"
-# pg_notify payloads are limited to 8000 bytes: ids go in chunks well under it.
+# pg_notify payloads are limited to 8000 bytes: ids go in chunks well under it, and an
+# event longer than this is not sent (the guard's events are a few hundred bytes).
 _IDS_PER_MESSAGE = 200
+MAX_EVENT_BYTES = 7_900
+# Budget events waiting to be published; more are dropped (and counted).
+ANNOUNCE_QUEUE = 1_000
 # Request ids waiting to be published; more are dropped (and counted): a writer faster than
 # the transport must not grow memory without bound.
 PUBLISH_QUEUE = 10_000
@@ -63,19 +78,20 @@ _THREAD_IDLE_SECONDS = 30.0
 
 
 class Transport(Protocol):
-    """Carries lists of request ids from the processes that commit rows to those that stream."""
+    """Carries the feed's messages (text, each under 8000 bytes: a list of request ids, or a
+    budget event) from the processes that commit rows or meet a budget to those that stream."""
 
     name: str
     # Published on the writer's thread right after the commit (the database the writer
     # just wrote to, or memory), or else by a thread of the feed's (a separate service).
     synchronous: bool
 
-    def publish(self, request_ids: Sequence[str]) -> None:
-        """Tell every listening process that these rows are committed."""
+    def publish(self, messages: Sequence[str]) -> None:
+        """Send these messages to every listening process, in order."""
         ...
 
-    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
-        """Yield each published list until ``stop()`` (asked at least every second); call
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[str]:
+        """Yield each published message until ``stop()`` (asked at least every second); call
         ``ready()`` once listening, so nothing published after it is missed."""
         ...
 
@@ -87,15 +103,16 @@ class LocalTransport:
     synchronous = True
 
     def __init__(self) -> None:
-        self._inbox: queue.Queue[list[str]] = queue.Queue(maxsize=PUBLISH_QUEUE)
+        self._inbox: queue.Queue[str] = queue.Queue(maxsize=PUBLISH_QUEUE)
 
-    def publish(self, request_ids: Sequence[str]) -> None:
-        try:
-            self._inbox.put_nowait(list(request_ids))
-        except queue.Full:
-            log.warning("event feed: local inbox full; %d events dropped", len(request_ids))
+    def publish(self, messages: Sequence[str]) -> None:
+        for message in messages:
+            try:
+                self._inbox.put_nowait(message)
+            except queue.Full:
+                log.warning("event feed: local inbox full; a message dropped")
 
-    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[str]:
         # What was published while nobody listened is older than every open stream.
         with contextlib.suppress(queue.Empty):
             while True:
@@ -117,15 +134,15 @@ class PostgresTransport:
     def __init__(self, database: Database) -> None:
         self._engine = database.engine
 
-    def publish(self, request_ids: Sequence[str]) -> None:
+    def publish(self, messages: Sequence[str]) -> None:
         with self._engine.begin() as conn:
-            for chunk in _chunks(request_ids):
+            for message in messages:
                 conn.execute(
                     text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": CHANNEL, "payload": ",".join(chunk)},
+                    {"channel": CHANNEL, "payload": message},
                 )
 
-    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[str]:
         # A connection of the engine's own driver (psycopg 3 or a host's psycopg2), taken
         # out of the pool for good: it stays in LISTEN until the stream ends, then closes.
         raw = self._engine.raw_connection()
@@ -141,7 +158,7 @@ class PostgresTransport:
             payloads = _psycopg2_notifies if psycopg2 else _notifies
             while not stop():
                 for payload in payloads(dbapi, timeout=1.0):
-                    yield [i for i in payload.split(",") if i]
+                    yield payload
                     if stop():
                         return
         finally:
@@ -176,11 +193,11 @@ class RedisTransport:
         self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self.channel = f"{key_prefix}:inference_calls"
 
-    def publish(self, request_ids: Sequence[str]) -> None:
-        for chunk in _chunks(request_ids):
-            self._client.publish(self.channel, ",".join(chunk))
+    def publish(self, messages: Sequence[str]) -> None:
+        for message in messages:
+            self._client.publish(self.channel, message)
 
-    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[list[str]]:
+    def listen(self, stop: Callable[[], bool], ready: Callable[[], None]) -> Iterator[str]:
         # Untyped before redis-py 7: the ignore holds for every version the extra admits.
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         try:
@@ -190,15 +207,34 @@ class RedisTransport:
             while not stop():
                 message = pubsub.get_message(timeout=1.0)
                 if message is not None and message["type"] == "message":
-                    payload = message["data"].decode()
-                    yield [i for i in payload.split(",") if i]
+                    yield message["data"].decode()
         finally:
             pubsub.close()
 
 
-def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(ids), _IDS_PER_MESSAGE):
-        yield ids[start : start + _IDS_PER_MESSAGE]
+def id_messages(request_ids: Sequence[str]) -> list[str]:
+    """The messages that carry these request ids: comma-separated, in chunks."""
+    return [
+        ",".join(request_ids[start : start + _IDS_PER_MESSAGE])
+        for start in range(0, len(request_ids), _IDS_PER_MESSAGE)
+    ]
+
+
+def event_message(event: dict[str, Any]) -> str:
+    """The message that carries a budget event: its JSON object."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def read_message(message: str) -> list[str] | dict[str, Any] | None:
+    """A message's request ids, or its event; None for one that is neither (a newer
+    process's, say). An event is a JSON object; no request id begins with ``{``."""
+    if not message.startswith("{"):
+        return [i for i in message.split(",") if i]
+    try:
+        event = json.loads(message)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def transport_for(settings: Settings, database: Database) -> Transport:
@@ -218,11 +254,19 @@ class TooManyStreams(Exception):
 _CLOSED: dict[str, Any] = {}  # put in a stream's queue when it is dropped
 
 
+@dataclass(frozen=True, eq=False)
+class Announcement:
+    """A budget event on its way to a stream (a CALL travels as its dict)."""
+
+    event: dict[str, Any]
+
+
 @dataclass(eq=False)
 class Stream:
-    """One open event stream: its queue of CALLs, and why it was dropped, if it was."""
+    """One open event stream: its queue of CALLs and budget events, and why it was dropped,
+    if it was."""
 
-    events: queue.Queue[dict[str, Any]] = field(
+    events: queue.Queue[dict[str, Any] | Announcement] = field(
         default_factory=lambda: queue.Queue(maxsize=STREAM_QUEUE)
     )
     dropped: str | None = None
@@ -250,6 +294,7 @@ class Feed:
         self._lock = threading.Lock()
         self._streams: set[Stream] = set()
         self._outbox: deque[str] = deque()
+        self._announcements: deque[str] = deque()  # budget events' messages
         self._outbox_ready = threading.Event()
         # Held while ids taken from the outbox are being published (drain() waits for it).
         self._publishing = threading.Lock()
@@ -259,6 +304,8 @@ class Feed:
         self._listening = threading.Event()
         self._last_stream_at = time.monotonic()
         self.published = 0
+        self.announced = 0
+        self.announce_dropped = 0
         self.publish_dropped = 0
         self.publish_failures = 0
         self.streams_dropped = 0
@@ -279,8 +326,32 @@ class Feed:
             taken = records[: max(room, 0)]
             self._outbox.extend(r.request_id for r in taken)
             self.publish_dropped += len(records) - len(taken)
-            if self._publisher is None:
-                self._publisher = _start(self._publish_loop, "event-feed-publisher")
+            self._wake_publisher()
+
+    def announce(self, event: dict[str, Any]) -> None:
+        """The spend guard's hook (``service.on_budget_event``): send a budget event to every
+        process's open streams, and return at once. It is queued for the publisher thread,
+        whatever the transport: the caller is in the middle of a call, and pg_notify or
+        PUBLISH is a round trip."""
+        message = event_message(event)
+        size = len(message.encode())
+        with self._lock:
+            # In process, no stream means nobody to tell; across processes, anyone may listen.
+            if isinstance(self.transport, LocalTransport) and not self._streams:
+                return
+            too_long = size > MAX_EVENT_BYTES
+            if too_long or len(self._announcements) >= ANNOUNCE_QUEUE:
+                self.announce_dropped += 1
+            else:
+                self._announcements.append(message)
+                self._wake_publisher()
+        if too_long:
+            log.warning("event feed: a budget event of %d bytes not sent", size)
+
+    def _wake_publisher(self) -> None:
+        """Start the publisher thread if it is not running, and wake it (lock held)."""
+        if self._publisher is None:
+            self._publisher = _start(self._publish_loop, "event-feed-publisher")
         self._outbox_ready.set()
 
     def drain(self, timeout: float = 5.0) -> None:
@@ -289,22 +360,39 @@ class Feed:
         if not self._publishing.acquire(timeout=timeout):
             return
         try:
-            with self._lock:
-                ids = list(self._outbox)
-                self._outbox.clear()
+            ids, events = self._take()
             self._publish(ids)
+            self._publish_events(events)
         finally:
             self._publishing.release()
+
+    def _take(self) -> tuple[list[str], list[str]]:
+        """The queued request ids and budget events' messages, taken out of their queues."""
+        with self._lock:
+            ids, events = list(self._outbox), list(self._announcements)
+            self._outbox.clear()
+            self._announcements.clear()
+        return ids, events
 
     def _publish(self, ids: list[str]) -> None:
         if not ids:
             return
         try:
-            self.transport.publish(ids)
+            self.transport.publish(id_messages(ids))
             self.published += len(ids)
         except Exception as exc:  # the feed is best effort; the rows are in the table
             self.publish_failures += 1
             log.warning("event feed: publishing %d calls failed: %s", len(ids), exc)
+
+    def _publish_events(self, messages: list[str]) -> None:
+        if not messages:
+            return
+        try:
+            self.transport.publish(messages)
+            self.announced += len(messages)
+        except Exception as exc:  # best effort too: the guard logged each event already
+            self.publish_failures += 1
+            log.warning("event feed: publishing %d budget events failed: %s", len(messages), exc)
 
     def _publish_loop(self) -> None:
         idle_since = time.monotonic()
@@ -312,15 +400,18 @@ class Feed:
             self._outbox_ready.wait(timeout=1.0)
             self._outbox_ready.clear()
             with self._publishing:
-                with self._lock:
-                    ids = list(self._outbox)
-                    self._outbox.clear()
-                    if not ids and time.monotonic() - idle_since > _THREAD_IDLE_SECONDS:
-                        self._publisher = None  # the next commit starts another
-                        return
-                if ids:
-                    idle_since = time.monotonic()
-                    self._publish(ids)
+                ids, events = self._take()
+                if not ids and not events:
+                    with self._lock:
+                        if self._outbox or self._announcements:
+                            continue  # queued since: publish it on the next turn
+                        if time.monotonic() - idle_since > _THREAD_IDLE_SECONDS:
+                            self._publisher = None  # the next commit or event starts another
+                            return
+                    continue
+                idle_since = time.monotonic()
+                self._publish(ids)
+                self._publish_events(events)
 
     # ------------------------------------------------------------------ the streams' side
 
@@ -352,8 +443,12 @@ class Feed:
     def _listen_loop(self) -> None:
         while True:
             try:
-                for ids in self.transport.listen(self._listener_done, self._listening.set):
-                    self._deliver(ids)
+                for message in self.transport.listen(self._listener_done, self._listening.set):
+                    got = read_message(message)
+                    if isinstance(got, dict):
+                        self._deliver_event(got)
+                    elif got:
+                        self._deliver(got)
             except Exception as exc:  # a dropped connection: say so, listen again shortly
                 log.warning("event feed: listening failed (%s); retrying", exc)
                 self._stop.wait(1.0)
@@ -388,11 +483,23 @@ class Feed:
             return
         for stream in streams:
             for call in calls:
-                try:
-                    stream.events.put_nowait(call)
-                except queue.Full:
-                    self._drop(stream, "the client read too slowly")
+                if not self._put(stream, call):
                     break
+
+    def _deliver_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            self._put(stream, Announcement(event))
+
+    def _put(self, stream: Stream, item: dict[str, Any] | Announcement) -> bool:
+        """Queue ``item`` for ``stream``; a stream whose queue is full is dropped."""
+        try:
+            stream.events.put_nowait(item)
+        except queue.Full:
+            self._drop(stream, "the client read too slowly")
+            return False
+        return True
 
     def _drop(self, stream: Stream, why: str) -> None:
         with self._lock:
@@ -425,6 +532,8 @@ class Feed:
                 "streams": len(self._streams),
                 "published": self.published,
                 "publish_dropped": self.publish_dropped,
+                "announced": self.announced,
+                "announce_dropped": self.announce_dropped,
                 "publish_failures": self.publish_failures,
                 "streams_dropped": self.streams_dropped,
             }
@@ -438,7 +547,8 @@ class Feed:
         *,
         monotonic: Callable[[], float],
     ) -> Iterator[str]:
-        """The stream's text: replayed rows, then live events, a comment when quiet."""
+        """The stream's text: replayed rows, then live calls and budget events, a comment
+        when quiet."""
         seen = {call["id"] for call in replayed}
         started = monotonic()
         try:
@@ -448,15 +558,17 @@ class Feed:
             while (left := self.max_stream_seconds - (monotonic() - started)) > 0:
                 # Waits at most to the stream's end: a quiet stream ends on time too.
                 try:
-                    call = stream.events.get(timeout=min(self.keepalive_seconds, left))
+                    item = stream.events.get(timeout=min(self.keepalive_seconds, left))
                 except queue.Empty:
                     yield ": keep-alive\n\n"
                     continue
-                if call is _CLOSED:
+                if isinstance(item, Announcement):
+                    yield _budget_event(item.event)
+                elif item is _CLOSED:
                     yield f": closed: {stream.dropped}\n\n"
                     return
-                if call["id"] not in seen:
-                    yield _event(call)
+                elif item["id"] not in seen:
+                    yield _event(item)
         finally:
             self.close_stream(stream)
 
@@ -476,6 +588,11 @@ def replay(session: Session, after_id: int) -> list[dict[str, Any]]:
 def _event(call: dict[str, Any]) -> str:
     data = json.dumps(call, separators=(",", ":"), ensure_ascii=False)
     return f"id: {call['id']}\nevent: inference_call\ndata: {data}\n\n"
+
+
+def _budget_event(event: dict[str, Any]) -> str:
+    # No id: line, so the client's Last-Event-ID stays the last call's row id.
+    return f"event: inference_budget\ndata: {event_message(event)}\n\n"
 
 
 def _start(target: Callable[[], None], name: str) -> threading.Thread:

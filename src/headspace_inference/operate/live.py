@@ -3,7 +3,7 @@ metrics behind /metrics (at the ``metrics_path`` the host gives init_app, if any
 
 ``register_live(app)`` (called by ``register_routes``) hooks the app's service to both: one
 ``Console`` per app, kept in the extension's state for the app (``AppState.console``), fed
-by the call log's committed-rows hook.
+by the call log's committed-rows hook and the spend guard's event hook.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Console:
             keepalive_seconds=keepalive_seconds,
         )
         service.recorder.on_committed(self.feed.committed)
+        service.on_budget_event(self.feed.announce)
         self.metrics = Metrics(service) if metrics_installed() else None
         service.recorder.on_close(self.close)
         # Registered after the service's own close at exit, so it runs first: it flushes

@@ -1,19 +1,28 @@
 """GET /metrics: the service in Prometheus' text format, right under several gunicorn workers.
 
-Two sources, so that each figure is counted once, where it is true:
+Four sources, so that each figure is counted once, where it is true:
 
 - the call log's committed-rows hook: calls by level/model/status, tokens by kind, cost,
   saved cost and the latency histogram, counted from the rows as they are committed, so the
   counters equal the table (a cache hit's tokens are not counted again, as in /usage);
 - a sampler (every second, and at each scrape in the scraping process): cache hits and
   misses, limiter admissions and rejections as counters of their deltas, and the gauges of
-  the moment: callers waiting on the limiter, queued calls, call-log rows pending, spooling.
+  the moment: callers waiting on the limiter, queued calls, call-log rows pending, spooling;
+- the spend guard's event hook: budget events (warning, cap, storm) by kind, counted by the
+  process whose call gave them;
+- the spend guard's store, read at each scrape by the scraping process alone (a read of
+  Redis or the database, too dear for the sampler): each budget's use and cap, by rule and
+  project (``""`` for a rule's whole use), as ``service.budget()`` tells them.
 
 Under ``headspace-inference serve`` each worker writes its values to files in
 PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by server.py before any
 worker imports it), and a scrape of any worker sums them: counters over every process that ever
 ran, gauges over the live ones. Without that variable (one process, tests) each app has a
-registry of its own.
+registry of its own. The budget gauges are not kept in those files at all: a collector of
+their own reads the store as the scrape is written (``BudgetGauges``), so every worker's
+scrape shows the shared count once, as it is now. Kept in the files, no multiprocess mode
+would do: a sum counts the one shared figure once per worker, a max or "mostrecent" keeps a
+series another worker last set (a project's use of a window gone by) after it is over.
 """
 
 from __future__ import annotations
@@ -22,8 +31,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..calllog.models.inference_call import LATENCY_BUCKETS_MS
 from ..calllog.record import CallRecord
@@ -31,6 +40,7 @@ from ..inference.service import InferenceService
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.budget_events = Counter(
+            f"{p}budget_events",
+            "Spend guard events: a budget's warning mark or cap reached, the storm breaker",
+            ["kind"],
+            registry=r,
+        )
+        self.budgets = BudgetGauges(service)
+        if self.registry is not None:
+            self.registry.register(self.budgets)
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
         openrouter = service.settings.openrouter
@@ -117,6 +136,7 @@ class Metrics:
             level for level in openrouter.models if not openrouter.route(level)[1]
         )
         service.recorder.on_committed(self.committed)
+        service.on_budget_event(self.budget_event)
         self._stop = threading.Event()
         self._sampler = _sample_in_background(self, self._stop)
 
@@ -141,6 +161,10 @@ class Metrics:
             if r.saved_cost_usd:
                 self.saved.labels(r.level, model).inc(float(r.saved_cost_usd))
             self.latency.labels(r.level).observe(r.latency_ms / 1000)
+
+    def budget_event(self, event: dict[str, Any]) -> None:
+        """The spend guard's event hook: count the event by its kind."""
+        self.budget_events.labels(str(event.get("kind"))).inc()
 
     def model_label(self, record: CallRecord) -> str:
         """The model label of a call: the model that answered when it is configured or
@@ -187,7 +211,53 @@ class Metrics:
         if registry is None:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(self.budgets)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+# The budget gauges: (name, the key of service.budget()'s entries it shows, help).
+BUDGET_GAUGES = (
+    ("budget_used_usd", "used_usd", "Each budget's use this window, USD (calls in flight too)"),
+    ("budget_cap_usd", "cap_usd", "Each budget's cap, USD"),
+    ("budget_used_tokens", "used_tokens", "Each budget's use this window, tokens"),
+    ("budget_cap_tokens", "cap_tokens", "Each budget's cap, tokens"),
+)
+
+
+class BudgetGauges:
+    """A collector of the budget gauges, labelled ``rule`` and ``project`` (``""`` for a
+    rule's whole use): read from ``service.budget()`` when a scrape collects it, so they
+    are always the store's figures of the moment, and a series is there exactly while
+    ``service.budget()`` has its entry (a cap a rule does not have is left out)."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        """The four gauge families, from the store now."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        families = [
+            (
+                key,
+                GaugeMetricFamily(f"headspace_inference_{name}", text, labels=["rule", "project"]),
+            )
+            for name, key, text in BUDGET_GAUGES
+        ]
+        try:
+            states = self._service.budget()
+        except Exception as exc:  # a scrape shows what it can; /status tells why not this
+            log.warning("metrics: the budgets could not be read: %s", exc)
+            states = []
+        for state in states:
+            project = state.get("project_id")
+            labels = [str(state["rule"]), "" if project is None else str(project)]
+            for key, family in families:
+                value = state.get(key)
+                if value is not None:
+                    family.add_metric(labels, float(value))
+        for _, family in families:
+            yield family
 
 
 def _sample_in_background(metrics: Metrics, stop: threading.Event) -> threading.Thread:

@@ -29,6 +29,15 @@ class Error(Answer):
 # ------------------------------------------------------------------------------ /status
 
 
+class KeyCredit(Answer):
+    """The key's credit, USD, as OpenRouter's GET /key told the probe (a figure it did not
+    give as a number is null)."""
+
+    limit: float | None = Field(description="the key's credit limit; null: unlimited")
+    limit_remaining: float | None
+    usage: float | None = Field(description="what the key has spent")
+
+
 class OpenRouterHealth(Answer):
     """OpenRouter's side: the cached probe's result, or why nothing is probed."""
 
@@ -39,6 +48,9 @@ class OpenRouterHealth(Answer):
     checked_at: datetime | None
     latency_ms: int | None
     error: str | None
+    credit: KeyCredit | None = Field(
+        description="null when the probe could not read GET /key (or nothing is probed)"
+    )
 
 
 class RateLimits(Answer):

@@ -1,6 +1,8 @@
 // The operator page: reads the inference API (with the bearer token when one is required),
-// draws cost per day as inline SVG, and keeps the call table live from the SSE feed, read
-// with fetch() so that the token travels in a header (EventSource cannot send one).
+// draws cost per day as inline SVG, shows the spend guard's budgets from /status, and keeps
+// the call table live from the SSE feed, read with fetch() so that the token travels in a
+// header (EventSource cannot send one); a budget event on the feed refreshes the budgets
+// and shows a notice.
 "use strict";
 
 (function () {
@@ -82,6 +84,8 @@
   }
 
   const money = (value) => (value === null || value === undefined ? "–" : "$" + value.toFixed(4));
+  const tokens = (value) => (value === null || value === undefined ? "–" : value.toLocaleString());
+  const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
   const colourOf = (models, model) => PALETTE[models.indexOf(model) % PALETTE.length];
 
   // ------------------------------------------------------------------ state and usage
@@ -92,6 +96,99 @@
     box.dataset.state = status.state;
     $("#state-name").textContent = status.state;
     $("#state-reason").textContent = status.reason || "";
+    drawSpend(status);
+  }
+
+  // ------------------------------------------------------------------ spend
+
+  function scopeText(scope) {
+    const parts = Object.entries(scope || {}).map(([name, value]) =>
+      name === "project_id" ? (value === "each" ? "each project" : "project " + value)
+        : name + " " + value);
+    return parts.length ? parts.join(", ") : "every call";
+  }
+
+  // One budget's use against one cap, as a bar with the warning mark; text alone without a cap.
+  function meter(used, cap, warnAt, show) {
+    const cell = el("td", { class: "use" });
+    if (cap === null || cap === undefined) {
+      cell.append(show(used) + " (no cap)");
+      return cell;
+    }
+    const share = cap > 0 ? used / cap : 1;
+    const bar = el("span", { class: "meter", role: "img",
+      "data-state": share >= 1 ? "over" : share >= warnAt ? "warning" : "ok",
+      "aria-label": `${(share * 100).toFixed(0)} % of the cap` });
+    const fill = el("span", { class: "fill" });
+    const mark = el("i", { class: "warn-mark", title: `warning at ${Math.round(warnAt * 100)} %` });
+    // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+    fill.style.width = Math.min(share, 1) * 100 + "%";
+    mark.style.left = warnAt * 100 + "%";
+    bar.append(fill, mark);
+    cell.append(bar, `${show(used)} / ${show(cap)}`);
+    return cell;
+  }
+
+  function drawSpend(status) {
+    const budgets = status.budgets || [];
+    $("#budgets tbody").replaceChildren(...budgets.map((b) => {
+      const project = b.project_id === null || b.project_id === undefined ? "" : String(b.project_id);
+      return el("tr", { "data-rule": b.rule, "data-project": project,
+        "data-used-usd": String(b.used_usd), "data-used-tokens": String(b.used_tokens) }, [
+        el("td", { text: b.rule }),
+        el("td", { text: scopeText(b.scope) }),
+        el("td", { text: project }),
+        el("td", { text: b.window }),
+        meter(b.used_usd || 0, b.cap_usd, b.warn_at, money),
+        meter(b.used_tokens || 0, b.cap_tokens, b.warn_at, tokens),
+        el("td", { text: when(b.resets_at), title: b.resets_at || "" }),
+      ]);
+    }));
+    $("#budgets").hidden = !budgets.length;
+    $("#no-budgets").hidden = budgets.length > 0;
+
+    const guard = status.spend_guard;
+    const box = $("#guard");
+    if (guard) {
+      box.dataset.shared = String(guard.shared);
+      box.textContent = guard.shared
+        ? `counted in ${guard.store}, shared by every process`
+        : `counted per process (${guard.store})` + (guard.reason ? ": " + guard.reason : "");
+      const storm = guard.storm_breaker;
+      $("#storm-breaker").textContent = storm && storm.enabled
+        ? `a purpose making over ${storm.calls} calls in ${storm.seconds} s is refused for ` +
+          `${storm.cooldown_seconds} s`
+        : "off";
+    }
+    const credit = status.openrouter && status.openrouter.credit;
+    $("#key-credit").textContent = !credit ? "unknown"
+      : credit.limit === null ? `no limit; ${money(credit.usage)} used`
+        : `${money(credit.limit_remaining)} left of ${money(credit.limit)}`;
+  }
+
+  function budgetNotice(event) {
+    const until = when(event.resets_at);
+    const project = event.project_id === null || event.project_id === undefined ? ""
+      : ` (project ${event.project_id})`;
+    let text;
+    if (event.kind === "storm") {
+      text = `Storm breaker: "${event.purpose}"${project} made over ${event.calls} calls in ` +
+        `${event.seconds} s; refused until ${until}.`;
+    } else {
+      const used = event.cap_usd !== null && event.cap_usd !== undefined
+        ? `${money(event.used_usd)} of ${money(event.cap_usd)}`
+        : `${tokens(event.used_tokens)} of ${tokens(event.cap_tokens)} tokens`;
+      text = event.kind === "cap"
+        ? `Budget "${event.rule}"${project} reached its cap (${used}); its calls are refused ` +
+          `until ${until}.`
+        : `Budget "${event.rule}"${project} passed its warning mark ` +
+          `(${Math.round(event.warn_at * 100)} %): ${used}; resets ${until}.`;
+    }
+    const list = $("#budget-notices");
+    list.prepend(el("li", { "data-kind": event.kind, "data-rule": event.rule,
+      title: event.at || "", text }));
+    while (list.children.length > 5) list.lastElementChild.remove();
+    loadStatus().catch(showError);
   }
 
   async function loadUsage() {
@@ -288,6 +385,7 @@
           else if (line.startsWith("data:")) data += line.slice(5).trim();
         }
         if (name === "inference_call" && data) addLive(JSON.parse(data));
+        else if (name === "inference_budget" && data) budgetNotice(JSON.parse(data));
       }
     }
   }

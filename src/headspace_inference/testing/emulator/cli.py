@@ -68,6 +68,7 @@ def build(
     chaos: int | None = None,
     chaos_mix: str | None = None,
     chaos_hang_ms: int = 3000,
+    key_limit: float | None = None,
 ) -> EmulatorServer:
     """An emulator (bound, not yet serving) configured from command-line values."""
     scripted = [fault for text in faults for fault in parse_faults(text)]
@@ -75,6 +76,7 @@ def build(
     keys = set(accept_keys)
     server = EmulatorServer(host, port, latency_ms=latency_ms, accept_keys=keys or None)
     server.script(scripted)
+    server.set_key_credit(key_limit)
     if chaos is not None:
         server.set_chaos(chaos, mix, hang_ms=chaos_hang_ms)
     return server
@@ -113,6 +115,9 @@ def _interrupt(signum: int, frame: types.FrameType | None) -> None:
 @click.option("--chaos", type=int, default=None, help="Seed for random faults.")
 @click.option("--chaos-mix", default=None, help="outcome=weight,... e.g. ok=0.8,429=0.1,drop=0.1")
 @click.option("--chaos-hang-ms", default=3000, show_default=True, type=int)
+@click.option(
+    "--key-limit", type=float, default=None, help="The key's credit limit in USD (default: none)."
+)
 def emulator_command(
     host: str,
     port: int,
@@ -122,12 +127,13 @@ def emulator_command(
     chaos: int | None,
     chaos_mix: str | None,
     chaos_hang_ms: int,
+    key_limit: float | None,
 ) -> None:
     """Run the local OpenRouter emulator in the foreground; prints its URL first."""
     try:
         server = build(host=host, port=port, latency_ms=latency_ms, accept_keys=accept_key,
                        faults=fault, chaos=chaos, chaos_mix=chaos_mix,
-                       chaos_hang_ms=chaos_hang_ms)  # fmt: skip
+                       chaos_hang_ms=chaos_hang_ms, key_limit=key_limit)  # fmt: skip
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from exc
     serve(server)

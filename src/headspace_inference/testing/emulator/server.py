@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import socket
 import threading
@@ -268,6 +269,23 @@ class _State:
         # The body GET /models answers with instead of the catalogue (None: the catalogue).
         self.models_body: str | None = None
         self.charged = Charged()
+        # The key's credit limit (None: unlimited) and its use before the answers charged.
+        self.key_limit: float | None = None
+        self.key_usage = 0.0
+
+    def key_data(self) -> dict[str, Any]:
+        """GET /key's ``data``: its usage is what it had used plus what the answers
+        charged; what is left of a limit never goes below zero."""
+        with self.lock:
+            usage = self.key_usage + float(self.charged.cost)
+            limit = self.key_limit
+        return {
+            "label": "sk-or-…emulator",
+            "limit": limit,
+            "limit_remaining": None if limit is None else max(limit - usage, 0.0),
+            "usage": usage,
+            "is_free_tier": False,
+        }
 
     def next_path_fault(self, path: str) -> Fault | None:
         with self.lock:
@@ -316,6 +334,8 @@ class _State:
             self.prompt_cache.clear()
             self.models_body = None
             self.charged = Charged()
+            self.key_limit = None
+            self.key_usage = 0.0
 
     def key_ok(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):
@@ -449,8 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not state.key_ok(self.headers.get("Authorization")):
                 self._error(401, "No auth credentials found")
                 return
-            self._send(200, {"data": {"label": "sk-or-…emulator", "usage": 0.0, "limit": None,
-                                      "is_free_tier": False}}, fault=fault)  # fmt: skip
+            self._send(200, {"data": state.key_data()}, fault=fault)
         elif parts.path == f"{API}/generation":
             if not state.key_ok(self.headers.get("Authorization")):
                 self._error(401)
@@ -692,6 +711,10 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ValueError("body must be the text of the /models answer, or null")
                 with state.lock:
                     state.models_body = body_text
+            elif path == f"{CONTROL}/key":
+                limit, usage = _key_credit(body.get("limit"), body.get("usage", 0.0))
+                with state.lock:
+                    state.key_limit, state.key_usage = limit, usage
             elif path == f"{CONTROL}/latency":
                 ms = int(body.get("ms", 0))
                 with state.lock:
@@ -741,6 +764,20 @@ def _gzipped(pieces: Iterator[bytes]) -> Iterator[bytes]:
         if out:
             yield out
     yield packer.flush()
+
+
+def _key_credit(limit: Any, usage: Any) -> tuple[float | None, float]:
+    """A key's credit limit (None: unlimited) and its use so far, checked: USD, >= 0."""
+    for name, value in (("limit", limit), ("usage", usage)):
+        if value is None and name == "limit":
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise ValueError(f"{name} must be a number of USD >= 0, not {value!r}")
+    return (None if limit is None else float(limit)), float(usage)
 
 
 def _schema_of(response_format: Any) -> Any:
@@ -933,6 +970,13 @@ class EmulatorServer:
         """Answer GET /models with ``body`` as it is (None: the catalogue again)."""
         with self.state.lock:
             self.state.models_body = body
+
+    def set_key_credit(self, limit: float | None, usage: float = 0.0) -> None:
+        """GET /key's credit: the key's ``limit`` in USD (None: unlimited) and what it had
+        used besides the answers since the last reset, whose charges /key adds to it."""
+        checked = _key_credit(limit, usage)
+        with self.state.lock:
+            self.state.key_limit, self.state.key_usage = checked
 
     def set_latency(self, ms: int) -> None:
         """Delay every chat answer by ``ms``."""

@@ -316,6 +316,8 @@ ProjectId = Annotated[int, Field(ge=1, le=MAX_INTEGER)]
 # million dollars is far below that and far above any budget.
 MAX_BUDGET_USD = 1_000_000
 MAX_BUDGET_TOKENS = 10**12
+# The longest label a budget may have without a name (``<scope>/<window>``).
+MAX_RULE_LABEL = 120
 
 
 class BudgetScope(_Section):
@@ -348,6 +350,11 @@ class BudgetRule(_Section):
     def _a_cap(self) -> BudgetRule:
         if self.cap_usd is None and self.cap_tokens is None:
             raise ValueError("a budget needs cap_usd and/or cap_tokens")
+        if self.name is None and len(self.label) > MAX_RULE_LABEL:
+            # The label keys the budget's counts (a Redis key, a database column).
+            raise ValueError(
+                "a budget whose scope is this long needs a name (at most 64 characters)"
+            )
         return self
 
     @property

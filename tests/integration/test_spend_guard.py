@@ -392,3 +392,51 @@ def test_a_window_that_began_while_redis_was_cut_is_paid_back_in_full(
         today.input_tokens + today.output_tokens + last.input_tokens + last.output_tokens
     )
     assert state["used_tokens"] == int(counted[b"tokens:"])
+
+
+def test_a_call_over_the_whole_cap_leaves_the_windows_cap_alert_for_when_it_is_reached(
+    make_service: ServiceFactory, emulator: Any
+) -> None:
+    service = make_service(budgets=[{"name": "small", "window": "day", "cap_tokens": 240}])
+    events: list[dict[str, Any]] = []
+    service.on_budget_event(events.append)
+    with pytest.raises(BudgetExceededError, match="more than the whole cap"):
+        service.infer("turn", "summarise", INPUT, max_tokens=300)
+    assert events == []  # nothing was used: no alert given, none used up
+    for i in range(6):
+        with contextlib.suppress(BudgetExceededError):
+            service.infer("turn", "summarise", f"{i:02d}" + INPUT[2:], max_tokens=100)
+    assert [e["kind"] for e in events] == ["warning", "cap"]
+
+
+@pytest.mark.slow
+def test_with_the_database_cut_the_breaker_counts_each_call_once(
+    emulator: Any,
+    tmp_path: Path,
+    clock: FakeClock,
+    postgres_proxy: tuple[TcpProxy, str],
+) -> None:
+    proxy, url = postgres_proxy
+    settings = load_settings(
+        tmp_path / "none.yaml",
+        overrides=settings_for(
+            url, emulator, tmp_path,
+            openrouter={"budgets": [{"window": "day", "cap_usd": 10}],
+                        "storm_breaker": {"calls": 2, "seconds": 60, "cooldown_seconds": 60}},
+            redis={"retry_interval_seconds": 60},
+        ),
+        environ={},
+    )  # fmt: skip
+    service = InferenceService.from_settings(
+        settings, standalone_database(settings.database), spool_dir=tmp_path / "spool", clock=clock
+    )
+    try:
+        service.infer("turn", "loop", "one")
+        proxy.cut()
+        service.infer("turn", "loop", "two")  # the guard falls back, the call goes on
+        assert not service.status()["spend_guard"]["shared"]
+        with pytest.raises(CallStormError):  # the third in a minute: one count, not two
+            service.infer("turn", "loop", "three")
+    finally:
+        proxy.restore()
+        service.close(timeout=5)

@@ -573,3 +573,28 @@ def test_a_bad_variable_is_named_and_its_secret_never_shown(
     message = str(info.value)
     assert named in message
     assert "CANARY" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("budgets", "named"),
+    [
+        ("[{window: week, cap_usd: 1}]", "openrouter.budgets.0.window"),
+        ("[{window: day}]", "a budget needs cap_usd and/or cap_tokens"),
+        ("[{window: day, cap_usd: 0}]", "openrouter.budgets.0.cap_usd"),
+        ("[{window: day, cap_usd: 1, warn_at: 1.5}]", "openrouter.budgets.0.warn_at"),
+        ("[{window: day, cap_usd: 1, scope: {project_id: every}}]", "scope.project_id"),
+        ("[{window: day, cap_usd: 1, scope: {level: nope}}]", "scope.level 'nope' is not a level"),
+        (
+            "[{window: day, cap_usd: 1}, {window: day, cap_tokens: 5}]",
+            "two budgets are called 'all/day'",
+        ),
+        (f"[{{window: day, cap_usd: 1, scope: {{purpose: {'p' * 150}}}}}]", "needs a name"),
+    ],
+)
+def test_a_bad_budget_is_refused_naming_what_is_wrong(
+    tmp_path: Path, budgets: str, named: str
+) -> None:
+    path = write(tmp_path, f"openrouter:\n  budgets: {budgets}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert named in str(caught.value)

@@ -108,6 +108,7 @@ class DatabaseBudgetStore:
     breaker per process."""
 
     name = "database"
+    shares_breaker = False  # each process keeps its own
 
     def __init__(self, database: Database, *, lock_wait_ms: int = LOCK_WAIT_MS) -> None:
         self._database = database

@@ -44,6 +44,7 @@ from .budget_store import (
     Reserved,
     Storm,
     Use,
+    first_crossed,
     nano_usd,
 )
 from .errors import BudgetExceededError, CallStormError
@@ -208,12 +209,19 @@ class SpendGuard:
             return NO_HOLD
         buckets = tuple(rule.bucket(project, now) for rule in rules)
         usd, tokens = self._worst_case(request) if rules else (0, 0)
+        for rule, bucket in zip(rules, buckets, strict=True):
+            if first_crossed([bucket], [NO_USE], usd, tokens) is not None:
+                # Over the whole cap alone: refused without asking the store, so it
+                # neither counts for the breaker nor gives the window's one cap alert.
+                raise self._refusal(rule, bucket, NO_USE, usd, tokens, now)
         reserved = self.store.reserve(buckets, usd, tokens, storm, now)
         if reserved.storm_left is not None:
             raise self._storm_refusal(request, reserved, now)
         self._alert(rules, buckets, reserved.uses, reserved.alerts, now)
         if not reserved.granted:
-            raise self._refusal(rules, buckets, reserved, usd, tokens, now)
+            index = reserved.refused if reserved.refused is not None else 0
+            use = reserved.uses[index] if index < len(reserved.uses) else NO_USE
+            raise self._refusal(rules[index], buckets[index], use, usd, tokens, now)
         return Hold(buckets, tuple(rules), usd, tokens) if buckets else NO_HOLD
 
     def settle(self, hold: Hold, answer: Answer | None) -> None:
@@ -257,19 +265,9 @@ class SpendGuard:
     # ------------------------------------------------------------------ refusals, alerts
 
     def _refusal(
-        self,
-        rules: Sequence[_Rule],
-        buckets: Sequence[Bucket],
-        reserved: Reserved,
-        usd: int,
-        tokens: int,
-        now: float,
+        self, rule: _Rule, bucket: Bucket, use: Use, usd: int, tokens: int, now: float
     ) -> BudgetExceededError:
-        index = reserved.refused if reserved.refused is not None else 0
-        rule, bucket, use = rules[index], buckets[index], reserved.uses[index]
-        whole = (bucket.cap_usd is not None and usd > bucket.cap_usd) or (
-            bucket.cap_tokens is not None and tokens > bucket.cap_tokens
-        )
+        whole = first_crossed([bucket], [NO_USE], usd, tokens) is not None
         where = f" for project {bucket.part}" if bucket.part else ""
         resets = datetime.fromtimestamp(bucket.ends_at, UTC).isoformat()
         if whole:
@@ -466,6 +464,7 @@ class FallbackBudgetStore:
         self.shared = shared
         self.local = MemoryBudgetStore()
         self.name = shared.name
+        self.shares_breaker = shared.shares_breaker
         self._guard = guard
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, str], tuple[Bucket, Use]] = {}
@@ -480,6 +479,14 @@ class FallbackBudgetStore:
         storm: Storm | None,
         now: float,
     ) -> Reserved:
+        if storm is not None and not self.shared.shares_breaker:
+            # A store that keeps no breaker for everyone: this process keeps it, in one
+            # count whether the store answers or not.
+            refusal = self.local.reserve((), 0, 0, storm, now)
+            if not refusal.granted:
+                return refusal
+            storm = None
+
         def shared() -> Reserved:
             self._pay_back(now)
             reserved = self.shared.reserve(buckets, usd, tokens, storm, now)

@@ -55,6 +55,7 @@ class RedisBudgetStore:
     shares its counts. ``close`` leaves the client to its owner."""
 
     name = "redis"
+    shares_breaker = True
 
     def __init__(self, client: redis.Redis, *, prefix: str) -> None:
         self._base = f"{prefix}:budget"

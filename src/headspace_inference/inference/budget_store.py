@@ -100,6 +100,9 @@ class BudgetStore(Protocol):
     """Counts the guard's buckets; every operation is atomic for all callers sharing it."""
 
     name: str  # "memory", "redis" or "database": what /status calls it
+    # Whether the storm breaker is shared by every caller of the store (Redis), or kept by
+    # each process (the database store keeps it in memory: see FallbackBudgetStore).
+    shares_breaker: bool
 
     def reserve(
         self,
@@ -182,6 +185,7 @@ class MemoryBudgetStore:
     """
 
     name = "memory"
+    shares_breaker = True  # by everyone sharing this store: its one process
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

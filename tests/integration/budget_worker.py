@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 
-from headspace_inference.calllog.budget_use import DatabaseBudgetStore
 from headspace_inference.calllog.database import Database
+from headspace_inference.inference.budget_database import DatabaseBudgetStore
 from headspace_inference.inference.budget_store import NANO, Bucket
 from headspace_inference.settings import DatabaseSettings
 

@@ -1,4 +1,4 @@
-"""The spend guard's database store (calllog/budget_use.py) on SQLite and on PostgreSQL
+"""The spend guard's database store (inference/budget_database.py) on SQLite and on PostgreSQL
 through psycopg 3 and psycopg2: the stores' one contract (tests/budget_contract.py), what is
 the database's own (the breaker per process, rows kept a day past their window, amounts past
 32 bits, a lock waited for or a database cut off failing as DATABASE_AWAY), and 8 processes
@@ -25,9 +25,9 @@ from tests.budget_contract import NOW, BudgetStoreContract, bucket, usd
 from tests.drivers import BOTH_DRIVERS, EVERY_DATABASE
 from tests.tcp_proxy import TcpProxy
 
-from headspace_inference.calllog.budget_use import KEPT_AFTER_WINDOW, DatabaseBudgetStore
 from headspace_inference.calllog.database import DATABASE_AWAY, Database
 from headspace_inference.calllog.models import BudgetUse
+from headspace_inference.inference.budget_database import KEPT_AFTER_WINDOW, DatabaseBudgetStore
 from headspace_inference.inference.budget_store import Bucket, BudgetStore, Storm, Use
 from headspace_inference.settings import DatabaseSettings, normalise_url
 

@@ -308,6 +308,16 @@ def test_status_shows_each_budget_and_where_it_is_counted(
     assert guard["storm_breaker"]["enabled"] is True
 
 
+def cuttable_redis(proxy: TcpProxy, server_url: str, prefix: str) -> dict[str, Any]:
+    """A redis section through ``proxy``, whose guard tries Redis again soon after a cut."""
+    return {
+        "url": redis_url_through(proxy, server_url),
+        "key_prefix": prefix,
+        "retry_interval_seconds": RETRY_INTERVAL,
+        "socket_timeout_seconds": 0.2,
+    }
+
+
 @pytest.mark.parametrize("store", ["redis"], indirect=True)
 def test_with_redis_cut_each_process_keeps_the_caps_and_pays_back_when_it_returns(
     make_service: ServiceFactory,
@@ -317,12 +327,7 @@ def test_with_redis_cut_each_process_keeps_the_caps_and_pays_back_when_it_return
     redis_prefix: str,
 ) -> None:
     service = make_service(
-        redis_section={
-            "url": redis_url_through(redis_proxy, redis_server_url),
-            "key_prefix": redis_prefix,
-            "retry_interval_seconds": RETRY_INTERVAL,
-            "socket_timeout_seconds": 0.2,
-        },
+        redis_section=cuttable_redis(redis_proxy, redis_server_url, redis_prefix),
         budgets=[{"name": "turns", "window": "day", "cap_tokens": 300}],
     )
     results = [service.infer("turn", "summarise", "before" + INPUT[6:], max_tokens=100)]
@@ -364,12 +369,7 @@ def test_a_window_that_began_while_redis_was_cut_is_paid_back_in_full(
     redis_prefix: str,
 ) -> None:
     service = make_service(
-        redis_section={
-            "url": redis_url_through(redis_proxy, redis_server_url),
-            "key_prefix": redis_prefix,
-            "retry_interval_seconds": RETRY_INTERVAL,
-            "socket_timeout_seconds": 0.2,
-        },
+        redis_section=cuttable_redis(redis_proxy, redis_server_url, redis_prefix),
         budgets=[{"name": "daily", "window": "day", "cap_tokens": 10_000}],
     )
     service.infer("turn", "summarise", "yesterday" + INPUT, max_tokens=100)

@@ -615,8 +615,8 @@ def build_spend_guard(
     elif settings.openrouter.budgets:
         from sqlalchemy import text
 
-        from ..calllog.budget_use import DatabaseBudgetStore
         from ..calllog.database import DATABASE_AWAY
+        from .budget_database import DatabaseBudgetStore
 
         def probe() -> None:
             with database.engine.connect() as connection:

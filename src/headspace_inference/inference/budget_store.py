@@ -7,7 +7,7 @@ in flight included; and for the storm breaker, each purpose's recent calls and c
 
 Three stores keep the same contract (tests/budget_contract.py holds them to it):
 ``MemoryBudgetStore`` for one process, the Redis store (budget_redis.py, one Lua script per
-operation) and the database store (calllog/budget_use.py, a row per rule, window and part,
+operation) and the database store (budget_database.py, a row per rule, window and part,
 updated under a lock). Each operation is atomic across every caller sharing the store: a
 reservation checks every bucket and adds to all of them, or adds to none.
 

@@ -1,4 +1,4 @@
-"""The spend guard's counts, where they are kept in the database (calllog/budget_use.py):
+"""The spend guard's counts, where they are kept in the database (inference/budget_database.py):
 one row per bucket, i.e. per rule's window (``key``) and part of it (``part``)."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Create Date: 2026-12-05 23:40:00
 (``part``, a project's under a rule applying to each project apart, else ""), with what it
 has used (nanodollars and tokens), its window's end (epoch seconds) and whether its warning
 and its cap alert have been given. Where there is no Redis, every process sharing the
-database counts here (calllog/budget_use.py). A new table: nothing of a host's is touched,
+database counts here (inference/budget_database.py). A new table: nothing of a host's is touched,
 and the downgrade drops it with its counts (they last a window).
 """
 

@@ -52,7 +52,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from ..inference.budget_store import (
+from ..calllog.database import DATABASE_AWAY, Database
+from ..calllog.models import BudgetUse
+from .budget_store import (
     ALERT_KINDS,
     AlertKind,
     Bucket,
@@ -63,8 +65,6 @@ from ..inference.budget_store import (
     first_crossed,
     reached,
 )
-from .database import DATABASE_AWAY, Database
-from .models import BudgetUse
 
 _TABLE = cast(Table, BudgetUse.__table__)
 _C = _TABLE.c

@@ -240,9 +240,22 @@ def _flat(diff: list[Any]) -> list[Any]:
 # -- the end-to-end run -------------------------------------------------------------------
 
 
+# An operator's budgets, in the host's own config.yaml (merged over its DEFAULTS): the
+# config.example.yaml block, generous enough for the run's five calls.
+OPERATOR_CONFIG = """\
+openrouter:
+  budgets:
+    - {name: turn-summaries, scope: {purpose: summarise_turn}, window: day, cap_usd: 2.0}
+    - {name: per-project, scope: {project_id: each}, window: month, cap_usd: 5.0}
+    - {name: everything, scope: {}, window: day, cap_usd: 10.0, cap_tokens: 5000000}
+"""
+
+
 def run() -> dict[str, Any]:
     from headspace_inference.testing.emulator import EmulatorServer, Fault
 
+    config = Path.cwd() / "config.yaml"
+    config.write_text(OPERATOR_CONFIG)
     with EmulatorServer() as emulator:
         os.environ["OPENROUTER_BASE_URL"] = emulator.base_url
         os.environ["OPENROUTER_API_KEY"] = "sk-or-trial"
@@ -251,6 +264,7 @@ def run() -> dict[str, Any]:
             return _run(app, emulator, Fault)
         finally:
             _stop(app)
+            config.unlink()
 
 
 def _run(app: Any, emulator: Any, Fault: Any) -> dict[str, Any]:
@@ -345,6 +359,7 @@ def _run(app: Any, emulator: Any, Fault: Any) -> dict[str, Any]:
     filters = _json(client.get(f"{HOST_LOG_API}/filters"), "the log page's filters")
     _check("objective" in filters["levels"], f"filters: {filters['levels']}")
     status = _json(client.get(f"{SERVICE_API}/status"), "service status")
+    budgets = _check_budgets(status, new, project_id)
 
     # The project delete: its calls go through the service's purge; the unlinked stay.
     unlinked = 2  # priority scoring and the host's agent-only row: no project link
@@ -374,7 +389,40 @@ def _run(app: Any, emulator: Any, Fault: Any) -> dict[str, Any]:
         "usage_total_cost": usage.get("total_cost"), "log_page_total": old_rows + new_calls,
         "events": len(events), "status_state": status.get("state"),
         "after_project_delete": after_delete["total_calls"], "after_clear": 0,
+        "budgets": budgets,
     }  # fmt: skip
+
+
+def _check_budgets(status: dict[str, Any], new: list[Any], project_id: int) -> dict[str, Any]:
+    """The operator's budgets, read from the host's config, counted in the host's own
+    database through its engine: each rule's use is what OpenRouter charged its calls."""
+    guard = status["spend_guard"]
+    _check(
+        (guard["store"], guard["shared"]) == ("database", True),
+        f"the budgets are counted in the host's database: {guard}",
+    )
+    by_rule = {(b["rule"], b["project_id"]): b for b in status["budgets"]}
+
+    def charged(rows: list[Any]) -> float:
+        return float(sum(r.upstream_cost_usd or 0 for r in rows))
+
+    expected = {
+        ("turn-summaries", None): [r for r in new if r.purpose == "summarise_turn"],
+        ("per-project", project_id): [r for r in new if r.project_id == project_id],
+        ("everything", None): new,
+    }
+    for rule, rows in expected.items():
+        _check(rule in by_rule, f"/status lists the budget {rule}: {sorted(by_rule)}")
+        used = by_rule[rule]["used_usd"]
+        _check(
+            abs(used - charged(rows)) < 1e-8 and used > 0,
+            f"budget {rule} used {used}, its {len(rows)} calls were charged {charged(rows)}",
+        )
+    everything = by_rule[("everything", None)]
+    tokens = sum(r.input_tokens + r.output_tokens for r in new)
+    _check(everything["used_tokens"] == tokens, f"tokens {everything['used_tokens']} != {tokens}")
+    return {f"{rule}/{project or ''}": by_rule[(rule, project)]["used_usd"]
+            for rule, project in expected}  # fmt: skip
 
 
 def _events(broadcaster: Any, listener: str, wanted: int) -> list[Any]:

@@ -182,11 +182,6 @@ class SpendGuard:
         self._unpriced: set[str] = set()
         self._lock = threading.Lock()
 
-    @property
-    def active(self) -> bool:
-        """Whether any call is guarded at all (a budget, or the breaker)."""
-        return bool(self._rules) or self._breaker.enabled
-
     def on_event(self, callback: Callable[[BudgetEvent], object]) -> None:
         """Call ``callback(event)`` for each budget event this process's calls give."""
         self._listeners.append(callback)

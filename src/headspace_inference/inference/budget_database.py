@@ -55,15 +55,15 @@ from sqlalchemy.orm import Session
 from ..calllog.database import DATABASE_AWAY, Database
 from ..calllog.models import BudgetUse
 from .budget_store import (
-    ALERT_KINDS,
     AlertKind,
     Bucket,
+    Count,
     MemoryBudgetStore,
     Reserved,
     Storm,
     Use,
-    first_crossed,
-    reached,
+    crossings,
+    decide,
 )
 
 _TABLE = cast(Table, BudgetUse.__table__)
@@ -136,19 +136,10 @@ class DatabaseBudgetStore:
             conn.execute(_insert(conn.dialect.name), [_new_row(*w) for w in wanted])
             rows = _locked(conn, [(k, p) for k, p, _ in wanted])
             parts = [rows[(b.key, b.part)] for b in buckets]
-            uses = tuple(Use(p.usd, p.tokens) for p in parts)
-            crossed = first_crossed(buckets, uses, usd, tokens)
-            if crossed is not None:
-                alerts = _once([(crossed, "cap", parts[crossed])])
-                result = Reserved(False, uses, crossed, alerts)
-            else:
+            result = decide(buckets, parts, usd, tokens)
+            if result.granted:
                 for part in parts:
-                    part.usd += usd
-                    part.tokens += tokens
                     part.dirty = True
-                uses = tuple(Use(p.usd, p.tokens) for p in parts)
-                alerts = _crossings(enumerate(zip(buckets, parts, strict=True)))
-                result = Reserved(True, uses, None, alerts)
             _write(conn, rows.values())
             if now - self._swept_at >= SWEEP_EVERY:
                 self._swept_at = now
@@ -174,12 +165,12 @@ class DatabaseBudgetStore:
                 ],
             )
             rows = _locked(conn, sorted({(b.key, b.part) for b in buckets}))
-            counted = [
+            counted: list[tuple[int, tuple[Bucket, Count]]] = [
                 (i, (b, rows[(b.key, b.part)]))
                 for i, b in enumerate(buckets)
                 if (b.key, b.part) in rows
             ]
-            alerts = _crossings(counted)
+            alerts = crossings(counted)
             _write(conn, rows.values())
         return alerts
 
@@ -211,30 +202,6 @@ class DatabaseBudgetStore:
                     exc.statement, exc.params, orig, connection_invalidated=True
                 ) from exc
             raise
-
-
-# --------------------------------------------------------------------------- deciding
-# As MemoryBudgetStore decides, on the rows read under their locks.
-
-
-def _crossings(
-    counted: Iterable[tuple[int, tuple[Bucket, _Row]]],
-) -> tuple[tuple[int, AlertKind], ...]:
-    found: list[tuple[int, AlertKind, _Row]] = []
-    for i, (bucket, row) in counted:
-        use = Use(row.usd, row.tokens)
-        found += [(i, kind, row) for kind in ALERT_KINDS if reached(bucket, use, kind)]
-    return _once(found)
-
-
-def _once(found: Sequence[tuple[int, AlertKind, _Row]]) -> tuple[tuple[int, AlertKind], ...]:
-    # Each kind once per bucket and window: the row's flag says it was given.
-    new: list[tuple[int, AlertKind]] = []
-    for index, kind, row in found:
-        if not row.given(kind):
-            row.give(kind)
-            new.append((index, kind))
-    return tuple(new)
 
 
 # --------------------------------------------------------------------------- SQL

@@ -163,12 +163,67 @@ def reached(bucket: Bucket, use: Use, kind: AlertKind) -> bool:
     )
 
 
+class Count(Protocol):
+    """One bucket's count as a store holds it while it decides (under its lock, or the
+    row's): its use, and which alerts it has given this window."""
+
+    usd: int
+    tokens: int
+
+    def given(self, kind: AlertKind) -> bool: ...
+
+    def give(self, kind: AlertKind) -> None: ...
+
+
+def decide(buckets: Sequence[Bucket], counts: Sequence[Count], usd: int, tokens: int) -> Reserved:
+    """A reservation's outcome on the buckets' ``counts``, which it changes in place: added
+    to every one when no cap is crossed, else to none (the crossed bucket's cap alert given
+    once). The one decision every store makes, wherever it keeps the counts."""
+    uses = tuple(Use(c.usd, c.tokens) for c in counts)
+    crossed = first_crossed(buckets, uses, usd, tokens)
+    if crossed is not None:
+        return Reserved(False, uses, crossed, once([(crossed, "cap", counts[crossed])]))
+    for count in counts:
+        count.usd += usd
+        count.tokens += tokens
+    uses = tuple(Use(c.usd, c.tokens) for c in counts)
+    return Reserved(True, uses, None, crossings(enumerate(zip(buckets, counts, strict=True))))
+
+
+def crossings(
+    counted: Iterable[tuple[int, tuple[Bucket, Count]]],
+) -> tuple[tuple[int, AlertKind], ...]:
+    """The alerts the (index, (bucket, count)) pairs have reached and not given yet (each
+    given now)."""
+    found: list[tuple[int, AlertKind, Count]] = []
+    for i, (bucket, count) in counted:
+        use = Use(count.usd, count.tokens)
+        found += [(i, kind, count) for kind in ALERT_KINDS if reached(bucket, use, kind)]
+    return once(found)
+
+
+def once(found: Sequence[tuple[int, AlertKind, Count]]) -> tuple[tuple[int, AlertKind], ...]:
+    """Each kind once per bucket and window: those of ``found`` not given yet, given now."""
+    new: list[tuple[int, AlertKind]] = []
+    for index, kind, count in found:
+        if not count.given(kind):
+            count.give(kind)
+            new.append((index, kind))
+    return tuple(new)
+
+
 @dataclass
 class _Part:
     usd: int = 0
     tokens: int = 0
     ends_at: float = 0.0
     alerted: set[str] = field(default_factory=set)
+
+    def given(self, kind: AlertKind) -> bool:
+        return kind in self.alerted
+
+    def give(self, kind: AlertKind) -> None:
+        self.alerted.add(kind)
 
 
 @dataclass
@@ -207,24 +262,13 @@ class MemoryBudgetStore:
                 refusal = self._breaker(storm, now)
                 if refusal is not None:
                     return refusal
-            parts = [self._part(b) for b in buckets]
-            uses = [Use(p.usd, p.tokens) for p in parts]
-            crossed = first_crossed(buckets, uses, usd, tokens)
-            if crossed is not None:
-                alerts = self._once([(crossed, "cap", parts[crossed])])
-                return Reserved(False, tuple(uses), crossed, alerts)
-            for part in parts:
-                part.usd += usd
-                part.tokens += tokens
-            uses = [Use(p.usd, p.tokens) for p in parts]
-            alerts = self._crossings(enumerate(zip(buckets, parts, strict=True)))
-            return Reserved(True, tuple(uses), None, alerts)
+            return decide(buckets, [self._part(b) for b in buckets], usd, tokens)
 
     def adjust(
         self, buckets: Sequence[Bucket], usd: int, tokens: int, now: float
     ) -> tuple[tuple[int, AlertKind], ...]:
         with self._lock:
-            counted: list[tuple[int, tuple[Bucket, _Part]]] = []
+            counted: list[tuple[int, tuple[Bucket, Count]]] = []
             for i, bucket in enumerate(buckets):
                 part = self._parts.get((bucket.key, bucket.part))
                 if part is None and bucket.ends_at > now:
@@ -233,7 +277,7 @@ class MemoryBudgetStore:
                     part.usd = max(0, part.usd + usd)
                     part.tokens = max(0, part.tokens + tokens)
                     counted.append((i, (bucket, part)))
-            return self._crossings(counted)
+            return crossings(counted)
 
     def read(self, key: str) -> dict[str, Use]:
         with self._lock:
@@ -243,7 +287,7 @@ class MemoryBudgetStore:
         """Start counting ``bucket`` from ``use`` unless it is counted already (a guard
         standing in for a shared store starts from the last use it was told)."""
         with self._lock:
-            part = self._parts.setdefault((bucket.key, bucket.part), _Part(ends_at=bucket.ends_at))
+            part = self._part(bucket)
             part.usd, part.tokens = max(part.usd, use.usd), max(part.tokens, use.tokens)
 
     def forget(self) -> None:
@@ -261,27 +305,6 @@ class MemoryBudgetStore:
         if part is None:
             part = self._parts[(bucket.key, bucket.part)] = _Part(ends_at=bucket.ends_at)
         return part
-
-    def _crossings(
-        self, counted: Iterable[tuple[int, tuple[Bucket, _Part]]]
-    ) -> tuple[tuple[int, AlertKind], ...]:
-        found: list[tuple[int, AlertKind, _Part]] = []
-        for i, (bucket, part) in counted:
-            use = Use(part.usd, part.tokens)
-            found += [(i, kind, part) for kind in ALERT_KINDS if reached(bucket, use, kind)]
-        return self._once(found)
-
-    @staticmethod
-    def _once(
-        found: Sequence[tuple[int, AlertKind, _Part]],
-    ) -> tuple[tuple[int, AlertKind], ...]:
-        # Each kind once per bucket and window.
-        new: list[tuple[int, AlertKind]] = []
-        for index, kind, part in found:
-            if kind not in part.alerted:
-                part.alerted.add(kind)
-                new.append((index, kind))
-        return tuple(new)
 
     def _breaker(self, storm: Storm, now: float) -> Reserved | None:
         breaker = self._breakers.setdefault(storm.key, _Breaker())

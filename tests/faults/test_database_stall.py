@@ -91,3 +91,45 @@ def test_a_stalled_database_is_a_503_within_the_read_timeout(
         timer.cancel()
         proxy.resume()
         app.extensions["inference"].close(timeout=5)
+
+
+@pytest.mark.slow
+@BOTH_DRIVERS
+def test_status_with_budgets_answers_within_the_read_timeout_while_the_database_stalls(
+    postgres_proxy: tuple[TcpProxy, str], emulator: Any, tmp_path: Path, pg_driver: str
+) -> None:
+    # The budgets are counted in the database: /status reads them, and asks whether the
+    # database answers, each within the read bound.
+    proxy, url = postgres_proxy
+    app = create_app(
+        overrides={
+            "database": {"url": url, "read_timeout_seconds": READ_TIMEOUT},
+            "openrouter": {"base_url": emulator.base_url, "api_key": "sk-or-stall",
+                           "budgets": [{"window": "day", "cap_usd": 1}]},
+            "inference": {"spool_path": str(tmp_path / "spool")},
+            # The guard asks the database again right away, not after the default 5 s.
+            "redis": {"retry_interval_seconds": 0.1},
+        }
+    )  # fmt: skip
+    client = app.test_client()
+    timer = threading.Timer(STALL_LIMIT, proxy.resume)
+    try:
+        assert app.extensions["inference"].infer("turn", "stall", "counted").text
+        assert client.get("/api/inference/status").json["spend_guard"]["shared"]
+        proxy.stall()
+        timer.start()
+        time.sleep(0.2)  # past the guard's retry interval: the next status asks the database
+        started = time.monotonic()
+        status = client.get("/api/inference/status")
+        took = round(time.monotonic() - started, 2)
+        timer.cancel()
+        proxy.resume()
+        figures = {"status": status.status_code, "seconds": took}
+        print(f"\nFAULT status-with-budgets-stalled-{pg_driver}: {json.dumps(figures)}", flush=True)
+        assert status.status_code == 200
+        assert not status.json["spend_guard"]["shared"]
+        assert took < 2 * READ_TIMEOUT + SLACK
+    finally:
+        timer.cancel()
+        proxy.resume()
+        app.extensions["inference"].close(timeout=5)

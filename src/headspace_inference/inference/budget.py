@@ -614,15 +614,16 @@ def build_spend_guard(
         from .budget_database import DatabaseBudgetStore
 
         def probe() -> None:
-            with database.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            # The bounded read every request's read is (database.read_timeout_seconds):
+            # /status asks this, and must not wait on a stalled database for longer.
+            database.read(lambda session: session.execute(text("SELECT 1")))
 
         outage = OutageGuard(
             store="the database",
             name="spend guard",
             retry_interval=settings.redis.retry_interval_seconds,
             probe=probe,
-            probe_timeout=database.settings.connect_timeout_seconds * 2 + 0.5,
+            probe_timeout=database.settings.read_timeout_seconds + 0.5,
             down=lambda: DATABASE_AWAY,
         )
         store = FallbackBudgetStore(DatabaseBudgetStore(database), outage)

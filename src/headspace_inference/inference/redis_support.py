@@ -127,7 +127,7 @@ class OutageGuard:
     def health(self) -> str | None:
         """None while the store answers, else why the parts are running without it.
 
-        Cheap and current: the last outcome when Redis was heard from within the retry
+        Cheap and current: the last outcome when the store was heard from within the retry
         interval, otherwise one probe (bounded by the store's own timeout) made by the first
         caller while concurrent callers take the last known state. So a fresh process with
         the store down reports it at once, and a process whose store came back says so
